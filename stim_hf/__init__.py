@@ -1,0 +1,34 @@
+"""stim_hf: stimulative training (ST, ST++) of residual networks for the Hugging Face Trainer."""
+
+from stim_hf import models  # noqa: F401  (registers the CIFAR ResNets with the Auto classes)
+from stim_hf.config import ModelArguments, StimulativeTrainingArguments
+from stim_hf.errors import ConfigError, DataError, ModelStructureError, StimError
+from stim_hf.subnets import (
+    ResidualStage,
+    Subnet,
+    SubnetSampler,
+    find_residual_stages,
+    register_stage_finder,
+    subnet_from_depths,
+    use_subnet,
+)
+from stim_hf.trainer import StimulativeTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "ModelArguments",
+    "ModelStructureError",
+    "ResidualStage",
+    "StimError",
+    "StimulativeTrainer",
+    "StimulativeTrainingArguments",
+    "Subnet",
+    "SubnetSampler",
+    "find_residual_stages",
+    "register_stage_finder",
+    "subnet_from_depths",
+    "use_subnet",
+]

@@ -1,0 +1,56 @@
+"""The ``stim-hf`` command line: ``stim-hf train CONFIG.yaml [--field value ...]``."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+from stim_hf.errors import StimError
+
+USAGE = """usage: stim-hf COMMAND [ARGS ...]
+
+commands:
+{commands}
+
+Run 'stim-hf COMMAND --help' for the arguments of a command."""
+
+
+def _train(argv: Sequence[str]) -> None:
+    from stim_hf.train import main
+
+    main(argv)
+
+
+# Subcommand name -> (runner taking the remaining arguments, one-line description).
+COMMANDS: dict[str, tuple[Callable[[Sequence[str]], object], str]] = {
+    "train": (_train, "train a model from a YAML recipe plus --field value overrides"),
+}
+
+
+def run_guarded(runner: Callable[[], object], prog: str = "stim-hf") -> int:
+    """Run ``runner``; report a :class:`StimError` as one clear line instead of a traceback."""
+    try:
+        runner()
+    except StimError as err:
+        print(f"{prog}: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Dispatch to a subcommand; exit status 2 for usage and configuration errors."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = "\n".join(f"  {name:<10}{description}" for name, (_, description) in COMMANDS.items())
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE.format(commands=commands))
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"stim-hf: error: unknown command '{name}'\n" + USAGE.format(commands=commands), file=sys.stderr)
+        return 2
+    runner = COMMANDS[name][0]
+    return run_guarded(lambda: runner(rest))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

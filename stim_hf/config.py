@@ -1,0 +1,261 @@
+"""Configuration of stimulative training: a ``TrainingArguments`` subclass, the way TRL does it."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+from stim_hf.errors import ConfigError
+from stim_hf.losses import KL_LOSSES, LOGIT_NORMALIZATIONS
+from stim_hf.subnets.sampling import SAMPLING_RULES
+
+STIM_METHODS = ("ct", "st", "stpp")
+KL_COEF_SCHEDULES = ("constant", "cosine_up", "cosine_down")
+BN_POLICIES = ("main_only", "recalibrate", "none")
+
+# The fields a method preset fills; a value set explicitly (not None) wins over the preset.
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    # Common training: no sub-network passes at all.
+    "ct": {
+        "num_subnets": 0,
+        "subnet_sampling": "prefix",
+        "sample_space": "full",
+        "kl_loss": "kl",
+        "min_input_scale": 1.0,
+    },
+    # ST (NeurIPS 2022): a random subset of the skippable blocks, plain KL, full resolution.
+    "st": {
+        "num_subnets": 1,
+        "subnet_sampling": "subset",
+        "sample_space": "full",
+        "kl_loss": "kl",
+        "min_input_scale": 1.0,
+    },
+    # ST++: per-stage prefixes, direction-only KL ("KL-"), random smaller inputs (released: 0.43 S .. S).
+    "stpp": {
+        "num_subnets": 1,
+        "subnet_sampling": "prefix",
+        "sample_space": "full",
+        "kl_loss": "kl_direction",
+        "min_input_scale": 0.43,
+    },
+}
+
+
+def parse_sample_space(value: Any) -> str | list[int]:
+    """Read ``sample_space`` from YAML (a list) or the command line (``1,2,4,1``, ``[1, 2, 4, 1]``, ``full``)."""
+    original = value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() == "full":
+            return "full"
+        try:
+            value = json.loads(text) if text.startswith("[") else [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            value = None
+    if (
+        isinstance(value, (list, tuple))
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    ):
+        return list(value)
+    raise ConfigError(
+        f"sample_space={original!r} is not valid: give 'full' or one non-negative integer per residual stage, "
+        "the most blocks sampling may drop from it (e.g. [0, 1, 3, 0] or '0,1,3,0')"
+    )
+
+
+@dataclass
+class StimulativeTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the settings of stimulative training (ST / ST++).
+
+    ``stim_method`` is a preset (``ct``, ``st``, ``stpp``) that fills ``num_subnets``,
+    ``subnet_sampling``, ``sample_space``, ``kl_loss`` and ``min_input_scale``; any of them set
+    explicitly overrides the preset. Every value is validated in ``__post_init__`` and a bad one
+    raises :class:`~stim_hf.errors.ConfigError` naming the field, the value and the valid range.
+    """
+
+    stim_method: str = field(
+        default="stpp",
+        metadata={"help": "Preset: 'ct' (common training), 'st' (ST, NeurIPS 2022) or 'stpp' (ST++)."},
+    )
+    kl_coef: float = field(default=1.0, metadata={"help": "Weight lambda of the sub-network KL loss (>= 0)."})
+    kl_coef_schedule: str = field(
+        default="constant",
+        metadata={"help": "How lambda evolves over training: 'constant', 'cosine_up' (0 -> lambda), 'cosine_down'."},
+    )
+    stim_start_epoch: float = field(
+        default=0.0, metadata={"help": "Epoch at which sub-network sampling begins (common training before)."}
+    )
+    num_subnets: int | None = field(
+        default=None, metadata={"help": "Sub-networks K per training step (>= 0). Preset: ct 0, st/stpp 1."}
+    )
+    kl_loss: str | None = field(
+        default=None,
+        metadata={
+            "help": "'kl' (plain KL) or 'kl_direction' (ST++ 'KL-': logits normalised). Preset: st kl, stpp kl_direction."
+        },
+    )
+    kl_temperature: float = field(
+        default=1.0, metadata={"help": "Distillation temperature T (> 0); the KL is scaled by T^2."}
+    )
+    logit_amplitude: float = field(
+        default=1.0,
+        metadata={"help": "Amplitude A of normalised logits for 'kl_direction' (> 0; released: 1)."},
+    )
+    logit_normalization: str = field(
+        default="layernorm",
+        metadata={"help": "How 'kl_direction' normalises logits: 'layernorm' (released) or 'l2'."},
+    )
+    normalize_main_logits: bool = field(
+        default=False,
+        metadata={
+            "help": "Also train the full network's cross-entropy on normalised logits, as the released ST++ code "
+            "does. Off by default: with few classes it caps the reachable confidence (README, 'KL- and the main loss')."
+        },
+    )
+    subnet_sampling: str | None = field(
+        default=None,
+        metadata={
+            "help": "'prefix' (ST++: keep a prefix of every stage) or 'subset' (ST: any subset of skippable blocks)."
+        },
+    )
+    sample_space: str | None = field(
+        default=None,
+        metadata={
+            "help": "Per-stage maximum number of blocks sampling may drop, e.g. '0,1,3,0' or [0, 1, 3, 0], or 'full' "
+            "(every skippable block). Released ST++ 'space3' [1,2,4,1] (sample-space sizes) is [0,1,3,0] here."
+        },
+    )
+    min_input_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "Sub-network input side ~ UniformInt[round(scale*S), S] for batch side S; 1.0 disables. Preset: stpp 0.43."
+        },
+    )
+    bn_policy: str = field(
+        default="main_only",
+        metadata={
+            "help": "'main_only': sub-network passes leave BatchNorm running statistics untouched; 'recalibrate': "
+            "re-estimate them on bn_recalibration_samples training images before every evaluation and save "
+            "(released code); 'none': sub-network passes update them too."
+        },
+    )
+    bn_recalibration_samples: int = field(
+        default=2000,
+        metadata={"help": "Training images used to re-estimate BatchNorm statistics ('recalibrate')."},
+    )
+    num_eval_subnets: int = field(
+        default=4,
+        metadata={"help": "Fixed random sub-networks evaluated at the end of training to report loafing (0: none)."},
+    )
+    # Defaults that differ from TrainingArguments' (DESIGN.md section 3).
+    do_train: bool = field(default=True, metadata={"help": "Train (default); false only evaluates the model."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False with on-the-fly image transforms."}
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={"help": "False: the main pass uses every parameter, and True breaks two forwards."},
+    )
+
+    def __post_init__(self) -> None:
+        self._apply_method_preset()
+        self._validate_stimulative_fields()
+        super().__post_init__()
+
+    def _apply_method_preset(self) -> None:
+        if self.stim_method not in METHOD_PRESETS:
+            raise ConfigError(f"stim_method='{self.stim_method}' is not a method; valid: {', '.join(STIM_METHODS)}")
+        for name, value in METHOD_PRESETS[self.stim_method].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
+    def _validate_stimulative_fields(self) -> None:
+        def choice(name: str, valid: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in valid:
+                raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(valid)}")
+
+        def number(
+            name: str, low: float, high: float = math.inf, low_open: bool = False, integer: bool = False
+        ) -> None:
+            value = getattr(self, name)
+            kind = "an integer" if integer else "a number"
+            ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+            if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+                raise ConfigError(f"{name}={value!r} must be {kind} in {_interval(low, high, low_open)}")
+            if value < low or (low_open and value == low) or value > high:
+                raise ConfigError(f"{name}={value!r} is out of range; valid: {_interval(low, high, low_open)}")
+
+        choice("kl_coef_schedule", KL_COEF_SCHEDULES)
+        choice("kl_loss", KL_LOSSES)
+        choice("logit_normalization", LOGIT_NORMALIZATIONS)
+        choice("subnet_sampling", SAMPLING_RULES)
+        choice("bn_policy", BN_POLICIES)
+        number("kl_coef", 0.0)
+        number("stim_start_epoch", 0.0)
+        number("num_subnets", 0, integer=True)
+        number("kl_temperature", 0.0, low_open=True)
+        number("logit_amplitude", 0.0, low_open=True)
+        number("min_input_scale", 0.0, 1.0, low_open=True)
+        number("bn_recalibration_samples", 1, integer=True)
+        number("num_eval_subnets", 0, integer=True)
+        self.sample_space = parse_sample_space(self.sample_space)
+        if not isinstance(self.normalize_main_logits, bool):
+            raise ConfigError(f"normalize_main_logits={self.normalize_main_logits!r} must be true or false")
+
+    @property
+    def uses_subnets(self) -> bool:
+        """Whether training runs sub-network passes at all (K > 0 and lambda > 0)."""
+        return self.num_subnets > 0 and self.kl_coef > 0
+
+
+def _interval(low: float, high: float, low_open: bool) -> str:
+    left = "(" if low_open else "["
+    right = "]" if math.isfinite(high) else ")"
+    return f"{left}{low}, {high if math.isfinite(high) else 'inf'}{right}"
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train: a pretrained checkpoint, or a model type built from a config."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A local directory or hub name of a pretrained image classifier (safetensors weights)."},
+    )
+    model_type: str | None = field(
+        default=None,
+        metadata={"help": "Build a new model of this type from a config, e.g. 'cifar_resnet' or 'resnet'."},
+    )
+    model_config: dict | str | None = field(
+        default=None,
+        metadata={"help": 'Config fields for model_type (YAML mapping or JSON), e.g. {"depth": 56}.'},
+    )
+    model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache hub downloads."})
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={"help": "Allow a classifier head of another size (fine-tuning on new classes)."},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model_config, str):
+            try:
+                self.model_config = json.loads(self.model_config)
+            except json.JSONDecodeError as err:
+                raise ConfigError(
+                    f"model_config={self.model_config!r} is not valid JSON ({err.msg}); write e.g. '{{\"depth\": 56}}'"
+                ) from None
+        if self.model_config is not None and not isinstance(self.model_config, dict):
+            raise ConfigError(f"model_config={self.model_config!r} must be a mapping of config fields")
+        if (self.model_name_or_path is None) == (self.model_type is None):
+            raise ConfigError(
+                "give exactly one of model_name_or_path (a pretrained model) and model_type (a new model from a "
+                f"config); got model_name_or_path={self.model_name_or_path!r}, model_type={self.model_type!r}"
+            )

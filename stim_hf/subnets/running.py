@@ -1,0 +1,47 @@
+"""Running a model as one of its sub-networks, without copying weights."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from stim_hf.errors import ModelStructureError
+from stim_hf.subnets.sampling import Subnet
+from stim_hf.subnets.stages import ResidualStage
+
+
+@contextmanager
+def use_subnet(stages: Sequence[ResidualStage], subnet: Subnet) -> Iterator[None]:
+    """Make the model that owns ``stages`` run as ``subnet`` inside the ``with`` block.
+
+    Each stage's container temporarily holds only the kept blocks (same module objects, so
+    gradients reach the shared weights); the full containers are restored in ``finally``, also
+    when the forward raises. Dropping a block that is not skippable raises
+    :class:`ModelStructureError` before anything is changed.
+    """
+    if len(subnet.kept) != len(stages):
+        raise ModelStructureError(
+            f"sub-network {subnet.describe()} has {len(subnet.kept)} stages, the model has {len(stages)}"
+        )
+    for stage, kept in zip(stages, subnet.kept, strict=True):
+        dropped = set(range(stage.num_blocks)) - set(kept)
+        bad = [i for i in sorted(dropped) if not stage.skippable[i]]
+        if bad or any(not 0 <= i < stage.num_blocks for i in kept):
+            raise ModelStructureError(
+                f"sub-network {subnet.describe()} drops block(s) {bad} of stage '{stage.name}', "
+                "whose input and output shapes differ; only identity-shortcut blocks can be dropped"
+            )
+    saved = []
+    try:
+        for stage, kept in zip(stages, subnet.kept, strict=True):
+            if len(kept) == stage.num_blocks:
+                continue
+            modules = stage.container._modules
+            saved.append((stage.container, modules))
+            items = list(modules.items())
+            stage.container._modules = OrderedDict(items[i] for i in kept)
+        yield
+    finally:
+        for container, modules in reversed(saved):
+            container._modules = modules

@@ -1,0 +1,137 @@
+"""The training job behind ``scripts/train.py`` and ``stim-hf train``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import datasets
+import transformers
+from transformers import set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from stim_hf.config import ModelArguments, StimulativeTrainingArguments
+from stim_hf.data import DataArguments, get_label_names, load_image_datasets
+from stim_hf.errors import ConfigError
+from stim_hf.metrics import build_compute_metrics, top_k_indices
+from stim_hf.modeling import build_model
+from stim_hf.parser import StimArgumentParser
+from stim_hf.trainer import StimulativeTrainer
+from stim_hf.transforms import collate_image_batch, with_image_transforms
+
+logger = logging.getLogger("stim_hf.train")
+
+
+def parse_train_args(
+    argv: Sequence[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, StimulativeTrainingArguments]:
+    """Parse ``[CONFIG.yaml] [--field value ...]`` into the three argument dataclasses."""
+    parser = StimArgumentParser((ModelArguments, DataArguments, StimulativeTrainingArguments))
+    return parser.parse_args_and_config(argv)
+
+
+def resolve_resume_checkpoint(training_args: StimulativeTrainingArguments) -> str | None:
+    """Turn ``resume_from_checkpoint`` (``true``, a path, or unset) into a checkpoint path or None."""
+    value = training_args.resume_from_checkpoint
+    if value is None or str(value).lower() in ("false", "no", ""):
+        return None
+    if str(value).lower() in ("true", "yes", "last"):
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        if last is None:
+            raise ConfigError(
+                f"resume_from_checkpoint=true but '{training_args.output_dir}' holds no checkpoint-* folder; "
+                "give the path of a checkpoint or start without resume_from_checkpoint"
+            )
+        return last
+    if not os.path.isdir(value):
+        raise ConfigError(f"resume_from_checkpoint='{value}' is not a directory; give a checkpoint-* folder or 'true'")
+    return value
+
+
+def run_training(
+    model_args: ModelArguments, data_args: DataArguments, training_args: StimulativeTrainingArguments
+) -> dict[str, Any]:
+    """Train, save and evaluate a model as configured; returns the metrics of ``all_results.json``.
+
+    Leaves in ``output_dir`` the model (safetensors), the Trainer's ``*_results.json``,
+    ``trainer_state.json`` and, when ``report_to`` includes tensorboard, the event files.
+    """
+    _setup_logging(training_args)
+    set_seed(training_args.seed)
+    resume = resolve_resume_checkpoint(training_args)
+
+    splits = load_image_datasets(data_args, seed=training_args.seed)
+    label_names = get_label_names(splits["train"], data_args.label_column_name)
+    model = build_model(model_args, label_names)
+
+    train_dataset = with_image_transforms(splits["train"], data_args, train=True) if training_args.do_train else None
+    eval_dataset = with_image_transforms(splits["validation"], data_args, train=False)
+    trainer = StimulativeTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collate_image_batch,
+        compute_metrics=build_compute_metrics(),
+        preprocess_logits_for_metrics=top_k_indices,
+    )
+
+    metrics: dict[str, Any] = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model()
+        trainer.save_state()
+        train_metrics = dict(result.metrics, train_samples=len(train_dataset))
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
+        metrics.update(train_metrics)
+
+    eval_metrics = trainer.evaluate()
+    subnet_results = trainer.evaluate_subnets() if training_args.num_eval_subnets else []
+    if subnet_results:
+        accuracies = [r["accuracy"] for r in subnet_results]
+        eval_metrics["eval_subnet_accuracy_mean"] = sum(accuracies) / len(accuracies)
+        eval_metrics["eval_subnet_accuracy_min"] = min(accuracies)
+        eval_metrics["eval_subnet_accuracy_max"] = max(accuracies)
+    eval_metrics["eval_samples"] = len(eval_dataset)
+    trainer.log_metrics("eval", eval_metrics)
+    trainer.save_metrics("eval", eval_metrics)
+    metrics.update(eval_metrics)
+    if subnet_results:
+        metrics["subnets"] = subnet_results
+        if trainer.is_world_process_zero():
+            _print_subnet_table(eval_metrics, subnet_results)
+    return metrics
+
+
+def _print_subnet_table(eval_metrics: dict[str, Any], subnet_results: list[dict[str, Any]]) -> None:
+    lines = [f"full network: top-1 {100 * eval_metrics['eval_accuracy']:.2f}%"]
+    for r in subnet_results:
+        lines.append(
+            f"  sub-network depths={','.join(map(str, r['depths']))} ({100 * r['depth_fraction']:.0f}% of blocks): "
+            f"top-1 {100 * r['accuracy']:.2f}%"
+        )
+    lines.append(
+        f"mean of {len(subnet_results)} sub-networks: top-1 {100 * eval_metrics['eval_subnet_accuracy_mean']:.2f}%"
+    )
+    print("\n".join(lines), flush=True)
+
+
+def _setup_logging(training_args: StimulativeTrainingArguments) -> None:
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    level = training_args.get_process_log_level()
+    logging.getLogger("stim_hf").setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse arguments and run the training job (entry point of ``scripts/train.py``)."""
+    return run_training(*parse_train_args(argv))

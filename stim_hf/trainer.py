@@ -1,0 +1,337 @@
+"""The stimulative ``Trainer``: full-network cross-entropy plus KL towards sampled sub-networks."""
+
+from __future__ import annotations
+
+import logging
+import math
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from transformers import Trainer
+
+from stim_hf.batchnorm import frozen_running_stats, preserved_rng_state, recalibrate_batchnorm
+from stim_hf.config import StimulativeTrainingArguments
+from stim_hf.errors import ConfigError, ModelStructureError
+from stim_hf.losses import distillation_loss, normalize_logits
+from stim_hf.subnets import Subnet, SubnetSampler, find_residual_family, use_subnet
+
+logger = logging.getLogger(__name__)
+
+# Logged training scalars (means over the logging interval, reduced across processes).
+_LOG_KEYS = ("ce_loss", "kl_loss", "kl_coef", "subnet_depth_fraction", "subnet_input_size")
+# Sub-network inputs are never resized below this side, whatever min_input_scale says.
+MIN_SUBNET_INPUT_SIZE = 8
+# Random stream of the fixed evaluation sub-networks (training draws use stream 0).
+EVAL_SUBNET_STREAM = 1
+
+
+def kl_coef_at(base: float, schedule: str, progress: float) -> float:
+    """The KL weight lambda at a training ``progress`` in [0, 1] of the stimulative phase."""
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "constant":
+        return base
+    if schedule == "cosine_up":
+        return base * (1.0 - math.cos(math.pi * progress)) / 2.0
+    if schedule == "cosine_down":
+        return base * (1.0 + math.cos(math.pi * progress)) / 2.0
+    raise ConfigError(f"kl_coef_schedule='{schedule}' is not valid; choose constant, cosine_up or cosine_down")
+
+
+class StimulativeTrainer(Trainer):
+    """A ``transformers.Trainer`` that trains a residual network stimulatively (ST / ST++).
+
+    Each training step computes the full network's cross-entropy and, for ``num_subnets``
+    sub-networks sampled from ``(seed, step)``, a KL loss from the detached full network's logits
+    to the sub-network's (each on its own randomly down-scaled copy of the batch); one backward
+    of the sum. Evaluation and prediction run the full network only. Use it like ``Trainer``,
+    with :class:`~stim_hf.config.StimulativeTrainingArguments` as ``args``.
+    """
+
+    # compute_loss returns a per-micro-batch mean: the Trainer must divide it by the number of
+    # gradient accumulation steps (DESIGN.md 3: it guesses wrong for models taking **kwargs).
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, model: nn.Module | None = None, args: StimulativeTrainingArguments | None = None, **kwargs):
+        if args is None:
+            args = StimulativeTrainingArguments(output_dir="trainer_output")
+        if not isinstance(args, StimulativeTrainingArguments):
+            raise ConfigError(
+                f"StimulativeTrainer needs StimulativeTrainingArguments, got {type(args).__name__}; "
+                "build them with StimulativeTrainingArguments(output_dir=..., stim_method=...)"
+            )
+        super().__init__(model=model, args=args, **kwargs)
+        self.model_accepts_loss_kwargs = False
+        self.family, self.stages = None, None
+        try:
+            self.family, self.stages = find_residual_family(self.model)
+        except ModelStructureError:
+            if args.uses_subnets:
+                raise
+            logger.info("no residual stages found: sub-network evaluation is disabled for this model")
+        self.subnet_sampler = self._build_sampler(args.seed, args.min_input_scale) if self.stages else None
+        self._stim_sums: dict[str, Any] = {}
+        self._stim_count = 0
+        self._micro_step_key = (-1, 0)  # (global step, micro-batches seen in it)
+        self._bn_recalibrated_at: int | None = None
+
+    def _build_sampler(self, seed: int, min_input_scale: float, stream: int = 0) -> SubnetSampler:
+        if min_input_scale < 1.0 and not self.family.supports_smaller_inputs:
+            raise ConfigError(
+                f"min_input_scale={min_input_scale}: {type(self.model).__name__} ({self.family.name}) cannot run "
+                "on inputs smaller than its training size; set min_input_scale: 1.0 (depth sampling only)"
+            )
+        return SubnetSampler(
+            self.stages,
+            rule=self.args.subnet_sampling,
+            sample_space=self.args.sample_space,
+            min_input_scale=min_input_scale,
+            seed=seed,
+            min_input_size=MIN_SUBNET_INPUT_SIZE,
+            stream=stream,
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # Loss
+    # ----------------------------------------------------------------------------------------------
+
+    def current_kl_coef(self) -> float:
+        """lambda at the current step: 0 before ``stim_start_epoch``, then the configured schedule."""
+        args = self.args
+        epoch = self.state.epoch or 0.0
+        if not args.uses_subnets or self.subnet_sampler is None or epoch < args.stim_start_epoch:
+            return 0.0
+        total = self.state.num_train_epochs or 0
+        span = total - args.stim_start_epoch
+        progress = (epoch - args.stim_start_epoch) / span if span > 0 else 1.0
+        return kl_coef_at(args.kl_coef, args.kl_coef_schedule, progress)
+
+    def _next_micro_step(self) -> tuple[int, int]:
+        step, seen = self._micro_step_key
+        if step != self.state.global_step:
+            step, seen = self.state.global_step, 0
+        self._micro_step_key = (step, seen + 1)
+        return step, seen
+
+    def main_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the full network (in float32), on normalised logits if configured."""
+        args = self.args
+        logits = (
+            normalize_logits(logits, args.logit_normalization, args.logit_amplitude)
+            if args.normalize_main_logits
+            else logits.float()
+        )
+        return F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing_factor)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        """Full-network CE plus ``kl_coef(t) * sum_k KL(full || subnet_k)`` in training mode.
+
+        Outside training (evaluation, prediction) only the full network runs and its outputs
+        are returned, so predictions come from the full network alone.
+        """
+        pixel_values, labels = inputs["pixel_values"], inputs["labels"]
+        outputs = model(pixel_values=pixel_values)
+        logits = outputs.logits
+        ce = self.main_loss(logits, labels)
+        if not model.training:
+            return (ce, outputs) if return_outputs else ce
+
+        step, micro_step = self._next_micro_step()
+        coef = self.current_kl_coef()
+        loss = ce
+        kl_sum = ce.new_zeros(())
+        depth_sum = size_sum = 0.0
+        num_subnets = self.args.num_subnets if coef > 0 else 0
+        for index in range(num_subnets):
+            subnet = self.subnet_sampler.sample(step, micro_step, index, image_size=pixel_values.shape[-2])
+            kl = self.subnet_kl(model, pixel_values, logits, subnet)
+            kl_sum = kl_sum + kl
+            depth_sum += subnet.depth_fraction
+            size_sum += subnet.input_size or pixel_values.shape[-2]
+        if num_subnets:
+            loss = loss + coef * kl_sum
+        self._record(ce, kl_sum / max(num_subnets, 1), coef, depth_sum, size_sum, num_subnets)
+        return (loss, outputs) if return_outputs else loss
+
+    def subnet_kl(
+        self, model: nn.Module, pixel_values: torch.Tensor, teacher_logits: torch.Tensor, subnet: Subnet
+    ) -> torch.Tensor:
+        """Run ``subnet`` on its (resized) copy of the batch and return its KL to the teacher."""
+        args = self.args
+        forward_kwargs = {}
+        if subnet.input_size is not None and subnet.input_size != pixel_values.shape[-2]:
+            height, width = pixel_values.shape[-2:]
+            size = (subnet.input_size, max(1, round(width * subnet.input_size / height)))
+            pixel_values = F.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False)
+            forward_kwargs = self.family.resized_forward_kwargs
+        bn_context = frozen_running_stats(model) if args.bn_policy == "main_only" else nullcontext()
+        with use_subnet(self.stages, subnet), bn_context:
+            student_logits = model(pixel_values=pixel_values, **forward_kwargs).logits
+        return distillation_loss(
+            args.kl_loss,
+            teacher_logits.detach(),
+            student_logits,
+            temperature=args.kl_temperature,
+            amplitude=args.logit_amplitude,
+            normalization=args.logit_normalization,
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # Logging
+    # ----------------------------------------------------------------------------------------------
+
+    def _record(
+        self,
+        ce: torch.Tensor,
+        kl: torch.Tensor,
+        coef: float,
+        depth_sum: float,
+        size_sum: float,
+        num_subnets: int,
+    ) -> None:
+        # Device tensors are summed without .item(): no host-device sync inside the step.
+        sums = self._stim_sums
+        sums["ce_loss"] = sums.get("ce_loss", 0.0) + ce.detach()
+        sums["kl_loss"] = sums.get("kl_loss", 0.0) + kl.detach()
+        sums["kl_coef"] = sums.get("kl_coef", 0.0) + coef
+        sums["subnet_depth_fraction"] = sums.get("subnet_depth_fraction", 0.0) + depth_sum
+        sums["subnet_input_size"] = sums.get("subnet_input_size", 0.0) + size_sum
+        sums["subnets"] = sums.get("subnets", 0) + num_subnets
+        self._stim_count += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the stimulative scalars (means since the last log, across processes) to training logs."""
+        if "loss" in logs and self._stim_count:
+            sums = self._stim_sums
+            device = self.args.device
+            values = torch.stack(
+                [torch.as_tensor(sums[k], dtype=torch.float32, device=device) for k in _LOG_KEYS]
+                + [
+                    torch.tensor(float(sums["subnets"]), device=device),
+                    torch.tensor(float(self._stim_count), device=device),
+                ]
+            )
+            values = self.accelerator.reduce(values, reduction="sum") if self.accelerator.num_processes > 1 else values
+            values = values.tolist()
+            steps, subnets = values[-1], values[-2]
+            logs["ce_loss"] = values[0] / steps
+            logs["kl_loss"] = values[1] / steps
+            logs["kl_coef"] = values[2] / steps
+            if subnets:
+                logs["subnet_depth_fraction"] = values[3] / subnets
+                logs["subnet_input_size"] = values[4] / subnets
+            self._stim_sums, self._stim_count = {}, 0
+        super().log(logs, start_time)
+
+    # ----------------------------------------------------------------------------------------------
+    # BatchNorm recalibration
+    # ----------------------------------------------------------------------------------------------
+
+    def recalibrate_bn(self, num_samples: int | None = None) -> int:
+        """Re-estimate the full network's BatchNorm statistics on training images.
+
+        Uses ``num_samples`` (default ``bn_recalibration_samples``) images drawn with a seed that
+        depends on the step, split across processes, and averages the result across processes.
+        Random states are restored afterwards so training continues unchanged.
+        """
+        if self.train_dataset is None:
+            raise ConfigError("bn_policy='recalibrate' needs a train_dataset to re-estimate BatchNorm statistics")
+        num_samples = num_samples or self.args.bn_recalibration_samples
+        model = self.accelerator.unwrap_model(self.model)
+        with preserved_rng_state():
+            order = np.random.default_rng([self.args.seed, self.state.global_step]).permutation(len(self.train_dataset))
+            chosen = order[:num_samples]
+            shard = chosen[self.args.process_index :: self.args.world_size].tolist()
+            loader = DataLoader(
+                Subset(self.train_dataset, shard),
+                batch_size=self.args.per_device_train_batch_size,
+                collate_fn=self.data_collator,
+                num_workers=self.args.dataloader_num_workers,
+            )
+            batches = (self._prepare_inputs(batch) for batch in loader)
+            with self.compute_loss_context_manager():
+                seen = recalibrate_batchnorm(
+                    model,
+                    batches,
+                    len(shard),
+                    all_reduce_mean=lambda t: self.accelerator.reduce(t, reduction="mean"),
+                )
+        self._bn_recalibrated_at = self.state.global_step
+        logger.info("re-estimated BatchNorm statistics on %d images at step %d", seen, self.state.global_step)
+        return seen
+
+    def _maybe_recalibrate_bn(self) -> None:
+        if self.args.bn_policy == "recalibrate" and self._bn_recalibrated_at != self.state.global_step:
+            self.recalibrate_bn()
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        """``Trainer.evaluate`` after BatchNorm recalibration when ``bn_policy='recalibrate'``."""
+        self._maybe_recalibrate_bn()
+        return super().evaluate(*args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model`` after BatchNorm recalibration when ``bn_policy='recalibrate'``."""
+        self._maybe_recalibrate_bn()
+        super().save_model(output_dir, _internal_call)
+
+    # ----------------------------------------------------------------------------------------------
+    # Sub-network evaluation
+    # ----------------------------------------------------------------------------------------------
+
+    def fixed_subnets(self, num_subnets: int, seed: int | None = None) -> list[Subnet]:
+        """``num_subnets`` distinct sub-networks (never the full one) from the training sampling rule.
+
+        The same seed gives the same sub-networks for any checkpoint of the same architecture,
+        which makes runs (CT against ST++, epochs of one run) comparable.
+        """
+        if self.stages is None:
+            return []
+        sampler = self._build_sampler(self.args.seed if seed is None else seed, 1.0, stream=EVAL_SUBNET_STREAM)
+        subnets: list[Subnet] = []
+        for draw in range(100 * num_subnets):
+            if len(subnets) == num_subnets:
+                break
+            subnet = sampler.sample(step=0, micro_step=0, index=draw)
+            if not subnet.is_full and subnet not in subnets:
+                subnets.append(subnet)
+        return subnets
+
+    def evaluate_subnets(
+        self,
+        eval_dataset: Dataset | None = None,
+        subnets: list[Subnet] | None = None,
+        num_subnets: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Evaluate sub-networks at full resolution with the full network's BatchNorm statistics.
+
+        Returns one dict per sub-network: its depths, kept blocks, depth fraction and metrics
+        (``accuracy``, ``top5_accuracy``, ``loss``). This measures "loafing": how well the
+        sub-networks work on their own.
+        """
+        if subnets is None:
+            subnets = self.fixed_subnets(self.args.num_eval_subnets if num_subnets is None else num_subnets)
+        eval_dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        results = []
+        for subnet in subnets:
+            with use_subnet(self.stages, subnet):
+                output = self.predict(eval_dataset, metric_key_prefix="subnet")
+            metrics = {k.removeprefix("subnet_"): v for k, v in output.metrics.items()}
+            results.append(
+                {
+                    "depths": list(subnet.depths),
+                    "kept": [list(k) for k in subnet.kept],
+                    "depth_fraction": subnet.depth_fraction,
+                    **{k: v for k, v in metrics.items() if k in ("accuracy", "top5_accuracy", "loss")},
+                }
+            )
+        return results

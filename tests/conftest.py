@@ -1,0 +1,31 @@
+"""Shared test setup: everything runs offline, on the CPU, with small models."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_EVALUATE_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CIFAR10_DIR = REPO_ROOT.parent / "shared" / "data" / "cifar10"
+
+
+@pytest.fixture
+def tiny_cifar_resnet():
+    """A ResNet-14 (2 blocks per stage, width 8/16/32) with random weights, 10 classes."""
+    from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification
+
+    def build(depth: int = 14, widths=(8, 16, 32), num_labels: int = 10, seed: int = 0, **kwargs):
+        import torch
+
+        torch.manual_seed(seed)
+        config = CifarResNetConfig(depth=depth, widths=list(widths), num_labels=num_labels, **kwargs)
+        return CifarResNetForImageClassification(config)
+
+    return build

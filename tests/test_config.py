@@ -1,0 +1,145 @@
+"""Configuration: method presets, validation errors, YAML recipes with command-line overrides."""
+
+import math
+
+import pytest
+
+from stim_hf.config import ModelArguments, StimulativeTrainingArguments
+from stim_hf.errors import ConfigError
+from stim_hf.parser import StimArgumentParser
+
+
+def args(**kwargs):
+    return StimulativeTrainingArguments(output_dir="unused", report_to="none", use_cpu=True, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("method", "expected"),
+    [
+        ("ct", dict(num_subnets=0, subnet_sampling="prefix", kl_loss="kl", min_input_scale=1.0)),
+        ("st", dict(num_subnets=1, subnet_sampling="subset", kl_loss="kl", min_input_scale=1.0)),
+        ("stpp", dict(num_subnets=1, subnet_sampling="prefix", kl_loss="kl_direction", min_input_scale=0.43)),
+    ],
+)
+def test_presets(method, expected):
+    a = args(stim_method=method)
+    for name, value in expected.items():
+        assert getattr(a, name) == value
+    assert a.sample_space == "full"
+    assert a.uses_subnets == (method != "ct")
+
+
+def test_explicit_values_override_preset():
+    a = args(stim_method="stpp", kl_loss="kl", min_input_scale=1.0, num_subnets=6, sample_space="0,1,3,0")
+    assert (a.kl_loss, a.min_input_scale, a.num_subnets, a.sample_space) == ("kl", 1.0, 6, [0, 1, 3, 0])
+    assert a.subnet_sampling == "prefix"
+
+
+def test_hf_defaults_changed_for_image_training():
+    a = args()
+    assert a.remove_unused_columns is False
+    assert a.ddp_find_unused_parameters is False
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("stim_method", "stt", "stim_method='stt' is not a method; valid: ct, st, stpp"),
+        ("kl_coef", -1.0, r"kl_coef=-1.0 is out of range; valid: \[0.0, inf\)"),
+        ("kl_coef", math.nan, "kl_coef=nan must be a number"),
+        (
+            "kl_coef_schedule",
+            "linear",
+            "kl_coef_schedule='linear' is not valid; choose one of: constant, cosine_up",
+        ),
+        ("num_subnets", -1, r"num_subnets=-1 is out of range; valid: \[0, inf\)"),
+        ("num_subnets", 1.5, "num_subnets=1.5 must be an integer"),
+        ("kl_loss", "mse", "kl_loss='mse' is not valid; choose one of: kl, kl_direction"),
+        ("kl_temperature", 0.0, r"kl_temperature=0.0 is out of range; valid: \(0.0, inf\)"),
+        ("logit_amplitude", -2.0, "logit_amplitude=-2.0 is out of range"),
+        ("logit_normalization", "batchnorm", "logit_normalization='batchnorm' is not valid"),
+        ("subnet_sampling", "random", "subnet_sampling='random' is not valid; choose one of: prefix, subset"),
+        ("sample_space", "1,-2", "sample_space='1,-2' is not valid"),
+        ("sample_space", "most", "sample_space='most' is not valid"),
+        ("min_input_scale", 0.0, r"min_input_scale=0.0 is out of range; valid: \(0.0, 1.0\]"),
+        ("min_input_scale", 1.5, "min_input_scale=1.5 is out of range"),
+        (
+            "bn_policy",
+            "freeze",
+            "bn_policy='freeze' is not valid; choose one of: main_only, recalibrate, none",
+        ),
+        ("bn_recalibration_samples", 0, "bn_recalibration_samples=0 is out of range"),
+        ("stim_start_epoch", -1.0, "stim_start_epoch=-1.0 is out of range"),
+        ("num_eval_subnets", -3, "num_eval_subnets=-3 is out of range"),
+    ],
+)
+def test_bad_values_name_field_value_and_range(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        args(**{field: value})
+
+
+def test_model_arguments():
+    assert ModelArguments(model_type="cifar_resnet", model_config='{"depth": 56}').model_config == {"depth": 56}
+    with pytest.raises(ConfigError, match="exactly one of model_name_or_path"):
+        ModelArguments()
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        ModelArguments(model_type="cifar_resnet", model_config="{depth: 56")
+
+
+def parser():
+    return StimArgumentParser((ModelArguments, StimulativeTrainingArguments))
+
+
+def write(tmp_path, text):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_yaml_then_cli_overrides(tmp_path):
+    recipe = write(
+        tmp_path,
+        "model_type: cifar_resnet\nmodel_config: {depth: 32}\nstim_method: st\nkl_coef: 2\nlearning_rate: 1e-4\n"
+        "sample_space: [0, 1, 2]\nnormalize_main_logits: true\nreport_to: none\nuse_cpu: true\n"
+        f"output_dir: {tmp_path / 'o'}\n",
+    )
+    model_args, train_args = parser().parse_args_and_config([recipe, "--kl_coef", "0.5", "--num_subnets", "3"])
+    assert model_args.model_config == {"depth": 32}
+    assert train_args.stim_method == "st" and train_args.subnet_sampling == "subset"
+    assert train_args.kl_coef == 0.5 and train_args.num_subnets == 3
+    assert train_args.learning_rate == 1e-4
+    assert train_args.sample_space == [0, 1, 2]
+    assert train_args.normalize_main_logits is True
+
+
+def test_cli_null_unsets_a_recipe_value(tmp_path):
+    recipe = write(tmp_path, f"model_name_or_path: some/model\noutput_dir: {tmp_path}\nuse_cpu: true\n")
+    model_args, _ = parser().parse_args_and_config([recipe, "--model_name_or_path", "null", "--model_type", "resnet"])
+    assert model_args.model_name_or_path is None and model_args.model_type == "resnet"
+
+
+def test_unknown_yaml_key_is_an_error_with_suggestion(tmp_path):
+    recipe = write(tmp_path, "model_type: cifar_resnet\nkl_coeff: 2\n")
+    with pytest.raises(ConfigError, match=r"unknown key\(s\) \['kl_coeff'\].*did you mean: 'kl_coeff' -> 'kl_coef'"):
+        parser().parse_args_and_config([recipe])
+
+
+def test_unknown_cli_flag_is_an_error(tmp_path):
+    recipe = write(tmp_path, f"model_type: cifar_resnet\noutput_dir: {tmp_path}\nuse_cpu: true\n")
+    with pytest.raises(ConfigError, match=r"unknown command-line argument\(s\) \['--num_subnet'\]"):
+        parser().parse_args_and_config([recipe, "--num_subnet", "2"])
+
+
+def test_missing_or_broken_recipe(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        parser().parse_args_and_config([str(tmp_path / "nope.yaml")])
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        parser().parse_args_and_config([write(tmp_path, "a: [1, 2\n")])
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        parser().parse_args_and_config([write(tmp_path, "- 1\n- 2\n")])
+
+
+def test_bad_value_in_recipe_reports_our_error(tmp_path):
+    recipe = write(tmp_path, f"model_type: cifar_resnet\nbn_policy: freeze\noutput_dir: {tmp_path}\nuse_cpu: true\n")
+    with pytest.raises(ConfigError, match="bn_policy='freeze'"):
+        parser().parse_args_and_config([recipe])

@@ -1,0 +1,297 @@
+"""The stimulative Trainer: loss, gradient accumulation, BatchNorm policies, sampling sequence, logging."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments
+
+from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
+from stim_hf.batchnorm import batchnorm_layers
+from stim_hf.errors import ConfigError, ModelStructureError
+
+
+def make_dataset(n=64, size=16, num_labels=10, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_labels, n)
+    images = rng.normal(size=(n, 3, size, size)).astype(np.float32)
+    # Make the task learnable: shift one channel's mean by the label.
+    images[:, 0] += labels[:, None, None] * 0.3
+    return Dataset.from_dict({"pixel_values": images, "labels": labels}).with_format("torch")
+
+
+def make_args(tmp_path, **kwargs):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=32,
+        learning_rate=0.05,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        max_steps=4,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=123,
+        use_cpu=True,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+    defaults.update(kwargs)
+    return StimulativeTrainingArguments(**defaults)
+
+
+def params(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_ct_update_equals_plain_trainer_bit_for_bit(tmp_path, tiny_cifar_resnet):
+    data = make_dataset()
+    model_a = tiny_cifar_resnet()
+    model_b = copy.deepcopy(model_a)
+    stim = StimulativeTrainer(model=model_a, args=make_args(tmp_path, stim_method="ct"), train_dataset=data)
+    stim.train()
+    plain_args = TrainingArguments(
+        **{k: v for k, v in make_args(tmp_path).to_dict().items() if k in TrainingArguments.__dataclass_fields__}
+        | {"output_dir": str(tmp_path / "plain"), "remove_unused_columns": False}
+    )
+    plain = Trainer(model=model_b, args=plain_args, train_dataset=data)
+    plain.train()
+    a, b = params(model_a), params(model_b)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    # And the models really moved.
+    assert not torch.equal(a["classifier.weight"], params(tiny_cifar_resnet())["classifier.weight"])
+
+
+def test_stpp_step_differs_from_ct(tmp_path, tiny_cifar_resnet):
+    data = make_dataset()
+    models = {}
+    for method in ("ct", "stpp"):
+        model = tiny_cifar_resnet()
+        StimulativeTrainer(
+            model=model, args=make_args(tmp_path, stim_method=method, max_steps=1), train_dataset=data
+        ).train()
+        models[method] = params(model)
+    assert not torch.equal(
+        models["ct"]["resnet.stages.2.layers.0.conv1.weight"],
+        models["stpp"]["resnet.stages.2.layers.0.conv1.weight"],
+    )
+
+
+def _first_log(trainer):
+    return next(entry for entry in trainer.state.log_history if "loss" in entry)
+
+
+@pytest.mark.parametrize("stim_method", ["ct", "stpp"])
+def test_gradient_accumulation_does_not_inflate_loss(tmp_path, tiny_cifar_resnet, stim_method):
+    data = make_dataset(n=64)
+    logs = {}
+    for ga, batch in ((1, 32), (4, 8)):
+        model = tiny_cifar_resnet()
+        args = make_args(
+            tmp_path,
+            stim_method=stim_method,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=ga,
+            max_steps=1,
+        )
+        trainer = StimulativeTrainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        logs[ga] = _first_log(trainer)
+    # Same data, same weights: only BN batch statistics (8 vs 32 images) differ. Inflation would be 4x.
+    for key in ("loss", "ce_loss"):
+        ratio = logs[4][key] / logs[1][key]
+        assert 0.85 < ratio < 1.15, (key, logs)
+    assert logs[4]["ce_loss"] == pytest.approx(logs[4]["loss"] - logs[4]["kl_coef"] * logs[4]["kl_loss"], rel=1e-4)
+
+
+def test_logged_stimulative_scalars(tmp_path, tiny_cifar_resnet):
+    args = make_args(tmp_path, stim_method="stpp", num_subnets=2, min_input_scale=0.5, logging_steps=2)
+    trainer = StimulativeTrainer(model=tiny_cifar_resnet(), args=args, train_dataset=make_dataset())
+    trainer.train()
+    log = _first_log(trainer)
+    assert log["kl_coef"] == 1.0
+    assert log["kl_loss"] > 0
+    assert 0 < log["subnet_depth_fraction"] <= 1
+    assert 8 <= log["subnet_input_size"] <= 16
+    # loss = CE + lambda * sum over K=2 sub-networks; kl_loss is the mean per sub-network.
+    assert log["loss"] == pytest.approx(log["ce_loss"] + 2 * log["kl_loss"], rel=1e-4)
+
+
+def test_kl_coef_schedule_and_start_epoch(tmp_path, tiny_cifar_resnet):
+    args = make_args(
+        tmp_path,
+        stim_method="st",
+        kl_coef=2.0,
+        kl_coef_schedule="cosine_up",
+        max_steps=-1,
+        num_train_epochs=4,
+        stim_start_epoch=2,
+    )
+    trainer = StimulativeTrainer(model=tiny_cifar_resnet(), args=args, train_dataset=make_dataset(n=32))
+    trainer.train()
+    coefs = [entry["kl_coef"] for entry in trainer.state.log_history if "kl_coef" in entry]
+    kls = [entry["kl_loss"] for entry in trainer.state.log_history if "kl_coef" in entry]
+    assert len(coefs) == 8
+    assert coefs[:4] == [0.0] * 4 and kls[:4] == [0.0] * 4  # epochs 0-1: common training only
+    assert coefs[4:] == sorted(coefs[4:]) and coefs[-1] <= 2.0 and coefs[-1] > 1.0
+
+
+def _record_samples(trainer):
+    seen = []
+    original = trainer.subnet_sampler.sample
+
+    def recording(*args, **kwargs):
+        subnet = original(*args, **kwargs)
+        seen.append(subnet)
+        return subnet
+
+    trainer.subnet_sampler.sample = recording
+    return seen
+
+
+def test_same_seed_same_subnet_sequence(tmp_path, tiny_cifar_resnet):
+    sequences = []
+    for seed in (5, 5, 6):
+        args = make_args(
+            tmp_path, stim_method="stpp", num_subnets=2, seed=seed, gradient_accumulation_steps=2, max_steps=3
+        )
+        trainer = StimulativeTrainer(model=tiny_cifar_resnet(), args=args, train_dataset=make_dataset())
+        seen = _record_samples(trainer)
+        trainer.train()
+        sequences.append(seen)
+    assert len(sequences[0]) == 3 * 2 * 2
+    assert sequences[0] == sequences[1]
+    assert sequences[0] != sequences[2]
+
+
+def test_main_only_leaves_running_stats_as_ct(tmp_path, tiny_cifar_resnet):
+    data = make_dataset()
+    stats = {}
+    for name, kwargs in {
+        "ct": dict(stim_method="ct"),
+        "main_only": dict(stim_method="stpp", num_subnets=3, bn_policy="main_only"),
+        "none": dict(stim_method="stpp", num_subnets=3, bn_policy="none"),
+    }.items():
+        model = tiny_cifar_resnet()
+        StimulativeTrainer(model=model, args=make_args(tmp_path, max_steps=1, **kwargs), train_dataset=data).train()
+        stats[name] = {k: v for k, v in params(model).items() if "running" in k or "num_batches" in k}
+    for key in stats["ct"]:
+        assert torch.equal(stats["ct"][key], stats["main_only"][key]), key
+    assert any(not torch.equal(stats["ct"][k], stats["none"][k]) for k in stats["ct"])
+
+
+def test_recalibrate_sets_full_network_statistics(tmp_path, tiny_cifar_resnet):
+    data = make_dataset(n=48)
+    args = make_args(
+        tmp_path,
+        stim_method="stpp",
+        num_subnets=2,
+        bn_policy="recalibrate",
+        bn_recalibration_samples=48,
+        per_device_train_batch_size=48,
+        max_steps=2,
+    )
+    model = tiny_cifar_resnet()
+    trainer = StimulativeTrainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    trainer.evaluate()
+    assert trainer._bn_recalibrated_at == trainer.state.global_step
+    recalibrated = {k: v for k, v in params(model).items() if "running" in k}
+
+    # By hand: the full network's batch statistics over all 48 images, in one batch.
+    reference = copy.deepcopy(model).train()
+    for layer in batchnorm_layers(reference):
+        layer.reset_running_stats()
+        layer.momentum = None
+    with torch.no_grad():
+        reference(pixel_values=data[:]["pixel_values"])
+    for key, value in recalibrated.items():
+        torch.testing.assert_close(value, reference.state_dict()[key], rtol=1e-4, atol=1e-5)
+    assert model.training is False or model.training is True  # mode is restored below
+    # Evaluation mode and weights are untouched by recalibration.
+    assert all(torch.isfinite(v).all() for v in recalibrated.values())
+
+
+def test_recalibration_keeps_training_random_stream(tmp_path, tiny_cifar_resnet):
+    data = make_dataset(n=32)
+    results = []
+    for policy in ("main_only", "recalibrate"):
+        model = tiny_cifar_resnet()
+        args = make_args(
+            tmp_path, stim_method="stpp", bn_policy=policy, eval_strategy="steps", eval_steps=1, max_steps=3
+        )
+        trainer = StimulativeTrainer(model=model, args=args, train_dataset=data, eval_dataset=data)
+        torch.manual_seed(0)
+        trainer.train()
+        results.append(torch.rand(1).item())
+    assert results[0] == results[1]
+
+
+def test_evaluation_runs_full_network_only(tmp_path, tiny_cifar_resnet):
+    data = make_dataset(n=32)
+    model = tiny_cifar_resnet()
+    trainer = StimulativeTrainer(model=model, args=make_args(tmp_path, stim_method="stpp"), eval_dataset=data)
+    seen = _record_samples(trainer)
+    output = trainer.predict(data)
+    assert seen == []
+    assert output.predictions.shape == (32, 10)
+    model.eval()
+    with torch.no_grad():
+        expected = model(pixel_values=data[:]["pixel_values"]).logits
+    np.testing.assert_allclose(output.predictions, expected.numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_evaluate_subnets_reports_each(tmp_path, tiny_cifar_resnet):
+    from stim_hf.metrics import build_compute_metrics, top_k_indices
+
+    data = make_dataset(n=32)
+    trainer = StimulativeTrainer(
+        model=tiny_cifar_resnet(depth=20),
+        args=make_args(tmp_path, stim_method="stpp", num_eval_subnets=3),
+        eval_dataset=data,
+        compute_metrics=build_compute_metrics(),
+        preprocess_logits_for_metrics=top_k_indices,
+    )
+    results = trainer.evaluate_subnets()
+    assert len(results) == 3
+    assert len({tuple(map(tuple, r["kept"])) for r in results}) == 3
+    for r in results:
+        assert 0 <= r["accuracy"] <= 1 and r["depth_fraction"] < 1
+    # Fixed: the same seed gives the same sub-networks.
+    assert trainer.fixed_subnets(3) == trainer.fixed_subnets(3)
+
+
+def test_model_without_stages_refused_for_st_but_fine_for_ct(tmp_path):
+    from torch import nn
+    from transformers.modeling_outputs import ImageClassifierOutput
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(3 * 16 * 16, 10)
+
+        def forward(self, pixel_values, labels=None):
+            return ImageClassifierOutput(logits=self.linear(pixel_values.flatten(1)))
+
+    with pytest.raises(ModelStructureError, match="no residual stages found in Flat"):
+        StimulativeTrainer(model=Flat(), args=make_args(tmp_path, stim_method="stpp"))
+    trainer = StimulativeTrainer(model=Flat(), args=make_args(tmp_path, stim_method="ct"), train_dataset=make_dataset())
+    trainer.train()
+    assert trainer.fixed_subnets(2) == []
+
+
+def test_sample_space_checked_against_model_before_training(tmp_path, tiny_cifar_resnet):
+    with pytest.raises(ConfigError, match="sample_space"):
+        StimulativeTrainer(model=tiny_cifar_resnet(), args=make_args(tmp_path, sample_space=[1, 1, 1, 1]))
+    with pytest.raises(ConfigError, match="can drop at most 1 blocks"):
+        StimulativeTrainer(model=tiny_cifar_resnet(), args=make_args(tmp_path, sample_space=[1, 2, 1]))
+
+
+def test_plain_training_arguments_refused(tmp_path, tiny_cifar_resnet):
+    with pytest.raises(ConfigError, match="needs StimulativeTrainingArguments"):
+        StimulativeTrainer(model=tiny_cifar_resnet(), args=TrainingArguments(output_dir=str(tmp_path)))
