@@ -1,0 +1,153 @@
+"""Image transforms (torchvision ``transforms.v2`` presets), lazy dataset transforms and collation.
+
+:func:`build_transforms` maps one PIL image to a normalised float tensor (C, H, W);
+:func:`with_image_transforms` applies it on the fly to a ``datasets.Dataset`` (decoding the images
+itself, so that a corrupt file is reported as a :class:`DataError` naming its row and path);
+:func:`collate_image_batch` stacks examples into the batch the Trainer feeds the model.
+
+Everything here is a module-level class or function, so datasets carrying these transforms pickle
+into DataLoader worker processes (``dataloader_num_workers > 0``, any start method).
+With on-the-fly transforms the Trainer must keep unused columns (``remove_unused_columns=False``).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import datasets
+import PIL.Image
+import torch
+from torchvision.transforms import v2
+
+from stim_hf.data import ROW_INDEX_COLUMN
+from stim_hf.errors import DataError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from stim_hf.data import DataArguments
+
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError)
+
+
+def build_transforms(data_args: DataArguments, train: bool) -> v2.Compose:
+    """The preset transform for one PIL image -> float32 tensor (3, S, S), S = ``image_size``.
+
+    Every preset converts the image to RGB (grayscale, CMYK, RGBA, palette...) and ends with
+    ``ToDtype(float32, scale=True)`` + ``Normalize(mean, std)``. Geometric steps:
+
+    - ``cifar``: train ``Resize(S)`` (a no-op when the shorter side is already S) +
+      ``RandomCrop(S, padding=S // 8)`` + ``RandomHorizontalFlip``; eval ``Resize(eval_resize)``
+      (a no-op at the image's size) + ``CenterCrop(S)``.
+    - ``imagenet``: train ``RandomResizedCrop(S)`` + ``RandomHorizontalFlip`` +
+      ``ColorJitter(0.4, 0.4, 0.4)``; eval ``Resize(eval_resize)`` + ``CenterCrop(S)``.
+    - ``none``: ``Resize(eval_resize)`` + ``CenterCrop(S)`` for train and eval alike.
+
+    At evaluation the crop is ``eval_image_size`` when set (train at 200, test at 224).
+    """
+    size = data_args.image_size
+    resize = data_args.resolved_eval_resize()
+    mean, std = data_args.normalization()
+    if data_args.augmentation == "cifar" and train:
+        geometry = [
+            v2.Resize(size, antialias=True),
+            v2.RandomCrop(size, padding=size // 8),
+            v2.RandomHorizontalFlip(),
+        ]
+    elif data_args.augmentation == "imagenet" and train:
+        geometry = [
+            v2.RandomResizedCrop(size, antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4),
+        ]
+    else:
+        crop = size if train else data_args.resolved_eval_image_size()
+        geometry = [v2.Resize(resize, antialias=True), v2.CenterCrop(crop)]
+    return v2.Compose(
+        [
+            v2.RGB(),
+            v2.ToImage(),
+            *geometry,
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize(mean=list(mean), std=list(std)),
+            v2.ToPureTensor(),
+        ]
+    )
+
+
+def decode_image(value: Any, row: int | None = None) -> PIL.Image.Image:
+    """Decode a stored image (``{"bytes", "path"}`` dict, path or PIL image) the way ``datasets.Image`` does.
+
+    A corrupt, truncated or unreadable image raises :class:`DataError` naming the row (when
+    known) and the file, instead of a PIL traceback from deep inside a DataLoader worker.
+    """
+    try:
+        return datasets.Image().decode_example(value)
+    except _DECODE_ERRORS as error:
+        path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+        where = f"row {row} of its source split" if row is not None else "an example"
+        file = f" (file '{path}')" if path else ""
+        raise DataError(
+            f"cannot decode the image of {where}{file}: {type(error).__name__}: {error}; the file is "
+            "corrupt, truncated or not an image: replace or delete it (or drop the row) and run again"
+        ) from error
+
+
+class BatchImageTransform:
+    """Batched ``datasets`` transform: decodes + transforms images, returns ``pixel_values`` and ``labels``.
+
+    A plain class (not a closure or lambda) so that it pickles into DataLoader workers.
+    """
+
+    def __init__(self, transform: Callable[[PIL.Image.Image], torch.Tensor], image_column: str, label_column: str):
+        self.transform = transform
+        self.image_column = image_column
+        self.label_column = label_column
+
+    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
+        """Map a batch of raw rows to ``{"pixel_values": [tensor, ...], "labels": [int, ...]}``."""
+        rows = batch.get(ROW_INDEX_COLUMN)
+        pixel_values = [
+            self.transform(decode_image(value, None if rows is None else int(rows[i])))
+            for i, value in enumerate(batch[self.image_column])
+        ]
+        return {"pixel_values": pixel_values, "labels": [int(label) for label in batch[self.label_column]]}
+
+
+def with_image_transforms(dataset: datasets.Dataset, data_args: DataArguments, train: bool) -> datasets.Dataset:
+    """A view of ``dataset`` whose rows are ``{"pixel_values": tensor, "labels": int}``, built on access.
+
+    Uses ``dataset.with_transform`` with :func:`build_transforms`'s preset (training augmentation
+    when ``train``); images are decoded by :func:`decode_image` (the image column is cast to
+    ``Image(decode=False)``) so undecodable files raise a :class:`DataError` naming them.
+    The Trainer needs ``remove_unused_columns=False`` for this.
+    """
+    image_column, label_column = data_args.image_column_name, data_args.label_column_name
+    columns = ", ".join(dataset.column_names)
+    for arg, kind, column in (
+        ("image_column_name", "image", image_column),
+        ("label_column_name", "label", label_column),
+    ):
+        if column not in dataset.column_names:
+            raise DataError(f"{kind} column '{column}' not found (columns: {columns}); set {arg} to one of them")
+    feature = dataset.features[image_column]
+    if not isinstance(feature, datasets.Image):
+        raise DataError(
+            f"image column '{image_column}' holds {feature!r}, not images; set image_column_name to a column "
+            f"of type Image (columns: {columns})"
+        )
+    if feature.decode:
+        dataset = dataset.cast_column(image_column, datasets.Image(mode=feature.mode, decode=False))
+    wanted = [image_column, label_column] + ([ROW_INDEX_COLUMN] if ROW_INDEX_COLUMN in dataset.column_names else [])
+    transform = BatchImageTransform(build_transforms(data_args, train), image_column, label_column)
+    return dataset.with_transform(transform, columns=wanted)
+
+
+def collate_image_batch(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """The Trainer's collator: stack examples into ``{"pixel_values": (B, C, H, W), "labels": (B,)}``."""
+    if not examples:
+        raise ValueError("cannot collate an empty batch")
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "labels": torch.tensor([int(example["labels"]) for example in examples], dtype=torch.long),
+    }
