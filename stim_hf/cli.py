@@ -21,9 +21,23 @@ def _train(argv: Sequence[str]) -> None:
     main(argv)
 
 
+def _export(argv: Sequence[str]) -> None:
+    from stim_hf.export import main
+
+    main(argv)
+
+
+def _loafing(argv: Sequence[str]) -> None:
+    from stim_hf.loafing import main
+
+    main(argv)
+
+
 # Subcommand name -> (runner taking the remaining arguments, one-line description).
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], object], str]] = {
     "train": (_train, "train a model from a YAML recipe plus --field value overrides"),
+    "export": (_export, "write a sub-network of a checkpoint as a standalone model"),
+    "loafing": (_loafing, "evaluate the full network and fixed sub-networks of checkpoints (loafing analysis)"),
 }
 
 

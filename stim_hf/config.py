@@ -153,6 +153,16 @@ class StimulativeTrainingArguments(TrainingArguments):
         default=4,
         metadata={"help": "Fixed random sub-networks evaluated at the end of training to report loafing (0: none)."},
     )
+    subnet_monitor_count: int = field(
+        default=0,
+        metadata={
+            "help": "Fixed sub-networks evaluated at every evaluation during training and logged to TensorBoard "
+            "(eval/subnet_accuracy_mean, _min, _max and a loafing plot); 0 disables."
+        },
+    )
+    subnet_monitor_every: int = field(
+        default=1, metadata={"help": "Run the sub-network monitor at every n-th evaluation (>= 1)."}
+    )
     # Defaults that differ from TrainingArguments' (DESIGN.md section 3).
     do_train: bool = field(default=True, metadata={"help": "Train (default); false only evaluates the model."})
     remove_unused_columns: bool = field(
@@ -205,6 +215,8 @@ class StimulativeTrainingArguments(TrainingArguments):
         number("min_input_scale", 0.0, 1.0, low_open=True)
         number("bn_recalibration_samples", 1, integer=True)
         number("num_eval_subnets", 0, integer=True)
+        number("subnet_monitor_count", 0, integer=True)
+        number("subnet_monitor_every", 1, integer=True)
         self.sample_space = parse_sample_space(self.sample_space)
         if not isinstance(self.normalize_main_logits, bool):
             raise ConfigError(f"normalize_main_logits={self.normalize_main_logits!r} must be true or false")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from contextlib import nullcontext
 from typing import Any
 
@@ -78,6 +79,9 @@ class StimulativeTrainer(Trainer):
         self._stim_count = 0
         self._micro_step_key = (-1, 0)  # (global step, micro-batches seen in it)
         self._bn_recalibrated_at: int | None = None
+        # (global step, depth fraction, input side) of every sub-network drawn since the last
+        # drain; read by monitoring callbacks (histograms), bounded so it never grows unread.
+        self.sampled_subnets: deque[tuple[int, float, int]] = deque(maxlen=100_000)
 
     def _build_sampler(self, seed: int, min_input_scale: float, stream: int = 0) -> SubnetSampler:
         if min_input_scale < 1.0 and not self.family.supports_smaller_inputs:
@@ -156,8 +160,10 @@ class StimulativeTrainer(Trainer):
             subnet = self.subnet_sampler.sample(step, micro_step, index, image_size=pixel_values.shape[-2])
             kl = self.subnet_kl(model, pixel_values, logits, subnet)
             kl_sum = kl_sum + kl
+            size = subnet.input_size or pixel_values.shape[-2]
             depth_sum += subnet.depth_fraction
-            size_sum += subnet.input_size or pixel_values.shape[-2]
+            size_sum += size
+            self.sampled_subnets.append((step, subnet.depth_fraction, size))
         if num_subnets:
             loss = loss + coef * kl_sum
         self._record(ce, kl_sum / max(num_subnets, 1), coef, depth_sum, size_sum, num_subnets)
