@@ -82,6 +82,10 @@ class StimulativeTrainer(Trainer):
         # (global step, depth fraction, input side) of every sub-network drawn since the last
         # drain; read by monitoring callbacks (histograms), bounded so it never grows unread.
         self.sampled_subnets: deque[tuple[int, float, int]] = deque(maxlen=100_000)
+        if args.subnet_monitor_count and self.stages:
+            from stim_hf.callbacks import SubnetMonitorCallback
+
+            self.add_callback(SubnetMonitorCallback(self))
 
     def _build_sampler(self, seed: int, min_input_scale: float, stream: int = 0) -> SubnetSampler:
         if min_input_scale < 1.0 and not self.family.supports_smaller_inputs:
