@@ -32,7 +32,9 @@ def build_model(model_args: ModelArguments, label_names: Sequence[str]) -> PreTr
                     "registered type such as 'cifar_resnet' or 'resnet'"
                 ) from None
             raise
-        unknown = sorted(k for k in overrides if not hasattr(config, k))
+        # Configs keep unknown kwargs as attributes: compare with a default config's fields instead.
+        known = set(AutoConfig.for_model(model_args.model_type).to_dict())
+        unknown = sorted(k for k in overrides if k not in known)
         if unknown:
             raise ConfigError(
                 f"model_config has keys {unknown} that {type(config).__name__} does not know; check their spelling"

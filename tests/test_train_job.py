@@ -1,0 +1,153 @@
+"""The training job end to end: the quickstart, the recipes, HF ResNet, the command line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import CIFAR10_DIR, REPO_ROOT
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from stim_hf.config import ModelArguments, StimulativeTrainingArguments
+from stim_hf.data import DataArguments
+from stim_hf.errors import ConfigError
+from stim_hf.parser import StimArgumentParser
+from stim_hf.train import main, run_training
+
+QUICKSTART = str(REPO_ROOT / "configs" / "quickstart.yaml")
+RECIPES = sorted((REPO_ROOT / "configs").glob("*.yaml"))
+
+
+def _scalar_tags(log_dir: Path) -> set[str]:
+    tags = set()
+    for event_file in log_dir.rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(event_file))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    return tags
+
+
+def test_quickstart_reduced(tmp_path, capsys):
+    out = tmp_path / "quickstart"
+    metrics = main([QUICKSTART, "--output_dir", str(out), "--num_train_epochs", "2", "--disable_tqdm", "true"])
+    printed = capsys.readouterr().out
+    assert "full network: top-1" in printed and "mean of 4 sub-networks: top-1" in printed
+    assert (out / "model.safetensors").is_file() and not (out / "pytorch_model.bin").exists()
+    results = json.loads((out / "all_results.json").read_text())
+    for key in ("eval_accuracy", "eval_top5_accuracy", "eval_subnet_accuracy_mean", "train_loss", "train_runtime"):
+        assert key in results
+    assert results["eval_accuracy"] == metrics["eval_accuracy"]
+    assert len(metrics["subnets"]) == 4
+    tags = _scalar_tags(out)
+    for tag in ("train/loss", "train/ce_loss", "train/kl_loss", "train/kl_coef", "train/subnet_depth_fraction"):
+        assert tag in tags, tags
+    assert "eval/accuracy" in tags
+    # The saved model loads with the Auto class after `import stim_hf`.
+    from transformers import AutoModelForImageClassification
+
+    model = AutoModelForImageClassification.from_pretrained(out)
+    assert type(model).__name__ == "CifarResNetForImageClassification"
+
+
+@pytest.mark.slow
+def test_quickstart_full_reaches_target(tmp_path):
+    """The README's promise: >= 85 % top-1 on the digits validation split (measured: 95.6 %)."""
+    metrics = main([QUICKSTART, "--output_dir", str(tmp_path / "q"), "--disable_tqdm", "true"])
+    assert metrics["eval_accuracy"] >= 0.85
+
+
+def test_quickstart_command_line(tmp_path):
+    """`stim-hf train` as a user runs it, in a subprocess."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, "-m", "stim_hf.cli", "train", QUICKSTART, "--output_dir", str(tmp_path / "q"),
+         "--max_steps", "3", "--num_eval_subnets", "2", "--report_to", "none", "--eval_strategy", "no",
+         "--save_strategy", "no", "--disable_tqdm", "true"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "mean of 2 sub-networks" in result.stdout
+
+
+def test_command_line_error_is_one_clear_line(tmp_path):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), QUICKSTART, "--kl_coef", "-1"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("train.py: error: kl_coef=-1.0 is out of range")
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
+def test_every_recipe_parses(recipe, tmp_path):
+    parser = StimArgumentParser((ModelArguments, DataArguments, StimulativeTrainingArguments))
+    values = yaml.safe_load(recipe.read_text())
+    argv = [str(recipe), "--output_dir", str(tmp_path), "--use_cpu", "true"]
+    if values.get("bf16"):
+        argv += ["--bf16", "false"]
+    needs_local_data = any(str(values.get(k, "")).startswith("../shared") for k in ("train_file", "validation_file"))
+    if needs_local_data and not CIFAR10_DIR.is_dir():
+        pytest.skip("shared CIFAR-10 data not present")
+    cwd = os.getcwd()
+    os.chdir(REPO_ROOT)  # recipe paths are relative to the repository root
+    try:
+        model_args, data_args, train_args = parser.parse_args_and_config(argv)
+    finally:
+        os.chdir(cwd)
+    assert train_args.stim_method in ("ct", "st", "stpp")
+    assert train_args.report_to == ["tensorboard"]
+
+
+def test_imagenet_recipe_is_the_released_one(tmp_path):
+    values = yaml.safe_load((REPO_ROOT / "configs" / "imagenet_resnet50_stpp.yaml").read_text())
+    assert values["model_config"]["depths"] == [3, 4, 6, 3]
+    assert values["num_subnets"] == 6 and values["kl_loss"] == "kl_direction" and values["logit_amplitude"] == 1.0
+    assert values["sample_space"] == [0, 1, 3, 0]
+    assert (values["image_size"], values["eval_image_size"], values["eval_resize"]) == (200, 224, 240)
+    assert round(values["min_input_scale"] * values["image_size"]) == 86
+    assert values["learning_rate"] == 0.2 and values["weight_decay"] == 1e-4
+    assert values["bn_policy"] == "recalibrate"
+
+
+@pytest.mark.skipif(not CIFAR10_DIR.is_dir(), reason="shared CIFAR-10 data not present")
+def test_cifar10_recipe_trains_a_few_steps(tmp_path, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    metrics = main(
+        [str(REPO_ROOT / "configs" / "cifar10_resnet56_stpp.yaml"), "--model_config", '{"depth": 14, "widths": [8, 16, 32]}',
+         "--max_train_samples", "64", "--max_eval_samples", "64", "--max_steps", "2", "--per_device_train_batch_size", "16",
+         "--output_dir", str(tmp_path), "--report_to", "none", "--save_strategy", "no", "--eval_strategy", "no",
+         "--num_eval_subnets", "2", "--dataloader_num_workers", "0", "--use_cpu", "true", "--disable_tqdm", "true"]
+    )  # fmt: skip
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0
+    assert metrics["eval_samples"] == 64
+
+
+def test_hf_resnet_from_config_trains(tmp_path):
+    """An ImageNet-style HF ResNet built from a config (no download) trains with ST++."""
+    model_args = ModelArguments(
+        model_type="resnet",
+        model_config={"embedding_size": 8, "hidden_sizes": [8, 16], "depths": [2, 2], "layer_type": "bottleneck"},
+    )
+    data_args = DataArguments(
+        dataset_name="sklearn:digits", image_size=32, augmentation="imagenet", max_train_samples=64, max_eval_samples=32
+    )
+    train_args = StimulativeTrainingArguments(
+        output_dir=str(tmp_path), stim_method="stpp", num_subnets=2, max_steps=2, per_device_train_batch_size=16,
+        report_to="none", save_strategy="no", use_cpu=True, num_eval_subnets=1, disable_tqdm=True,
+    )  # fmt: skip
+    metrics = run_training(model_args, data_args, train_args)
+    assert "eval_accuracy" in metrics and len(metrics["subnets"]) == 1
+
+
+def test_unknown_model_type_and_config_key(tmp_path):
+    from stim_hf.modeling import build_model
+
+    with pytest.raises(ConfigError, match="model_type='resnett' is unknown"):
+        build_model(ModelArguments(model_type="resnett"), ["a", "b"])
+    with pytest.raises(ConfigError, match=r"model_config has keys \['dept'\]"):
+        build_model(ModelArguments(model_type="cifar_resnet", model_config={"dept": 20}), ["a", "b"])
