@@ -163,6 +163,16 @@ class StimulativeTrainingArguments(TrainingArguments):
     subnet_monitor_every: int = field(
         default=1, metadata={"help": "Run the sub-network monitor at every n-th evaluation (>= 1)."}
     )
+    sync_batchnorm: bool = field(
+        default=False,
+        metadata={
+            "help": "Convert BatchNorm to SyncBatchNorm before wrapping (multi-GPU: statistics over the global "
+            "batch). Ignored with a single process; refused on CPU, where torch has no SyncBatchNorm kernel."
+        },
+    )
+    channels_last: bool = field(
+        default=False, metadata={"help": "Run convolutional models in channels_last memory format (faster on GPUs)."}
+    )
     # Defaults that differ from TrainingArguments' (DESIGN.md section 3).
     do_train: bool = field(default=True, metadata={"help": "Train (default); false only evaluates the model."})
     remove_unused_columns: bool = field(

@@ -43,6 +43,26 @@ def kl_coef_at(base: float, schedule: str, progress: float) -> float:
     raise ConfigError(f"kl_coef_schedule='{schedule}' is not valid; choose constant, cosine_up or cosine_down")
 
 
+def prepare_model(model: nn.Module, args: StimulativeTrainingArguments) -> nn.Module:
+    """Apply ``sync_batchnorm`` and ``channels_last`` before the Trainer wraps the model.
+
+    SyncBatchNorm only matters with several processes, and torch implements it for accelerators
+    only: with several CPU processes it is refused before training starts.
+    """
+    if args.sync_batchnorm and args.world_size > 1:
+        if args.use_cpu or not torch.cuda.is_available():
+            raise ConfigError(
+                "sync_batchnorm=true needs GPUs: torch has no SyncBatchNorm for CPU processes; "
+                "set sync_batchnorm: false for CPU runs"
+            )
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif args.sync_batchnorm:
+        logger.info("sync_batchnorm: a single process, so BatchNorm is left as is")
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 class StimulativeTrainer(Trainer):
     """A ``transformers.Trainer`` that trains a residual network stimulatively (ST / ST++).
 
@@ -65,6 +85,7 @@ class StimulativeTrainer(Trainer):
                 f"StimulativeTrainer needs StimulativeTrainingArguments, got {type(args).__name__}; "
                 "build them with StimulativeTrainingArguments(output_dir=..., stim_method=...)"
             )
+        model = prepare_model(model, args) if model is not None else None
         super().__init__(model=model, args=args, **kwargs)
         self.model_accepts_loss_kwargs = False
         self.family, self.stages = None, None
@@ -148,6 +169,8 @@ class StimulativeTrainer(Trainer):
         are returned, so predictions come from the full network alone.
         """
         pixel_values, labels = inputs["pixel_values"], inputs["labels"]
+        if self.args.channels_last and pixel_values.dim() == 4:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
         outputs = model(pixel_values=pixel_values)
         logits = outputs.logits
         ce = self.main_loss(logits, labels)

@@ -1,0 +1,136 @@
+"""Real multi-process launches on the CPU (gloo): DDP correctness, two "machines", mixed precision."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from conftest import REPO_ROOT
+from safetensors.torch import load_file
+
+WORKER = str(REPO_ROOT / "tests" / "launch" / "train_worker.py")
+CPU_CONFIG = str(REPO_ROOT / "configs" / "accelerate" / "cpu_multi_process.yaml")
+QUICKSTART = str(REPO_ROOT / "configs" / "quickstart.yaml")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1")
+
+
+def run(cmd, cwd, timeout=300):
+    result = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+    return result
+
+
+def accelerate_launch(*args) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", *args]
+
+
+def load_rank(out, rank):
+    return load_file(str(out / f"rank{rank}.safetensors")), json.loads((out / f"rank{rank}_subnets.json").read_text())
+
+
+def test_two_processes_match_each_other_and_one_process(tmp_path):
+    """K = 2, gradient accumulation 2, 2 x 8 images per micro-batch against 1 x 16.
+
+    The worker's model has no BatchNorm, so a batch's loss is the mean of its samples' losses and
+    two processes of 8 images compute exactly the gradient of one of 16 (up to summation order);
+    the sequential sampler gives both runs the same micro-batches.
+    """
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    run(accelerate_launch("--config_file", CPU_CONFIG, "--main_process_port", str(free_port()),
+                          WORKER, "--out", str(multi), "--per_device_batch", "8", "--ga", "2", "--num_subnets", "2"),
+        cwd=tmp_path)  # fmt: skip
+    run([sys.executable, WORKER, "--out", str(single), "--per_device_batch", "16", "--ga", "2", "--num_subnets", "2"],
+        cwd=tmp_path)  # fmt: skip
+    rank0, record0 = load_rank(multi, 0)
+    rank1, record1 = load_rank(multi, 1)
+    alone, record_alone = load_rank(single, 0)
+    assert record0["world_size"] == 2 and record_alone["world_size"] == 1
+    # Every rank drew the same sub-networks and input sizes at every step, and so did one process.
+    assert len(record0["subnets"]) == 3 * 2 * 2
+    assert record0["subnets"] == record1["subnets"] == record_alone["subnets"]
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+        torch.testing.assert_close(rank0[key], alone[key], rtol=0, atol=1e-6)
+    # Auxiliary losses are reduced across ranks before logging: both ranks log the same values,
+    # equal to the single process's.
+    for log0, log1, log_alone in zip(record0["logs"], record1["logs"], record_alone["logs"], strict=True):
+        for key in ("loss", "ce_loss", "kl_loss", "subnet_depth_fraction", "subnet_input_size"):
+            assert log0[key] == pytest.approx(log1[key], rel=1e-6)
+            assert log0[key] == pytest.approx(log_alone[key], rel=1e-5)
+
+
+def test_two_machines_on_localhost_then_resume_in_one_process(tmp_path):
+    out = tmp_path / "run"
+    port = str(free_port())
+    common = [
+        "--num_machines",
+        "2",
+        "--num_processes",
+        "2",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        port,
+    ]
+    train_args = [QUICKSTART, "--output_dir", str(out), "--max_steps", "4", "--save_strategy", "steps",
+                  "--save_steps", "4", "--eval_strategy", "no", "--report_to", "none", "--num_eval_subnets", "0",
+                  "--disable_tqdm", "true", "--use_cpu", "true"]  # fmt: skip
+    script = str(REPO_ROOT / "scripts" / "train.py")
+    machines = [
+        subprocess.Popen(
+            accelerate_launch("--config_file", CPU_CONFIG, *common, "--machine_rank", str(rank), script, *train_args),
+            cwd=tmp_path,
+            env=env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    deadline = time.time() + 300
+    outputs = [m.communicate(timeout=max(1, deadline - time.time())) for m in machines]
+    for machine, (stdout, stderr) in zip(machines, outputs, strict=True):
+        assert machine.returncode == 0, (stdout[-2000:], stderr[-4000:])
+    checkpoint = out / "checkpoint-4"
+    assert (checkpoint / "model.safetensors").is_file()
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    assert state["global_step"] == 4
+    # The two-machine checkpoint resumes in a single process.
+    resumed = run([sys.executable, script, *train_args[:3], "--max_steps", "6", *train_args[5:],
+                   "--resume_from_checkpoint", str(checkpoint)], cwd=tmp_path)  # fmt: skip
+    assert "Traceback" not in resumed.stderr
+    final = json.loads((out / "trainer_state.json").read_text())
+    assert final["global_step"] == 6
+
+
+def test_bf16_autocast_on_cpu_trains_with_finite_losses(tmp_path):
+    out = tmp_path / "bf16"
+    run([sys.executable, WORKER, "--out", str(out), "--model", "cifar", "--bf16", "--steps", "3"], cwd=tmp_path)
+    _, record = load_rank(out, 0)
+    assert len(record["logs"]) == 3
+    for log in record["logs"]:
+        for key in ("loss", "ce_loss", "kl_loss"):
+            assert torch.isfinite(torch.tensor(log[key])), log
+
+
+def test_channels_last_trains_like_contiguous(tmp_path):
+    results = {}
+    for name, flags in (("plain", []), ("channels_last", ["--channels_last"])):
+        out = tmp_path / name
+        run([sys.executable, WORKER, "--out", str(out), "--model", "cifar", "--steps", "2", *flags], cwd=tmp_path)
+        results[name] = load_rank(out, 0)[0]
+    for key, value in results["plain"].items():
+        torch.testing.assert_close(results["channels_last"][key], value, rtol=1e-4, atol=1e-5)
