@@ -16,6 +16,8 @@ from stim_hf.subnets.sampling import SAMPLING_RULES
 STIM_METHODS = ("ct", "st", "stpp")
 KL_COEF_SCHEDULES = ("constant", "cosine_up", "cosine_down")
 BN_POLICIES = ("main_only", "recalibrate", "none")
+BACKWARD_STRATEGIES = ("summed", "sequential")
+NONFINITE_LOSS_ACTIONS = ("stop", "skip")
 
 # The fields a method preset fills; a value set explicitly (not None) wins over the preset.
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
@@ -163,6 +165,22 @@ class StimulativeTrainingArguments(TrainingArguments):
     subnet_monitor_every: int = field(
         default=1, metadata={"help": "Run the sub-network monitor at every n-th evaluation (>= 1)."}
     )
+    on_nonfinite_loss: str = field(
+        default="stop",
+        metadata={
+            "help": "What a NaN / inf loss does: 'stop' (save the weights, the batch labels and a report to "
+            "output_dir/nonfinite-step-N, then stop with a message naming the loss term) or 'skip' (drop that "
+            "optimizer step's update, log a warning and count it in nonfinite_skipped_steps)."
+        },
+    )
+    backward_strategy: str = field(
+        default="summed",
+        metadata={
+            "help": "'summed': one backward of CE + lambda * sum of KLs; 'sequential': backward of each "
+            "sub-network's KL right after its forward, then of the CE (the released code's way: the peak holds "
+            "one sub-network's activations instead of K). See docs/benchmarks.md for what each costs."
+        },
+    )
     sync_batchnorm: bool = field(
         default=False,
         metadata={
@@ -189,7 +207,7 @@ class StimulativeTrainingArguments(TrainingArguments):
         super().__post_init__()
 
     def _apply_method_preset(self) -> None:
-        if self.stim_method not in METHOD_PRESETS:
+        if not isinstance(self.stim_method, str) or self.stim_method not in METHOD_PRESETS:
             raise ConfigError(f"stim_method='{self.stim_method}' is not a method; valid: {', '.join(STIM_METHODS)}")
         for name, value in METHOD_PRESETS[self.stim_method].items():
             if getattr(self, name) is None:
@@ -207,7 +225,8 @@ class StimulativeTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             kind = "an integer" if integer else "a number"
             ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-            if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+            # math.isfinite only for floats: a huge int would overflow converting to float.
+            if isinstance(value, bool) or not ok_type or (isinstance(value, float) and not math.isfinite(value)):
                 raise ConfigError(f"{name}={value!r} must be {kind} in {_interval(low, high, low_open)}")
             if value < low or (low_open and value == low) or value > high:
                 raise ConfigError(f"{name}={value!r} is out of range; valid: {_interval(low, high, low_open)}")
@@ -217,6 +236,8 @@ class StimulativeTrainingArguments(TrainingArguments):
         choice("logit_normalization", LOGIT_NORMALIZATIONS)
         choice("subnet_sampling", SAMPLING_RULES)
         choice("bn_policy", BN_POLICIES)
+        choice("backward_strategy", BACKWARD_STRATEGIES)
+        choice("on_nonfinite_loss", NONFINITE_LOSS_ACTIONS)
         number("kl_coef", 0.0)
         number("stim_start_epoch", 0.0)
         number("num_subnets", 0, integer=True)

@@ -54,7 +54,16 @@ def test_two_processes_match_each_other_and_one_process(tmp_path):
         cwd=tmp_path)  # fmt: skip
     run([sys.executable, WORKER, "--out", str(single), "--per_device_batch", "16", "--ga", "2", "--num_subnets", "2"],
         cwd=tmp_path)  # fmt: skip
+    # The sequential backward strategy (no DDP sync, one all-reduce per step) gives the same update.
+    sequential = tmp_path / "sequential"
+    run(accelerate_launch("--config_file", CPU_CONFIG, "--main_process_port", str(free_port()),
+                          WORKER, "--out", str(sequential), "--per_device_batch", "8", "--ga", "2", "--num_subnets", "2",
+                          "--backward_strategy", "sequential"),
+        cwd=tmp_path)  # fmt: skip
     rank0, record0 = load_rank(multi, 0)
+    for rank in (0, 1):
+        for key, value in load_rank(sequential, rank)[0].items():
+            torch.testing.assert_close(value, rank0[key], rtol=0, atol=1e-6)
     rank1, record1 = load_rank(multi, 1)
     alone, record_alone = load_rank(single, 0)
     assert record0["world_size"] == 2 and record_alone["world_size"] == 1

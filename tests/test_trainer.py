@@ -295,3 +295,26 @@ def test_sample_space_checked_against_model_before_training(tmp_path, tiny_cifar
 def test_plain_training_arguments_refused(tmp_path, tiny_cifar_resnet):
     with pytest.raises(ConfigError, match="needs StimulativeTrainingArguments"):
         StimulativeTrainer(model=tiny_cifar_resnet(), args=TrainingArguments(output_dir=str(tmp_path)))
+
+
+def test_sequential_backward_equals_summed(tmp_path, tiny_cifar_resnet):
+    data = make_dataset()
+    results = {}
+    for strategy in ("summed", "sequential"):
+        model = tiny_cifar_resnet()
+        args = make_args(
+            tmp_path,
+            stim_method="stpp",
+            num_subnets=3,
+            backward_strategy=strategy,
+            gradient_accumulation_steps=2,
+            max_steps=2,
+            per_device_train_batch_size=8,
+        )
+        trainer = StimulativeTrainer(model=model, args=args, train_dataset=data)
+        trainer.train()
+        results[strategy] = (params(model), _first_log(trainer))
+    for key, value in results["summed"][0].items():
+        torch.testing.assert_close(results["sequential"][0][key], value, rtol=1e-5, atol=1e-6)
+    for key in ("loss", "ce_loss", "kl_loss"):
+        assert results["sequential"][1][key] == pytest.approx(results["summed"][1][key], rel=1e-5)

@@ -81,6 +81,7 @@ def main() -> None:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--sync_batchnorm", action="store_true")
     parser.add_argument("--channels_last", action="store_true")
+    parser.add_argument("--backward_strategy", default="summed")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -107,6 +108,7 @@ def main() -> None:
         bf16=args.bf16,
         sync_batchnorm=args.sync_batchnorm,
         channels_last=args.channels_last,
+        backward_strategy=args.backward_strategy,
         dataloader_num_workers=0,
         disable_tqdm=True,
         train_sampling_strategy="sequential",
