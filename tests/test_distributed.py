@@ -117,6 +117,9 @@ def test_two_machines_on_localhost_then_resume_in_one_process(tmp_path):
     assert (checkpoint / "model.safetensors").is_file()
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["global_step"] == 4
+    # Evaluation gathered the predictions of both processes: every validation image counted once.
+    evaluated = json.loads((out / "eval_results.json").read_text())
+    assert evaluated["eval_samples"] == 360 and 0.0 <= evaluated["eval_accuracy"] <= 1.0
     # The two-machine checkpoint resumes in a single process.
     resumed = run([sys.executable, script, *train_args[:3], "--max_steps", "6", *train_args[5:],
                    "--resume_from_checkpoint", str(checkpoint)], cwd=tmp_path)  # fmt: skip
