@@ -225,9 +225,10 @@ class StimulativeTrainingArguments(TrainingArguments):
             value = getattr(self, name)
             kind = "an integer" if integer else "a number"
             ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-            # math.isfinite only for floats: a huge int would overflow converting to float.
-            if isinstance(value, bool) or not ok_type or (isinstance(value, float) and not math.isfinite(value)):
-                raise ConfigError(f"{name}={value!r} must be {kind} in {_interval(low, high, low_open)}")
+            # A float field must be a finite float (a huge int overflows); an int field any int.
+            if isinstance(value, bool) or not ok_type or (not integer and not _finite_float(value)):
+                shown = f"{value!r}" if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
+                raise ConfigError(f"{name}={shown} must be {kind} in {_interval(low, high, low_open)}")
             if value < low or (low_open and value == low) or value > high:
                 raise ConfigError(f"{name}={value!r} is out of range; valid: {_interval(low, high, low_open)}")
 
@@ -256,6 +257,13 @@ class StimulativeTrainingArguments(TrainingArguments):
     def uses_subnets(self) -> bool:
         """Whether training runs sub-network passes at all (K > 0 and lambda > 0)."""
         return self.num_subnets > 0 and self.kl_coef > 0
+
+
+def _finite_float(value: int | float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _interval(low: float, high: float, low_open: bool) -> str:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 from transformers import HfArgumentParser
@@ -27,6 +27,13 @@ class StimArgumentParser(HfArgumentParser):
         # No abbreviations: '--num_subnet' must be an error, not a silent '--num_subnets'.
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(dataclass_types, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        """Raise argparse's errors (a value of the wrong type, a missing value) as one-line ConfigErrors.
+
+        argparse would print the whole usage (hundreds of lines with TrainingArguments) and exit.
+        """
+        raise ConfigError(f"{message} (from the recipe or the command line); see --help for the accepted values")
 
     def parse_args_and_config(self, args: Sequence[str] | None = None) -> tuple[Any, ...]:
         """Parse ``[CONFIG.yaml] [--field value ...]`` into one instance of each dataclass.

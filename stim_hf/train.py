@@ -11,8 +11,8 @@ from typing import Any
 import datasets
 import transformers
 from transformers import set_seed
-from transformers.trainer_utils import get_last_checkpoint
 
+from stim_hf.checkpointing import resolve_resume_checkpoint as resolve_checkpoint
 from stim_hf.config import ModelArguments, StimulativeTrainingArguments
 from stim_hf.data import DataArguments, get_label_names, load_image_datasets
 from stim_hf.errors import ConfigError
@@ -34,21 +34,47 @@ def parse_train_args(
 
 
 def resolve_resume_checkpoint(training_args: StimulativeTrainingArguments) -> str | None:
-    """Turn ``resume_from_checkpoint`` (``true``, a path, or unset) into a checkpoint path or None."""
-    value = training_args.resume_from_checkpoint
-    if value is None or str(value).lower() in ("false", "no", ""):
-        return None
-    if str(value).lower() in ("true", "yes", "last"):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
-        if last is None:
-            raise ConfigError(
-                f"resume_from_checkpoint=true but '{training_args.output_dir}' holds no checkpoint-* folder; "
-                "give the path of a checkpoint or start without resume_from_checkpoint"
-            )
-        return last
-    if not os.path.isdir(value):
-        raise ConfigError(f"resume_from_checkpoint='{value}' is not a directory; give a checkpoint-* folder or 'true'")
-    return value
+    """Turn ``resume_from_checkpoint`` (``true``, a path, or unset) into a checkpoint path or None.
+
+    ``true`` takes the last *complete* checkpoint in ``output_dir`` (incomplete newer ones, left by
+    a crash during a write, are skipped with a warning); a path must be a complete checkpoint.
+    See :func:`stim_hf.checkpointing.resolve_resume_checkpoint`.
+    """
+    output_dir = training_args.output_dir
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ConfigError(f"output_dir='{output_dir}' is a file, not a directory; give a directory for the run")
+    return resolve_checkpoint(training_args.resume_from_checkpoint, output_dir)
+
+
+def check_model_source(model_args: ModelArguments) -> None:
+    """Refuse a local ``model_name_or_path`` that cannot be loaded, before any data is loaded.
+
+    A path that does not exist, a folder without ``config.json``, or one whose weights are not
+    safetensors (``pytorch_model.bin`` is a pickle, and stim_hf never unpickles) is a
+    :class:`ConfigError`. Hub names are left to ``from_pretrained``.
+    """
+    source = model_args.model_name_or_path
+    if source is None:
+        return
+    path = os.path.expanduser(source)
+    looks_local = os.path.exists(path) or source.startswith((".", "/", "~")) or source.count("/") > 1
+    if not looks_local:
+        return
+    if not os.path.isdir(path):
+        raise ConfigError(
+            f"model_name_or_path='{source}' is not a directory; give a folder saved with save_pretrained "
+            f"(config.json + model.safetensors) or a hub model name (relative paths start from {os.getcwd()})"
+        )
+    files = set(os.listdir(path))
+    if "config.json" not in files:
+        raise ConfigError(f"model_name_or_path='{source}' has no config.json; give a folder saved with save_pretrained")
+    if not files & {"model.safetensors", "model.safetensors.index.json"}:
+        pickled = sorted(files & {"pytorch_model.bin", "pytorch_model.bin.index.json"})
+        hint = f" (it has {', '.join(pickled)}, a pickle, which stim_hf never loads)" if pickled else ""
+        raise ConfigError(
+            f"model_name_or_path='{source}' has no model.safetensors{hint}; convert the weights to safetensors "
+            "(model.save_pretrained(dir) in a trusted environment) and try again"
+        )
 
 
 def run_training(
@@ -62,10 +88,17 @@ def run_training(
     _setup_logging(training_args)
     set_seed(training_args.seed)
     resume = resolve_resume_checkpoint(training_args)
+    check_model_source(model_args)
 
     splits = load_image_datasets(data_args, seed=training_args.seed)
     label_names = get_label_names(splits["train"], data_args.label_column_name)
-    model = build_model(model_args, label_names)
+    try:
+        model = build_model(model_args, label_names)
+    except OSError as error:  # transformers' "not a local folder and not a valid model identifier", offline, ...
+        raise ConfigError(
+            f"cannot load model_name_or_path='{model_args.model_name_or_path}': {error}; give a local directory "
+            "with config.json and model.safetensors, or a hub model name (in the HF cache when offline)"
+        ) from error
 
     train_dataset = with_image_transforms(splits["train"], data_args, train=True) if training_args.do_train else None
     eval_dataset = with_image_transforms(splits["validation"], data_args, train=False)

@@ -451,7 +451,7 @@ class StimulativeTrainer(ReliableTrainer):
                 f"min_input_scale={min_input_scale}: {type(self.model).__name__} ({self.family.name}) cannot run "
                 "on inputs smaller than its training size; set min_input_scale: 1.0 (depth sampling only)"
             )
-        return SubnetSampler(
+        sampler = SubnetSampler(
             self.stages,
             rule=self.args.subnet_sampling,
             sample_space=self.args.sample_space,
@@ -460,6 +460,15 @@ class StimulativeTrainer(ReliableTrainer):
             min_input_size=MIN_SUBNET_INPUT_SIZE,
             stream=stream,
         )
+        if stream == 0 and self.args.uses_subnets and not any(sampler.space) and min_input_scale >= 1.0:
+            raise ConfigError(
+                f"sample_space={self.args.sample_space!r} lets sampling drop no block of "
+                f"{type(self.model).__name__} (at most {[s.max_droppable(self.args.subnet_sampling) for s in self.stages]} "
+                "per stage: a stage keeps its first block and blocks that change shape), and min_input_scale=1.0 keeps "
+                "the full input size, so every sub-network would be the full network; use a deeper model, a larger "
+                "sample_space, min_input_scale < 1, or stim_method: ct"
+            )
+        return sampler
 
     # ----------------------------------------------------------------------------------------------
     # Loss

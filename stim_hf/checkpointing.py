@@ -1,0 +1,445 @@
+"""Crash-safe checkpoints, resuming from the last complete one, and exact augmentation replay.
+
+What this module guarantees (see ``docs/reliability.md``):
+
+- A checkpoint is written into a staging directory (``.staging-checkpoint-N/checkpoint-N``) and
+  renamed to ``checkpoint-N`` only once every file is written, with a manifest of the files and
+  their sizes (:data:`MANIFEST_NAME`) written last. A process killed while writing leaves a
+  staging directory, which nothing ever resumes from.
+- :func:`find_last_complete_checkpoint` picks the newest ``checkpoint-N`` whose files are all
+  there and readable (manifest sizes, safetensors headers, torch zip archives), so a checkpoint
+  written by another tool, half-copied or truncated is skipped with a reason instead of failing
+  mid-resume. Nothing here unpickles anything.
+- :class:`SeededBatchDataset` runs a dataset's random transforms under a random state derived
+  from ``(seed, batch indices)`` alone, so the augmentation of every batch is the same after a
+  resume (and with any number of DataLoader workers).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import zipfile
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from stim_hf.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "checkpoint"
+MANIFEST_NAME = "stim_hf_checkpoint.json"
+"""Written last into every checkpoint: the step and each file's size, a completeness marker."""
+TRAINER_STATE_NAME = "trainer_state.json"
+TRAINING_ARGS_JSON_NAME = "training_args.json"
+"""The training arguments as JSON; written instead of the Trainer's pickled ``training_args.bin``."""
+STAGING_PREFIX = ".staging-checkpoint-"
+REPLACED_PREFIX = ".replaced-checkpoint-"
+NONFINITE_PREFIX = "nonfinite-step-"
+
+_CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
+_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+_TORCH_ARCHIVE_SUFFIXES = (".pt", ".pth", ".bin")
+_FALSE_WORDS = ("false", "no", "none", "")
+_TRUE_WORDS = ("true", "yes", "last")
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+def staging_dir(run_dir: str, step: int) -> str:
+    """The staging directory whose ``checkpoint-<step>`` child is written before being published."""
+    return os.path.join(run_dir, f"{STAGING_PREFIX}{step}")
+
+
+def remove_stale_staging(run_dir: str) -> list[str]:
+    """Delete staging and replaced-checkpoint leftovers of earlier, interrupted saves in ``run_dir``."""
+    removed = []
+    if not os.path.isdir(run_dir):
+        return removed
+    for name in os.listdir(run_dir):
+        if name.startswith((STAGING_PREFIX, REPLACED_PREFIX)):
+            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+            removed.append(name)
+    if removed:
+        logger.info("removed leftovers of interrupted checkpoint writes in %s: %s", run_dir, ", ".join(removed))
+    return removed
+
+
+def write_manifest(checkpoint_dir: str, step: int) -> dict[str, Any]:
+    """Record every file of ``checkpoint_dir`` and its size in :data:`MANIFEST_NAME` (written last, fsynced)."""
+    files = {}
+    for path in sorted(Path(checkpoint_dir).rglob("*")):
+        if path.is_file() and path.name != MANIFEST_NAME:
+            files[path.relative_to(checkpoint_dir).as_posix()] = path.stat().st_size
+    manifest = {"format": 1, "global_step": int(step), "files": files}
+    target = os.path.join(checkpoint_dir, MANIFEST_NAME)
+    with open(target, "w", encoding="utf-8") as handle:
+        json.dump(manifest, handle, indent=1, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    return manifest
+
+
+def publish_checkpoint(staged: str, final: str) -> None:
+    """Atomically move the complete checkpoint ``staged`` to ``final``, replacing an older one there.
+
+    The rename is atomic on POSIX filesystems: ``final`` is either absent, the old checkpoint or
+    the complete new one. An existing ``final`` (a run resumed from an earlier step) is first
+    renamed aside and deleted once the new one is in place.
+    """
+    _fsync_tree(staged)
+    parent = os.path.dirname(os.path.abspath(final))
+    replaced = None
+    if os.path.lexists(final):
+        replaced = os.path.join(parent, REPLACED_PREFIX + os.path.basename(final).split("-")[-1])
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
+    os.replace(staged, final)
+    _fsync_dir(parent)
+    if replaced is not None:
+        shutil.rmtree(replaced, ignore_errors=True)
+    staging_root = os.path.dirname(os.path.abspath(staged))
+    if os.path.basename(staging_root).startswith(STAGING_PREFIX):
+        shutil.rmtree(staging_root, ignore_errors=True)
+
+
+def rotate_checkpoints(run_dir: str, save_total_limit: int | None, keep: Iterable[str | None] = ()) -> list[str]:
+    """Delete the oldest ``checkpoint-N`` folders of ``run_dir`` beyond ``save_total_limit``.
+
+    The folders in ``keep`` (the one just written, the best one) are never deleted. The others
+    go oldest first by modification time, then by step, like the Trainer's own rotation but
+    without its fall-back to step order when modification times are close: after a resume from
+    an earlier step, leftovers with higher step numbers (from the abandoned run, possibly
+    incomplete) are older than the checkpoint just written and go first.
+    """
+    if save_total_limit is None or save_total_limit <= 0:
+        return []
+    checkpoints = list_checkpoints(run_dir)
+    protected = {os.path.abspath(path) for path in keep if path}
+    candidates = [path for path in checkpoints if os.path.abspath(path) not in protected]
+    candidates.sort(key=lambda path: (os.path.getmtime(path), checkpoint_step(path) or 0))
+    excess = len(checkpoints) - save_total_limit
+    removed = []
+    for path in candidates[: max(excess, 0)]:
+        logger.info("deleting older checkpoint %s (save_total_limit=%d)", path, save_total_limit)
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def merge_local_files(staged: str, final: str) -> None:
+    """Move this process's files from ``staged`` into ``final`` (nodes that do not share a filesystem)."""
+    os.makedirs(final, exist_ok=True)
+    for path in sorted(Path(staged).rglob("*")):
+        if path.is_file():
+            target = Path(final) / path.relative_to(staged)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(path, target)
+    shutil.rmtree(os.path.dirname(os.path.abspath(staged)), ignore_errors=True)
+
+
+def _fsync_tree(root: str) -> None:
+    for path in Path(root).rglob("*"):
+        if path.is_file():
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                os.fsync(fd)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+    _fsync_dir(root)
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not supported (e.g. Windows): the rename is still atomic there
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+def checkpoint_step(path: str) -> int | None:
+    """The step N of a ``checkpoint-N`` directory name, or None for any other name."""
+    match = _CHECKPOINT_RE.match(os.path.basename(os.path.normpath(path)))
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_problems(path: str) -> list[str]:
+    """Why ``path`` cannot be resumed from; an empty list when it looks complete.
+
+    With a manifest (checkpoints written by stim_hf), every listed file must exist with its
+    recorded size. Without one (other tools), the checkpoint needs a readable
+    ``trainer_state.json`` and model weights, every ``*.safetensors`` file must have a complete
+    header and every torch archive (``*.pt``, ``*.pth``, ``*.bin``) must be a complete zip file.
+    Only headers and zip directories are read: nothing is unpickled.
+    """
+    if not os.path.isdir(path):
+        return [f"'{path}' is not a directory"]
+    manifest_path = os.path.join(path, MANIFEST_NAME)
+    if os.path.isfile(manifest_path):
+        try:
+            with open(manifest_path, encoding="utf-8") as handle:
+                files = json.load(handle)["files"]
+        except (OSError, ValueError, KeyError, TypeError) as error:
+            return [f"its {MANIFEST_NAME} is unreadable ({type(error).__name__}: {error})"]
+        problems = []
+        for name, size in files.items():
+            file = os.path.join(path, name)
+            if not os.path.isfile(file):
+                problems.append(f"{name} is missing")
+            elif os.path.getsize(file) != size:
+                problems.append(f"{name} has {os.path.getsize(file)} bytes instead of {size}")
+        return problems
+    problems = []
+    state = os.path.join(path, TRAINER_STATE_NAME)
+    try:
+        with open(state, encoding="utf-8") as handle:
+            if not isinstance(json.load(handle).get("global_step"), int):
+                problems.append(f"{TRAINER_STATE_NAME} has no global_step")
+    except FileNotFoundError:
+        problems.append(f"{TRAINER_STATE_NAME} is missing")
+    except (OSError, ValueError, AttributeError) as error:
+        problems.append(f"{TRAINER_STATE_NAME} is unreadable ({type(error).__name__})")
+    entries = set(os.listdir(path))
+    sharded_framework = "latest" in entries or any(e.startswith("pytorch_model_fsdp") for e in entries)
+    if not sharded_framework and not entries.intersection(_WEIGHT_FILES):
+        problems.append("model weights (model.safetensors) are missing")
+    for file in sorted(Path(path).rglob("*")):
+        if not file.is_file():
+            continue
+        name = file.relative_to(path).as_posix()
+        if file.suffix == ".safetensors":
+            problem = _safetensors_problem(str(file))
+        elif file.suffix in _TORCH_ARCHIVE_SUFFIXES:
+            problem = _zip_problem(str(file))
+        else:
+            continue
+        if problem:
+            problems.append(f"{name} {problem}")
+    return problems
+
+
+def _safetensors_problem(path: str) -> str | None:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            handle.keys()
+    except Exception as error:  # safetensors raises its own error type for a bad header
+        return f"is truncated or not a safetensors file ({error})"
+    return None
+
+
+def _zip_problem(path: str) -> str | None:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.namelist()
+    except (zipfile.BadZipFile, OSError) as error:
+        return f"is truncated or not a torch archive ({error})"
+    return None
+
+
+def list_checkpoints(output_dir: str) -> list[str]:
+    """The ``checkpoint-N`` directories of ``output_dir``, oldest step first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = [
+        (checkpoint_step(name), os.path.join(output_dir, name))
+        for name in os.listdir(output_dir)
+        if checkpoint_step(name) is not None and os.path.isdir(os.path.join(output_dir, name))
+    ]
+    return [path for _, path in sorted(found)]
+
+
+def find_last_complete_checkpoint(output_dir: str) -> tuple[str | None, list[tuple[str, list[str]]]]:
+    """The newest complete checkpoint of ``output_dir`` and the newer ones skipped, with their problems."""
+    skipped: list[tuple[str, list[str]]] = []
+    for path in reversed(list_checkpoints(output_dir)):
+        problems = checkpoint_problems(path)
+        if not problems:
+            return path, skipped
+        skipped.append((path, problems))
+    return None, skipped
+
+
+def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
+    """Turn ``resume_from_checkpoint`` into the checkpoint directory to resume from, or None.
+
+    ``None``/``False``/``"false"``: no resume. ``True``/``"true"``/``"last"``: the last complete
+    checkpoint in ``output_dir`` (incomplete newer ones are skipped with a warning). A path: that
+    checkpoint, which must be complete. Raises :class:`ConfigError` otherwise, naming what is
+    wrong and what to do.
+    """
+    if value is None or value is False or (isinstance(value, str) and value.strip().lower() in _FALSE_WORDS):
+        return None
+    if value is True or (isinstance(value, str) and value.strip().lower() in _TRUE_WORDS):
+        last, skipped = find_last_complete_checkpoint(output_dir)
+        for path, problems in skipped:
+            logger.warning("skipping incomplete checkpoint %s: %s", path, "; ".join(problems))
+        if last is None:
+            where = f"'{output_dir}' holds no checkpoint-* folder"
+            if skipped:
+                where = f"no checkpoint in '{output_dir}' is complete ({_describe_skipped(skipped)})"
+            raise ConfigError(
+                f"resume_from_checkpoint=true but {where}; give the path of a complete checkpoint or start "
+                "without resume_from_checkpoint"
+            )
+        logger.warning("resuming from %s, the last complete checkpoint in %s", last, output_dir)
+        return last
+    path = os.fspath(value)
+    if not os.path.isdir(path):
+        raise ConfigError(
+            f"resume_from_checkpoint='{path}' is not a directory; give a checkpoint-* folder or 'true' for the "
+            "last complete one in output_dir"
+        )
+    problems = checkpoint_problems(path)
+    if problems:
+        raise ConfigError(
+            f"resume_from_checkpoint='{path}' is incomplete ({'; '.join(problems)}), probably from an interrupted "
+            "write or copy; give an earlier checkpoint, or 'true' for the last complete one in output_dir"
+        )
+    logger.info("resuming from %s", path)
+    return path
+
+
+def _describe_skipped(skipped: Sequence[tuple[str, list[str]]]) -> str:
+    return "; ".join(f"{os.path.basename(path)}: {', '.join(problems)}" for path, problems in skipped)
+
+
+def check_checkpoint_matches_model(checkpoint: str, model: torch.nn.Module) -> None:
+    """Raise :class:`ConfigError` if the checkpoint's weights do not fit ``model`` (names or shapes).
+
+    Reads safetensors headers only, so resuming with another architecture or head size fails
+    here with one clear message instead of inside ``load_state_dict`` after data loading.
+    Checkpoints without ``model.safetensors`` (sharded, FSDP, DeepSpeed) are left to the Trainer.
+    """
+    weights = os.path.join(checkpoint, "model.safetensors")
+    if not os.path.isfile(weights):
+        return
+    from safetensors import safe_open
+
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    with safe_open(weights, framework="pt") as handle:
+        stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118 (not a dict)
+    mismatched = [
+        f"{name} {stored[name]} vs model {expected[name]}"
+        for name in stored
+        if name in expected and stored[name] != expected[name]
+    ]
+    unknown = sorted(set(stored) - set(expected))
+    missing = sorted(set(expected) - set(stored))
+    # save_pretrained drops tied / non-persistent duplicates: only flag missing names if nothing matches.
+    if mismatched or (unknown and len(unknown) == len(stored)) or (missing and not set(stored) & set(expected)):
+        details = mismatched[:3] or [f"checkpoint tensors {unknown[:3]}, model tensors {missing[:3]}"]
+        raise ConfigError(
+            f"checkpoint '{checkpoint}' does not fit the model ({'; '.join(details)}); resume with the model "
+            "configuration and labels it was trained with, or start a new run in another output_dir"
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Exact augmentation replay
+# --------------------------------------------------------------------------------------------------
+
+
+class SeededBatchDataset(Dataset):
+    """A map-style dataset whose random transforms are a function of ``(seed, batch indices)``.
+
+    Why: the Trainer restores the global random state from ``rng_state.pth`` on resume, but
+    accelerate's data loader fetches one batch ahead and the Trainer restores the state only
+    after fetching the first batches of the resumed run, so transforms drawing from the global
+    random state (torchvision's, ``random``, ``numpy.random``) would see a different state than in
+    an uninterrupted run. Here each batch of indices is fetched under torch, ``random`` and
+    ``numpy.random`` states seeded from the seed and the indices, and the previous states are
+    restored afterwards: the augmentation of a batch no longer depends on when, or in which
+    worker process, it is fetched. Different epochs shuffle differently, so a sample still gets a
+    new augmentation every epoch. Costs a few microseconds per batch.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int) -> None:
+        self.dataset = dataset
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getattr__(self, name: str) -> Any:
+        # Attributes the Trainer or samplers may look up (features, column_names, ...).
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def batch_seed(self, indices: Iterable[int]) -> int:
+        """The 63-bit seed of the batch made of ``indices``."""
+        digest = hashlib.blake2b(np.asarray([self.seed, *indices], dtype=np.int64).tobytes(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 1
+
+    def __getitems__(self, indices: list[int]) -> list[Any]:
+        """Fetch a batch under random states derived from the seed and the batch's indices."""
+        indices = [int(i) for i in indices]
+        seed = self.batch_seed(indices)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % 2**32)
+            try:
+                getitems = getattr(self.dataset, "__getitems__", None)
+                return list(getitems(indices)) if getitems else [self.dataset[i] for i in indices]
+            finally:
+                random.setstate(python_state)
+                np.random.set_state(numpy_state)
+
+    def __getitem__(self, index: Any) -> Any:
+        """One example, under the random state of a batch of that single index (other keys: the dataset's)."""
+        if not isinstance(index, (int, np.integer)):
+            return self.dataset[index]  # e.g. a column name, looked up by length-grouping samplers
+        return self.__getitems__([int(index)])[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# Debugging dumps of non-finite steps
+# --------------------------------------------------------------------------------------------------
+
+
+def write_nonfinite_report(
+    directory: str, report: dict[str, Any], tensors: dict[str, torch.Tensor], name_suffix: str = ""
+) -> None:
+    """Write ``report<suffix>.json`` and ``batch<suffix>.safetensors`` (the batch's labels) into ``directory``."""
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    if tensors:
+        save_file(
+            {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+            os.path.join(directory, f"batch{name_suffix}.safetensors"),
+        )
+    with open(os.path.join(directory, f"report{name_suffix}.json"), "w", encoding="utf-8") as handle:
+        json.dump(report, handle, indent=1, default=str)

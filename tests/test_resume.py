@@ -1,0 +1,280 @@
+"""Exact resume after a crash, atomic checkpoints, and choosing the checkpoint to resume from."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+
+from stim_hf import StimulativeTrainer, StimulativeTrainingArguments, cli
+from stim_hf.checkpointing import (
+    MANIFEST_NAME,
+    SeededBatchDataset,
+    checkpoint_problems,
+    find_last_complete_checkpoint,
+    resolve_resume_checkpoint,
+)
+from stim_hf.errors import ConfigError
+from stim_hf.train import main as train_main
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+QUICKSTART = str(REPO_ROOT / "configs" / "quickstart.yaml")
+# The quickstart recipe, reduced: 12 steps (about half an epoch), a checkpoint every 4.
+REDUCED = [
+    "--max_steps", "12", "--save_steps", "4", "--save_strategy", "steps", "--eval_strategy", "no",
+    "--num_eval_subnets", "0", "--report_to", "none", "--dataloader_num_workers", "0",
+    "--logging_steps", "1", "--disable_tqdm", "true",
+]  # fmt: skip
+# Logged per step: equal values after the resume mean the same sub-networks, input sizes and batches.
+STEP_KEYS = ("loss", "ce_loss", "kl_loss", "subnet_depth_fraction", "subnet_input_size", "grad_norm")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models on 2 shared cores: one intra-op thread is several times faster than two."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _env() -> dict[str, str]:
+    return dict(
+        os.environ,
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        HF_EVALUATE_OFFLINE="1",
+        OMP_NUM_THREADS="1",  # the same kernels in every run, and two runs side by side on 2 cores
+        PYTHONUNBUFFERED="1",
+    )
+
+
+def _kill_after(process: subprocess.Popen, checkpoint: Path, timeout: float = 240) -> None:
+    """SIGKILL ``process`` as soon as ``checkpoint`` appears (polled every 10 ms)."""
+    deadline = time.monotonic() + timeout
+    while process.poll() is None and time.monotonic() < deadline:
+        if checkpoint.is_dir():
+            process.send_signal(signal.SIGKILL)
+            return
+        time.sleep(0.01)
+
+
+def _step_logs(output_dir: Path) -> dict[int, dict]:
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    return {entry["step"]: entry for entry in state["log_history"] if "ce_loss" in entry}
+
+
+def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, caplog, monkeypatch):
+    """A run killed with SIGKILL after a checkpoint and resumed ends with the uninterrupted run's weights."""
+    reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
+    monkeypatch.chdir(tmp_path)
+    with open(tmp_path / "victim.log", "w") as log:
+        victim = subprocess.Popen(
+            [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), QUICKSTART, *REDUCED, "--output_dir", str(run_dir)],
+            env=_env(), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    watcher = threading.Thread(target=_kill_after, args=(victim, run_dir / "checkpoint-4"), daemon=True)
+    watcher.start()
+    try:
+        # Meanwhile, the uninterrupted reference run, in this process (one thread, like the others).
+        train_main([QUICKSTART, *REDUCED, "--output_dir", str(reference_dir)])
+        watcher.join(timeout=240)
+        status = victim.wait(timeout=60)
+    finally:
+        if victim.poll() is None:
+            victim.kill()
+    assert status == -signal.SIGKILL, (tmp_path / "victim.log").read_text()[-3000:]
+    assert not (run_dir / "model.safetensors").exists(), "the run finished before it could be killed"
+    complete = [p.name for p in run_dir.glob("checkpoint-*") if not checkpoint_problems(str(p))]
+    assert complete, "the kill left no complete checkpoint"
+
+    # A crash while copying or writing a checkpoint: a newer checkpoint-12 without weights.
+    half_written = run_dir / "checkpoint-12"
+    shutil.copytree(run_dir / complete[0], half_written)
+    (half_written / "model.safetensors").unlink()
+    (half_written / MANIFEST_NAME).unlink()
+
+    # `stim-hf train`, in this process (saves a third interpreter start-up; one thread, like the others).
+    with caplog.at_level(logging.INFO, logger="stim_hf"):
+        status = cli.main(
+            ["train", QUICKSTART, *REDUCED, "--output_dir", str(run_dir), "--resume_from_checkpoint", "true"]
+        )
+    output = caplog.text
+    assert status == 0, output[-3000:]
+    assert f"skipping incomplete checkpoint {half_written}: model weights (model.safetensors) are missing" in output
+    resumed_from = int(output.split("resuming from ")[1].split(",")[0].rsplit("-", 1)[1])
+    assert resumed_from in (4, 8)
+
+    expected, actual = load_file(reference_dir / "model.safetensors"), load_file(run_dir / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    reference_logs, resumed_logs = _step_logs(reference_dir), _step_logs(run_dir)
+    for step in range(resumed_from + 1, 13):
+        for key in STEP_KEYS:
+            assert resumed_logs[step][key] == reference_logs[step][key], (step, key)
+    # The resumed run replaced the half-written checkpoint-12 and rotated down to save_total_limit (1).
+    assert [p.name for p in run_dir.glob("checkpoint-*")] == ["checkpoint-12"]
+    assert checkpoint_problems(str(run_dir / "checkpoint-12")) == []
+    assert not list(run_dir.glob(".staging-*")) and not list(run_dir.rglob("training_args.bin"))
+
+
+# -- in-process tests on a tiny model -------------------------------------------------------------------
+
+
+def make_dataset(n: int = 48, size: int = 16, seed: int = 0) -> Dataset:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    images = rng.normal(size=(n, 3, size, size)).astype(np.float32)
+    return Dataset.from_dict({"pixel_values": images, "labels": labels}).with_format("torch")
+
+
+def make_args(output_dir: Path, **kwargs) -> StimulativeTrainingArguments:
+    defaults = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        learning_rate=0.05,
+        optim="sgd",
+        max_steps=4,
+        save_strategy="steps",
+        save_steps=2,
+        logging_steps=1,
+        report_to="none",
+        seed=7,
+        use_cpu=True,
+        disable_tqdm=True,
+        stim_method="stpp",
+    )
+    return StimulativeTrainingArguments(**(defaults | kwargs))
+
+
+def test_checkpoints_are_complete_and_pickle_free(tmp_path, tiny_cifar_resnet):
+    trainer = StimulativeTrainer(model=tiny_cifar_resnet(), args=make_args(tmp_path), train_dataset=make_dataset())
+    trainer.train()
+    trainer.save_model()
+    for name in ("checkpoint-2", "checkpoint-4"):
+        checkpoint = tmp_path / name
+        assert checkpoint_problems(str(checkpoint)) == []
+        manifest = json.loads((checkpoint / MANIFEST_NAME).read_text())
+        assert manifest["global_step"] == int(name.split("-")[1])
+        assert {"model.safetensors", "optimizer.pt", "rng_state.pth", "training_args.json"} <= set(manifest["files"])
+        assert json.loads((checkpoint / "training_args.json").read_text())["stim_method"] == "stpp"
+    assert not list(tmp_path.rglob("training_args.bin"))
+    assert (tmp_path / "training_args.json").is_file() and (tmp_path / "model.safetensors").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_crash_while_writing_a_checkpoint_never_publishes_it(tmp_path, tiny_cifar_resnet):
+    trainer = StimulativeTrainer(model=tiny_cifar_resnet(), args=make_args(tmp_path), train_dataset=make_dataset())
+    original = trainer._save_rng_state
+
+    def crash_at_step_4(output_dir):
+        if trainer.state.global_step == 4:
+            raise KeyboardInterrupt("killed while writing checkpoint-4")
+        original(output_dir)
+
+    trainer._save_rng_state = crash_at_step_4
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert not (tmp_path / "checkpoint-4").exists()
+    assert (tmp_path / ".staging-checkpoint-4" / "checkpoint-4" / "model.safetensors").is_file()
+    assert resolve_resume_checkpoint(True, str(tmp_path)) == str(tmp_path / "checkpoint-2")
+
+    resumed = StimulativeTrainer(model=tiny_cifar_resnet(), args=make_args(tmp_path), train_dataset=make_dataset())
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 4
+    assert checkpoint_problems(str(tmp_path / "checkpoint-4")) == []
+    assert not (tmp_path / ".staging-checkpoint-4").exists()
+
+
+def test_last_complete_checkpoint_skips_broken_ones(tmp_path, tiny_cifar_resnet):
+    trainer = StimulativeTrainer(model=tiny_cifar_resnet(), args=make_args(tmp_path), train_dataset=make_dataset())
+    trainer.train()
+    good = tmp_path / "checkpoint-4"
+    # Written by another tool (no manifest), optimizer state truncated by a crash.
+    truncated = tmp_path / "checkpoint-6"
+    shutil.copytree(good, truncated)
+    (truncated / MANIFEST_NAME).unlink()
+    data = (truncated / "optimizer.pt").read_bytes()
+    (truncated / "optimizer.pt").write_bytes(data[: len(data) // 2])
+    # A manifest that lists a file that never arrived.
+    missing = tmp_path / "checkpoint-8"
+    shutil.copytree(good, missing)
+    (missing / "scheduler.pt").unlink()
+    # Not a checkpoint at all.
+    (tmp_path / "checkpoint-10").write_text("a file")
+
+    last, skipped = find_last_complete_checkpoint(str(tmp_path))
+    assert last == str(good)
+    reasons = {Path(path).name: problems for path, problems in skipped}
+    assert reasons["checkpoint-8"] == ["scheduler.pt is missing"]
+    assert reasons["checkpoint-6"][0].startswith("optimizer.pt is truncated or not a torch archive")
+    with pytest.raises(ConfigError, match=r"checkpoint-8' is incomplete \(scheduler.pt is missing\)"):
+        resolve_resume_checkpoint(str(missing), str(tmp_path))
+    with pytest.raises(ConfigError, match="is not a directory"):
+        resolve_resume_checkpoint(str(tmp_path / "checkpoint-10"), str(tmp_path))
+    assert resolve_resume_checkpoint("false", str(tmp_path)) is None
+
+
+def test_resume_into_another_model_is_refused_before_loading(tmp_path, tiny_cifar_resnet):
+    trainer = StimulativeTrainer(model=tiny_cifar_resnet(), args=make_args(tmp_path), train_dataset=make_dataset())
+    trainer.train()
+    other = StimulativeTrainer(
+        model=tiny_cifar_resnet(widths=(8, 16, 24)), args=make_args(tmp_path), train_dataset=make_dataset()
+    )
+    with pytest.raises(ConfigError, match=r"does not fit the model \(classifier.weight \(10, 32\) vs model \(10, 24\)"):
+        other.train(resume_from_checkpoint=True)
+
+
+def test_best_checkpoint_points_to_the_published_folder(tmp_path, tiny_cifar_resnet):
+    data = make_dataset()
+    args = make_args(
+        tmp_path,
+        eval_strategy="steps",
+        eval_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+        save_total_limit=1,
+    )
+    trainer = StimulativeTrainer(model=tiny_cifar_resnet(), args=args, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    best = trainer.state.best_model_checkpoint
+    assert Path(best).parent == tmp_path and Path(best).is_dir()
+    stored = json.loads((Path(best) / "trainer_state.json").read_text())["best_model_checkpoint"]
+    assert Path(stored).parent == tmp_path
+
+
+def test_seeded_batch_dataset_replays_augmentation():
+    class Noisy(torch.utils.data.Dataset):
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, index):
+            return torch.rand(2) + index
+
+    dataset = SeededBatchDataset(Noisy(), seed=3)
+    torch.manual_seed(0)
+    before = torch.random.get_rng_state()
+    first = dataset.__getitems__([1, 4, 7])
+    assert torch.equal(torch.random.get_rng_state(), before)  # the global stream is untouched
+    torch.manual_seed(123)  # whatever the global state, the batch is the same
+    again = dataset.__getitems__([1, 4, 7])
+    assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
+    other = dataset.__getitems__([4, 1, 7])
+    assert not torch.equal(first[1], other[0])
+    assert not torch.equal(SeededBatchDataset(Noisy(), seed=4).__getitems__([1, 4, 7])[0], first[0])
+    assert len(dataset) == 10 and dataset[2].shape == (2,)

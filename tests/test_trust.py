@@ -1,0 +1,99 @@
+"""Nothing in the package unpickles untrusted files or runs remote code (checked on the syntax tree)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "stim_hf"
+
+# Calls that unpickle whatever file they are given.
+PICKLE_LOADERS = {"pickle.load", "pickle.loads", "dill.load", "dill.loads", "joblib.load", "cloudpickle.load"}
+
+
+def _dotted(node: ast.AST, aliases: dict[str, str]) -> str | None:
+    """``torch.serialization.load`` for ``ts.load`` after ``import torch.serialization as ts``; None if not a name."""
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name):
+        return None
+    parts.append(aliases.get(node.id, node.id))
+    return ".".join(reversed(parts))
+
+
+def _aliases(tree: ast.AST) -> dict[str, str]:
+    """Local names bound by imports, mapped to what they refer to (``from torch import load as l``: l -> torch.load)."""
+    aliases = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                aliases[alias.asname or alias.name.split(".")[0]] = (
+                    alias.name if alias.asname else alias.name.split(".")[0]
+                )
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                aliases[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+    return aliases
+
+
+def _is_true(node: ast.AST) -> bool:
+    return isinstance(node, ast.Constant) and node.value is True
+
+
+def unsafe_calls(source: str, filename: str = "<source>") -> list[str]:
+    """Every call in ``source`` that could unpickle a file or trust remote code, as ``file:line: why``."""
+    tree = ast.parse(source, filename)
+    aliases = _aliases(tree)
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call):
+            continue
+        name = _dotted(node.func, aliases) or ""
+        keywords = {k.arg: k.value for k in node.keywords if k.arg is not None}
+        where = f"{filename}:{node.lineno}"
+        if name in ("torch.load", "torch.serialization.load") and not _is_true(keywords.get("weights_only")):
+            found.append(f"{where}: {name} without weights_only=True")
+        if name in PICKLE_LOADERS:
+            found.append(f"{where}: {name} unpickles its input")
+        if name in ("numpy.load", "np.load") and "allow_pickle" in keywords:
+            value = keywords["allow_pickle"]
+            if not (isinstance(value, ast.Constant) and value.value is False):
+                found.append(f"{where}: {name} with allow_pickle")
+        if "trust_remote_code" in keywords:
+            value = keywords["trust_remote_code"]
+            if not (isinstance(value, ast.Constant) and value.value is False):
+                found.append(f"{where}: trust_remote_code={ast.unparse(value)}")
+    return found
+
+
+def test_scanner_sees_calls_not_comments():
+    source = """
+import torch
+import torch as th
+from torch import load as tload
+import pickle
+import numpy as np
+from transformers import AutoModel
+# torch.load(path) in a comment, and "torch.load(path)" in a string, are fine
+text = "torch.load(path, weights_only=False)"
+torch.load(path, weights_only=True)
+AutoModel.from_pretrained(name, trust_remote_code=False)
+th.load(path)
+tload(path, weights_only=False)
+torch.serialization.load(path, weights_only=flag)
+pickle.loads(blob)
+np.load(path, allow_pickle=True)
+AutoModel.from_pretrained(name, trust_remote_code=True)
+AutoModel.from_pretrained(name, trust_remote_code=trust)
+"""
+    found = unsafe_calls(source)
+    assert [line.split(":")[1] for line in found] == ["12", "13", "14", "15", "16", "17", "18"], found
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_package_never_unpickles_or_trusts_remote_code(path):
+    assert unsafe_calls(path.read_text(encoding="utf-8"), str(path)) == []
