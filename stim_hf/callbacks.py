@@ -1,0 +1,243 @@
+"""Monitoring stimulative training in TensorBoard: sub-network accuracy and the sampled sub-networks.
+
+:class:`SubnetMonitorCallback` is added by :class:`~stim_hf.trainer.StimulativeTrainer` when
+``subnet_monitor_count > 0``. At every ``subnet_monitor_every``-th evaluation it evaluates the
+trainer's fixed sub-networks (``trainer.fixed_subnets(subnet_monitor_count)``: the same ones at
+every evaluation and in ``stim-hf loafing`` with the same seed) on the evaluation data and logs
+
+- ``eval/subnet_accuracy_mean``, ``eval/subnet_accuracy_min``, ``eval/subnet_accuracy_max``
+  (scalars; also added to the evaluation's metrics and to its ``state.log_history`` entry as
+  ``eval_subnet_accuracy_*``),
+- ``eval/loafing`` (an image: sub-network accuracy against FLOP share, full network marked);
+
+and at every log during training it writes histograms of the sub-networks drawn since the last
+log: ``train/subnet_depth_fraction`` and ``train/subnet_input_size``.
+
+Events go through the ``SummaryWriter`` of the Trainer's ``TensorBoardCallback`` when there is
+one (``report_to: tensorboard``), so they land in the same run; otherwise through a writer of
+its own in the directory that callback would use (``TENSORBOARD_LOGGING_DIR``, else
+``output_dir/runs/<date>_<host>``). Only the main process writes; every process evaluates (the
+evaluation data is sharded and the results gathered).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.integrations import TensorBoardCallback, rewrite_logs
+from transformers.integrations.integration_utils import default_logdir
+
+from stim_hf.batchnorm import preserved_rng_state
+from stim_hf.flops import count_flops
+from stim_hf.loafing import evaluate_model
+from stim_hf.plotting import LoafingSeries, figure_to_array, plot_loafing
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
+
+    from stim_hf.subnets import Subnet
+    from stim_hf.trainer import StimulativeTrainer
+
+logger = logging.getLogger(__name__)
+
+SUBNET_METRICS = ("subnet_accuracy_mean", "subnet_accuracy_min", "subnet_accuracy_max")
+"""Metric names the monitor adds, after the evaluation prefix (``eval_subnet_accuracy_mean``...)."""
+
+
+class SubnetMonitorCallback(TrainerCallback):
+    """Log fixed sub-networks' accuracy and the sampled sub-networks to TensorBoard during training.
+
+    ``trainer`` is the :class:`~stim_hf.trainer.StimulativeTrainer` being monitored (its
+    ``fixed_subnets``, ``stages``, ``sampled_subnets`` and evaluation data are used). The settings
+    are read from its arguments at each event: ``subnet_monitor_count`` sub-networks, at every
+    ``subnet_monitor_every``-th evaluation.
+    """
+
+    def __init__(self, trainer: StimulativeTrainer) -> None:
+        self.trainer = trainer
+        self.num_evaluations = 0
+        self._flop_shares: dict[tuple, float] = {}
+        self._own_writer: SummaryWriter | None = None
+        self._own_log_dir: str | None = None
+        self._warned_no_data = False
+
+    # -- events -------------------------------------------------------------------------------------
+
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Evaluate the fixed sub-networks and log their accuracy (every ``subnet_monitor_every``-th time)."""
+        trainer = self.trainer
+        count = getattr(args, "subnet_monitor_count", 0)
+        if not count or trainer.stages is None or metrics is None:
+            return
+        self.num_evaluations += 1
+        if self.num_evaluations % max(1, getattr(args, "subnet_monitor_every", 1)):
+            return
+        prefix = _metric_prefix(metrics)
+        dataset = self._eval_dataset(prefix)
+        if dataset is None:
+            return
+        subnets = trainer.fixed_subnets(count)
+        if not subnets:
+            return
+        # Without compute_metrics there is no full-network accuracy for the plot: measure it too
+        # (on every process, since evaluation gathers across processes).
+        full_accuracy = metrics.get(f"{prefix}_accuracy")
+        networks: list[Subnet | None] = list(subnets) if full_accuracy is not None else [*subnets, None]
+        accuracies, shares = self._evaluate(dataset, networks)
+        if full_accuracy is None:
+            full_accuracy = accuracies.pop()
+            shares.pop()
+        values = {
+            f"{prefix}_subnet_accuracy_mean": float(np.mean(accuracies)),
+            f"{prefix}_subnet_accuracy_min": float(np.min(accuracies)),
+            f"{prefix}_subnet_accuracy_max": float(np.max(accuracies)),
+        }
+        # Trainer.evaluate logged its metrics (log_history, report_to) *before* on_evaluate: add the
+        # values to the returned metrics and to that log_history entry; write TensorBoard ourselves.
+        metrics.update(values)
+        entry = _log_entry(state, prefix)
+        if entry is not None:
+            entry.update(values)
+        if not state.is_world_process_zero:
+            return
+        writer = self._writer(args)
+        for tag, value in rewrite_logs(values).items():
+            writer.add_scalar(tag, value, state.global_step)
+        figure = plot_loafing(
+            [LoafingSeries(f"step {state.global_step}", float(full_accuracy), shares, accuracies)],
+            title=f"Loafing at step {state.global_step} ({len(subnets)} fixed sub-networks; dashed: mean)",
+            chance=_chance(trainer),
+        )
+        image_tag = next(iter(rewrite_logs({f"{prefix}_loafing": 0})))
+        writer.add_image(image_tag, figure_to_array(figure), state.global_step, dataformats="HWC")
+        writer.flush()
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """Write histograms of the sub-networks sampled since the last log (and forget them)."""
+        sampled = self.trainer.sampled_subnets
+        if not sampled:
+            return
+        draws = list(sampled)
+        sampled.clear()
+        if not state.is_world_process_zero:
+            return
+        writer = self._writer(args)
+        writer.add_histogram("train/subnet_depth_fraction", np.array([d[1] for d in draws]), state.global_step)
+        writer.add_histogram("train/subnet_input_size", np.array([d[2] for d in draws]), state.global_step)
+        writer.flush()
+
+    def on_train_end(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
+    ) -> None:
+        """Close this callback's own writer, if it has one (a later evaluation reopens the same folder)."""
+        if self._own_writer is not None:
+            self._own_writer.close()
+            self._own_writer = None
+
+    # -- helpers ------------------------------------------------------------------------------------
+
+    def _eval_dataset(self, prefix: str):
+        data = self.trainer.eval_dataset
+        if isinstance(data, dict):
+            name = prefix.removeprefix("eval_") if prefix != "eval" else None
+            data = data.get(name) if name is not None else None
+        if data is None and not self._warned_no_data:
+            self._warned_no_data = True
+            logger.warning(
+                "subnet monitor: no evaluation dataset for metrics prefix '%s' (pass eval_dataset to the "
+                "trainer); sub-networks are not monitored",
+                prefix,
+            )
+        return data
+
+    def _evaluate(self, dataset, subnets: list[Subnet | None]) -> tuple[list[float], list[float]]:
+        """Accuracy and FLOP share of each sub-network (``None``: the full network) on ``dataset``."""
+        trainer = self.trainer
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        # Evaluation draws a DataLoader seed from torch's RNG: keep the training stream unchanged.
+        with preserved_rng_state():
+            loader = trainer.get_eval_dataloader(dataset)
+            accuracies = [
+                evaluate_model(model, loader, trainer.stages, subnet, gather=trainer.accelerator.gather_for_metrics)[
+                    "accuracy"
+                ]
+                for subnet in subnets
+            ]
+        example = _example_input(trainer, dataset, loader).to(next(model.parameters()).device)
+        shares = []
+        for subnet in subnets:
+            key = (subnet, tuple(example.shape[1:]))
+            if key not in self._flop_shares:
+                full = count_flops(model, example)
+                part = full if subnet is None else count_flops(model, example, trainer.stages, subnet)
+                self._flop_shares[key] = part / full if full else float("nan")
+            shares.append(self._flop_shares[key])
+        return accuracies, shares
+
+    def _writer(self, args: TrainingArguments) -> SummaryWriter:
+        for callback in self.trainer.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
+                return callback.tb_writer
+        if self._own_writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            if self._own_log_dir is None:
+                tensorboard = next(
+                    (c for c in self.trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None
+                )
+                log_dir = tensorboard.logging_dir if tensorboard is not None else None
+                log_dir = log_dir or os.getenv("TENSORBOARD_LOGGING_DIR")
+                self._own_log_dir = os.path.expanduser(log_dir or os.path.join(args.output_dir, default_logdir()))
+            self._own_writer = SummaryWriter(log_dir=self._own_log_dir)
+        return self._own_writer
+
+
+def _metric_prefix(metrics: dict[str, Any]) -> str:
+    """The evaluation's metric prefix (``eval``, ``eval_<dataset>``), from its ``<prefix>_runtime`` key."""
+    for key in metrics:
+        if key.endswith("_runtime"):
+            return key.removesuffix("_runtime")
+    return "eval"
+
+
+def _log_entry(state: TrainerState, prefix: str) -> dict[str, Any] | None:
+    """The ``log_history`` entry that ``Trainer.evaluate`` just appended for this evaluation."""
+    runtime = f"{prefix}_runtime"
+    for entry in reversed(state.log_history):
+        if entry.get("step") != state.global_step:
+            return None
+        if runtime in entry:
+            return entry
+    return None
+
+
+def _example_input(trainer: StimulativeTrainer, dataset, loader) -> torch.Tensor:
+    """One collated evaluation image ``(1, C, H, W)``, for counting FLOPs at the evaluation size."""
+    try:
+        return trainer.data_collator([dataset[0]])["pixel_values"][:1]
+    except (TypeError, KeyError, IndexError, NotImplementedError):  # e.g. an IterableDataset
+        return next(iter(loader))["pixel_values"][:1]
+
+
+def _chance(trainer: StimulativeTrainer) -> float | None:
+    num_labels = getattr(getattr(trainer.model, "config", None), "num_labels", None)
+    return 1.0 / num_labels if num_labels else None

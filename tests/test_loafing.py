@@ -1,0 +1,239 @@
+"""Loafing analysis: FLOP counting, sub-network evaluation, the ``stim-hf loafing`` command."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from datasets import Dataset
+
+from stim_hf import StimulativeTrainer, StimulativeTrainingArguments, find_residual_stages, subnet_from_depths
+from stim_hf.batchnorm import batchnorm_layers
+from stim_hf.cli import main as cli_main
+from stim_hf.errors import ConfigError
+from stim_hf.flops import count_flops, subnet_flop_shares
+from stim_hf.loafing import (
+    CSV_COLUMNS,
+    evaluate_model,
+    fixed_eval_subnets,
+    loafing_summary,
+    main,
+    parse_loafing_args,
+    stage_sweep_subnets,
+    subnet_batchnorm_statistics,
+)
+
+DATA_ARGS = ["--dataset_name", "sklearn:digits", "--image_size", "16", "--max_eval_samples", "64"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_torch_thread():
+    """Tiny models run fastest on one thread, and far faster than two on a busy shared CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _tensor_dataset(n=32, size=16, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n)
+    images = rng.normal(size=(n, 3, size, size)).astype(np.float32)
+    images[:, 0] += labels[:, None, None] * 0.3
+    return Dataset.from_dict({"pixel_values": images, "labels": labels}).with_format("torch")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Two tiny ResNet-14 checkpoints (common training and ST++), trained for two steps each."""
+    from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification
+
+    root = tmp_path_factory.mktemp("ckpts")
+    paths = []
+    for method in ("ct", "stpp"):
+        torch.manual_seed(0)
+        model = CifarResNetForImageClassification(CifarResNetConfig(depth=14, widths=[8, 16, 32], num_labels=10))
+        args = StimulativeTrainingArguments(
+            output_dir=str(root / f"run_{method}"),
+            stim_method=method,
+            per_device_train_batch_size=16,
+            learning_rate=0.05,
+            optim="sgd",
+            max_steps=2,
+            save_strategy="no",
+            report_to="none",
+            use_cpu=True,
+            disable_tqdm=True,
+            seed=7,
+        )
+        StimulativeTrainer(model=model, args=args, train_dataset=_tensor_dataset()).train()
+        model.save_pretrained(root / method)
+        paths.append(str(root / method))
+    return paths
+
+
+def _conv_macs(c_in, c_out, kernel, side):
+    return c_in * c_out * kernel * kernel * side * side
+
+
+def test_flops_of_full_network_match_hand_count(tiny_cifar_resnet):
+    model = tiny_cifar_resnet(depth=14, widths=(8, 16, 32))  # 2 blocks per stage, projection shortcuts
+    side = 16
+    macs = _conv_macs(3, 8, 3, side)  # stem
+    macs += 4 * _conv_macs(8, 8, 3, side)  # stage 0: two blocks, two 3x3 convs each
+    for c_in, c_out, out_side in ((8, 16, side // 2), (16, 32, side // 4)):
+        macs += _conv_macs(c_in, c_out, 3, out_side) + _conv_macs(c_out, c_out, 3, out_side)  # block 0
+        macs += _conv_macs(c_in, c_out, 1, out_side)  # its 1x1 projection shortcut
+        macs += 2 * _conv_macs(c_out, c_out, 3, out_side)  # block 1
+    macs += 32 * 10  # classifier
+    example = torch.randn(3, 3, side, side)
+    assert count_flops(model, example) == 2 * macs  # per image, whatever the batch
+
+    stages = find_residual_stages(model)
+    subnet = subnet_from_depths(stages, [1, 2, 1])
+    dropped = 2 * (2 * _conv_macs(8, 8, 3, side) + 2 * _conv_macs(32, 32, 3, side // 4))
+    full, counts, shares = subnet_flop_shares(model, example, stages, [subnet])
+    assert full == 2 * macs and counts == [2 * macs - dropped]
+    assert shares[0] == pytest.approx((2 * macs - dropped) / (2 * macs))
+    assert model.training  # mode restored
+
+
+def test_fixed_subnets_match_trainer_and_sweep(tmp_path, tiny_cifar_resnet):
+    model = tiny_cifar_resnet(depth=20)
+    stages = find_residual_stages(model)
+    args = StimulativeTrainingArguments(output_dir=str(tmp_path), stim_method="stpp", seed=11, report_to="none")
+    trainer = StimulativeTrainer(model=model, args=args)
+    assert fixed_eval_subnets(stages, 5, seed=11) == trainer.fixed_subnets(5)
+    assert fixed_eval_subnets(stages, 5, seed=11) != fixed_eval_subnets(stages, 5, seed=12)
+    subset = fixed_eval_subnets(stages, 5, seed=11, rule="subset")
+    assert all(not s.is_full for s in subset) and len(set(subset)) == 5
+    sweep = stage_sweep_subnets(stages, 1)
+    assert [s.depths for s in sweep] == [(3, 1, 3), (3, 2, 3)]
+    assert [s.depths for s in stage_sweep_subnets(stages, 0, [1, 1, 0])] == [(2, 3, 3)]
+    with pytest.raises(ConfigError, match="out of range"):
+        stage_sweep_subnets(stages, 3)
+
+
+def test_evaluate_model_matches_manual_loop(tiny_cifar_resnet):
+    model = tiny_cifar_resnet()
+    stages = find_residual_stages(model)
+    subnet = subnet_from_depths(stages, [1, 1, 2])
+    data = _tensor_dataset(n=24)
+    batches = [
+        {"pixel_values": data[i : i + 8]["pixel_values"], "labels": data[i : i + 8]["labels"]} for i in (0, 8, 16)
+    ]
+    result = evaluate_model(model, batches, stages, subnet)
+    model.eval()
+    with torch.no_grad():
+        from stim_hf.subnets import use_subnet
+
+        with use_subnet(stages, subnet):
+            logits = model(pixel_values=data[:]["pixel_values"]).logits
+    expected = (logits.argmax(-1) == data[:]["labels"]).float().mean().item()
+    assert result["accuracy"] == pytest.approx(expected) and result["num_samples"] == 24
+    assert result["loss"] == pytest.approx(
+        torch.nn.functional.cross_entropy(logits, data[:]["labels"]).item(), rel=1e-5
+    )
+
+
+def test_subnet_batchnorm_statistics_are_restored(tiny_cifar_resnet):
+    model = tiny_cifar_resnet()
+    stages = find_residual_stages(model)
+    subnet = subnet_from_depths(stages, [1, 1, 1])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = _tensor_dataset(n=16)
+    batches = [{"pixel_values": data[:]["pixel_values"], "labels": data[:]["labels"]}]
+    with subnet_batchnorm_statistics(model, batches, 16, stages, subnet) as seen:
+        assert seen == 16
+        stem_bn = batchnorm_layers(model)[0]
+        assert not torch.equal(stem_bn.running_mean, before["resnet.stem.bn.running_mean"])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_loafing_summary_definition():
+    summary = loafing_summary(0.8, [0.2, 0.4, 0.6])
+    assert summary["subnet_accuracy_mean"] == pytest.approx(0.4)
+    assert summary["relative_subnet_accuracy"] == pytest.approx(0.5)
+    assert summary["loafing_gap"] == pytest.approx(0.5)
+    assert (summary["subnet_accuracy_min"], summary["subnet_accuracy_max"]) == (0.2, 0.6)
+    assert loafing_summary(0.8, [])["loafing_gap"] is None
+    assert "loafing_gap_bn_recalibrated" in loafing_summary(0.5, [0.5], suffix="_bn_recalibrated")
+
+
+def test_loafing_command_writes_report(checkpoints, tmp_path, capsys):
+    out = tmp_path / "report"
+    argv = [*checkpoints, "--num-subnets", "3", "--seed", "5", "--sweep-stage", "2", "--output-dir", str(out)]
+    assert cli_main(["loafing", *argv, *DATA_ARGS, "--labels", "CT", "ST++", "--no-progress"]) == 0
+    assert "| CT |" in capsys.readouterr().out
+    report = json.loads((out / "loafing.json").read_text())
+    assert (out / "loafing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    networks = report["networks"]
+    assert [n["kind"] for n in networks] == ["full", "sampled", "sampled", "sampled", "sweep"]
+    assert networks[0]["flop_share"] == 1.0 and networks[0]["depths"] == [2, 2, 2]
+    assert all(0 < n["flop_share"] < 1 for n in networks[1:])
+    assert networks[-1]["depths"] == [2, 2, 1]
+    assert report["settings"]["num_eval_images"] == 64 and report["settings"]["num_classes"] == 10
+
+    assert [c["label"] for c in report["checkpoints"]] == ["CT", "ST++"]
+    for checkpoint in report["checkpoints"]:
+        assert [r["network"] for r in checkpoint["results"]] == [n["name"] for n in networks]
+        summary = checkpoint["summary"]
+        sampled = [
+            r["accuracy"] for r, n in zip(checkpoint["results"], networks, strict=True) if n["kind"] == "sampled"
+        ]
+        assert summary["subnet_accuracy_mean"] == pytest.approx(np.mean(sampled))
+        assert summary["full_accuracy"] == checkpoint["results"][0]["accuracy"]
+        if summary["full_accuracy"] > 0:
+            assert summary["loafing_gap"] == pytest.approx(1 - np.mean(sampled) / summary["full_accuracy"])
+
+    # The same sub-networks for both checkpoints, the ones of the trainer with that seed.
+    rows = list(csv.DictReader((out / "loafing.csv").open()))
+    assert tuple(rows[0]) == CSV_COLUMNS and len(rows) == 2 * len(networks)
+    per_checkpoint = {
+        label: [(r["network"], r["kept"]) for r in rows if r["checkpoint"] == label] for label in ("CT", "ST++")
+    }
+    assert per_checkpoint["CT"] == per_checkpoint["ST++"]
+    from stim_hf.loafing import load_checkpoint
+
+    stages = find_residual_stages(load_checkpoint(checkpoints[0]))
+    expected = fixed_eval_subnets(stages, 3, seed=5)
+    assert [n["kept"] for n in networks[1:4]] == [[list(k) for k in s.kept] for s in expected]
+    assert rows[0]["accuracy_bn_recalibrated"] == ""
+
+
+def test_loafing_recalibrate_bn(checkpoints, tmp_path):
+    out = tmp_path / "recal"
+    report = main(
+        [checkpoints[1], "--num-subnets", "2", "--recalibrate-bn", "48", "--output-dir", str(out), "--no-progress"]
+        + DATA_ARGS
+    )
+    checkpoint = report["checkpoints"][0]
+    for row in checkpoint["results"]:
+        assert 0.0 <= row["accuracy_bn_recalibrated"] <= 1.0 and np.isfinite(row["loss_bn_recalibrated"])
+    assert "loafing_gap_bn_recalibrated" in checkpoint["summary"]
+    rows = list(csv.DictReader((out / "loafing.csv").open()))
+    assert all(r["accuracy_bn_recalibrated"] != "" for r in rows)
+
+
+def test_loafing_arguments_errors(tmp_path):
+    with pytest.raises(ConfigError, match="one per checkpoint"):
+        parse_loafing_args(["a", "b", "--labels", "x", *DATA_ARGS])
+    with pytest.raises(ConfigError, match="sampling"):
+        parse_loafing_args(["a", "--sampling", "random", *DATA_ARGS])
+    with pytest.raises(ConfigError, match="not a model directory"):
+        main([str(tmp_path), "--no-progress", *DATA_ARGS])
+
+
+def test_recipe_config_gives_defaults(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "model_type: cifar_resnet\ndataset_name: sklearn:digits\nimage_size: 16\nseed: 3\n"
+        "subnet_sampling: subset\nsample_space: [1, 1, 0]\nnum_eval_subnets: 5\nlearning_rate: 0.1\n"
+    )
+    args, data_args, checkpoints = parse_loafing_args(["ckpt", "--config", str(recipe), "--seed", "4"])
+    assert checkpoints == ["ckpt"]
+    assert (args.seed, args.sampling, args.sample_space, args.num_subnets) == (4, "subset", "1,1,0", 5)
+    assert (data_args.dataset_name, data_args.image_size) == ("sklearn:digits", 16)
