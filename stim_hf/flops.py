@@ -11,24 +11,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from stim_hf.subnets import ResidualStage, Subnet, use_subnet
-
-
-def resize_for_subnet(pixel_values: torch.Tensor, subnet: Subnet | None) -> torch.Tensor:
-    """``pixel_values`` resized (bilinearly, keeping the aspect ratio) to ``subnet.input_size``, if set.
-
-    The same resizing the trainer applies to a sub-network's batch; a no-op when the sub-network
-    has no input size of its own or the batch already has it.
-    """
-    if subnet is None or subnet.input_size is None or subnet.input_size == pixel_values.shape[-2]:
-        return pixel_values
-    height, width = pixel_values.shape[-2:]
-    size = (subnet.input_size, max(1, round(width * subnet.input_size / height)))
-    return F.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False)
+from stim_hf.subnets import ResidualStage, Subnet, resize_for_subnet, use_subnet
 
 
 @torch.no_grad()

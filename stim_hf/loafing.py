@@ -51,11 +51,19 @@ from stim_hf.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from stim_hf.config import parse_sample_space
 from stim_hf.data import DataArguments, get_label_names, load_image_datasets
 from stim_hf.errors import ConfigError, DataError
-from stim_hf.flops import count_flops, resize_for_subnet
+from stim_hf.flops import count_flops
 from stim_hf.plotting import LoafingSeries, plot_loafing, save_figure
-from stim_hf.subnets import SAMPLING_RULES, ResidualStage, Subnet, SubnetSampler, find_residual_family, use_subnet
+from stim_hf.subnets import (
+    EVAL_SUBNET_STREAM,
+    SAMPLING_RULES,
+    ResidualStage,
+    Subnet,
+    SubnetSampler,
+    find_residual_family,
+    resize_for_subnet,
+    use_subnet,
+)
 from stim_hf.subnets.sampling import resolve_sample_space, subnet_from_depths
-from stim_hf.trainer import EVAL_SUBNET_STREAM
 from stim_hf.transforms import collate_image_batch, with_image_transforms
 
 logger = logging.getLogger(__name__)
@@ -266,14 +274,7 @@ def fixed_eval_subnets(
     holds fewer distinct sub-networks.
     """
     sampler = SubnetSampler(stages, rule=rule, sample_space=sample_space, seed=seed, stream=EVAL_SUBNET_STREAM)
-    subnets: list[Subnet] = []
-    for draw in range(100 * num_subnets):
-        if len(subnets) == num_subnets:
-            break
-        subnet = sampler.sample(step=0, micro_step=0, index=draw)
-        if not subnet.is_full and subnet not in subnets:
-            subnets.append(subnet)
-    return subnets
+    return sampler.distinct_subnets(num_subnets)
 
 
 def stage_sweep_subnets(

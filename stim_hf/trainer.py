@@ -39,7 +39,14 @@ from stim_hf.checkpointing import (
 from stim_hf.config import StimulativeTrainingArguments
 from stim_hf.errors import ConfigError, ModelStructureError, StimError
 from stim_hf.losses import distillation_loss, normalize_logits
-from stim_hf.subnets import Subnet, SubnetSampler, find_residual_family, use_subnet
+from stim_hf.subnets import (
+    EVAL_SUBNET_STREAM,
+    Subnet,
+    SubnetSampler,
+    find_residual_family,
+    resize_for_subnet,
+    use_subnet,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +54,6 @@ logger = logging.getLogger(__name__)
 _LOG_KEYS = ("ce_loss", "kl_loss", "kl_coef", "subnet_depth_fraction", "subnet_input_size")
 # Sub-network inputs are never resized below this side, whatever min_input_scale says.
 MIN_SUBNET_INPUT_SIZE = 8
-# Random stream of the fixed evaluation sub-networks (training draws use stream 0).
-EVAL_SUBNET_STREAM = 1
 # Models saved with save_pretrained (safetensors); anything else is saved as a safetensors state dict.
 _SAVE_PRETRAINED_CLASSES: tuple[type, ...] = (PreTrainedModel,)
 if is_peft_available():
@@ -580,12 +585,9 @@ class StimulativeTrainer(ReliableTrainer):
     ) -> torch.Tensor:
         """Run ``subnet`` on its (resized) copy of the batch and return its KL to the teacher."""
         args = self.args
-        forward_kwargs = {}
-        if subnet.input_size is not None and subnet.input_size != pixel_values.shape[-2]:
-            height, width = pixel_values.shape[-2:]
-            size = (subnet.input_size, max(1, round(width * subnet.input_size / height)))
-            pixel_values = F.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False)
-            forward_kwargs = self.family.resized_forward_kwargs
+        resized = resize_for_subnet(pixel_values, subnet)
+        forward_kwargs = self.family.resized_forward_kwargs if resized is not pixel_values else {}
+        pixel_values = resized
         bn_context = frozen_running_stats(model) if args.bn_policy == "main_only" else nullcontext()
         with use_subnet(self.stages, subnet), bn_context:
             student_logits = model(pixel_values=pixel_values, **forward_kwargs).logits
@@ -716,14 +718,7 @@ class StimulativeTrainer(ReliableTrainer):
         if self.stages is None:
             return []
         sampler = self._build_sampler(self.args.seed if seed is None else seed, 1.0, stream=EVAL_SUBNET_STREAM)
-        subnets: list[Subnet] = []
-        for draw in range(100 * num_subnets):
-            if len(subnets) == num_subnets:
-                break
-            subnet = sampler.sample(step=0, micro_step=0, index=draw)
-            if not subnet.is_full and subnet not in subnets:
-                subnets.append(subnet)
-        return subnets
+        return sampler.distinct_subnets(num_subnets)
 
     def evaluate_subnets(
         self,

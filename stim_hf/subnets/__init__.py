@@ -1,7 +1,8 @@
 """The sub-network engine: residual stages, sampling, running a model as a sub-network."""
 
-from stim_hf.subnets.running import use_subnet
+from stim_hf.subnets.running import resize_for_subnet, use_subnet
 from stim_hf.subnets.sampling import (
+    EVAL_SUBNET_STREAM,
     SAMPLING_RULES,
     Subnet,
     SubnetSampler,
@@ -18,7 +19,11 @@ from stim_hf.subnets.stages import (
     registered_families,
 )
 
+# Registers the built-in model families (stage finders); after the names above, which it imports.
+from stim_hf.subnets import families  # noqa: E402,F401  isort: skip
+
 __all__ = [
+    "EVAL_SUBNET_STREAM",
     "SAMPLING_RULES",
     "ResidualFamily",
     "ResidualStage",
@@ -29,6 +34,7 @@ __all__ = [
     "identity_shortcut_flags",
     "register_stage_finder",
     "registered_families",
+    "resize_for_subnet",
     "resolve_sample_space",
     "subnet_from_depths",
     "use_subnet",

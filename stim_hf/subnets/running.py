@@ -6,9 +6,25 @@ from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import torch
+import torch.nn.functional as F
+
 from stim_hf.errors import ModelStructureError
 from stim_hf.subnets.sampling import Subnet
 from stim_hf.subnets.stages import ResidualStage
+
+
+def resize_for_subnet(pixel_values: torch.Tensor, subnet: Subnet | None) -> torch.Tensor:
+    """``pixel_values`` resized bilinearly to ``subnet.input_size`` (height; width keeps the aspect ratio).
+
+    A no-op when the sub-network has no input size of its own or the batch already has it. The
+    trainer, the FLOP counter and the loafing analysis all resize through here.
+    """
+    if subnet is None or subnet.input_size is None or subnet.input_size == pixel_values.shape[-2]:
+        return pixel_values
+    height, width = pixel_values.shape[-2:]
+    size = (subnet.input_size, max(1, round(width * subnet.input_size / height)))
+    return F.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False)
 
 
 @contextmanager

@@ -18,6 +18,8 @@ from stim_hf.errors import ConfigError
 from stim_hf.subnets.stages import ResidualStage
 
 SAMPLING_RULES = ("prefix", "subset")
+# Random stream of the fixed evaluation sub-networks (training draws use stream 0).
+EVAL_SUBNET_STREAM = 1
 
 
 @dataclass(frozen=True)
@@ -172,3 +174,18 @@ class SubnetSampler:
             low = max(self.min_input_size, round(self.min_input_scale * image_size))
             input_size = int(rng.integers(min(low, image_size), image_size + 1))
         return Subnet(kept=tuple(kept), num_blocks=self.num_blocks, input_size=input_size)
+
+    def distinct_subnets(self, num_subnets: int) -> list[Subnet]:
+        """The first ``num_subnets`` distinct sub-networks other than the full one, drawn at step 0.
+
+        Fewer are returned when the sample space holds fewer. With ``stream=EVAL_SUBNET_STREAM``
+        these are the fixed evaluation sub-networks: the same for any checkpoint of an architecture.
+        """
+        subnets: list[Subnet] = []
+        for draw in range(100 * num_subnets):
+            if len(subnets) == num_subnets:
+                break
+            subnet = self.sample(step=0, micro_step=0, index=draw)
+            if not subnet.is_full and subnet not in subnets:
+                subnets.append(subnet)
+        return subnets

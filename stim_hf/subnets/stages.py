@@ -4,13 +4,15 @@ A residual network is run as a sub-network by skipping blocks. A block can be sk
 its input and output shapes match (identity shortcut). Model families keep their blocks in
 different places, so finding them is a registry of *stage finders*: a function that takes a
 model and returns its :class:`ResidualStage` list, or ``None`` when the model is not of its family.
-Users register their own families with :func:`register_stage_finder`.
+Users register their own families with :func:`register_stage_finder`; the built-in ones are in
+:mod:`stim_hf.subnets.families`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -75,12 +77,16 @@ class ResidualFamily:
     ``supports_smaller_inputs`` is False for models whose forward breaks on inputs smaller than the
     training size (windowed attention). ``resized_forward_kwargs`` are extra keyword arguments for
     the model's forward when it runs on a resized input (ViT: ``interpolate_pos_encoding=True``).
+    ``config_for_depths(config, depths)`` returns the model config of the prefix sub-network that
+    keeps ``depths[s]`` blocks of stage ``s`` (used by :mod:`stim_hf.export`); ``None`` when the
+    family's config cannot express it.
     """
 
     name: str
     find_stages: Callable[[nn.Module], list[ResidualStage] | None]
     supports_smaller_inputs: bool = True
     resized_forward_kwargs: dict = field(default_factory=dict)
+    config_for_depths: Callable[[Any, Sequence[int]], Any] | None = None
 
 
 _FAMILIES: dict[str, ResidualFamily] = {}
@@ -92,6 +98,7 @@ def register_stage_finder(
     *,
     supports_smaller_inputs: bool = True,
     resized_forward_kwargs: dict | None = None,
+    config_for_depths: Callable[[Any, Sequence[int]], Any] | None = None,
     overwrite: bool = False,
 ) -> ResidualFamily:
     """Register how to find the residual stages of a model family.
@@ -99,6 +106,9 @@ def register_stage_finder(
     ``find_stages(model)`` returns a list of :class:`ResidualStage` for models of the family and
     ``None`` for any other model. Families are tried in registration order, the most recently
     registered first, so a user's finder takes precedence over the built-in ones.
+    ``config_for_depths(config, depths)`` (optional) returns the config of the shallower model that
+    keeps ``depths[s]`` leading blocks of each stage; it makes the family exportable with
+    :func:`stim_hf.export.export_subnet`.
     """
     if name in _FAMILIES and not overwrite:
         raise ValueError(f"a stage finder named '{name}' is already registered; pass overwrite=True")
@@ -107,6 +117,7 @@ def register_stage_finder(
         find_stages=find_stages,
         supports_smaller_inputs=supports_smaller_inputs,
         resized_forward_kwargs=dict(resized_forward_kwargs or {}),
+        config_for_depths=config_for_depths,
     )
     _FAMILIES.pop(name, None)
     _FAMILIES[name] = family
@@ -162,47 +173,3 @@ def _get_submodule(model: nn.Module, path: str) -> nn.Module | None:
         return model.get_submodule(path)
     except AttributeError:
         return None
-
-
-def _find_cifar_resnet_stages(model: nn.Module) -> list[ResidualStage] | None:
-    from stim_hf.models.cifar_resnet import CifarResNetModel
-
-    base = model if isinstance(model, CifarResNetModel) else getattr(model, "resnet", None)
-    if not isinstance(base, CifarResNetModel):
-        return None
-    prefix = "" if base is model else "resnet."
-    return [
-        ResidualStage(
-            name=f"{prefix}stages.{i}.layers",
-            container=stage.layers,
-            skippable=identity_shortcut_flags(stage.layers, "shortcut"),
-        )
-        for i, stage in enumerate(base.stages)
-    ]
-
-
-def _find_hf_resnet_stages(model: nn.Module) -> list[ResidualStage] | None:
-    from transformers import ResNetModel
-    from transformers.models.resnet.modeling_resnet import ResNetBasicLayer, ResNetBottleNeckLayer
-
-    base = model if isinstance(model, ResNetModel) else getattr(model, "resnet", None)
-    if not isinstance(base, ResNetModel):
-        return None
-    prefix = "" if base is model else "resnet."
-    stages = []
-    for i, stage in enumerate(base.encoder.stages):
-        blocks = stage.layers
-        if not all(isinstance(b, (ResNetBasicLayer, ResNetBottleNeckLayer)) for b in blocks):
-            return None
-        stages.append(
-            ResidualStage(
-                name=f"{prefix}encoder.stages.{i}.layers",
-                container=blocks,
-                skippable=identity_shortcut_flags(blocks, "shortcut"),
-            )
-        )
-    return stages
-
-
-register_stage_finder("cifar_resnet", _find_cifar_resnet_stages)
-register_stage_finder("hf_resnet", _find_hf_resnet_stages)

@@ -1,0 +1,198 @@
+"""Exporting sub-networks as standalone models: same logits, Auto-class reload, parameters, CLI, errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_families import IMAGE_SIZE, build
+from torch import nn
+from transformers import AutoModelForImageClassification
+
+from stim_hf import cli
+from stim_hf.batchnorm import batchnorm_layers
+from stim_hf.errors import ConfigError, ModelStructureError
+from stim_hf.export import build_subnet_model, export_subnet, parse_export_args
+from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification
+from stim_hf.subnets import Subnet, find_residual_stages, subnet_from_depths, use_subnet
+
+# Family -> depths to export (shallower than the full model in every stage that can lose blocks).
+EXPORTS = {
+    "cifar_resnet": [1, 2, 1],
+    "hf_resnet": [1, 2, 1],
+    "hf_regnet": [2, 1, 1],
+    "hf_convnext": [1, 2, 1],
+    "hf_convnextv2": [2, 1, 1],
+    "hf_vit": [2],
+    "hf_deit": [1],
+    "hf_swin": [1, 2, 1],
+    "timm_resnet": [1, 2, 1, 1],
+    "timm_convnext": [1, 2, 1, 2],
+}
+DEPTH_FIELDS = {"cifar_resnet": "blocks_per_stage", "hf_vit": "num_hidden_layers", "hf_deit": "num_hidden_layers"}
+
+
+def perturbed(name: str) -> nn.Module:
+    """A tiny model whose every weight and BatchNorm statistic is random, so every block matters.
+
+    (ConvNeXt's layer scale starts at 1e-6 and BatchNorm statistics at 0 / 1: left alone, dropping a
+    block would hardly change the logits, and a wrong weight mapping could go unnoticed.)
+    """
+    model = build(name)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
+        for layer in batchnorm_layers(model):
+            layer.running_mean.normal_(0, 0.1, generator=generator)
+            layer.running_var.uniform_(0.5, 1.5, generator=generator)
+    return model.eval()
+
+
+def block_parameters(stages, subnet) -> int:
+    return sum(
+        p.numel()
+        for stage, kept in zip(stages, subnet.kept, strict=True)
+        for i, block in enumerate(stage.container)
+        if i not in kept
+        for p in block.parameters()
+    )
+
+
+@pytest.mark.parametrize("name", list(EXPORTS))
+def test_export_matches_subnet_and_reloads_with_auto_class(tmp_path, name):
+    model = perturbed(name)
+    stages = find_residual_stages(model)
+    subnet = subnet_from_depths(stages, EXPORTS[name])
+    x = torch.randn(3, 3, IMAGE_SIZE, IMAGE_SIZE)
+    with torch.no_grad():
+        full = model(pixel_values=x).logits
+        with use_subnet(stages, subnet):
+            inside = model(pixel_values=x).logits
+    assert not torch.allclose(full, inside, atol=1e-3), "dropping blocks should change the logits"
+
+    exported = export_subnet(model, EXPORTS[name], tmp_path / "export")
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+    reloaded = AutoModelForImageClassification.from_pretrained(tmp_path / "export").eval()
+    assert type(reloaded) is type(model)
+    field = DEPTH_FIELDS.get(name, "model_args" if name.startswith("timm") else "depths")
+    value = getattr(reloaded.config, field)
+    assert (value["layers" if name == "timm_resnet" else "depths"] if field == "model_args" else value) in (
+        EXPORTS[name],
+        EXPORTS[name][0],
+    )
+    with torch.no_grad():
+        for candidate in (exported, reloaded):
+            torch.testing.assert_close(candidate(pixel_values=x).logits, inside, rtol=0, atol=1e-5)
+    assert [s.num_blocks for s in find_residual_stages(reloaded)] == EXPORTS[name]
+
+    full_count = sum(p.numel() for p in model.parameters())
+    count = sum(p.numel() for p in reloaded.parameters())
+    assert count < full_count
+    assert count == full_count - block_parameters(stages, subnet)
+    info = json.loads((tmp_path / "export" / "export_info.json").read_text())
+    assert info["num_parameters"] == count and info["full_num_parameters"] == full_count
+    # The source model is untouched.
+    assert [s.num_blocks for s in find_residual_stages(model)] == list(subnet.num_blocks)
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        ("hf_mobilenet_v2", r"MobileNetV2's config has no per-stage depth.*use_subnet"),
+        ("timm_efficientnet", r"timm builds EfficientNet / MobileNetV3.*use_subnet"),
+        ("timm_mobilenetv3", r"timm builds EfficientNet / MobileNetV3.*use_subnet"),
+    ],
+)
+def test_families_without_depth_config_are_refused(tmp_path, name, message):
+    model = build(name).eval()
+    depths = [s.num_blocks for s in find_residual_stages(model)]
+    with pytest.raises(ModelStructureError, match=message):
+        export_subnet(model, depths, tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+
+
+def test_export_errors_name_the_problem(tmp_path):
+    model = perturbed("cifar_resnet")
+    stages = find_residual_stages(model)
+    with pytest.raises(ConfigError, match=r"depth 3 for stage 1 .* must keep between 1 and 2"):
+        export_subnet(model, [1, 3, 1], tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"has 2 entries but the model has 3 residual stages"):
+        export_subnet(model, [1, 1], tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"not a prefix.*depths=\[2, 1, 1\]"):
+        export_subnet(model, Subnet(kept=((0, 1), (1,), (0,)), num_blocks=(2, 2, 2)), tmp_path / "a")
+    with pytest.raises(ConfigError, match=r"checkpoint directory '.*missing' does not exist"):
+        export_subnet(str(tmp_path / "missing"), [1, 1, 1], tmp_path / "a")
+    model.save_pretrained(tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"is the checkpoint itself"):
+        export_subnet(tmp_path / "run", [1, 1, 1], tmp_path / "run")
+    with pytest.raises(ConfigError, match=r"--recalibrate-bn needs data"):
+        export_subnet(model, [1, 1, 1], tmp_path / "a", recalibrate_bn=10)
+    # A Subnet that keeps prefixes is accepted, as are the full depths (a plain copy).
+    same = build_subnet_model(model, subnet_from_depths(stages, [2, 1, 2]))
+    assert [s.num_blocks for s in find_residual_stages(same)] == [2, 1, 2]
+    assert sum(p.numel() for p in build_subnet_model(model, [2, 2, 2]).parameters()) == sum(
+        p.numel() for p in model.parameters()
+    )
+
+
+def test_cli_export_with_bn_recalibration_and_evaluation(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = CifarResNetForImageClassification(CifarResNetConfig(depth=14, widths=[8, 16, 32], num_labels=10))
+    checkpoint, output = tmp_path / "run", tmp_path / "exported"
+    model.save_pretrained(checkpoint)
+    argv = ["export", str(checkpoint), "--depths", "1,2,1", "--output", str(output), "--recalibrate-bn", "64"]
+    argv += ["--dataset_name", "sklearn:digits", "--image_size", "16", "--evaluate", "--batch_size", "32"]
+    assert cli.main(argv) == 0
+    assert "exported depths=1,2,1" in capsys.readouterr().out
+
+    card = (output / "README.md").read_text()
+    for text in (
+        f"# Sub-network depths=1,2,1 of {checkpoint}",
+        "| `resnet.stages.0.layers` | 1 (block 0) | 2 |",
+        "| `resnet.stages.1.layers` | 2 (blocks 0-1) | 2 |",
+        "of the full model's",
+        "Re-estimated for this sub-network on 64 training images of sklearn:digits",
+        "| this sub-network (depths=1,2,1) |",
+        "| full model |",
+        "import stim_hf",
+        "stim-hf export",
+    ):
+        assert text in card, text
+    info = json.loads((output / "export_info.json").read_text())
+    assert info["bn_recalibration_samples"] == 64
+    assert info["metrics"]["num_samples"] == info["full_metrics"]["num_samples"] > 0
+    assert 0.0 <= info["metrics"]["accuracy"] <= 1.0
+
+    reloaded = AutoModelForImageClassification.from_pretrained(output)
+    assert reloaded.config.blocks_per_stage == [1, 2, 1] and reloaded.config.depth == 10
+    plain = build_subnet_model(model, [1, 2, 1])
+    # Recalibration changed the BatchNorm statistics of the export (not the weights).
+    assert not torch.allclose(reloaded.resnet.stem.bn.running_mean, plain.resnet.stem.bn.running_mean)
+    torch.testing.assert_close(reloaded.resnet.stem.conv.weight, plain.resnet.stem.conv.weight)
+
+
+def test_cli_reports_errors_in_one_line(tmp_path, capsys):
+    status = cli.main(["export", str(tmp_path / "nope"), "--depths", "1,1,1", "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert status == 2
+    assert err.startswith("stim-hf: error: checkpoint directory") and "\n" not in err
+    assert cli.main(["export", str(tmp_path), "--depths", "1,x", "--output", str(tmp_path / "out")]) == 2
+    assert "must be comma-separated integers" in capsys.readouterr().err
+
+
+def test_recipe_supplies_data_arguments_and_seed(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "model_type: cifar_resnet\ndataset_name: sklearn:digits\ntrain_val_split: 0.2\nimage_size: 16\nseed: 7\n"
+    )
+    checkpoint, args, data_args = parse_export_args(
+        ["run", "--depths", "1,1,1", "--output", "out", "--config", str(recipe), "--image_size", "24"]
+    )
+    assert checkpoint == "run" and args.seed == 7 and args.depths == "1,1,1"
+    assert data_args.dataset_name == "sklearn:digits" and data_args.train_val_split == 0.2
+    assert data_args.image_size == 24  # the command line wins over the recipe
+    assert parse_export_args(["run", "--depths", "1", "--output", "out"])[2] is None
+    with pytest.raises(ConfigError, match="needs --output"):
+        parse_export_args(["run", "--depths", "1"])
