@@ -25,7 +25,6 @@ from typing import Any
 import datasets
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from transformers import AutoModelForImageClassification, EvalPrediction, HfArgumentParser, PreTrainedModel
@@ -35,6 +34,7 @@ from stim_hf.builtin_datasets import is_builtin_dataset_name
 from stim_hf.data import DataArguments, load_image_datasets
 from stim_hf.errors import ConfigError, DataError, ModelStructureError
 from stim_hf.metrics import build_compute_metrics, top_k_indices
+from stim_hf.parser import load_recipe
 from stim_hf.subnets import ResidualFamily, ResidualStage, Subnet, find_residual_family, subnet_from_depths
 from stim_hf.transforms import collate_image_batch, with_image_transforms
 
@@ -514,14 +514,7 @@ def build_parser() -> HfArgumentParser:
 
 def _recipe_defaults(path: str) -> dict[str, Any]:
     """The data fields and the seed of a training recipe, as parser defaults."""
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file '{path}' does not exist; give a training recipe (see configs/)")
-    try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of field: value")
+    values = load_recipe(path)
     wanted = {f.name for f in fields(DataArguments) if f.init} | {"seed"}
     return {key: value for key, value in values.items() if key in wanted and value is not None}
 

@@ -40,7 +40,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
@@ -52,6 +51,7 @@ from stim_hf.config import parse_sample_space
 from stim_hf.data import DataArguments, get_label_names, load_image_datasets
 from stim_hf.errors import ConfigError, DataError
 from stim_hf.flops import count_flops
+from stim_hf.parser import load_recipe
 from stim_hf.plotting import LoafingSeries, plot_loafing, save_figure
 from stim_hf.subnets import (
     EVAL_SUBNET_STREAM,
@@ -239,14 +239,7 @@ def _find_config(argv: Sequence[str]) -> str | None:
 
 
 def _recipe_defaults(path: str) -> dict[str, Any]:
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file '{path}' does not exist; give a training recipe (see configs/)")
-    try:
-        values = yaml.safe_load(Path(path).read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {err}") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of field: value")
+    values = load_recipe(path)
     data_fields = {f.name for f in fields(DataArguments) if f.init}
     defaults = {k: _as_default(v) for k, v in values.items() if k in data_fields and v is not None}
     defaults.update({_RECIPE_KEYS[k]: _as_default(v) for k, v in values.items() if k in _RECIPE_KEYS and v is not None})

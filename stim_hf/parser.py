@@ -8,6 +8,7 @@ TRL's parser. Unknown keys, in the file or on the command line, are errors.
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
@@ -18,6 +19,26 @@ import yaml
 from transformers import HfArgumentParser
 
 from stim_hf.errors import ConfigError
+
+
+def load_recipe(config_path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML recipe into a dict of field: value, with a clear error for a missing or broken file.
+
+    Shared by ``stim-hf train`` (every key) and ``stim-hf export`` / ``loafing`` (the data fields
+    and seed of the training recipe).
+    """
+    path = Path(config_path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{config_path}' does not exist; give the path of a YAML recipe (see configs/)")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file '{config_path}' is not valid YAML: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"config file '{config_path}' must hold a mapping of field: value, not {type(values).__name__}"
+        )
+    return values
 
 
 class StimArgumentParser(HfArgumentParser):
@@ -69,19 +90,7 @@ class StimArgumentParser(HfArgumentParser):
         return kept
 
     def _set_yaml_defaults(self, config_path: str) -> None:
-        path = Path(config_path)
-        if not path.is_file():
-            raise ConfigError(
-                f"config file '{config_path}' does not exist; give the path of a YAML recipe (see configs/)"
-            )
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file '{config_path}' is not valid YAML: {err}") from None
-        if not isinstance(values, dict):
-            raise ConfigError(
-                f"config file '{config_path}' must hold a mapping of field: value, not {type(values).__name__}"
-            )
+        values = load_recipe(config_path)
         known = self.known_fields()
         unknown = sorted(k for k in values if k not in known)
         if unknown:
