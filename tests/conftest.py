@@ -21,6 +21,24 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 CIFAR10_DIR = REPO_ROOT.parent / "shared" / "data" / "cifar10"
 
 
+def make_tensor_dataset(n=64, size=16, num_labels=10, seed=0, poisoned=None):
+    """A learnable synthetic image dataset (``pixel_values`` float tensors, ``labels``) as a real ``datasets.Dataset``.
+
+    One channel's mean moves with the label, so a few steps of training visibly learn. ``poisoned``:
+    the index of a sample that gets an infinite pixel (non-finite loss tests).
+    """
+    import numpy as np
+    from datasets import Dataset
+
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, num_labels, n)
+    images = rng.normal(size=(n, 3, size, size)).astype(np.float32)
+    images[:, 0] += labels[:, None, None] * 0.3
+    if poisoned is not None:
+        images[poisoned, 1, 3, 5] = np.inf  # e.g. a division by a zero std in someone's preprocessing
+    return Dataset.from_dict({"pixel_values": images, "labels": labels}).with_format("torch")
+
+
 @pytest.fixture
 def tiny_cifar_resnet():
     """A ResNet-14 (2 blocks per stage, width 8/16/32) with random weights, 10 classes."""

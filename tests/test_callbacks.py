@@ -1,12 +1,11 @@
 """The sub-network monitor: TensorBoard scalars, histograms and image; metrics in log_history."""
 
+import functools
 import glob
 import os
 
-import numpy as np
 import pytest
-import torch
-from datasets import Dataset
+from conftest import make_tensor_dataset
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
@@ -17,21 +16,7 @@ SCALARS = ("eval/subnet_accuracy_mean", "eval/subnet_accuracy_min", "eval/subnet
 HISTOGRAMS = ("train/subnet_depth_fraction", "train/subnet_input_size")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest on one thread, and far faster than two on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _dataset(n=48, size=16, seed=0):
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, n)
-    images = rng.normal(size=(n, 3, size, size)).astype(np.float32)
-    images[:, 0] += labels[:, None, None] * 0.3
-    return Dataset.from_dict({"pixel_values": images, "labels": labels}).with_format("torch")
+_dataset = functools.partial(make_tensor_dataset, n=48)
 
 
 def _train(tmp_path, model, report_to, with_metrics=True, **kwargs):

@@ -1,12 +1,13 @@
 """Loafing analysis: FLOP counting, sub-network evaluation, the ``stim-hf loafing`` command."""
 
 import csv
+import functools
 import json
 
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
+from conftest import make_tensor_dataset
 
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments, find_residual_stages, subnet_from_depths
 from stim_hf.batchnorm import batchnorm_layers
@@ -27,21 +28,7 @@ from stim_hf.loafing import (
 DATA_ARGS = ["--dataset_name", "sklearn:digits", "--image_size", "16", "--max_eval_samples", "64"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run fastest on one thread, and far faster than two on a busy shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _tensor_dataset(n=32, size=16, seed=0):
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, n)
-    images = rng.normal(size=(n, 3, size, size)).astype(np.float32)
-    images[:, 0] += labels[:, None, None] * 0.3
-    return Dataset.from_dict({"pixel_values": images, "labels": labels}).with_format("torch")
+_tensor_dataset = functools.partial(make_tensor_dataset, n=32)
 
 
 @pytest.fixture(scope="module")

@@ -2,36 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
+from conftest import make_tensor_dataset
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
 from stim_hf.trainer import NonFiniteLossError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on 2 shared cores: one intra-op thread is several times faster than two."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def make_dataset(n: int = 16, poisoned: int | None = None) -> Dataset:
-    rng = np.random.default_rng(0)
-    labels = rng.integers(0, 10, n)
-    images = rng.normal(size=(n, 3, 16, 16)).astype(np.float32)
-    if poisoned is not None:
-        images[poisoned, 1, 3, 5] = np.inf  # e.g. a division by a zero std in someone's preprocessing
-    return Dataset.from_dict({"pixel_values": images, "labels": labels}).with_format("torch")
+make_dataset = functools.partial(make_tensor_dataset, n=16)
 
 
 def make_args(tmp_path, **kwargs) -> StimulativeTrainingArguments:

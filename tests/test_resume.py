@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -13,10 +14,9 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from datasets import Dataset
+from conftest import make_tensor_dataset
 from safetensors.torch import load_file
 
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments, cli
@@ -40,15 +40,6 @@ REDUCED = [
 ]  # fmt: skip
 # Logged per step: equal values after the resume mean the same sub-networks, input sizes and batches.
 STEP_KEYS = ("loss", "ce_loss", "kl_loss", "subnet_depth_fraction", "subnet_input_size", "grad_norm")
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on 2 shared cores: one intra-op thread is several times faster than two."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _env() -> dict[str, str]:
@@ -135,11 +126,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, caplog, monkeypatc
 # -- in-process tests on a tiny model -------------------------------------------------------------------
 
 
-def make_dataset(n: int = 48, size: int = 16, seed: int = 0) -> Dataset:
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, 10, n)
-    images = rng.normal(size=(n, 3, size, size)).astype(np.float32)
-    return Dataset.from_dict({"pixel_values": images, "labels": labels}).with_format("torch")
+make_dataset = functools.partial(make_tensor_dataset, n=48)
 
 
 def make_args(output_dir: Path, **kwargs) -> StimulativeTrainingArguments:

@@ -5,21 +5,14 @@ import copy
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
+from conftest import make_tensor_dataset
 from transformers import Trainer, TrainingArguments
 
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
 from stim_hf.batchnorm import batchnorm_layers
 from stim_hf.errors import ConfigError, ModelStructureError
 
-
-def make_dataset(n=64, size=16, num_labels=10, seed=0):
-    rng = np.random.default_rng(seed)
-    labels = rng.integers(0, num_labels, n)
-    images = rng.normal(size=(n, 3, size, size)).astype(np.float32)
-    # Make the task learnable: shift one channel's mean by the label.
-    images[:, 0] += labels[:, None, None] * 0.3
-    return Dataset.from_dict({"pixel_values": images, "labels": labels}).with_format("torch")
+make_dataset = make_tensor_dataset
 
 
 def make_args(tmp_path, **kwargs):
