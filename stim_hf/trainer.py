@@ -462,7 +462,10 @@ class StimulativeTrainer(ReliableTrainer):
             sample_space=self.args.sample_space,
             min_input_scale=min_input_scale,
             seed=seed,
-            min_input_size=MIN_SUBNET_INPUT_SIZE,
+            min_input_size=max(
+                MIN_SUBNET_INPUT_SIZE,
+                self.family.min_input_size(self.model) if self.family.min_input_size else 0,
+            ),
             stream=stream,
         )
         if stream == 0 and self.args.uses_subnets and not any(sampler.space) and min_input_scale >= 1.0:

@@ -250,3 +250,21 @@ def test_swin_refuses_smaller_inputs(tmp_path):
     args = make_args(tmp_path, stim_method="stpp", min_input_scale=0.5)
     with pytest.raises(ConfigError, match=r"min_input_scale=0.5.*SwinForImageClassification.*min_input_scale: 1.0"):
         StimulativeTrainer(model=build("hf_swin"), args=args, train_dataset=make_dataset(n=16, size=IMAGE_SIZE))
+
+
+@pytest.mark.parametrize(("name", "stride"), [("hf_convnext", 16), ("timm_convnext", 8)])
+def test_convnext_inputs_never_below_total_stride(tmp_path, name, stride):
+    """ConvNeXt breaks on inputs smaller than its total stride: sampled sizes are raised to it."""
+    if name == "hf_convnext":
+        model = ConvNextForImageClassification(
+            ConvNextConfig(
+                num_stages=3, hidden_sizes=[8, 16, 32], depths=[2, 3, 2], patch_size=4, num_labels=NUM_LABELS
+            )
+        )
+        stride = 16
+    else:
+        model = build(name)
+    args = make_args(tmp_path, stim_method="stpp", min_input_scale=0.1)
+    trainer = StimulativeTrainer(model=model, args=args, train_dataset=make_dataset(n=8, size=IMAGE_SIZE))
+    sizes = {trainer.subnet_sampler.sample(step, image_size=IMAGE_SIZE).input_size for step in range(200)}
+    assert min(sizes) == stride and max(sizes) == IMAGE_SIZE

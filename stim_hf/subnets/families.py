@@ -394,8 +394,26 @@ _TIMM_EFFICIENTNET_NOT_EXPORTABLE = (
 register_stage_finder("cifar_resnet", find_cifar_resnet_stages, config_for_depths=_depths_config("blocks_per_stage"))
 register_stage_finder("hf_resnet", find_hf_resnet_stages, config_for_depths=_depths_config("depths"))
 register_stage_finder("hf_regnet", find_hf_regnet_stages, config_for_depths=_depths_config("depths"))
-register_stage_finder("hf_convnext", find_hf_convnext_stages, config_for_depths=_depths_config("depths"))
-register_stage_finder("hf_convnextv2", find_hf_convnextv2_stages, config_for_depths=_depths_config("depths"))
+
+
+def convnext_total_stride(model: nn.Module) -> int:
+    """Input side below which a ConvNeXt's last stage gets no pixel: patch size x 2^(stages - 1)."""
+    config = model.config
+    return config.patch_size * 2 ** (config.num_stages - 1)
+
+
+register_stage_finder(
+    "hf_convnext",
+    find_hf_convnext_stages,
+    config_for_depths=_depths_config("depths"),
+    min_input_size=convnext_total_stride,
+)
+register_stage_finder(
+    "hf_convnextv2",
+    find_hf_convnextv2_stages,
+    config_for_depths=_depths_config("depths"),
+    min_input_size=convnext_total_stride,
+)
 register_stage_finder(
     "hf_mobilenet_v2",
     find_hf_mobilenet_v2_stages,
@@ -425,4 +443,10 @@ register_stage_finder(
     find_timm_efficientnet_stages,
     config_for_depths=_not_exportable(_TIMM_EFFICIENTNET_NOT_EXPORTABLE),
 )
-register_stage_finder("timm_convnext", find_timm_convnext_stages, config_for_depths=_timm_model_args_config("depths"))
+register_stage_finder(
+    "timm_convnext",
+    find_timm_convnext_stages,
+    config_for_depths=_timm_model_args_config("depths"),
+    # timm's feature_info gives each stage's reduction; the last one is the total stride.
+    min_input_size=lambda model: model.timm_model.feature_info[-1]["reduction"],
+)

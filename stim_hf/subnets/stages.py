@@ -79,7 +79,8 @@ class ResidualFamily:
     the model's forward when it runs on a resized input (ViT: ``interpolate_pos_encoding=True``).
     ``config_for_depths(config, depths)`` returns the model config of the prefix sub-network that
     keeps ``depths[s]`` blocks of stage ``s`` (used by :mod:`stim_hf.export`); ``None`` when the
-    family's config cannot express it.
+    family's config cannot express it. ``min_input_size(model)`` is the smallest input side the
+    model's forward accepts (ConvNeXt: its total stride); sampled input sizes never go below it.
     """
 
     name: str
@@ -87,6 +88,7 @@ class ResidualFamily:
     supports_smaller_inputs: bool = True
     resized_forward_kwargs: dict = field(default_factory=dict)
     config_for_depths: Callable[[Any, Sequence[int]], Any] | None = None
+    min_input_size: Callable[[nn.Module], int] | None = None
 
 
 _FAMILIES: dict[str, ResidualFamily] = {}
@@ -99,6 +101,7 @@ def register_stage_finder(
     supports_smaller_inputs: bool = True,
     resized_forward_kwargs: dict | None = None,
     config_for_depths: Callable[[Any, Sequence[int]], Any] | None = None,
+    min_input_size: Callable[[nn.Module], int] | None = None,
     overwrite: bool = False,
 ) -> ResidualFamily:
     """Register how to find the residual stages of a model family.
@@ -108,7 +111,8 @@ def register_stage_finder(
     registered first, so a user's finder takes precedence over the built-in ones.
     ``config_for_depths(config, depths)`` (optional) returns the config of the shallower model that
     keeps ``depths[s]`` leading blocks of each stage; it makes the family exportable with
-    :func:`stim_hf.export.export_subnet`.
+    :func:`stim_hf.export.export_subnet`. ``min_input_size(model)`` (optional) is the smallest
+    input side the model accepts; smaller sampled inputs are raised to it.
     """
     if name in _FAMILIES and not overwrite:
         raise ValueError(f"a stage finder named '{name}' is already registered; pass overwrite=True")
@@ -118,6 +122,7 @@ def register_stage_finder(
         supports_smaller_inputs=supports_smaller_inputs,
         resized_forward_kwargs=dict(resized_forward_kwargs or {}),
         config_for_depths=config_for_depths,
+        min_input_size=min_input_size,
     )
     _FAMILIES.pop(name, None)
     _FAMILIES[name] = family
