@@ -250,8 +250,9 @@ class StimulativeTrainingArguments(TrainingArguments):
         number("subnet_monitor_count", 0, integer=True)
         number("subnet_monitor_every", 1, integer=True)
         self.sample_space = parse_sample_space(self.sample_space)
-        if not isinstance(self.normalize_main_logits, bool):
-            raise ConfigError(f"normalize_main_logits={self.normalize_main_logits!r} must be true or false")
+        for name in ("normalize_main_logits", "sync_batchnorm", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
 
     @property
     def uses_subnets(self) -> bool:

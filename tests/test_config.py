@@ -71,6 +71,9 @@ def test_hf_defaults_changed_for_image_training():
         ("bn_recalibration_samples", 0, "bn_recalibration_samples=0 is out of range"),
         ("stim_start_epoch", -1.0, "stim_start_epoch=-1.0 is out of range"),
         ("num_eval_subnets", -3, "num_eval_subnets=-3 is out of range"),
+        ("sync_batchnorm", "yes please", "sync_batchnorm='yes please' must be true or false"),
+        ("channels_last", 2, "channels_last=2 must be true or false"),
+        ("backward_strategy", "both", "backward_strategy='both' is not valid; choose one of: summed, sequential"),
     ],
 )
 def test_bad_values_name_field_value_and_range(field, value, message):
