@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
-from stim_hf.trainer import NonFiniteLossError
+from stim_hf.reliable_trainer import NonFiniteLossError
 
 make_dataset = functools.partial(make_tensor_dataset, n=16)
 

@@ -1,0 +1,347 @@
+"""A ``Trainer`` that never loses a checkpoint, resumes exactly and refuses non-finite losses.
+
+The reliability half of :class:`~stim_hf.trainer.StimulativeTrainer`, kept apart from the method.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import safetensors.torch
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+from transformers import PreTrainedModel, Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
+from transformers.utils import SAFE_WEIGHTS_NAME, is_peft_available
+
+from stim_hf.checkpointing import (
+    NONFINITE_PREFIX,
+    TRAINER_STATE_NAME,
+    TRAINING_ARGS_JSON_NAME,
+    SeededBatchDataset,
+    check_checkpoint_matches_model,
+    merge_local_files,
+    publish_checkpoint,
+    remove_stale_staging,
+    resolve_resume_checkpoint,
+    rotate_checkpoints,
+    staging_dir,
+    write_manifest,
+    write_nonfinite_report,
+)
+from stim_hf.errors import StimError
+from stim_hf.subnets import (
+    Subnet,
+)
+
+logger = logging.getLogger(__name__)
+
+# Models saved with save_pretrained (safetensors); anything else is saved as a safetensors state dict.
+_SAVE_PRETRAINED_CLASSES: tuple[type, ...] = (PreTrainedModel,)
+if is_peft_available():
+    from peft import PeftModel
+
+    _SAVE_PRETRAINED_CLASSES += (PeftModel,)
+
+
+class NonFiniteLossError(StimError, FloatingPointError):
+    """A training step produced a NaN or infinite loss (``on_nonfinite_loss: stop``)."""
+
+
+@dataclass
+class LossTerms:
+    """The loss terms of one micro-batch, kept (detached, on device) until its optimizer step is checked."""
+
+    step: int
+    micro_step: int
+    terms: list[tuple[str, torch.Tensor, Subnet | None]]
+    labels: torch.Tensor | None = None
+
+
+class _NonFiniteLossGuard(TrainerCallback):
+    """Checks the loss terms of each optimizer step once, just before the optimizer step."""
+
+    def __init__(self, trainer: ReliableTrainer) -> None:
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):  # noqa: ANN001, D102
+        self.trainer._restore_skip_count()
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):  # noqa: ANN001, D102
+        self.trainer._check_step_is_finite()
+
+
+class ReliableTrainer(Trainer):
+    """``Trainer`` with crash-safe checkpoints, exact resume and a guard against non-finite losses.
+
+    - Checkpoints are written into a staging directory and renamed to ``checkpoint-N`` once
+      complete (with a manifest of their files), and never contain a pickle of the arguments:
+      ``training_args.json`` replaces ``training_args.bin``.
+    - ``train(resume_from_checkpoint=True)`` resumes from the last *complete* checkpoint, and a
+      checkpoint path is checked (files, weight shapes) before anything is loaded.
+    - Training batches are fetched through :class:`~stim_hf.checkpointing.SeededBatchDataset`, so
+      random augmentation is the same after a resume as in an uninterrupted run.
+    - Each optimizer step's loss terms (recorded by subclasses with :meth:`note_loss_terms`) are
+      checked once for NaN / inf before the optimizer step: ``on_nonfinite_loss: stop`` saves a
+      debugging dump and raises :class:`NonFiniteLossError`; ``skip`` drops the step's update.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._checkpoint_staging_dir: str | None = None
+        self._loss_records: deque[LossTerms] = deque(maxlen=4096)
+        self._log_state_at_step_start: Any = None
+        self.nonfinite_skipped_steps = 0
+        self.add_callback(_NonFiniteLossGuard(self))
+
+    # -- hooks for subclasses -------------------------------------------------------------------
+
+    def _log_accumulators(self) -> Any:
+        """Snapshot of the subclass's logging accumulators (restored when a step is skipped)."""
+        return None
+
+    def _restore_log_accumulators(self, saved: Any) -> None:
+        """Restore what :meth:`_log_accumulators` returned."""
+
+    def note_loss_terms(
+        self,
+        step: int,
+        micro_step: int,
+        terms: list[tuple[str, torch.Tensor, Subnet | None]],
+        labels: torch.Tensor | None = None,
+    ) -> None:
+        """Record one micro-batch's loss terms ``(name, scalar, sub-network or None)`` for the finiteness check.
+
+        No host-device synchronisation: the tensors are detached and checked together, once
+        per optimizer step, by :meth:`_check_step_is_finite`.
+        """
+        if not self._loss_records:
+            self._log_state_at_step_start = self._log_accumulators()
+        detached = [(name, value.detach(), subnet) for name, value, subnet in terms]
+        self._loss_records.append(LossTerms(step, micro_step, detached, None if labels is None else labels.detach()))
+
+    # -- non-finite losses ----------------------------------------------------------------------
+
+    def _check_step_is_finite(self) -> None:
+        """Check the recorded loss terms of this optimizer step: one sync (and one all-reduce if distributed)."""
+        records = list(self._loss_records)
+        self._loss_records.clear()
+        values = [value.float().reshape(()) for record in records for _, value, _ in record.terms]
+        device = self.args.device
+        bad = (~torch.isfinite(torch.stack(values))).sum().float() if values else torch.zeros((), device=device)
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad.to(device), reduction="sum")
+        if bad.item() == 0:
+            return
+        step = self.state.global_step + 1
+        description = describe_nonfinite_terms(records, step, self.state.epoch)
+        if self.args.on_nonfinite_loss == "skip":
+            self._skip_step_update()
+            self._restore_log_accumulators(self._log_state_at_step_start)
+            self.nonfinite_skipped_steps += 1
+            logger.warning(
+                "%s; skipped this step's update (on_nonfinite_loss=skip, %d skipped so far)",
+                description,
+                self.nonfinite_skipped_steps,
+            )
+            return
+        directory = self._dump_nonfinite_step(records, description, step)
+        raise NonFiniteLossError(
+            f"{description}; training stopped before the update, and the model weights, the batch labels and "
+            f"a report are in '{directory}'. Check the inputs for inf/NaN, lower the learning rate or the KL "
+            "temperature, or set on_nonfinite_loss: skip to drop such steps"
+        )
+
+    def _skip_step_update(self) -> None:
+        """Make the coming optimizer step leave the parameters and the optimizer state unchanged."""
+        model = self.accelerator.unwrap_model(self.model)
+        if getattr(self.accelerator, "scaler", None) is not None:
+            # fp16 GradScaler: non-finite gradients make it skip the step (and lower the scale).
+            for parameter in model.parameters():
+                if parameter.grad is not None:
+                    parameter.grad.fill_(float("nan"))
+        else:
+            # Optimizers skip parameters without a gradient: no update, no momentum / Adam step.
+            model.zero_grad(set_to_none=True)
+
+    def _restore_skip_count(self) -> None:
+        counts = [entry.get("nonfinite_skipped_steps", 0) for entry in self.state.log_history]
+        self.nonfinite_skipped_steps = int(max(counts, default=self.nonfinite_skipped_steps))
+
+    def _dump_nonfinite_step(self, records: list[LossTerms], description: str, step: int) -> str:
+        directory = os.path.join(self.args.output_dir, f"{NONFINITE_PREFIX}{step}")
+        suffix = f"-rank{self.args.process_index}" if self.args.world_size > 1 else ""
+        report = {
+            "message": description,
+            "global_step": step,
+            "epoch": self.state.epoch,
+            "process_index": self.args.process_index,
+            "learning_rate": self._get_learning_rate() if self.lr_scheduler is not None else None,
+            "terms": [
+                {
+                    "micro_batch": record.micro_step,
+                    "term": name,
+                    "value": float(value),
+                    "subnet": None if subnet is None else _subnet_dict(subnet),
+                }
+                for record in records
+                for name, value, subnet in record.terms
+            ],
+        }
+        labels = {f"labels_micro_batch_{r.micro_step}": r.labels for r in records if r.labels is not None}
+        try:
+            write_nonfinite_report(directory, report, labels, name_suffix=suffix)
+            if self.args.should_save:
+                self._save(directory)
+        except Exception as error:  # the stop message matters more than the dump
+            logger.error("could not write the non-finite step dump to %s: %s", directory, error)
+        return directory
+
+    # -- checkpoints ----------------------------------------------------------------------------
+
+    def _get_output_dir(self, trial: Any) -> str:
+        # While a checkpoint is written, the Trainer's run directory is the staging directory.
+        if self._checkpoint_staging_dir is not None:
+            return self._checkpoint_staging_dir
+        return super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """Write ``checkpoint-N`` atomically: into a staging directory, then one rename.
+
+        Every process writes its files (model, optimizer, scheduler, RNG states, trainer state)
+        into ``.staging-checkpoint-N/checkpoint-N``; after a barrier the saving process writes the
+        manifest and renames the folder to ``checkpoint-N``, then rotates old checkpoints. With
+        ``push_to_hub`` (which uploads from the folder in the background) the Trainer's own
+        non-atomic save is used.
+        """
+        if self.args.push_to_hub:
+            return super()._save_checkpoint(model, trial)
+        run_dir = super()._get_output_dir(trial)
+        step = self.state.global_step
+        name = f"{PREFIX_CHECKPOINT_DIR}-{step}"
+        staging = staging_dir(run_dir, step)
+        if self.args.should_save:
+            remove_stale_staging(run_dir)
+        self.accelerator.wait_for_everyone()
+        self._checkpoint_staging_dir = staging
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._checkpoint_staging_dir = None
+        staged, final = os.path.join(staging, name), os.path.join(run_dir, name)
+        best = self.state.best_model_checkpoint
+        if best is not None and os.path.abspath(best).startswith(os.path.abspath(staging) + os.sep):
+            # The Trainer pointed the best checkpoint into the staging directory: point it at the final one.
+            self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+            if self.args.should_save:
+                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            write_manifest(staged, step)
+            publish_checkpoint(staged, final)
+            logger.info("saved checkpoint %s", final)
+            rotate_checkpoints(run_dir, self.args.save_total_limit, keep=(final, self.state.best_model_checkpoint))
+        self.accelerator.wait_for_everyone()
+        if os.path.isdir(staged):  # this process's files on a filesystem the saving process does not see
+            merge_local_files(staged, final)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """``Trainer._save`` without ``training_args.bin``: the arguments go to ``training_args.json``.
+
+        ``training_args.bin`` is a pickle, and loading a pickle runs arbitrary code; nothing here
+        writes or reads one. Model weights are safetensors (``save_pretrained``).
+        """
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if not self.args.should_save and not getattr(self, "is_distributed_loading_by_transformers", False):
+            return
+        if self.args.should_save:
+            os.makedirs(output_dir, exist_ok=True)
+            logger.info("saving model to %s", output_dir)
+        unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if isinstance(unwrapped, _SAVE_PRETRAINED_CLASSES):
+            unwrapped.save_pretrained(output_dir, state_dict=state_dict, is_main_process=self.args.should_save)
+        elif self.args.should_save:
+            logger.info("the model is not a PreTrainedModel: saving its state dict only")
+            safetensors.torch.save_file(
+                self.model.state_dict() if state_dict is None else state_dict,
+                os.path.join(output_dir, SAFE_WEIGHTS_NAME),
+                metadata={"format": "pt"},
+            )
+        if not self.args.should_save:
+            return
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        with open(os.path.join(output_dir, TRAINING_ARGS_JSON_NAME), "w", encoding="utf-8") as handle:
+            handle.write(self.args.to_json_string())
+
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+        **kwargs: Any,
+    ):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` takes the last *complete* checkpoint.
+
+        A checkpoint (given or found) is checked before anything is loaded: its files must be
+        complete and its weights must fit the model, else :class:`~stim_hf.errors.ConfigError`.
+        """
+        checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        if checkpoint is not None:
+            check_checkpoint_matches_model(checkpoint, self.accelerator.unwrap_model(self.model))
+        return super().train(
+            resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
+        )
+
+    def get_train_dataloader(self) -> DataLoader:
+        """``Trainer.get_train_dataloader`` over a :class:`SeededBatchDataset` (exact augmentation on resume)."""
+        dataset = self.train_dataset
+        if dataset is None or isinstance(dataset, (IterableDataset, SeededBatchDataset)) or not has_length(dataset):
+            return super().get_train_dataloader()
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        self.train_dataset = SeededBatchDataset(dataset, seed)
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.train_dataset = dataset
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add ``nonfinite_skipped_steps`` (cumulative) to training logs once a step was skipped."""
+        if "loss" in logs and self.nonfinite_skipped_steps:
+            logs["nonfinite_skipped_steps"] = float(self.nonfinite_skipped_steps)
+        super().log(logs, start_time)
+
+
+def describe_nonfinite_terms(records: list[LossTerms], step: int, epoch: float | None) -> str:
+    """One sentence naming the step and every non-finite loss term (CE, or KL with its sub-network)."""
+    where = f"training step {step}" + (f" (epoch {epoch:.2f})" if epoch is not None else "")
+    found = []
+    for record in records:
+        for name, value, subnet in record.terms:
+            number = float(value)
+            if math.isfinite(number):
+                continue
+            if subnet is None:
+                what = "the full network's cross-entropy (ce_loss)"
+            else:
+                what = f"the KL loss of sub-network {name.rsplit('_', 1)[-1]} ({subnet.describe()})"
+            found.append(f"{what} is {number} in micro-batch {record.micro_step}")
+    if not found:
+        return f"non-finite loss at {where} on another process"
+    return f"non-finite loss at {where}: " + "; ".join(found)
+
+
+def _subnet_dict(subnet: Subnet) -> dict[str, Any]:
+    return {
+        "depths": list(subnet.depths),
+        "kept": [list(k) for k in subnet.kept],
+        "num_blocks": list(subnet.num_blocks),
+        "input_size": subnet.input_size,
+        "description": subnet.describe(),
+    }
