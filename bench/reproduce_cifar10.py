@@ -3,18 +3,25 @@
   # CPU study of docs/results.md (2 cores, ~30 min)
   python bench/reproduce_cifar10.py --depth 20 --train-samples 10000 --epochs 2 --eval-samples 2000 \\
       --seeds 1,2 --methods ct,st,stpp --recalibrate-bn 500 --out outputs/reproduce_cifar10_cpu
-  # GPU study (still open): ResNet-56, 2 seeds, 6 training processes sharing one GPU, ~8 min of launches
-  python bench/reproduce_cifar10.py --depth 56 --epochs 15 --methods ct,st,stpp --seeds 1,2 \\
-      --time-budget-min 8 --parallel 6 --device cuda --batch-size 128
+  # GPU study (still open): ResNet-56, 2 seeds, 6 training processes sharing one GPU, 8 min of training
+  python bench/reproduce_cifar10.py --depth 56 --methods ct,st,stpp --seeds 1,2 \\
+      --epochs auto --time-budget-min 8 --parallel 6 --device cuda
 
 Every (method, seed) run is a ``scripts/train.py`` subprocess on the CIFAR-10 recipes
 (``configs/cifar10_resnet56_{ct,st,stpp}.yaml``) with the same overrides (depth, training subset,
 epochs, batch, learning rate, seed): the command line is
 :func:`bench.loafing_cifar10.train_command`'s, so both benchmarks train the same way. The data are
-the parquet files of ``<repo>/../shared/data/cifar10``. Up to ``--parallel`` runs train at once (for
-a GPU that one ResNet-56 does not fill); ``--time-budget-min`` is a launch budget: no new run is
-started once that many minutes have passed since the study began (runs already started finish).
-Runs are launched seed by seed (all methods of seed 1 first), so a cut study stays balanced.
+the parquet files of ``<repo>/../shared/data/cifar10`` (``--data-dir`` to take them from elsewhere). Up to ``--parallel`` runs train at once (for
+a GPU that one ResNet-56 does not fill). ``--time-budget-min`` bounds the training part of the
+study (probe and runs; the evaluation comes after it) in two simple ways:
+
+- it is a launch budget: no new run is started once that many minutes have passed since the study
+  began (runs already started finish). Runs are launched seed by seed (all methods of seed 1
+  first), so a cut study stays balanced;
+- with ``--epochs auto`` the first wave of runs (``--parallel`` of them, at once) is first trained
+  for ``--probe-steps`` steps; the slowest one's images/s and start-up overhead give the whole
+  number of epochs (at least 1) that lets every wave finish within the budget left. Short probes
+  overstate per-image cost (start-up, first steps), so the estimate errs towards fewer epochs.
 
 After training, every finished run is evaluated by the same loafing analysis
 (:func:`stim_hf.loafing.analyze_checkpoints`): the full network and the same ``--num-subnets``
@@ -72,14 +79,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num-subnets", type=int, default=8, help="fixed sub-networks of the evaluation")
     parser.add_argument("--subnet-seed", type=int, default=42, help="seed of the fixed sub-networks' draw")
     parser.add_argument("--recalibrate-bn", type=int, default=1000, help="BatchNorm re-estimation images (0: off)")
+    parser.add_argument("--data-dir", default=str(DATA_DIR), help="folder with CIFAR-10 train.parquet / test.parquet")
     parser.add_argument("--out", default=str(REPO / "outputs" / "reproduce_cifar10"))
     parser.add_argument("--analyze-only", action="store_true", help="evaluate the runs already in --out")
     parser.add_argument("--probe-steps", type=int, default=40, help="steps of each probe run of --epochs auto")
     args = parser.parse_args(argv)
     args.max_steps = None
+    args.data_dir = str(Path(args.data_dir).resolve())
     if args.epochs == "auto":
-        if args.time_budget_min is None:
-            parser.error("--epochs auto needs --time-budget-min")
+        if args.time_budget_min is None or args.analyze_only:
+            parser.error("--epochs auto needs --time-budget-min and training (give --analyze-only the epochs used)")
     else:
         args.epochs = float(args.epochs)
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
@@ -123,6 +132,8 @@ def run_command(args: argparse.Namespace, method: str, seed: int, output_dir: Pa
         seed=seed,
     )
     command = train_command(settings, method, output_dir)
+    command = set_flag(command, "--train_file", str(Path(args.data_dir) / "train.parquet"))
+    command = set_flag(command, "--validation_file", str(Path(args.data_dir) / "test.parquet"))
     # The analysis evaluates the fixed sub-networks; the job's own end-of-training evaluation stays small.
     command = set_flag(command, "--subnet_monitor_count", "0")
     command = set_flag(command, "--max_eval_samples", str(min(args.eval_samples, 1000)))
@@ -178,14 +189,18 @@ def pick_epochs(args: argparse.Namespace, out: Path, device: str, elapsed_s: flo
 
 
 def train_all(
-    args: argparse.Namespace, out: Path, device: str, plan: list[tuple[str, int]]
+    args: argparse.Namespace, out: Path, device: str, plan: list[tuple[str, int]], started: float | None = None
 ) -> dict[str, dict[str, Any]]:
-    """Run ``plan`` (``--parallel`` runs at once, within the launch budget); return per-run records."""
+    """Run ``plan`` (``--parallel`` runs at once); return per-run records.
+
+    No run is launched once ``--time-budget-min`` minutes have passed since ``started`` (a
+    ``time.perf_counter()`` value; default: now).
+    """
     plan = list(plan)
     env = dict(os.environ)
     if device == "cpu" and args.parallel > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // args.parallel))
-    start = time.perf_counter()
+    start = time.perf_counter() if started is None else started
     running: list[tuple[str, subprocess.Popen, float, list[str], Any]] = []
     records: dict[str, dict[str, Any]] = {}
     while plan or running:
@@ -236,8 +251,8 @@ def analyse(args: argparse.Namespace, out: Path, names: list[str], device: str) 
     from stim_hf.loafing import LoafingArguments, analyze_checkpoints, write_report
 
     data_args = DataArguments(
-        train_file=str(DATA_DIR / "train.parquet"),
-        validation_file=str(DATA_DIR / "test.parquet"),
+        train_file=str(Path(args.data_dir) / "train.parquet"),
+        validation_file=str(Path(args.data_dir) / "test.parquet"),
         max_eval_samples=args.eval_samples,
         image_size=32,
         augmentation="cifar",
@@ -374,8 +389,8 @@ def machine_description(device: str, parallel: int) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Train (unless --analyze-only), analyse, write results.json / results.md; return the results."""
     args = parse_args(argv)
-    if not (DATA_DIR / "train.parquet").is_file():
-        sys.exit(f"CIFAR-10 parquet files not found in {DATA_DIR}")
+    if not (Path(args.data_dir) / "train.parquet").is_file():
+        sys.exit(f"CIFAR-10 parquet files not found in {args.data_dir}")
     device = resolve_device(args.device)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -393,7 +408,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if args.epochs == "auto":
             probe = pick_epochs(args, out, device, time.perf_counter() - study_start)
             args.epochs = float(probe["epochs"])
-        records = train_all(args, out, device, study_plan(args))
+        records = train_all(args, out, device, study_plan(args), started=study_start)
         records_path.write_text(json.dumps(records, indent=2) + "\n")
     finished = []
     for name, record in records.items():
