@@ -108,7 +108,7 @@ def publish_checkpoint(staged: str, final: str) -> None:
         shutil.rmtree(replaced, ignore_errors=True)
         os.replace(final, replaced)
     os.replace(staged, final)
-    _fsync_dir(parent)
+    _fsync_path(parent)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
     staging_root = os.path.dirname(os.path.abspath(staged))
@@ -154,23 +154,15 @@ def merge_local_files(staged: str, final: str) -> None:
 def _fsync_tree(root: str) -> None:
     for path in Path(root).rglob("*"):
         if path.is_file():
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                os.fsync(fd)
-            except OSError:
-                pass
-            finally:
-                os.close(fd)
-    _fsync_dir(root)
+            _fsync_path(path)
+    _fsync_path(root)
 
 
-def _fsync_dir(path: str) -> None:
+def _fsync_path(path: str | os.PathLike) -> None:
+    """fsync a file or a directory; a no-op where the OS does not allow it (directories on Windows)."""
     try:
         fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not supported (e.g. Windows): the rename is still atomic there
+    except OSError:  # not supported (e.g. a directory on Windows): the rename is still atomic there
         return
     try:
         os.fsync(fd)

@@ -205,54 +205,50 @@ def find_cifar_resnet_stages(model: nn.Module) -> list[ResidualStage] | None:
     else:
         return None
     containers = [stage.layers for stage in base.stages]
-    return _stages_of(prefix, "stages.{i}.layers", containers, lambda c: identity_shortcut_flags(c, "shortcut"))
+    return _stages_of(prefix, "stages.{i}.layers", containers, _identity_shortcuts)
+
+
+def _identity_shortcuts(container: nn.Module) -> tuple[bool, ...]:
+    return identity_shortcut_flags(container, "shortcut")
+
+
+def _hf_encoder_stages(
+    model: nn.Module, attribute: str, class_name: str, skippable, block_types: tuple[type, ...] = ()
+) -> list[ResidualStage] | None:
+    """Stages of an HF model that keeps its blocks in ``<attribute>.encoder.stages[i].layers``."""
+    found = _base_model(model, attribute, class_name)
+    if found is None:
+        return None
+    base, prefix = found
+    containers = [stage.layers for stage in base.encoder.stages]
+    if block_types and not all(isinstance(b, block_types) for c in containers for b in c):
+        return None
+    return _stages_of(prefix, "encoder.stages.{i}.layers", containers, skippable)
 
 
 def find_hf_resnet_stages(model: nn.Module) -> list[ResidualStage] | None:
     """HF ResNet: ``resnet.encoder.stages[i].layers``; skippable where ``shortcut`` is Identity."""
-    found = _base_model(model, "resnet", "ResNetModel")
-    if found is None:
+    if _base_model(model, "resnet", "ResNetModel") is None:
         return None
     from transformers.models.resnet.modeling_resnet import ResNetBasicLayer, ResNetBottleNeckLayer
 
-    base, prefix = found
-    containers = [stage.layers for stage in base.encoder.stages]
-    if not all(isinstance(b, (ResNetBasicLayer, ResNetBottleNeckLayer)) for c in containers for b in c):
-        return None
-    return _stages_of(prefix, "encoder.stages.{i}.layers", containers, lambda c: identity_shortcut_flags(c, "shortcut"))
+    blocks = (ResNetBasicLayer, ResNetBottleNeckLayer)
+    return _hf_encoder_stages(model, "resnet", "ResNetModel", _identity_shortcuts, blocks)
 
 
 def find_hf_regnet_stages(model: nn.Module) -> list[ResidualStage] | None:
     """HF RegNet: ``regnet.encoder.stages[i].layers``; skippable where ``shortcut`` is Identity."""
-
-    found = _base_model(model, "regnet", "RegNetModel")
-    if found is None:
-        return None
-    base, prefix = found
-    containers = [stage.layers for stage in base.encoder.stages]
-    return _stages_of(prefix, "encoder.stages.{i}.layers", containers, lambda c: identity_shortcut_flags(c, "shortcut"))
+    return _hf_encoder_stages(model, "regnet", "RegNetModel", _identity_shortcuts)
 
 
 def find_hf_convnext_stages(model: nn.Module) -> list[ResidualStage] | None:
     """HF ConvNeXt: ``convnext.encoder.stages[i].layers``; downsampling is separate, every block skippable."""
-
-    found = _base_model(model, "convnext", "ConvNextModel")
-    if found is None:
-        return None
-    base, prefix = found
-    containers = [stage.layers for stage in base.encoder.stages]
-    return _stages_of(prefix, "encoder.stages.{i}.layers", containers, _all_skippable)
+    return _hf_encoder_stages(model, "convnext", "ConvNextModel", _all_skippable)
 
 
 def find_hf_convnextv2_stages(model: nn.Module) -> list[ResidualStage] | None:
     """HF ConvNeXt V2: ``convnextv2.encoder.stages[i].layers``; every block skippable."""
-
-    found = _base_model(model, "convnextv2", "ConvNextV2Model")
-    if found is None:
-        return None
-    base, prefix = found
-    containers = [stage.layers for stage in base.encoder.stages]
-    return _stages_of(prefix, "encoder.stages.{i}.layers", containers, _all_skippable)
+    return _hf_encoder_stages(model, "convnextv2", "ConvNextV2Model", _all_skippable)
 
 
 def find_hf_mobilenet_v2_stages(model: nn.Module) -> list[ResidualStage] | None:
