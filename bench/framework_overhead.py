@@ -1,0 +1,131 @@
+"""Framework overhead: ST++ through StimulativeTrainer against a plain PyTorch loop doing the same arithmetic.
+
+  python bench/framework_overhead.py                      # CIFAR ResNet-20, batch 64, K=1, CPU
+  python bench/framework_overhead.py --depth 56 --num-subnets 6
+
+Same model, same in-memory data in the same order, same sub-networks and input sizes (drawn from
+the trainer's own sampler), same SGD. Both run ``--warmup`` steps first (on a CPU each new input
+size costs a one-off kernel creation), then ``--steps`` timed steps. Target (issue 6): trainer
+throughput >= 0.9 x the plain loop's. Prints both and the ratio; writes JSON with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from transformers import TrainerCallback
+
+from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
+from stim_hf.batchnorm import frozen_running_stats
+from stim_hf.losses import distillation_loss
+from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification
+from stim_hf.subnets import find_residual_stages, resize_for_subnet, use_subnet
+
+
+class InMemory(Dataset):
+    """Pre-made tensors: no decoding, no augmentation."""
+
+    def __init__(self, n: int, size: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, size, size, generator=g)
+        self.y = torch.randint(0, 10, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+class StepTimer(TrainerCallback):
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.end = warmup, None, None
+
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        if state.global_step == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        self.end = time.perf_counter()
+
+
+def make_args(a: argparse.Namespace) -> StimulativeTrainingArguments:
+    return StimulativeTrainingArguments(
+        output_dir="/tmp/bench_overhead", stim_method="stpp", num_subnets=a.num_subnets,
+        per_device_train_batch_size=a.batch, max_steps=a.warmup + a.steps, learning_rate=0.05, optim="sgd",
+        lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, report_to="none", save_strategy="no",
+        logging_steps=10**6, disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, num_eval_subnets=0,
+        train_sampling_strategy="sequential", seed=0,
+    )  # fmt: skip
+
+
+def model_for(a: argparse.Namespace):
+    torch.manual_seed(0)
+    return CifarResNetForImageClassification(CifarResNetConfig(depth=a.depth, num_labels=10))
+
+
+def run_trainer(a: argparse.Namespace, data: InMemory) -> float:
+    timer = StepTimer(a.warmup)
+    trainer = StimulativeTrainer(model=model_for(a), args=make_args(a), train_dataset=data, callbacks=[timer])
+    trainer.train()
+    return a.steps * a.batch / (timer.end - timer.start)
+
+
+def run_plain(a: argparse.Namespace, data: InMemory) -> float:
+    model = model_for(a).train()
+    stages = find_residual_stages(model)
+    # The trainer's sampler, so both runs see the same sub-networks and sizes.
+    sampler = StimulativeTrainer(model=model_for(a), args=make_args(a)).subnet_sampler
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    start = None
+    for step in range(a.warmup + a.steps):
+        if step == a.warmup:
+            start = time.perf_counter()
+        lo = (step * a.batch) % len(data)
+        x, y = data.x[lo : lo + a.batch], data.y[lo : lo + a.batch]
+        logits = model(pixel_values=x).logits
+        loss = F.cross_entropy(logits, y)
+        for k in range(a.num_subnets):
+            subnet = sampler.sample(step, 0, k, image_size=x.shape[-2])
+            with use_subnet(stages, subnet), frozen_running_stats(model):
+                student = model(pixel_values=resize_for_subnet(x, subnet)).logits
+            loss = loss + distillation_loss("kl_direction", logits.detach(), student)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return a.steps * a.batch / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--depth", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--num-subnets", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=2, help="alternate plain/trainer runs this many times")
+    parser.add_argument("--json", default=None)
+    a = parser.parse_args()
+    data = InMemory((a.warmup + a.steps) * a.batch, 32)
+    plain, ours = [], []
+    for _ in range(a.repeats):  # alternate, so machine noise hits both alike
+        plain.append(run_plain(a, data))
+        ours.append(run_trainer(a, data))
+    best_plain, best_ours = max(plain), max(ours)
+    print(f"ResNet-{a.depth}, batch {a.batch}, ST++ K={a.num_subnets}, CPU ({os.cpu_count()} cores)")
+    print(f"plain PyTorch loop : {best_plain:8.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in plain)})")
+    print(f"StimulativeTrainer : {best_ours:8.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in ours)})")
+    print(f"ratio trainer / plain: {best_ours / best_plain:.3f}  (target >= 0.9)")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"args": vars(a), "plain": plain, "trainer": ours, "ratio": best_ours / best_plain}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
