@@ -27,13 +27,14 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from transformers import AutoModelForImageClassification, EvalPrediction, HfArgumentParser, PreTrainedModel
+from transformers import EvalPrediction, HfArgumentParser, PreTrainedModel
 
 from stim_hf.batchnorm import batchnorm_layers, preserved_rng_state, recalibrate_batchnorm
 from stim_hf.builtin_datasets import is_builtin_dataset_name
 from stim_hf.data import DataArguments, load_image_datasets
 from stim_hf.errors import ConfigError, DataError, ModelStructureError
 from stim_hf.metrics import build_compute_metrics, top_k_indices
+from stim_hf.modeling import load_saved_classifier
 from stim_hf.parser import load_recipe
 from stim_hf.subnets import ResidualFamily, ResidualStage, Subnet, find_residual_family, subnet_from_depths
 from stim_hf.transforms import collate_image_batch, with_image_transforms
@@ -53,20 +54,7 @@ _DATA_SOURCE_FIELDS = ("dataset_name", "train_dir", "train_file")
 
 def load_checkpoint(path: str | os.PathLike) -> PreTrainedModel:
     """Load a saved image classifier (a training run's ``output_dir`` or a ``checkpoint-*`` folder)."""
-    path = str(path)
-    if not os.path.isdir(path):
-        raise ConfigError(
-            f"checkpoint directory '{path}' does not exist; give the output_dir of a training run or one of its "
-            "checkpoint-* folders (a directory with config.json and model.safetensors)"
-        )
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(
-            f"'{path}' has no config.json, so it is not a saved model; give the output_dir of a finished training "
-            "run or one of its checkpoint-* folders"
-        )
-    import stim_hf.models  # noqa: F401  (registers the CIFAR ResNets with the Auto classes)
-
-    return AutoModelForImageClassification.from_pretrained(path, trust_remote_code=False)
+    return load_saved_classifier(path, label=f"checkpoint directory '{path}'")
 
 
 def prefix_subnet(stages: Sequence[ResidualStage], depths: Sequence[int] | Subnet) -> Subnet:

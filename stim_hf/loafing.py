@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
-from transformers import AutoModelForImageClassification, HfArgumentParser
+from transformers import HfArgumentParser
 from transformers.utils import logging as hf_logging
 
 from stim_hf.batchnorm import batchnorm_layers, recalibrate_batchnorm
@@ -51,6 +51,7 @@ from stim_hf.config import parse_sample_space
 from stim_hf.data import DataArguments, get_label_names, load_image_datasets
 from stim_hf.errors import ConfigError, DataError
 from stim_hf.flops import count_flops
+from stim_hf.modeling import load_saved_classifier
 from stim_hf.parser import load_recipe
 from stim_hf.plotting import LoafingSeries, plot_loafing, save_figure
 from stim_hf.subnets import (
@@ -460,18 +461,10 @@ class BatchSource:
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
     """Load an image classifier saved with ``save_pretrained`` (safetensors), in float32 and eval mode."""
-    path = str(path)
-    if not os.path.isdir(path) or not os.path.isfile(os.path.join(path, "config.json")):
-        raise ConfigError(
-            f"checkpoint '{path}' is not a model directory (no config.json); give a folder written by "
-            "save_pretrained, e.g. a training output_dir or one of its checkpoint-* folders"
-        )
-    import stim_hf.models  # noqa: F401  (registers the CIFAR ResNets with the Auto classes)
-
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # one progress bar (ours), not one per checkpoint load
     try:
-        model = AutoModelForImageClassification.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+        model = load_saved_classifier(path)
     finally:
         if bars:
             hf_logging.enable_progress_bar()

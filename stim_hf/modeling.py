@@ -1,9 +1,11 @@
-"""Building the model to train from :class:`~stim_hf.config.ModelArguments`."""
+"""Building the model to train from :class:`~stim_hf.config.ModelArguments`, and loading saved models."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
+import torch
 from transformers import AutoConfig, AutoModelForImageClassification, PreTrainedModel
 
 from stim_hf.config import ModelArguments
@@ -48,4 +50,43 @@ def build_model(model_args: ModelArguments, label_names: Sequence[str]) -> PreTr
         use_safetensors=True,
         trust_remote_code=False,
         **label_kwargs,
+    )
+
+
+def check_saved_model_dir(path: str | os.PathLike, label: str) -> None:
+    """Refuse a folder that is not a model saved with ``save_pretrained`` in safetensors.
+
+    ``label`` names the setting in the message (``model_name_or_path='x'``, ``checkpoint 'x'``).
+    A missing folder, one without ``config.json``, or one whose weights are not safetensors
+    (``pytorch_model.bin`` is a pickle, and stim_hf never unpickles) is a :class:`ConfigError`.
+    """
+    path = os.path.expanduser(str(path))
+    if not os.path.isdir(path):
+        reason = "is a file" if os.path.exists(path) else "does not exist"
+        raise ConfigError(
+            f"{label} is not a directory ('{path}' {reason}); give a folder saved with save_pretrained "
+            f"(config.json + model.safetensors), e.g. a training output_dir or one of its checkpoint-* folders "
+            f"(relative paths start from {os.getcwd()})"
+        )
+    files = set(os.listdir(path))
+    if "config.json" not in files:
+        raise ConfigError(
+            f"{label} has no config.json, so it is not a model directory; give a folder saved with save_pretrained"
+        )
+    if not files & {"model.safetensors", "model.safetensors.index.json"}:
+        pickled = sorted(files & {"pytorch_model.bin", "pytorch_model.bin.index.json"})
+        hint = f" (it has {', '.join(pickled)}, a pickle, which stim_hf never loads)" if pickled else ""
+        raise ConfigError(
+            f"{label} has no model.safetensors{hint}; convert the weights to safetensors "
+            "(model.save_pretrained(dir) in a trusted environment) and try again"
+        )
+
+
+def load_saved_classifier(path: str | os.PathLike, label: str | None = None) -> PreTrainedModel:
+    """Load an image classifier saved with ``save_pretrained`` (checked first), in float32, safetensors only."""
+    check_saved_model_dir(path, label or f"checkpoint '{path}'")
+    import stim_hf.models  # noqa: F401  (registers the CIFAR ResNets with the Auto classes)
+
+    return AutoModelForImageClassification.from_pretrained(
+        str(path), dtype=torch.float32, use_safetensors=True, trust_remote_code=False
     )

@@ -17,7 +17,7 @@ from stim_hf.config import ModelArguments, StimulativeTrainingArguments
 from stim_hf.data import DataArguments, get_label_names, load_image_datasets
 from stim_hf.errors import ConfigError
 from stim_hf.metrics import build_compute_metrics, top_k_indices
-from stim_hf.modeling import build_model
+from stim_hf.modeling import build_model, check_saved_model_dir
 from stim_hf.parser import StimArgumentParser
 from stim_hf.trainer import StimulativeTrainer
 from stim_hf.transforms import collate_image_batch, with_image_transforms
@@ -60,21 +60,7 @@ def check_model_source(model_args: ModelArguments) -> None:
     looks_local = os.path.exists(path) or source.startswith((".", "/", "~")) or source.count("/") > 1
     if not looks_local:
         return
-    if not os.path.isdir(path):
-        raise ConfigError(
-            f"model_name_or_path='{source}' is not a directory; give a folder saved with save_pretrained "
-            f"(config.json + model.safetensors) or a hub model name (relative paths start from {os.getcwd()})"
-        )
-    files = set(os.listdir(path))
-    if "config.json" not in files:
-        raise ConfigError(f"model_name_or_path='{source}' has no config.json; give a folder saved with save_pretrained")
-    if not files & {"model.safetensors", "model.safetensors.index.json"}:
-        pickled = sorted(files & {"pytorch_model.bin", "pytorch_model.bin.index.json"})
-        hint = f" (it has {', '.join(pickled)}, a pickle, which stim_hf never loads)" if pickled else ""
-        raise ConfigError(
-            f"model_name_or_path='{source}' has no model.safetensors{hint}; convert the weights to safetensors "
-            "(model.save_pretrained(dir) in a trusted environment) and try again"
-        )
+    check_saved_model_dir(path, f"model_name_or_path='{source}'")
 
 
 def run_training(
