@@ -2,16 +2,20 @@
 
   python bench/framework_overhead.py                      # CIFAR ResNet-20, batch 64, K=1, CPU
   python bench/framework_overhead.py --depth 56 --num-subnets 6
+  python bench/framework_overhead.py --depth 56 --batch 128 --warmup 30 --steps 100   # on a GPU (bf16, channels_last)
 
 Same model, same in-memory data in the same order, same sub-networks and input sizes (drawn from
 the trainer's own sampler), same SGD. Both run ``--warmup`` steps first (on a CPU each new input
-size costs a one-off kernel creation), then ``--steps`` timed steps. Target (issue 6): trainer
-throughput >= 0.9 x the plain loop's. Prints both and the ratio; writes JSON with --json.
+size costs a one-off kernel creation), then ``--steps`` timed steps. On a GPU both use bf16 autocast
+and channels_last, and the plain loop copies each batch to the GPU as the Trainer does. Target
+(issue 6): trainer throughput >= 0.9 x the plain loop's. Prints both and the ratio; writes JSON
+with --json.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import time
@@ -49,10 +53,21 @@ class StepTimer(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
         if state.global_step == self.warmup:
+            synchronize()
             self.start = time.perf_counter()
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        synchronize()
         self.end = time.perf_counter()
+
+
+CUDA = torch.cuda.is_available()
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work (no-op on a CPU), so that wall time is the work's time."""
+    if CUDA:
+        torch.cuda.synchronize()
 
 
 def make_args(a: argparse.Namespace) -> StimulativeTrainingArguments:
@@ -60,7 +75,8 @@ def make_args(a: argparse.Namespace) -> StimulativeTrainingArguments:
         output_dir="/tmp/bench_overhead", stim_method="stpp", num_subnets=a.num_subnets,
         per_device_train_batch_size=a.batch, max_steps=a.warmup + a.steps, learning_rate=0.05, optim="sgd",
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, report_to="none", save_strategy="no",
-        logging_steps=10**6, disable_tqdm=True, use_cpu=True, dataloader_num_workers=0, num_eval_subnets=0,
+        logging_steps=10**6, disable_tqdm=True, use_cpu=not CUDA, bf16=CUDA, channels_last=CUDA,
+        dataloader_num_workers=0, num_eval_subnets=0,
         train_sampling_strategy="sequential", seed=0,
     )  # fmt: skip
 
@@ -78,27 +94,37 @@ def run_trainer(a: argparse.Namespace, data: InMemory) -> float:
 
 
 def run_plain(a: argparse.Namespace, data: InMemory) -> float:
-    model = model_for(a).train()
+    device = torch.device("cuda" if CUDA else "cpu")
+    model = model_for(a).to(device).train()
+    if CUDA:
+        model = model.to(memory_format=torch.channels_last)
     stages = find_residual_stages(model)
     # The trainer's sampler, so both runs see the same sub-networks and sizes.
     sampler = StimulativeTrainer(model=model_for(a), args=make_args(a)).subnet_sampler
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if CUDA else contextlib.nullcontext()
     start = None
     for step in range(a.warmup + a.steps):
         if step == a.warmup:
+            synchronize()
             start = time.perf_counter()
         lo = (step * a.batch) % len(data)
-        x, y = data.x[lo : lo + a.batch], data.y[lo : lo + a.batch]
-        logits = model(pixel_values=x).logits
-        loss = F.cross_entropy(logits, y)
-        for k in range(a.num_subnets):
-            subnet = sampler.sample(step, 0, k, image_size=x.shape[-2])
-            with use_subnet(stages, subnet), frozen_running_stats(model):
-                student = model(pixel_values=resize_for_subnet(x, subnet)).logits
-            loss = loss + distillation_loss("kl_direction", logits.detach(), student)
+        x = data.x[lo : lo + a.batch].to(device, non_blocking=True)
+        y = data.y[lo : lo + a.batch].to(device, non_blocking=True)
+        if CUDA:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast:
+            logits = model(pixel_values=x).logits
+            loss = F.cross_entropy(logits.float(), y)
+            for k in range(a.num_subnets):
+                subnet = sampler.sample(step, 0, k, image_size=x.shape[-2])
+                with use_subnet(stages, subnet), frozen_running_stats(model):
+                    student = model(pixel_values=resize_for_subnet(x, subnet)).logits
+                loss = loss + distillation_loss("kl_direction", logits.detach(), student)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    synchronize()
     return a.steps * a.batch / (time.perf_counter() - start)
 
 
@@ -118,13 +144,18 @@ def main() -> None:
         plain.append(run_plain(a, data))
         ours.append(run_trainer(a, data))
     best_plain, best_ours = max(plain), max(ours)
-    print(f"ResNet-{a.depth}, batch {a.batch}, ST++ K={a.num_subnets}, CPU ({os.cpu_count()} cores)")
+    device = torch.cuda.get_device_name() if CUDA else f"CPU ({os.cpu_count()} cores)"
+    print(f"ResNet-{a.depth}, batch {a.batch}, ST++ K={a.num_subnets}, {device}")
     print(f"plain PyTorch loop : {best_plain:8.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in plain)})")
     print(f"StimulativeTrainer : {best_ours:8.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in ours)})")
     print(f"ratio trainer / plain: {best_ours / best_plain:.3f}  (target >= 0.9)")
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"args": vars(a), "plain": plain, "trainer": ours, "ratio": best_ours / best_plain}, f, indent=2)
+            json.dump(
+                {"device": device, "args": vars(a), "plain": plain, "trainer": ours, "ratio": best_ours / best_plain},
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -3,6 +3,11 @@
   python bench/step_cost.py --model resnet50                 # GPU check: HF ResNet-50, 224 px, bf16, channels_last
   python bench/step_cost.py --model cifar_resnet56 --batch 128 --image-size 32   # CPU
   python bench/step_cost.py --model resnet50 --tiny          # smoke test of the script on a CPU
+  python bench/step_cost.py --model resnet50 --batch 16 --steps 3 --warmup 1 --twice   # ResNet-50 on a CPU
+
+ST++ draws a new input size for each sub-network (14..32 px at 32, 96..224 at 224): the first step at
+a size pays a one-off kernel creation, far above the step itself. Warm up until every size was
+seen, or pass --twice (the same draws again, all warm).
 
 Each configuration trains ``--steps`` optimizer steps on one synthetic batch that lives on the
 device (no data loading), through ``StimulativeTrainer.training_step`` plus the optimizer step, so
@@ -16,6 +21,7 @@ input sizes). Writes JSON with --json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import time
@@ -30,6 +36,7 @@ CONFIGS = {
     "CT": dict(stim_method="ct"),
     "ST K=1": dict(stim_method="st", num_subnets=1),
     "ST++ K=1": dict(stim_method="stpp", num_subnets=1),
+    "ST++ K=1 sequential": dict(stim_method="stpp", num_subnets=1, backward_strategy="sequential"),
     "ST++ K=6": dict(stim_method="stpp", num_subnets=6),
     "ST++ K=6 sequential": dict(stim_method="stpp", num_subnets=6, backward_strategy="sequential"),
 }
@@ -53,10 +60,16 @@ def build_model(name: str, tiny: bool):
 
 
 def measure(name: str, overrides: dict, args: argparse.Namespace, device: torch.device) -> dict:
+    """Time ``args.steps`` training steps of one configuration; its peak memory above what was allocated before."""
+    gc.collect()  # the previous configuration's trainer holds reference cycles: free its memory first
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    baseline = torch.cuda.memory_allocated() if cuda else 0
     torch.manual_seed(0)
     model = build_model(args.model, args.tiny).to(device)
     num_labels = model.config.num_labels
-    cuda = device.type == "cuda"
     training_args = StimulativeTrainingArguments(
         output_dir="/tmp/bench_step_cost", per_device_train_batch_size=args.batch, learning_rate=0.1, optim="sgd",
         report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=not cuda, bf16=cuda and not args.fp32,
@@ -72,8 +85,6 @@ def measure(name: str, overrides: dict, args: argparse.Namespace, device: torch.
         "labels": torch.randint(0, num_labels, (args.batch,), device=device),
     }
     times = []
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
     for step in range(args.warmup + args.steps):
         trainer.state.global_step = step
         if cuda:
@@ -87,7 +98,7 @@ def measure(name: str, overrides: dict, args: argparse.Namespace, device: torch.
         if step >= args.warmup:
             times.append(time.perf_counter() - start)
     step_time = sorted(times)[len(times) // 2]
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else float("nan")
+    peak = (torch.cuda.max_memory_allocated() - baseline) / 2**20 if cuda else float("nan")
 
     # FLOPs: full network once, every sub-network drawn during the timed steps at its input size.
     example = batch["pixel_values"][:1].float()
@@ -118,6 +129,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument(
+        "--twice",
+        action="store_true",
+        help="measure each configuration twice in a row and keep the second: its input sizes were all seen, so "
+        "one-off kernel creation (oneDNN on a CPU, cuDNN plans on a GPU) is out of the timing",
+    )
     parser.add_argument("--tiny", action="store_true", help="narrow model, small batch: a smoke test")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on the GPU")
     parser.add_argument("--json", default=None)
@@ -126,7 +143,14 @@ def main() -> None:
         args.batch, args.image_size, args.steps, args.warmup = 4, 64, 2, 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    rows = [measure(c, CONFIGS[c], args, device) for c in args.configs.split(",")]
+    rows = []
+    for config in args.configs.split(","):
+        row = measure(config, CONFIGS[config], args, device)
+        if args.twice:  # same seed, same sub-networks and sizes: kernels and plans now exist for all of them
+            cold = row["step_s"]
+            row = measure(config, CONFIGS[config], args, device)
+            row["first_pass_step_s"] = cold
+        rows.append(row)
     ct = next((r for r in rows if r["config"] == "CT"), rows[0])
     print(f"\n{args.model}, batch {args.batch}, {args.image_size} px, {name}")
     print(f"{'config':<22}{'images/s':>10}{'step ms':>10}{'peak MB':>10}{'time/CT':>9}{'FLOPs/CT':>10}")

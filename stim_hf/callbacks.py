@@ -176,13 +176,15 @@ class SubnetMonitorCallback(TrainerCallback):
         # Evaluation draws a DataLoader seed from torch's RNG: keep the training stream unchanged.
         with preserved_rng_state():
             loader = trainer.get_eval_dataloader(dataset)
+            batches = _PreparedBatches(trainer, loader)
             accuracies = [
-                evaluate_model(model, loader, trainer.stages, subnet, gather=trainer.accelerator.gather_for_metrics)[
+                evaluate_model(model, batches, trainer.stages, subnet, gather=trainer.accelerator.gather_for_metrics)[
                     "accuracy"
                 ]
                 for subnet in subnets
             ]
-        example = _example_input(trainer, dataset, loader).to(next(model.parameters()).device)
+        # float(): a pre-decoded pipeline's uint8 images count the same FLOPs as the normalised ones.
+        example = _example_input(trainer, dataset, loader).to(next(model.parameters()).device).float()
         shares = []
         for subnet in subnets:
             key = (subnet, tuple(example.shape[1:]))
@@ -228,6 +230,20 @@ def _log_entry(state: TrainerState, prefix: str) -> dict[str, Any] | None:
         if runtime in entry:
             return entry
     return None
+
+
+class _PreparedBatches:
+    """Re-iterable view of an evaluation loader whose batches went through the trainer's ``_prepare_inputs``.
+
+    So batches are on the device and finished by the trainer's ``batch_transform`` (the pre-decoded
+    pipeline normalises there), exactly as ``Trainer.evaluate`` sees them.
+    """
+
+    def __init__(self, trainer: StimulativeTrainer, loader) -> None:  # noqa: ANN001
+        self.trainer, self.loader = trainer, loader
+
+    def __iter__(self):  # noqa: ANN204
+        return (self.trainer._prepare_inputs(batch) for batch in self.loader)
 
 
 def _example_input(trainer: StimulativeTrainer, dataset, loader) -> torch.Tensor:

@@ -24,6 +24,8 @@ from stim_hf.errors import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 AUGMENTATIONS = ("cifar", "imagenet", "none")
+IMAGE_PIPELINES = ("pil", "predecoded")
+PREDECODED_AUGMENTATIONS = ("cifar", "none")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -135,6 +137,18 @@ class DataArguments:
         default=None,
         metadata={"help": "Cache directory of the datasets library (default: HF_DATASETS_CACHE)."},
     )
+    image_pipeline: str = field(
+        default="pil",
+        metadata={
+            "help": "'pil': decode and augment every image in the DataLoader workers each epoch (any preset, any "
+            "image size). 'predecoded': decode once into a cached uint8 column, then crop, flip and normalise "
+            "on the training device in batch (presets 'cifar' and 'none'; keeps a GPU fed on small images)."
+        },
+    )
+    preprocessing_num_workers: int | None = field(
+        default=None,
+        metadata={"help": "Processes for the one-off decoding of image_pipeline='predecoded' (default: one)."},
+    )
 
     def __post_init__(self) -> None:
         for name in (
@@ -233,6 +247,18 @@ class DataArguments:
                 f"augmentation='{self.augmentation}' is not a known preset; use one of {', '.join(AUGMENTATIONS)}"
             )
         self.augmentation = augmentation
+        pipeline = str(self.image_pipeline).strip().lower()
+        if pipeline not in IMAGE_PIPELINES:
+            raise ConfigError(
+                f"image_pipeline='{self.image_pipeline}' is not known; use one of {', '.join(IMAGE_PIPELINES)}"
+            )
+        self.image_pipeline = pipeline
+        if pipeline == "predecoded":
+            check_predecoded_augmentation(augmentation)
+        if self.preprocessing_num_workers is not None and self.preprocessing_num_workers < 1:
+            raise ConfigError(
+                f"preprocessing_num_workers={self.preprocessing_num_workers} must be at least 1; unset it for one"
+            )
         self.normalization()  # parses image_mean / image_std, raising ConfigError if malformed
 
     def _check_paths(self) -> None:
@@ -278,6 +304,16 @@ class DataArguments:
         if self.augmentation == "imagenet":
             return round(self.resolved_eval_image_size() / 0.875)
         return self.resolved_eval_image_size()
+
+
+def check_predecoded_augmentation(augmentation: str) -> None:
+    """Refuse augmentation presets the pre-decoded pipeline cannot run, naming the fix."""
+    if augmentation not in PREDECODED_AUGMENTATIONS:
+        raise ConfigError(
+            f"image_pipeline='predecoded' runs the augmentation presets {', '.join(PREDECODED_AUGMENTATIONS)} "
+            f"(fixed-size images, crops and flips on the device), not '{augmentation}'; use image_pipeline: pil "
+            "for ImageNet-style random resized crops"
+        )
 
 
 def _parse_triple(text: str, name: str) -> tuple[float, float, float]:

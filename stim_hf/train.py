@@ -19,6 +19,7 @@ from stim_hf.errors import ConfigError
 from stim_hf.metrics import build_compute_metrics, top_k_indices
 from stim_hf.modeling import build_model, check_saved_model_dir
 from stim_hf.parser import StimArgumentParser
+from stim_hf.predecoded import DeviceImageAugmentation, with_predecoded_transforms
 from stim_hf.trainer import StimulativeTrainer
 from stim_hf.transforms import collate_image_batch, with_image_transforms
 
@@ -86,11 +87,26 @@ def run_training(
             "with config.json and model.safetensors, or a hub model name (in the HF cache when offline)"
         ) from error
 
-    train_dataset = with_image_transforms(splits["train"], data_args, train=True) if training_args.do_train else None
-    eval_dataset = with_image_transforms(splits["validation"], data_args, train=False)
+    batch_transform = None
+    if data_args.image_pipeline == "predecoded":
+        num_proc = data_args.preprocessing_num_workers
+        with training_args.main_process_first(desc="decoding images once"):
+            train_dataset = (
+                with_predecoded_transforms(splits["train"], data_args, train=True, num_proc=num_proc)
+                if training_args.do_train
+                else None
+            )
+            eval_dataset = with_predecoded_transforms(splits["validation"], data_args, train=False, num_proc=num_proc)
+        batch_transform = DeviceImageAugmentation.from_data_args(data_args)
+    else:
+        train_dataset = (
+            with_image_transforms(splits["train"], data_args, train=True) if training_args.do_train else None
+        )
+        eval_dataset = with_image_transforms(splits["validation"], data_args, train=False)
     trainer = StimulativeTrainer(
         model=model,
         args=training_args,
+        batch_transform=batch_transform,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=collate_image_batch,

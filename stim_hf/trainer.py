@@ -5,12 +5,14 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
+from collections.abc import Callable
 from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -32,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 # Logged training scalars (means over the logging interval, reduced across processes).
 _LOG_KEYS = ("ce_loss", "kl_loss", "kl_coef", "subnet_depth_fraction", "subnet_input_size")
+# Setups whose gradients are plain tensors on the process's device (not FSDP / DeepSpeed / XLA shards).
+_PLAIN_GRADS = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
 # Sub-network inputs are never resized below this side, whatever min_input_scale says.
 MIN_SUBNET_INPUT_SIZE = 8
 
@@ -89,13 +93,23 @@ class StimulativeTrainer(ReliableTrainer):
     to the sub-network's (each on its own randomly down-scaled copy of the batch); one backward
     of the sum. Evaluation and prediction run the full network only. Use it like ``Trainer``,
     with :class:`~stim_hf.config.StimulativeTrainingArguments` as ``args``.
+
+    ``batch_transform``, if given, finishes every batch once it is on the device (training,
+    evaluation and BatchNorm recalibration alike), e.g. the pre-decoded pipeline's
+    :class:`~stim_hf.predecoded.DeviceImageAugmentation`.
     """
 
     # compute_loss returns a per-micro-batch mean: the Trainer must divide it by the number of
     # gradient accumulation steps (DESIGN.md 3: it guesses wrong for models taking **kwargs).
     loss_is_scaled_for_ga = False
 
-    def __init__(self, model: nn.Module | None = None, args: StimulativeTrainingArguments | None = None, **kwargs):
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: StimulativeTrainingArguments | None = None,
+        batch_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        **kwargs,
+    ):
         if args is None:
             args = StimulativeTrainingArguments(output_dir="trainer_output")
         if not isinstance(args, StimulativeTrainingArguments):
@@ -106,6 +120,9 @@ class StimulativeTrainer(ReliableTrainer):
         model = prepare_model(model, args) if model is not None else None
         super().__init__(model=model, args=args, **kwargs)
         self.model_accepts_loss_kwargs = False
+        self.batch_transform = batch_transform
+        self._num_parameters: int | None = None
+        self._trained_parameters: list[nn.Parameter] | None = None
         self.family, self.stages = None, None
         try:
             self.family, self.stages = find_residual_family(self.model)
@@ -154,6 +171,11 @@ class StimulativeTrainer(ReliableTrainer):
                 "sample_space, min_input_scale < 1, or stim_method: ct"
             )
         return sampler
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``Trainer._prepare_inputs`` (to the device), then ``batch_transform`` if one was given."""
+        inputs = super()._prepare_inputs(inputs)
+        return self.batch_transform(inputs) if self.batch_transform is not None else inputs
 
     # ----------------------------------------------------------------------------------------------
     # Loss
@@ -279,6 +301,49 @@ class StimulativeTrainer(ReliableTrainer):
             amplitude=args.logit_amplitude,
             normalization=args.logit_normalization,
         )
+
+    # ----------------------------------------------------------------------------------------------
+    # Per-step bookkeeping of the Trainer, made cheap (docs/benchmarks.md, framework overhead)
+    # ----------------------------------------------------------------------------------------------
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """``Trainer.floating_point_ops`` (6 x input elements x parameters) with the parameter count taken once.
+
+        The Trainer recounts the parameters, walking every module, on every step.
+        """
+        main_input = getattr(self.model, "main_input_name", "pixel_values")
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._num_parameters is None:
+            self._num_parameters = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._num_parameters
+
+    def _plain_parameters(self, model: nn.Module) -> list[nn.Parameter] | None:
+        """The trained parameters, listed once, where their gradients are plain tensors (one device, or DDP)."""
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or self.accelerator.distributed_type not in _PLAIN_GRADS:
+            return None
+        has_mixed_mesh = getattr(self, "_has_mixed_mesh_grads", None)
+        if has_mixed_mesh is not None and has_mixed_mesh(model):
+            return None
+        if self._trained_parameters is None:
+            self._trained_parameters = [p for p in model.parameters() if p.requires_grad]
+        return self._trained_parameters
+
+    def _clip_grad_norm(self, model: nn.Module) -> torch.Tensor:
+        """Clip to ``max_grad_norm`` as accelerate does (unscale, then torch's clip), over a parameter list kept once."""
+        parameters = self._plain_parameters(model)
+        if parameters is None:
+            return super()._clip_grad_norm(model)
+        self.accelerator.unscale_gradients()
+        return torch.nn.utils.clip_grad_norm_(parameters, self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: torch.Tensor | float | None = None) -> Any:
+        """The gradient norm the Trainer logs; without clipping, one fused norm over the kept parameter list."""
+        parameters = self._plain_parameters(model) if grad_norm is None else None
+        if parameters is None:
+            return super()._get_grad_norm(model, grad_norm)
+        grads = [p.grad for p in parameters if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.args.device)
 
     # ----------------------------------------------------------------------------------------------
     # Logging

@@ -144,10 +144,17 @@ def with_image_transforms(dataset: datasets.Dataset, data_args: DataArguments, t
 
 
 def collate_image_batch(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """The Trainer's collator: stack examples into ``{"pixel_values": (B, C, H, W), "labels": (B,)}``."""
+    """The Trainer's collator: stack examples into ``{"pixel_values": (B, C, H, W), "labels": (B,)}``.
+
+    Other tensor-valued keys (the pre-decoded pipeline's ``crop_flip``) are stacked too.
+    """
     if not examples:
         raise ValueError("cannot collate an empty batch")
-    return {
+    batch = {
         "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
         "labels": torch.tensor([int(example["labels"]) for example in examples], dtype=torch.long),
     }
+    for key, value in examples[0].items():  # e.g. the pre-decoded pipeline's per-image augmentation parameters
+        if key not in batch and isinstance(value, torch.Tensor):
+            batch[key] = torch.stack([example[key] for example in examples])
+    return batch

@@ -40,14 +40,32 @@ def params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_ct_update_equals_plain_trainer_bit_for_bit(tmp_path, tiny_cifar_resnet):
+@pytest.mark.parametrize("max_grad_norm", [1.0, 0.0])
+def test_ct_update_equals_plain_trainer_bit_for_bit(tmp_path, tiny_cifar_resnet, max_grad_norm):
+    """CT through StimulativeTrainer is Trainer: same weights, same logged loss, grad norm and FLOPs.
+
+    With and without clipping, since the trainer keeps its own (cheaper) gradient-norm and FLOP
+    bookkeeping; a transformers release that stopped calling it would show here too.
+    """
     data = make_dataset()
     model_a = tiny_cifar_resnet()
     model_b = copy.deepcopy(model_a)
-    stim = StimulativeTrainer(model=model_a, args=make_args(tmp_path, stim_method="ct"), train_dataset=data)
+    args = make_args(tmp_path, stim_method="ct", max_grad_norm=max_grad_norm)
+    calls = {"grad_norm": 0, "flops": 0}
+
+    class Counting(StimulativeTrainer):
+        def _get_grad_norm(self, model, grad_norm=None):
+            calls["grad_norm"] += 1
+            return super()._get_grad_norm(model, grad_norm)
+
+        def floating_point_ops(self, inputs):
+            calls["flops"] += 1
+            return super().floating_point_ops(inputs)
+
+    stim = Counting(model=model_a, args=args, train_dataset=data)
     stim.train()
     plain_args = TrainingArguments(
-        **{k: v for k, v in make_args(tmp_path).to_dict().items() if k in TrainingArguments.__dataclass_fields__}
+        **{k: v for k, v in args.to_dict().items() if k in TrainingArguments.__dataclass_fields__}
         | {"output_dir": str(tmp_path / "plain"), "remove_unused_columns": False}
     )
     plain = Trainer(model=model_b, args=plain_args, train_dataset=data)
@@ -58,6 +76,10 @@ def test_ct_update_equals_plain_trainer_bit_for_bit(tmp_path, tiny_cifar_resnet)
         assert torch.equal(a[key], b[key]), key
     # And the models really moved.
     assert not torch.equal(a["classifier.weight"], params(tiny_cifar_resnet())["classifier.weight"])
+    logged = [(h["loss"], h["grad_norm"]) for h in stim.state.log_history if "loss" in h]
+    assert logged == [(h["loss"], h["grad_norm"]) for h in plain.state.log_history if "loss" in h]
+    assert stim.state.total_flos == plain.state.total_flos > 0
+    assert calls == {"grad_norm": 4, "flops": 4}
 
 
 def test_stpp_step_differs_from_ct(tmp_path, tiny_cifar_resnet):

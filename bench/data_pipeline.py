@@ -1,0 +1,285 @@
+"""Data pipeline: can the `datasets` image pipeline feed stimulative training without the model waiting?
+
+  python bench/data_pipeline.py                                   # CPU: CIFAR-10 parquet + 224 px JPEGs
+  python bench/data_pipeline.py --cifar-dir shared/data/cifar10 --warmup 30 --steps 150 --jpeg-workers 0,8 \
+      --jpeg-count 1600 --jpeg-batch 64                                  # on a GPU machine (bench/gpu_check.sh)
+
+Three measurements, each printed as a table and written to JSON with --json:
+
+1. Pipeline alone: images/s out of the Trainer's own training DataLoader (decode + augment +
+   collate, the recipe's ``dataloader_num_workers``, moved to the device and finished by the
+   trainer's ``batch_transform``), for CIFAR-10 parquet with both image pipelines ('pil':
+   torchvision per image in the workers; 'predecoded': decoded once, crop / flip / normalise on
+   the device in batch), and for 224 px ImageNet-style JPEGs (generated, ``imagenet`` preset) at
+   several worker counts.
+2. CIFAR-10 ResNet-56, ST++ (K = --num-subnets), batch 128, through StimulativeTrainer.train():
+   throughput with pre-made tensors in memory, then end to end with each pipeline. Target
+   (issue 6): end to end >= 0.9 x pre-made.
+3. For the JPEGs: the ResNet-50 (224 px) training step throughput on a device-resident batch
+   (bench/step_cost.py), to say how many workers the JPEG pipeline needs to keep up.
+
+The CIFAR parquet files are read from --cifar-dir (the project's shared data folder); the JPEGs are
+written to a temporary folder. The one-off decoding of the 'predecoded' pipeline is timed cold
+(fresh datasets cache) and reported separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import PIL.Image
+import torch
+from torch.utils.data import Dataset
+from transformers import TrainerCallback
+
+from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
+from stim_hf.data import DataArguments, load_image_datasets
+from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification
+from stim_hf.predecoded import DeviceImageAugmentation, with_predecoded_transforms
+from stim_hf.transforms import collate_image_batch, with_image_transforms
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import step_cost  # noqa: E402  (bench/step_cost.py: the model step on a device-resident batch)
+
+
+class PreMade(Dataset):
+    """Pre-made normalised float tensors in memory: the model's throughput with no data pipeline."""
+
+    def __init__(self, count: int, size: int, num_labels: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(count, 3, size, size, generator=g)
+        self.y = torch.randint(0, num_labels, (count,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+class StepTimer(TrainerCallback):
+    """Wall time from the start of step ``warmup`` to the end of the last step."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.start, self.end = warmup, None, None
+
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, D102
+        if state.global_step == self.warmup:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self.start = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, D102
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.end = time.perf_counter()
+
+
+def training_args(a: argparse.Namespace, workers: int, max_steps: int) -> StimulativeTrainingArguments:
+    """The benchmark's Trainer settings: the recipe's ST++ and optimiser, no saving, no evaluation."""
+    cuda = torch.cuda.is_available()
+    return StimulativeTrainingArguments(
+        output_dir=os.path.join(tempfile.gettempdir(), "bench_data_pipeline"), stim_method="stpp",
+        num_subnets=a.num_subnets, per_device_train_batch_size=a.batch, max_steps=max_steps, learning_rate=0.05,
+        optim="sgd", lr_scheduler_type="constant", report_to="none", save_strategy="no", logging_steps=10**6,
+        disable_tqdm=True, use_cpu=not cuda, bf16=cuda, channels_last=cuda, dataloader_num_workers=workers,
+        num_eval_subnets=0, seed=0,
+    )  # fmt: skip
+
+
+def cifar_model(depth: int) -> CifarResNetForImageClassification:
+    """A randomly initialised CIFAR ResNet (same weights every call)."""
+    torch.manual_seed(0)
+    return CifarResNetForImageClassification(CifarResNetConfig(depth=depth, num_labels=10))
+
+
+def cifar_data_args(a: argparse.Namespace, pipeline: str, cache_dir: str) -> DataArguments:
+    """The CIFAR-10 recipe's data settings with the given image pipeline."""
+    return DataArguments(
+        train_file=os.path.join(a.cifar_dir, "train.parquet"),
+        validation_file=os.path.join(a.cifar_dir, "test.parquet"),
+        image_size=32, augmentation="cifar", image_pipeline=pipeline, dataset_cache_dir=cache_dir,
+    )  # fmt: skip
+
+
+def pipeline_dataset(data_args: DataArguments, splits, workers: int):  # noqa: ANN001
+    """(training dataset, batch_transform, one-off decoding seconds) for ``data_args``' pipeline."""
+    if data_args.image_pipeline == "predecoded":
+        start = time.perf_counter()
+        dataset = with_predecoded_transforms(splits["train"], data_args, train=True, num_proc=workers or None)
+        return dataset, DeviceImageAugmentation.from_data_args(data_args), time.perf_counter() - start
+    return with_image_transforms(splits["train"], data_args, train=True), None, 0.0
+
+
+def loader_throughput(trainer: StimulativeTrainer, batches: int, skip: int) -> float:
+    """Images/s out of the trainer's training DataLoader, batches moved to the device and finished.
+
+    Timed from batch ``skip`` on; with ``skip=0`` from the creation of the loader's iterator, so
+    the start of its worker processes is included.
+    """
+    seen, start = 0, time.perf_counter()
+    for index, batch in enumerate(trainer.get_train_dataloader()):
+        if index == skip:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start, seen = time.perf_counter(), 0
+        batch = trainer._prepare_inputs(batch)
+        seen += len(batch["labels"])
+        if index + 1 == skip + batches:
+            break
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - start)
+
+
+def train_throughput(a: argparse.Namespace, dataset: Dataset, batch_transform, workers: int) -> float:  # noqa: ANN001
+    """Images/s of StimulativeTrainer.train() on ``dataset`` after ``--warmup`` steps."""
+    timer = StepTimer(a.warmup)
+    trainer = StimulativeTrainer(
+        model=cifar_model(a.depth), args=training_args(a, workers, a.warmup + a.steps), train_dataset=dataset,
+        data_collator=collate_image_batch, batch_transform=batch_transform, callbacks=[timer],
+    )  # fmt: skip
+    trainer.train()
+    return a.steps * a.batch / (timer.end - timer.start)
+
+
+def make_jpegs(folder: str, count: int, classes: int = 10) -> None:
+    """``count`` ImageNet-like JPEGs (crops of 300..500 px of a smooth textured field + noise) in class subfolders."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:640, 0:640] / 640
+    field = np.stack([np.sin(9 * xx + c) * np.cos(7 * yy * (c + 1)) for c in range(3)], -1)
+    texture = (127 + 90 * field + rng.normal(0, 20, field.shape)).clip(0, 255).astype(np.uint8)
+    for i in range(count):
+        height, width = int(rng.integers(300, 501)), int(rng.integers(300, 501))
+        top, left = int(rng.integers(0, 641 - height)), int(rng.integers(0, 641 - width))
+        crop = texture[top : top + height, left : left + width]
+        target = os.path.join(folder, f"class_{i % classes}")
+        os.makedirs(target, exist_ok=True)
+        PIL.Image.fromarray(np.roll(crop, i % 3, axis=-1)).save(os.path.join(target, f"{i:05d}.jpg"), quality=90)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cifar-dir", default=os.path.join(os.path.dirname(__file__), "../../shared/data/cifar10"))
+    parser.add_argument("--depth", type=int, default=56)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--num-subnets", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=2, help="dataloader_num_workers (the CIFAR recipe's: 2)")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=2, help="alternated repeats of the training runs (best kept)")
+    parser.add_argument("--loader-batches", type=int, default=60, help="batches timed in the pipeline-only runs")
+    parser.add_argument("--jpeg-count", type=int, default=400)
+    parser.add_argument(
+        "--jpeg-workers", default="0,2", help="worker counts for the 224 px JPEG pipeline (0: in the main process)"
+    )
+    parser.add_argument("--jpeg-batch", type=int, default=32)
+    parser.add_argument("--resnet50-batch", type=int, default=None, help="default: 128 on a GPU, 16 on a CPU")
+    parser.add_argument("--skip-jpeg", action="store_true")
+    parser.add_argument("--json", default=None)
+    a = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
+    result: dict = {"device": device, "args": vars(a)}
+
+    with tempfile.TemporaryDirectory() as cache_dir:
+        # -- CIFAR-10: pipeline alone ---------------------------------------------------------------
+        splits = load_image_datasets(cifar_data_args(a, "pil", cache_dir), seed=0)
+        cifar: dict = {}
+        for pipeline in ("pil", "predecoded"):
+            data_args = cifar_data_args(a, pipeline, cache_dir)
+            dataset, transform, decode_s = pipeline_dataset(data_args, splits, a.workers)
+            trainer = StimulativeTrainer(
+                model=cifar_model(20), args=training_args(a, a.workers, 1), train_dataset=dataset,
+                data_collator=collate_image_batch, batch_transform=transform,
+            )  # fmt: skip
+            rate = loader_throughput(trainer, a.loader_batches, skip=3)
+            cifar[pipeline] = {"dataset": dataset, "transform": transform, "loader_images_per_s": rate}
+            cifar[pipeline]["decode_once_s"] = decode_s
+
+        # -- CIFAR-10 ResNet-56 ST++: pre-made tensors vs end to end --------------------------------
+        # Alternated repeats, best of each: machine noise and one-off kernel creation (a CPU's oneDNN
+        # creates kernels per input size, once per process) hit every configuration alike.
+        premade = PreMade((a.warmup + a.steps) * a.batch, 32, 10)
+        runs: dict[str, list[float]] = {"pre-made tensors": [], "end to end, pil": [], "end to end, predecoded": []}
+        for _ in range(a.repeats):
+            runs["pre-made tensors"].append(train_throughput(a, premade, None, 0))
+            for pipeline in ("pil", "predecoded"):
+                c = cifar[pipeline]
+                runs[f"end to end, {pipeline}"].append(train_throughput(a, c["dataset"], c["transform"], a.workers))
+        rows = {name: max(rates) for name, rates in runs.items()}
+
+    print(f"\nCIFAR-10 parquet, batch {a.batch}, {a.workers} workers, {device}")
+    print(f"{'pipeline':<12}{'images/s (pipeline alone)':>28}{'one-off decoding':>20}")
+    for pipeline in ("pil", "predecoded"):
+        c = cifar[pipeline]
+        print(f"{pipeline:<12}{c['loader_images_per_s']:>28.0f}{c['decode_once_s']:>19.1f}s")
+    reference = rows["pre-made tensors"]
+    print(f"\nResNet-{a.depth}, ST++ K={a.num_subnets}, StimulativeTrainer.train()")
+    print(f"{'data':<28}{'images/s':>10}{'/ pre-made':>12}   runs")
+    for name, rate in rows.items():
+        print(f"{name:<28}{rate:>10.1f}{rate / reference:>12.3f}   {', '.join(f'{r:.1f}' for r in runs[name])}")
+    result["cifar"] = {
+        "pipeline_alone": {
+            p: {k: v for k, v in c.items() if k not in ("dataset", "transform")} for p, c in cifar.items()
+        },
+        "training_images_per_s": rows,
+        "training_runs": runs,
+        "ratio_to_premade": {k: v / reference for k, v in rows.items()},
+    }
+
+    # -- 224 px JPEGs --------------------------------------------------------------------------------
+    if not a.skip_jpeg:
+        with tempfile.TemporaryDirectory() as folder:
+            make_jpegs(folder, a.jpeg_count)
+            data_args = DataArguments(train_dir=folder, image_size=224, augmentation="imagenet", train_val_split=0.1)
+            splits = load_image_datasets(data_args, seed=0)
+            dataset = with_image_transforms(splits["train"], data_args, train=True)
+            jpeg: dict = {}
+            for workers in [int(w) for w in a.jpeg_workers.split(",")]:
+                args = training_args(a, workers, 1)
+                args.per_device_train_batch_size = a.jpeg_batch
+                trainer = StimulativeTrainer(
+                    model=cifar_model(20), args=args, train_dataset=dataset, data_collator=collate_image_batch
+                )
+                # In one process: steady state after 2 batches. With workers: the whole pass over the
+                # images from the loader's start (prefetching would flatter a partial pass).
+                batches = len(dataset) // a.jpeg_batch
+                jpeg[workers] = (
+                    loader_throughput(trainer, batches - 2, 2)
+                    if workers == 0
+                    else loader_throughput(trainer, batches, 0)
+                )
+        step_args = argparse.Namespace(
+            model="resnet50", tiny=False, batch=a.resnet50_batch or (128 if cuda else 16), image_size=224,
+            steps=10 if cuda else 3, warmup=5 if cuda else 2, fp32=False,
+        )  # fmt: skip
+        target = torch.device("cuda" if cuda else "cpu")
+        model_rates = {
+            name: step_cost.measure(name, step_cost.CONFIGS[name], step_args, target)["images_per_s"]
+            for name in ("CT", "ST++ K=6")
+        }
+        print(f"\n224 px JPEGs (imagenet preset: decode + random resized crop + flip + colour jitter), {device}")
+        print(f"{'workers':<10}{'images/s':>10}{'images/s per worker':>22}")
+        for workers, rate in jpeg.items():
+            print(f"{workers:<10}{rate:>10.0f}{rate / workers if workers else rate:>22.0f}")
+        per_worker = jpeg[0] if 0 in jpeg else max(rate / max(workers, 1) for workers, rate in jpeg.items())
+        print(f"ResNet-50 at 224 px, batch {step_args.batch}, training step on a device-resident batch:")
+        for name, rate in model_rates.items():
+            print(f"  {name:<10}{rate:>8.0f} images/s -> needs about {rate / per_worker:.2f} cores of decoding")
+        result["jpeg"] = {"loader_images_per_s": jpeg, "resnet50_images_per_s": model_rates}
+
+    if a.json:
+        os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
+        with open(a.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The GPU check of issue 6 in one run: step cost and CUDA peak memory of both backward strategies
+# (benchmarks 1 and 4), framework overhead (2) and data pipeline (3), on one GPU. Each benchmark writes its JSON
+# to $OUT (default bench/out/gpu); everything printed also goes to $OUT/gpu_check.log.
+#
+#   bash bench/gpu_check.sh        # needs shared/data/cifar10/{train,test}.parquet inside the repo
+#
+# Missing Python packages can come as wheels in .whl/ (installed into /tmp/site first).
+set -u
+OUT_DIR=${OUT:-bench/out/gpu}
+mkdir -p "$OUT_DIR"
+LOG="$OUT_DIR/gpu_check.log"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONPATH="$PWD"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site:$PWD"
+fi
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch, transformers, accelerate, datasets; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__, 'datasets', datasets.__version__)"
+} 2>&1 | tee "$LOG"
+
+run() {  # run NAME SECONDS SCRIPT ARGS...: one benchmark under a time limit, its output appended to the log
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name: python3 $* ($(date -u +%T))" | tee -a "$LOG"
+  timeout "$limit" python3 "$@" --json "$OUT_DIR/$name.json" 2>&1 | grep -v -i -E "warn|^\s*$|it/s\]|examples/s\]" \
+    | tee -a "$LOG" | tail -n 40
+}
+
+run step_cost_resnet50 90 bench/step_cost.py --model resnet50 --batch 128 --image-size 224 --steps 15 --warmup 5
+run step_cost_resnet56 50 bench/step_cost.py --model cifar_resnet56 --batch 128 --image-size 32 --steps 40 --warmup 20
+run framework_overhead 50 bench/framework_overhead.py --depth 56 --batch 128 --warmup 30 --steps 100 --repeats 2
+run data_pipeline 170 bench/data_pipeline.py --cifar-dir shared/data/cifar10 --warmup 30 --steps 100 \
+  --loader-batches 150 --jpeg-workers 0,8 --jpeg-count 1600 --jpeg-batch 64
+echo "=== done ($(date -u +%T))" | tee -a "$LOG"
