@@ -73,7 +73,7 @@ def measure(name: str, overrides: dict, args: argparse.Namespace, device: torch.
     training_args = StimulativeTrainingArguments(
         output_dir="/tmp/bench_step_cost", per_device_train_batch_size=args.batch, learning_rate=0.1, optim="sgd",
         report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=not cuda, bf16=cuda and not args.fp32,
-        channels_last=cuda, max_steps=args.steps, num_eval_subnets=0, seed=0, **overrides,
+        channels_last=cuda if getattr(args, "channels_last", None) is None else args.channels_last, max_steps=args.steps, num_eval_subnets=0, seed=0, **overrides,
     )  # fmt: skip
     trainer = StimulativeTrainer(model=model, args=training_args)
     trainer.create_optimizer_and_scheduler(num_training_steps=args.steps)
@@ -137,6 +137,10 @@ def main() -> None:
     )
     parser.add_argument("--tiny", action="store_true", help="narrow model, small batch: a smoke test")
     parser.add_argument("--fp32", action="store_true", help="no bf16 autocast on the GPU")
+    parser.add_argument(
+        "--channels-last", default=None, type=lambda v: v.lower() in ("1", "true", "yes"),
+        help="true / false: channels_last memory format (default: on a GPU only)",
+    )  # fmt: skip
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if args.tiny:
