@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 6 in one run: step cost and CUDA peak memory of both backward strategies
+# The GPU check of issue 6 in one run (about 7 minutes on an H200): step cost and CUDA peak memory of both backward strategies
 # (benchmarks 1 and 4), framework overhead (2) and data pipeline (3), on one GPU. Each benchmark writes its JSON
 # to $OUT (default bench/out/gpu); everything printed also goes to $OUT/gpu_check.log.
 #
@@ -30,9 +30,9 @@ run() {  # run NAME SECONDS SCRIPT ARGS...: one benchmark under a time limit, it
     | tee -a "$LOG" | tail -n 40
 }
 
-run step_cost_resnet50 90 bench/step_cost.py --model resnet50 --batch 128 --image-size 224 --steps 15 --warmup 5
-run step_cost_resnet56 50 bench/step_cost.py --model cifar_resnet56 --batch 128 --image-size 32 --steps 40 --warmup 20
-run framework_overhead 50 bench/framework_overhead.py --depth 56 --batch 128 --warmup 30 --steps 100 --repeats 2
-run data_pipeline 170 bench/data_pipeline.py --cifar-dir shared/data/cifar10 --warmup 30 --steps 100 \
+# --twice: each configuration again with the same draws, every input size warm (cuDNN sets up each new shape once)
+run step_cost_resnet50 150 bench/step_cost.py --model resnet50 --batch 128 --image-size 224 --steps 15 --warmup 5 --twice
+run framework_overhead 80 bench/framework_overhead.py --depth 56 --batch 128 --warmup 30 --steps 100 --repeats 3
+run data_pipeline 200 bench/data_pipeline.py --cifar-dir shared/data/cifar10 --warmup 30 --steps 100 --repeats 3 \
   --loader-batches 150 --jpeg-workers 0,8 --jpeg-count 1600 --jpeg-batch 64
 echo "=== done ($(date -u +%T))" | tee -a "$LOG"
