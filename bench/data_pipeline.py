@@ -36,49 +36,16 @@ import numpy as np
 import PIL.Image
 import torch
 from torch.utils.data import Dataset
-from transformers import TrainerCallback
 
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
 from stim_hf.data import DataArguments, load_image_datasets
 from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification
-from stim_hf.predecoded import DeviceImageAugmentation, with_predecoded_transforms
+from stim_hf.train import pipeline_batch_transform, with_pipeline_transforms
 from stim_hf.transforms import collate_image_batch, with_image_transforms
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import framework_overhead  # noqa: E402  (bench/framework_overhead.py: in-memory tensors, the step timer)
 import step_cost  # noqa: E402  (bench/step_cost.py: the model step on a device-resident batch)
-
-
-class PreMade(Dataset):
-    """Pre-made normalised float tensors in memory: the model's throughput with no data pipeline."""
-
-    def __init__(self, count: int, size: int, num_labels: int) -> None:
-        g = torch.Generator().manual_seed(0)
-        self.x = torch.randn(count, 3, size, size, generator=g)
-        self.y = torch.randint(0, num_labels, (count,), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> dict:
-        return {"pixel_values": self.x[i], "labels": self.y[i]}
-
-
-class StepTimer(TrainerCallback):
-    """Wall time from the start of step ``warmup`` to the end of the last step."""
-
-    def __init__(self, warmup: int) -> None:
-        self.warmup, self.start, self.end = warmup, None, None
-
-    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001, D102
-        if state.global_step == self.warmup:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, D102
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.end = time.perf_counter()
 
 
 def training_args(a: argparse.Namespace, workers: int, max_steps: int) -> StimulativeTrainingArguments:
@@ -105,16 +72,15 @@ def cifar_data_args(a: argparse.Namespace, pipeline: str, cache_dir: str) -> Dat
         train_file=os.path.join(a.cifar_dir, "train.parquet"),
         validation_file=os.path.join(a.cifar_dir, "test.parquet"),
         image_size=32, augmentation="cifar", image_pipeline=pipeline, dataset_cache_dir=cache_dir,
+        preprocessing_num_workers=a.workers or None,
     )  # fmt: skip
 
 
-def pipeline_dataset(data_args: DataArguments, splits, workers: int):  # noqa: ANN001
-    """(training dataset, batch_transform, one-off decoding seconds) for ``data_args``' pipeline."""
-    if data_args.image_pipeline == "predecoded":
-        start = time.perf_counter()
-        dataset = with_predecoded_transforms(splits["train"], data_args, train=True, num_proc=workers or None)
-        return dataset, DeviceImageAugmentation.from_data_args(data_args), time.perf_counter() - start
-    return with_image_transforms(splits["train"], data_args, train=True), None, 0.0
+def pipeline_dataset(data_args: DataArguments, splits):  # noqa: ANN001
+    """(training dataset, batch_transform, seconds to prepare it) for ``data_args``' pipeline (the job's own code)."""
+    start = time.perf_counter()
+    dataset = with_pipeline_transforms(splits["train"], data_args, train=True)
+    return dataset, pipeline_batch_transform(data_args), time.perf_counter() - start
 
 
 def loader_throughput(trainer: StimulativeTrainer, batches: int, skip: int) -> float:
@@ -140,7 +106,7 @@ def loader_throughput(trainer: StimulativeTrainer, batches: int, skip: int) -> f
 
 def train_throughput(a: argparse.Namespace, dataset: Dataset, batch_transform, workers: int) -> float:  # noqa: ANN001
     """Images/s of StimulativeTrainer.train() on ``dataset`` after ``--warmup`` steps."""
-    timer = StepTimer(a.warmup)
+    timer = framework_overhead.StepTimer(a.warmup)
     trainer = StimulativeTrainer(
         model=cifar_model(a.depth), args=training_args(a, workers, a.warmup + a.steps), train_dataset=dataset,
         data_collator=collate_image_batch, batch_transform=batch_transform, callbacks=[timer],
@@ -194,7 +160,7 @@ def main() -> None:
         cifar: dict = {}
         for pipeline in ("pil", "predecoded"):
             data_args = cifar_data_args(a, pipeline, cache_dir)
-            dataset, transform, decode_s = pipeline_dataset(data_args, splits, a.workers)
+            dataset, transform, decode_s = pipeline_dataset(data_args, splits)
             trainer = StimulativeTrainer(
                 model=cifar_model(20), args=training_args(a, a.workers, 1), train_dataset=dataset,
                 data_collator=collate_image_batch, batch_transform=transform,
@@ -206,7 +172,7 @@ def main() -> None:
         # -- CIFAR-10 ResNet-56 ST++: pre-made tensors vs end to end --------------------------------
         # Alternated repeats, best of each: machine noise and one-off kernel creation (a CPU's oneDNN
         # creates kernels per input size, once per process) hit every configuration alike.
-        premade = PreMade((a.warmup + a.steps) * a.batch, 32, 10)
+        premade = framework_overhead.InMemory((a.warmup + a.steps) * a.batch, 32)
         runs: dict[str, list[float]] = {"pre-made tensors": [], "end to end, pil": [], "end to end, predecoded": []}
         for _ in range(a.repeats):
             runs["pre-made tensors"].append(train_throughput(a, premade, None, 0))

@@ -28,7 +28,6 @@ idle machine; --threads sets torch's intra-op threads.
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib.util
 import json
 import os
@@ -138,9 +137,6 @@ def run_grid(args: argparse.Namespace, device: torch.device) -> list[dict]:
                 }
             )  # fmt: skip
             print(f"  depth {depth:>3} {name:<10} {1000 * result['step_s']:>9.1f} ms/step", flush=True)
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
     for row in rows:
         ct = next(r for r in rows if r["depth"] == row["depth"] and r["num_subnets"] == 0)
         row["time_ratio_to_ct"] = row["step_s"] / ct["step_s"]

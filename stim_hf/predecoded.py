@@ -29,8 +29,7 @@ import torch
 from torchvision.transforms import v2
 
 from stim_hf.data import ROW_INDEX_COLUMN, check_predecoded_augmentation
-from stim_hf.errors import DataError
-from stim_hf.transforms import decode_image
+from stim_hf.transforms import decode_image, undecoded_images
 
 if TYPE_CHECKING:
     from stim_hf.data import DataArguments
@@ -85,16 +84,7 @@ def predecode(
     """
     check_predecoded_augmentation(data_args.augmentation)
     image_column = data_args.image_column_name
-    if image_column not in dataset.column_names:
-        raise DataError(
-            f"image column '{image_column}' not found (columns: {', '.join(dataset.column_names)}); "
-            "set image_column_name to one of them"
-        )
-    feature = dataset.features[image_column]
-    if not isinstance(feature, datasets.Image):
-        raise DataError(f"image column '{image_column}' holds {feature!r}, not images; set image_column_name")
-    if feature.decode:
-        dataset = dataset.cast_column(image_column, datasets.Image(mode=feature.mode, decode=False))
+    dataset = undecoded_images(dataset, data_args)
     resize, crop = stored_size(data_args, train)
     features = datasets.Features({k: v for k, v in dataset.features.items() if k != image_column})
     features[PIXELS_COLUMN] = datasets.Value("binary")
@@ -148,14 +138,9 @@ def with_predecoded_transforms(
     which finishes the augmentation and normalisation on the device.
     """
     label_column = data_args.label_column_name
-    if label_column not in dataset.column_names:
-        raise DataError(
-            f"label column '{label_column}' not found (columns: {', '.join(dataset.column_names)}); "
-            "set label_column_name to one of them"
-        )
     decoded = predecode(dataset, data_args, train, num_proc)
     _, crop = stored_size(data_args, train)
-    padding = crop // 8 if train and data_args.augmentation == "cifar" else None
+    padding = data_args.crop_padding() if train and data_args.augmentation == "cifar" else None
     transform = PredecodedBatchTransform(crop, label_column, padding)
     return decoded.with_transform(transform, columns=[PIXELS_COLUMN, label_column])
 
@@ -196,7 +181,7 @@ class DeviceImageAugmentation:
         """The augmentation matching ``data_args``' preset, size and normalisation."""
         check_predecoded_augmentation(data_args.augmentation)
         mean, std = data_args.normalization()
-        return cls(mean, std, data_args.image_size // 8)
+        return cls(mean, std, data_args.crop_padding())
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         """Finish a batch on the device: ``pixel_values`` becomes normalised float32; the parameters are consumed."""

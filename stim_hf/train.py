@@ -64,6 +64,18 @@ def check_model_source(model_args: ModelArguments) -> None:
     check_saved_model_dir(path, f"model_name_or_path='{source}'")
 
 
+def with_pipeline_transforms(dataset: datasets.Dataset, data_args: DataArguments, train: bool) -> datasets.Dataset:
+    """``dataset`` ready for the Trainer through ``data_args.image_pipeline`` ('pil' or 'predecoded')."""
+    if data_args.image_pipeline == "predecoded":
+        return with_predecoded_transforms(dataset, data_args, train, num_proc=data_args.preprocessing_num_workers)
+    return with_image_transforms(dataset, data_args, train)
+
+
+def pipeline_batch_transform(data_args: DataArguments) -> DeviceImageAugmentation | None:
+    """The trainer's ``batch_transform`` that finishes the configured pipeline on the device (None for 'pil')."""
+    return DeviceImageAugmentation.from_data_args(data_args) if data_args.image_pipeline == "predecoded" else None
+
+
 def run_training(
     model_args: ModelArguments, data_args: DataArguments, training_args: StimulativeTrainingArguments
 ) -> dict[str, Any]:
@@ -87,26 +99,16 @@ def run_training(
             "with config.json and model.safetensors, or a hub model name (in the HF cache when offline)"
         ) from error
 
-    batch_transform = None
-    if data_args.image_pipeline == "predecoded":
-        num_proc = data_args.preprocessing_num_workers
-        with training_args.main_process_first(desc="decoding images once"):
-            train_dataset = (
-                with_predecoded_transforms(splits["train"], data_args, train=True, num_proc=num_proc)
-                if training_args.do_train
-                else None
-            )
-            eval_dataset = with_predecoded_transforms(splits["validation"], data_args, train=False, num_proc=num_proc)
-        batch_transform = DeviceImageAugmentation.from_data_args(data_args)
-    else:
+    # Pre-decoding writes a datasets cache: the main process first, the others then read it.
+    with training_args.main_process_first(desc="preparing the image pipeline"):
         train_dataset = (
-            with_image_transforms(splits["train"], data_args, train=True) if training_args.do_train else None
+            with_pipeline_transforms(splits["train"], data_args, train=True) if training_args.do_train else None
         )
-        eval_dataset = with_image_transforms(splits["validation"], data_args, train=False)
+        eval_dataset = with_pipeline_transforms(splits["validation"], data_args, train=False)
     trainer = StimulativeTrainer(
         model=model,
         args=training_args,
-        batch_transform=batch_transform,
+        batch_transform=pipeline_batch_transform(data_args),
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=collate_image_batch,

@@ -51,7 +51,7 @@ def build_transforms(data_args: DataArguments, train: bool) -> v2.Compose:
     if data_args.augmentation == "cifar" and train:
         geometry = [
             v2.Resize(size, antialias=True),
-            v2.RandomCrop(size, padding=size // 8),
+            v2.RandomCrop(size, padding=data_args.crop_padding()),
             v2.RandomHorizontalFlip(),
         ]
     elif data_args.augmentation == "imagenet" and train:
@@ -114,13 +114,12 @@ class BatchImageTransform:
         return {"pixel_values": pixel_values, "labels": [int(label) for label in batch[self.label_column]]}
 
 
-def with_image_transforms(dataset: datasets.Dataset, data_args: DataArguments, train: bool) -> datasets.Dataset:
-    """A view of ``dataset`` whose rows are ``{"pixel_values": tensor, "labels": int}``, built on access.
+def undecoded_images(dataset: datasets.Dataset, data_args: DataArguments) -> datasets.Dataset:
+    """``dataset`` with its image and label columns checked and the image column cast to ``Image(decode=False)``.
 
-    Uses ``dataset.with_transform`` with :func:`build_transforms`'s preset (training augmentation
-    when ``train``); images are decoded by :func:`decode_image` (the image column is cast to
-    ``Image(decode=False)``) so undecodable files raise a :class:`DataError` naming them.
-    The Trainer needs ``remove_unused_columns=False`` for this.
+    Both pipelines decode the images themselves (:func:`decode_image`), so that an undecodable
+    file raises a :class:`DataError` naming it. A missing column, or an image column that holds
+    no images, is a :class:`DataError` naming the argument to set.
     """
     image_column, label_column = data_args.image_column_name, data_args.label_column_name
     columns = ", ".join(dataset.column_names)
@@ -138,6 +137,19 @@ def with_image_transforms(dataset: datasets.Dataset, data_args: DataArguments, t
         )
     if feature.decode:
         dataset = dataset.cast_column(image_column, datasets.Image(mode=feature.mode, decode=False))
+    return dataset
+
+
+def with_image_transforms(dataset: datasets.Dataset, data_args: DataArguments, train: bool) -> datasets.Dataset:
+    """A view of ``dataset`` whose rows are ``{"pixel_values": tensor, "labels": int}``, built on access.
+
+    Uses ``dataset.with_transform`` with :func:`build_transforms`'s preset (training augmentation
+    when ``train``); images are decoded by :func:`decode_image` (the image column is cast to
+    ``Image(decode=False)``) so undecodable files raise a :class:`DataError` naming them.
+    The Trainer needs ``remove_unused_columns=False`` for this.
+    """
+    image_column, label_column = data_args.image_column_name, data_args.label_column_name
+    dataset = undecoded_images(dataset, data_args)
     wanted = [image_column, label_column] + ([ROW_INDEX_COLUMN] if ROW_INDEX_COLUMN in dataset.column_names else [])
     transform = BatchImageTransform(build_transforms(data_args, train), image_column, label_column)
     return dataset.with_transform(transform, columns=wanted)
