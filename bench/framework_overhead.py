@@ -3,13 +3,20 @@
   python bench/framework_overhead.py                      # CIFAR ResNet-20, batch 64, K=1, CPU
   python bench/framework_overhead.py --depth 56 --num-subnets 6
   python bench/framework_overhead.py --depth 56 --batch 128 --warmup 30 --steps 100   # on a GPU (bf16, channels_last)
+  python bench/framework_overhead.py --workers 2            # the trainer's batches from 2 loader processes
+  python bench/framework_overhead.py --depth 56 --batch 2 --threads 1 --clock cpu   # host-bound CPU stand-in
+
+With ``--clock cpu`` steps are timed by this process's CPU time instead of the wall clock: on a
+shared machine other jobs then barely move the figures (with ``--threads 1``, one compute
+thread; loader worker processes are not counted).
 
 Same model, same in-memory data in the same order, same sub-networks and input sizes (drawn from
 the trainer's own sampler), same SGD. Both run ``--warmup`` steps first (on a CPU each new input
 size costs a one-off kernel creation), then ``--steps`` timed steps. On a GPU both use bf16 autocast
-and channels_last, and the plain loop copies each batch to the GPU as the Trainer does. Target
-(issue 6): trainer throughput >= 0.9 x the plain loop's. Prints both and the ratio; writes JSON
-with --json.
+and channels_last, and the plain loop copies each batch to the GPU as the Trainer does; then the
+trainer runs once more with torch's sync debug mode to count the host-device synchronisations of
+its steady steps (0 expected: each one stalls the GPU). Target (issue 6): trainer throughput >=
+0.9 x the plain loop's. Prints both and the ratio; writes JSON with --json.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +34,7 @@ from torch.utils.data import Dataset
 from transformers import TrainerCallback
 
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
-from stim_hf.batchnorm import frozen_running_stats
+from stim_hf.batchnorm import batchnorm_layers, frozen_running_stats
 from stim_hf.losses import distillation_loss
 from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification
 from stim_hf.subnets import find_residual_stages, resize_for_subnet, use_subnet
@@ -54,14 +62,16 @@ class StepTimer(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
         if state.global_step == self.warmup:
             synchronize()
-            self.start = time.perf_counter()
+            self.start = clock()
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
         synchronize()
-        self.end = time.perf_counter()
+        self.end = clock()
 
 
 CUDA = torch.cuda.is_available()
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = CLOCKS["wall"]
 
 
 def synchronize() -> None:
@@ -76,7 +86,7 @@ def make_args(a: argparse.Namespace) -> StimulativeTrainingArguments:
         per_device_train_batch_size=a.batch, max_steps=a.warmup + a.steps, learning_rate=0.05, optim="sgd",
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, report_to="none", save_strategy="no",
         logging_steps=10**6, disable_tqdm=True, use_cpu=not CUDA, bf16=CUDA, channels_last=CUDA,
-        dataloader_num_workers=0, num_eval_subnets=0,
+        dataloader_num_workers=a.workers, num_eval_subnets=0,
         train_sampling_strategy="sequential", seed=0,
     )  # fmt: skip
 
@@ -93,12 +103,46 @@ def run_trainer(a: argparse.Namespace, data: InMemory) -> float:
     return a.steps * a.batch / (timer.end - timer.start)
 
 
+class SyncCounter(TrainerCallback):
+    """Counts the synchronising CUDA calls of the steps after ``warmup`` (torch's sync debug mode)."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup, self.caught = warmup, None
+        self._catcher = warnings.catch_warnings(record=True)
+
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        if state.global_step == self.warmup:
+            self.caught = self._catcher.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        if self.caught is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self._catcher.__exit__(None, None, None)
+
+    def syncs(self) -> list[str]:
+        """Where each synchronising call came from (the Python line that made it)."""
+        return [
+            f"{os.path.basename(w.filename)}:{w.lineno}" for w in self.caught or [] if "synchroniz" in str(w.message)
+        ]
+
+
+def count_trainer_syncs(a: argparse.Namespace, data: InMemory) -> list[str]:
+    """The synchronising calls of the trainer's timed steps (on a GPU)."""
+    counter = SyncCounter(a.warmup)
+    trainer = StimulativeTrainer(model=model_for(a), args=make_args(a), train_dataset=data, callbacks=[counter])
+    trainer.train()
+    return counter.syncs()
+
+
 def run_plain(a: argparse.Namespace, data: InMemory) -> float:
     device = torch.device("cuda" if CUDA else "cpu")
     model = model_for(a).to(device).train()
     if CUDA:
         model = model.to(memory_format=torch.channels_last)
     stages = find_residual_stages(model)
+    layers = batchnorm_layers(model)  # listed once, as the trainer does
     # The trainer's sampler, so both runs see the same sub-networks and sizes.
     sampler = StimulativeTrainer(model=model_for(a), args=make_args(a)).subnet_sampler
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
@@ -107,7 +151,7 @@ def run_plain(a: argparse.Namespace, data: InMemory) -> float:
     for step in range(a.warmup + a.steps):
         if step == a.warmup:
             synchronize()
-            start = time.perf_counter()
+            start = clock()
         lo = (step * a.batch) % len(data)
         x = data.x[lo : lo + a.batch].to(device, non_blocking=True)
         y = data.y[lo : lo + a.batch].to(device, non_blocking=True)
@@ -118,14 +162,14 @@ def run_plain(a: argparse.Namespace, data: InMemory) -> float:
             loss = F.cross_entropy(logits.float(), y)
             for k in range(a.num_subnets):
                 subnet = sampler.sample(step, 0, k, image_size=x.shape[-2])
-                with use_subnet(stages, subnet), frozen_running_stats(model):
+                with use_subnet(stages, subnet), frozen_running_stats(layers):
                     student = model(pixel_values=resize_for_subnet(x, subnet)).logits
                 loss = loss + distillation_loss("kl_direction", logits.detach(), student)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     synchronize()
-    return a.steps * a.batch / (time.perf_counter() - start)
+    return a.steps * a.batch / (clock() - start)
 
 
 def main() -> None:
@@ -136,8 +180,15 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=2, help="alternate plain/trainer runs this many times")
+    parser.add_argument("--workers", type=int, default=0, help="the trainer's dataloader_num_workers")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="time steps by wall or CPU time")
     parser.add_argument("--json", default=None)
     a = parser.parse_args()
+    global clock
+    clock = CLOCKS[a.clock]
+    if a.threads:
+        torch.set_num_threads(a.threads)
     data = InMemory((a.warmup + a.steps) * a.batch, 32)
     plain, ours = [], []
     for _ in range(a.repeats):  # alternate, so machine noise hits both alike
@@ -145,17 +196,20 @@ def main() -> None:
         ours.append(run_trainer(a, data))
     best_plain, best_ours = max(plain), max(ours)
     device = torch.cuda.get_device_name() if CUDA else f"CPU ({os.cpu_count()} cores)"
-    print(f"ResNet-{a.depth}, batch {a.batch}, ST++ K={a.num_subnets}, {device}")
+    print(f"ResNet-{a.depth}, batch {a.batch}, ST++ K={a.num_subnets}, {device}, {a.clock} clock")
     print(f"plain PyTorch loop : {best_plain:8.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in plain)})")
     print(f"StimulativeTrainer : {best_ours:8.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in ours)})")
     print(f"ratio trainer / plain: {best_ours / best_plain:.3f}  (target >= 0.9)")
+    syncs = None
+    if CUDA:
+        syncs = count_trainer_syncs(a, data)
+        print(f"host-device synchronisations in {a.steps} trainer steps: {len(syncs)}")
+        for place in sorted(set(syncs)):
+            print(f"  {syncs.count(place)} x sync at {place}")
     if a.json:
+        result = {"device": device, "args": vars(a), "plain": plain, "trainer": ours, "ratio": best_ours / best_plain}
         with open(a.json, "w") as f:
-            json.dump(
-                {"device": device, "args": vars(a), "plain": plain, "trainer": ours, "ratio": best_ours / best_plain},
-                f,
-                indent=2,
-            )
+            json.dump(result | {"trainer_syncs": syncs}, f, indent=2)
 
 
 if __name__ == "__main__":

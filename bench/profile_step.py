@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--num-subnets", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=100)
+    parser.add_argument("--workers", type=int, default=0, help="the trainer's dataloader_num_workers")
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--out", default=None, help="write the full report here")
     a = parser.parse_args()

@@ -200,11 +200,25 @@ class StimulativeTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "False: the main pass uses every parameter, and True breaks two forwards."},
     )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "The Trainer's NaN/inf filter of the logged loss. Off: on_nonfinite_loss handles non-finite "
+            "losses (a skipped step counts in the logged loss as the filter would), and the filter's check waits "
+            "for every step's backward on a GPU."
+        },
+    )
 
     def __post_init__(self) -> None:
         self._apply_method_preset()
         self._validate_stimulative_fields()
+        given = self.accelerator_config
+        non_blocking_given = not (given is None or (isinstance(given, dict) and "non_blocking" not in given))
         super().__post_init__()
+        if not non_blocking_given:
+            # A blocking copy of a batch to the GPU first waits for the previous step's backward;
+            # from pinned memory (dataloader_pin_memory, off on CPUs) it can be queued instead.
+            self.accelerator_config.non_blocking = self.dataloader_pin_memory
 
     def _apply_method_preset(self) -> None:
         if not isinstance(self.stim_method, str) or self.stim_method not in METHOD_PRESETS:

@@ -54,14 +54,43 @@ class NonFiniteLossError(StimError, FloatingPointError):
     """A training step produced a NaN or infinite loss (``on_nonfinite_loss: stop``)."""
 
 
+class HostScalar:
+    """A device scalar on its way to the host: the copy is queued at once, :meth:`get` waits for it alone.
+
+    On a CUDA device ``.item()`` waits for every kernel queued so far: asked just before the
+    optimizer step, that is the whole backward, and the GPU then idles while the host prepares
+    the next step. The copy here goes to pinned memory behind the kernels that computed the
+    scalar, and an event recorded after it lets :meth:`get` wait for those kernels only. On other
+    devices :meth:`get` reads the tensor as usual.
+    """
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self._event = None
+        if value.device.type == "cuda":
+            value = value.to("cpu", non_blocking=True)  # lands in pinned memory
+            self._event = torch.cuda.Event()
+            self._event.record()
+        self._value = value
+
+    def get(self) -> float:
+        """The value, once the kernels that computed it have run."""
+        if self._event is not None:
+            self._event.synchronize()
+        return self._value.item()
+
+
 @dataclass
 class LossTerms:
-    """The loss terms of one micro-batch, kept (detached, on device) until its optimizer step is checked."""
+    """The loss terms of one micro-batch, kept (detached, on device) until its optimizer step is checked.
+
+    ``nonfinite`` counts the non-finite terms (summed over processes), on its way to the host.
+    """
 
     step: int
     micro_step: int
     terms: list[tuple[str, torch.Tensor, Subnet | None]]
     labels: torch.Tensor | None = None
+    nonfinite: HostScalar | None = None
 
 
 class _NonFiniteLossGuard(TrainerCallback):
@@ -97,6 +126,7 @@ class ReliableTrainer(Trainer):
         self._checkpoint_staging_dir: str | None = None
         self._loss_records: deque[LossTerms] = deque(maxlen=4096)
         self._log_state_at_step_start: Any = None
+        self._tr_loss_at_step_start: torch.Tensor | None = None
         self.nonfinite_skipped_steps = 0
         self.add_callback(_NonFiniteLossGuard(self))
 
@@ -118,32 +148,39 @@ class ReliableTrainer(Trainer):
     ) -> None:
         """Record one micro-batch's loss terms ``(name, scalar, sub-network or None)`` for the finiteness check.
 
-        No host-device synchronisation: the tensors are detached and checked together, once
-        per optimizer step, by :meth:`_check_step_is_finite`.
+        No host-device synchronisation: the count of non-finite terms is computed right after the
+        forward (all-reduced with several processes, so every process decides alike) and copied
+        to the host without waiting; :meth:`_check_step_is_finite` reads the counts before the
+        optimizer step, waiting for the forwards that produced them but not for the backward.
+        Call it on every process for every training micro-batch (the all-reduce is collective).
         """
         if not self._loss_records:
             self._log_state_at_step_start = self._log_accumulators()
+            if self.args.on_nonfinite_loss == "skip" and not self.args.logging_nan_inf_filter:
+                tr_loss = getattr(self, "_tr_loss", None)
+                self._tr_loss_at_step_start = tr_loss.clone() if isinstance(tr_loss, torch.Tensor) else None
         detached = [(name, value.detach(), subnet) for name, value, subnet in terms]
-        self._loss_records.append(LossTerms(step, micro_step, detached, None if labels is None else labels.detach()))
+        values = torch.stack([value.float().reshape(()) for _, value, _ in detached])
+        bad = (~torch.isfinite(values)).sum()
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad.to(self.args.device), reduction="sum")
+        labels = None if labels is None else labels.detach()
+        self._loss_records.append(LossTerms(step, micro_step, detached, labels, HostScalar(bad)))
 
     # -- non-finite losses ----------------------------------------------------------------------
 
     def _check_step_is_finite(self) -> None:
-        """Check the recorded loss terms of this optimizer step: one sync (and one all-reduce if distributed)."""
+        """Check the recorded loss terms of this optimizer step, without waiting for its backward."""
         records = list(self._loss_records)
         self._loss_records.clear()
-        values = [value.float().reshape(()) for record in records for _, value, _ in record.terms]
-        device = self.args.device
-        bad = (~torch.isfinite(torch.stack(values))).sum().float() if values else torch.zeros((), device=device)
-        if self.accelerator.num_processes > 1:
-            bad = self.accelerator.reduce(bad.to(device), reduction="sum")
-        if bad.item() == 0:
+        if sum(record.nonfinite.get() for record in records if record.nonfinite is not None) == 0:
             return
         step = self.state.global_step + 1
         description = describe_nonfinite_terms(records, step, self.state.epoch)
         if self.args.on_nonfinite_loss == "skip":
             self._skip_step_update()
             self._restore_log_accumulators(self._log_state_at_step_start)
+            self._replace_skipped_step_loss()
             self.nonfinite_skipped_steps += 1
             logger.warning(
                 "%s; skipped this step's update (on_nonfinite_loss=skip, %d skipped so far)",
@@ -169,6 +206,18 @@ class ReliableTrainer(Trainer):
         else:
             # Optimizers skip parameters without a gradient: no update, no momentum / Adam step.
             model.zero_grad(set_to_none=True)
+
+    def _replace_skipped_step_loss(self) -> None:
+        """Count the skipped step in the logged ``loss`` at the interval's mean, as ``logging_nan_inf_filter`` would.
+
+        That filter is off by default here (its check waits for every step's backward); the loss
+        accumulated before the step was kept by :meth:`note_loss_terms`.
+        """
+        before = self._tr_loss_at_step_start
+        if before is None or not isinstance(getattr(self, "_tr_loss", None), torch.Tensor):
+            return
+        self._tr_loss = before + before / (1 + self.state.global_step - self._globalstep_last_logged)
+        self._tr_loss_at_step_start = None
 
     def _restore_skip_count(self) -> None:
         counts = [entry.get("nonfinite_skipped_steps", 0) for entry in self.state.log_history]

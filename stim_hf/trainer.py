@@ -20,6 +20,7 @@ from stim_hf.batchnorm import frozen_running_stats, preserved_rng_state, recalib
 from stim_hf.config import StimulativeTrainingArguments
 from stim_hf.errors import ConfigError, ModelStructureError
 from stim_hf.losses import distillation_loss, normalize_logits
+from stim_hf.model_walks import ModelWalks, fast_zero_grad_once, redundant_train_call_skipped
 from stim_hf.reliable_trainer import ReliableTrainer
 from stim_hf.subnets import (
     EVAL_SUBNET_STREAM,
@@ -122,7 +123,7 @@ class StimulativeTrainer(ReliableTrainer):
         self.model_accepts_loss_kwargs = False
         self.batch_transform = batch_transform
         self._num_parameters: int | None = None
-        self._trained_parameters: list[nn.Parameter] | None = None
+        self._walks = ModelWalks()
         self.family, self.stages = None, None
         try:
             self.family, self.stages = find_residual_family(self.model)
@@ -266,7 +267,20 @@ class StimulativeTrainer(ReliableTrainer):
         Under DDP all of these backwards run without gradient synchronisation (a sub-network's
         backward does not reach every parameter), and the gradients are averaged across processes
         once, on the micro-batch that ends the optimizer step.
+
+        The Trainer's per-step ``model.train()`` and ``model.zero_grad()`` walks are replaced by
+        cheaper equivalents (:mod:`stim_hf.model_walks`).
         """
+        with redundant_train_call_skipped(model):
+            loss = self._forward_backward(model, inputs, num_items_in_batch)
+        parameters = self._plain_parameters(model)
+        if parameters is not None and self.accelerator.sync_gradients:
+            fast_zero_grad_once(model, parameters)  # the Trainer's zero_grad after this optimizer step
+        return loss
+
+    def _forward_backward(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None
+    ) -> torch.Tensor:
         if self.args.backward_strategy != "sequential" or not self.args.uses_subnets:
             return super().training_step(model, inputs, num_items_in_batch)
         if self.is_fsdp_enabled or self.is_deepspeed_enabled:
@@ -290,7 +304,12 @@ class StimulativeTrainer(ReliableTrainer):
         resized = resize_for_subnet(pixel_values, subnet)
         forward_kwargs = self.family.resized_forward_kwargs if resized is not pixel_values else {}
         pixel_values = resized
-        bn_context = frozen_running_stats(model) if args.bn_policy == "main_only" else nullcontext()
+        # The layers are listed outside use_subnet, which hides the dropped blocks' layers.
+        bn_context = (
+            frozen_running_stats(self._walks.batchnorm_layers(model))
+            if args.bn_policy == "main_only"
+            else nullcontext()
+        )
         with use_subnet(self.stages, subnet), bn_context:
             student_logits = model(pixel_values=pixel_values, **forward_kwargs).logits
         return distillation_loss(
@@ -319,15 +338,13 @@ class StimulativeTrainer(ReliableTrainer):
         return 6 * inputs[main_input].numel() * self._num_parameters
 
     def _plain_parameters(self, model: nn.Module) -> list[nn.Parameter] | None:
-        """The trained parameters, listed once, where their gradients are plain tensors (one device, or DDP)."""
+        """The model's parameters, listed once, where their gradients are plain tensors (one device, or DDP)."""
         if self.is_fsdp_enabled or self.is_deepspeed_enabled or self.accelerator.distributed_type not in _PLAIN_GRADS:
             return None
         has_mixed_mesh = getattr(self, "_has_mixed_mesh_grads", None)
         if has_mixed_mesh is not None and has_mixed_mesh(model):
             return None
-        if self._trained_parameters is None:
-            self._trained_parameters = [p for p in model.parameters() if p.requires_grad]
-        return self._trained_parameters
+        return self._walks.parameters(model)
 
     def _clip_grad_norm(self, model: nn.Module) -> torch.Tensor:
         """Clip to ``max_grad_norm`` as accelerate does (unscale, then torch's clip), over a parameter list kept once."""

@@ -1,6 +1,7 @@
 """Real multi-process launches on the CPU (gloo): DDP correctness, two "machines", mixed precision."""
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -79,6 +80,22 @@ def test_two_processes_match_each_other_and_one_process(tmp_path):
         for key in ("loss", "ce_loss", "kl_loss", "subnet_depth_fraction", "subnet_input_size"):
             assert log0[key] == pytest.approx(log1[key], rel=1e-6)
             assert log0[key] == pytest.approx(log_alone[key], rel=1e-5)
+
+
+def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
+    """Only the last rank's loss is inf at step 2: the all-reduced check makes every rank skip it alike."""
+    out = tmp_path / "out"
+    run(accelerate_launch("--config_file", CPU_CONFIG, "--main_process_port", str(free_port()),
+                          WORKER, "--out", str(out), "--per_device_batch", "8", "--ga", "2", "--num_subnets", "1",
+                          "--on_nonfinite_loss", "skip", "--poison_step", "2"),
+        cwd=tmp_path)  # fmt: skip
+    (rank0, record0), (rank1, record1) = load_rank(out, 0), load_rank(out, 1)
+    assert record0["skipped_steps"] == record1["skipped_steps"] == 1
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key
+    for record in (record0, record1):
+        assert [log.get("nonfinite_skipped_steps", 0) for log in record["logs"]] == [0, 1.0, 1.0]
+        assert all(math.isfinite(log["loss"]) for log in record["logs"])
 
 
 def single_process_accuracy(checkpoint) -> float:

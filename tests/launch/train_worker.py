@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--sync_batchnorm", action="store_true")
     parser.add_argument("--channels_last", action="store_true")
     parser.add_argument("--backward_strategy", default="summed")
+    parser.add_argument("--on_nonfinite_loss", default="stop")
+    parser.add_argument("--poison_step", type=int, default=0, help="the last rank's CE is inf at this step")
     args = parser.parse_args()
 
     torch.manual_seed(0)
@@ -109,11 +111,22 @@ def main() -> None:
         sync_batchnorm=args.sync_batchnorm,
         channels_last=args.channels_last,
         backward_strategy=args.backward_strategy,
+        on_nonfinite_loss=args.on_nonfinite_loss,
         dataloader_num_workers=0,
         disable_tqdm=True,
         train_sampling_strategy="sequential",
     )
     trainer = StimulativeTrainer(model=model, args=training_args, train_dataset=dataset())
+    if args.poison_step:
+        main_loss = trainer.main_loss
+
+        def poisoned_main_loss(logits, labels):
+            ce = main_loss(logits, labels)
+            last_rank = training_args.process_index == training_args.world_size - 1
+            hit = last_rank and trainer.model.training and trainer.state.global_step == args.poison_step - 1
+            return ce * float("inf") if hit else ce
+
+        trainer.main_loss = poisoned_main_loss
     trainer.train()
     rank = training_args.process_index
     out = Path(args.out)
@@ -128,6 +141,7 @@ def main() -> None:
         "subnets": [list(s) for s in trainer.sampled_subnets],
         "logs": logs,
         "world_size": training_args.world_size,
+        "skipped_steps": trainer.nonfinite_skipped_steps,
     }
     (out / f"rank{rank}_subnets.json").write_text(json.dumps(record))
 
