@@ -160,8 +160,8 @@ class ReliableTrainer(Trainer):
                 tr_loss = getattr(self, "_tr_loss", None)
                 self._tr_loss_at_step_start = tr_loss.clone() if isinstance(tr_loss, torch.Tensor) else None
         detached = [(name, value.detach(), subnet) for name, value, subnet in terms]
-        values = torch.stack([value.float().reshape(()) for _, value, _ in detached])
-        bad = (~torch.isfinite(values)).sum()
+        values = [value.float().reshape(()) for _, value, _ in detached]
+        bad = (~torch.isfinite(torch.stack(values))).sum() if values else torch.zeros((), dtype=torch.long)
         if self.accelerator.num_processes > 1:
             bad = self.accelerator.reduce(bad.to(self.args.device), reduction="sum")
         labels = None if labels is None else labels.detach()

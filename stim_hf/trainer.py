@@ -271,10 +271,13 @@ class StimulativeTrainer(ReliableTrainer):
         The Trainer's per-step ``model.train()`` and ``model.zero_grad()`` walks are replaced by
         cheaper equivalents (:mod:`stim_hf.model_walks`).
         """
-        with redundant_train_call_skipped(model):
+        # One device or DDP only: DeepSpeed's and FSDP's wrappers keep their own train() / zero_grad().
+        plain = self._plain_setup()
+        with redundant_train_call_skipped(model) if plain else nullcontext():
             loss = self._forward_backward(model, inputs, num_items_in_batch)
-        parameters = self._plain_parameters(model)
-        if parameters is not None and self.accelerator.sync_gradients:
+        # Asked after the backward: the Trainer's tensor-parallel check caches what the first gradients show.
+        parameters = self._plain_parameters(model) if plain and self.accelerator.sync_gradients else None
+        if parameters is not None:
             fast_zero_grad_once(model, parameters)  # the Trainer's zero_grad after this optimizer step
         return loss
 
@@ -337,9 +340,15 @@ class StimulativeTrainer(ReliableTrainer):
             self._num_parameters = self.model.num_parameters(exclude_embeddings=True)
         return 6 * inputs[main_input].numel() * self._num_parameters
 
+    def _plain_setup(self) -> bool:
+        """One device or DDP: no FSDP, DeepSpeed or XLA wrapper owns the parameters."""
+        return not (self.is_fsdp_enabled or self.is_deepspeed_enabled) and (
+            self.accelerator.distributed_type in _PLAIN_GRADS
+        )
+
     def _plain_parameters(self, model: nn.Module) -> list[nn.Parameter] | None:
         """The model's parameters, listed once, where their gradients are plain tensors (one device, or DDP)."""
-        if self.is_fsdp_enabled or self.is_deepspeed_enabled or self.accelerator.distributed_type not in _PLAIN_GRADS:
+        if not self._plain_setup():
             return None
         has_mixed_mesh = getattr(self, "_has_mixed_mesh_grads", None)
         if has_mixed_mesh is not None and has_mixed_mesh(model):
