@@ -166,7 +166,7 @@ def markdown(args: argparse.Namespace, report: dict, runs: dict[str, dict], anal
         f"Measured by `python bench/loafing_cifar10.py` ({time.strftime('%Y-%m-%d')}, CPU, 2 shared cores): "
         f"CIFAR ResNet-{args.depth}, {args.train_samples} training images (seeded subset of CIFAR-10 train), "
         f"{args.epochs:g} epochs, batch {args.batch_size}, SGD nesterov lr {args.learning_rate} cosine, wd 5e-4, "
-        "the `configs/cifar10_resnet56_{ct,stpp}.yaml` recipes otherwise (ST++: one sub-network per step, "
+        "no gradient clipping, the `configs/cifar10_resnet56_{ct,stpp}.yaml` recipes otherwise (ST++: one sub-network per step, "
         "prefix sampling over the full space, KL-, inputs 14..32 px, `bn_policy: main_only`). Analysis: "
         f"{report['settings']['num_eval_images']} CIFAR-10 test images (seeded subset), the full network and "
         f"{len(report['networks']) - 1} fixed sub-networks (seed {args.seed}), accuracies in %"
