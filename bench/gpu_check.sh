@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The GPU check of issue 6 in one run (about 9 minutes on an H200): step cost and CUDA peak memory of both backward strategies
+# The GPU check of issue 6 in one run (about 10 minutes on an H200: run it in two calls, naming benchmarks): step cost and CUDA peak memory of both backward strategies
 # (benchmarks 1 and 4), framework overhead (2) and data pipeline (3), on one GPU. Each benchmark writes its JSON
 # to $OUT (default bench/out/gpu); everything printed also goes to $OUT/gpu_check.log.
 #
 #   bash bench/gpu_check.sh        # needs shared/data/cifar10/{train,test}.parquet inside the repo
-#   bash bench/gpu_check.sh framework_overhead framework_overhead_workers2 model_walks   # only these (~4 min)
+#   bash bench/gpu_check.sh framework_overhead framework_overhead_workers2 model_walks compile_blocks  # ~5 min
 #
 # Missing Python packages can come as wheels in .whl/ (installed into /tmp/site first).
 set -u
@@ -40,6 +40,8 @@ run framework_overhead 120 bench/framework_overhead.py --depth 56 --batch 128 --
 run framework_overhead_workers2 120 bench/framework_overhead.py --depth 56 --batch 128 --warmup 30 --steps 100 \
   --repeats 3 --workers 2
 run model_walks 60 bench/model_walks.py
+# does torch.compile per residual block pay on the GPU? (it does not on the CPU)
+run compile_blocks 240 bench/compile_blocks.py --steps 30 --warmup 5
 run data_pipeline 200 bench/data_pipeline.py --cifar-dir shared/data/cifar10 --warmup 30 --steps 100 --repeats 3 \
   --loader-batches 150 --jpeg-workers 0,8 --jpeg-count 1600 --jpeg-batch 64
 echo "=== done ($(date -u +%T))" | tee -a "$LOG"
