@@ -39,6 +39,20 @@ def test_hf_defaults_changed_for_image_training():
     a = args()
     assert a.remove_unused_columns is False
     assert a.ddp_find_unused_parameters is False
+    assert a.logging_nan_inf_filter is False  # its check synchronises every step; the guard covers it
+
+
+def test_batch_copies_are_non_blocking_from_pinned_memory_unless_set():
+    def accelerator_config(**kwargs):
+        return StimulativeTrainingArguments(output_dir="unused", report_to="none", **kwargs).accelerator_config
+
+    assert accelerator_config(dataloader_pin_memory=True).non_blocking is True
+    assert accelerator_config(dataloader_pin_memory=False).non_blocking is False
+    assert args().accelerator_config.non_blocking is False  # use_cpu: the Trainer turns pinning off
+    given = accelerator_config(accelerator_config={"non_blocking": False, "split_batches": True})
+    assert given.non_blocking is False and given.split_batches is True
+    other = accelerator_config(accelerator_config={"even_batches": False})
+    assert other.non_blocking is True and other.even_batches is False
 
 
 @pytest.mark.parametrize(
