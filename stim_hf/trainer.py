@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from typing import Any
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
+from transformers import TrainerCallback
 
 from stim_hf.batchnorm import frozen_running_stats, preserved_rng_state, recalibrate_batchnorm
 from stim_hf.config import StimulativeTrainingArguments
@@ -140,6 +142,10 @@ class StimulativeTrainer(ReliableTrainer):
         # (global step, depth fraction, input side) of every sub-network drawn since the last
         # drain; read by monitoring callbacks (histograms), bounded so it never grows unread.
         self.sampled_subnets: deque[tuple[int, float, int]] = deque(maxlen=100_000)
+        # Host seconds spent waiting for batches, and in whole steps, since the last training log.
+        self._data_wait_s = self._step_s = 0.0
+        self._fetch_started: float | None = None
+        self.add_callback(_StepTimer(self))
         if args.subnet_monitor_count and self.stages:
             from stim_hf.callbacks import SubnetMonitorCallback
 
@@ -172,6 +178,16 @@ class StimulativeTrainer(ReliableTrainer):
                 "sample_space, min_input_scale < 1, or stim_method: ct"
             )
         return sampler
+
+    def get_batch_samples(
+        self, epoch_iterator: Iterator, num_batches: int, device: torch.device
+    ) -> tuple[list, torch.Tensor | int | None]:
+        """``Trainer.get_batch_samples``, timed: the host's wait for the step's batches is logged as ``data_wait_fraction``."""
+        self._fetch_started = time.perf_counter()
+        try:
+            return super().get_batch_samples(epoch_iterator, num_batches, device)
+        finally:
+            self._data_wait_s += time.perf_counter() - self._fetch_started
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """``Trainer._prepare_inputs`` (to the device), then ``batch_transform`` if one was given."""
@@ -402,7 +418,16 @@ class StimulativeTrainer(ReliableTrainer):
         self._stim_count += 1
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Add the stimulative scalars (means since the last log, across processes) to training logs."""
+        """Add the stimulative scalars (means since the last log, across processes) to training logs.
+
+        Also ``data_wait_fraction``: the share of this process's step time (from fetching a step's
+        batches to the end of its optimizer step; evaluation and saving excluded) spent waiting
+        for the batches. Near 0 the data pipeline keeps up; a large value means the accelerator
+        waits for data (more ``dataloader_num_workers``, ``image_pipeline: predecoded``).
+        """
+        if "loss" in logs and self._step_s > 0:
+            logs["data_wait_fraction"] = min(self._data_wait_s / self._step_s, 1.0)
+            self._data_wait_s = self._step_s = 0.0
         if "loss" in logs and self._stim_count:
             sums = self._stim_sums
             device = self.args.device
@@ -520,3 +545,16 @@ class StimulativeTrainer(ReliableTrainer):
                 }
             )
         return results
+
+
+class _StepTimer(TrainerCallback):
+    """Adds each optimizer step's host time, from fetching its batches to its end, to the trainer's step time."""
+
+    def __init__(self, trainer: StimulativeTrainer) -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, D102
+        started = self.trainer._fetch_started
+        if started is not None:
+            self.trainer._step_s += time.perf_counter() - started
+            self.trainer._fetch_started = None

@@ -1,6 +1,7 @@
 """The stimulative Trainer: loss, gradient accumulation, BatchNorm policies, sampling sequence, logging."""
 
 import copy
+import time
 
 import numpy as np
 import pytest
@@ -333,3 +334,39 @@ def test_sequential_backward_equals_summed(tmp_path, tiny_cifar_resnet):
         torch.testing.assert_close(results["sequential"][0][key], value, rtol=1e-5, atol=1e-6)
     for key in ("loss", "ce_loss", "kl_loss"):
         assert results["sequential"][1][key] == pytest.approx(results["summed"][1][key], rel=1e-5)
+
+
+class _TensorDataset(torch.utils.data.Dataset):
+    """Pre-made tensors (``seconds`` of sleep per sample: a data pipeline that cannot keep up)."""
+
+    def __init__(self, n: int, seconds: float = 0.0) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.images = torch.randn(n, 3, 16, 16, generator=generator)
+        self.labels = torch.randint(0, 10, (n,), generator=generator)
+        self.seconds = seconds
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        if self.seconds:
+            time.sleep(self.seconds)
+        return {"pixel_values": self.images[index], "labels": self.labels[index]}
+
+
+def test_data_wait_fraction_shows_a_pipeline_that_cannot_keep_up(tmp_path, tiny_cifar_resnet):
+    """Logged with every training loss: near 0 with pre-made tensors, near 1 when every sample takes 10 ms."""
+
+    def fractions(dataset) -> list[float]:
+        args = StimulativeTrainingArguments(
+            output_dir=str(tmp_path), stim_method="ct", per_device_train_batch_size=8, max_steps=6, logging_steps=3,
+            use_cpu=True, report_to="none", save_strategy="no", num_eval_subnets=0, disable_tqdm=True,
+        )  # fmt: skip
+        trainer = StimulativeTrainer(model=tiny_cifar_resnet(), args=args, train_dataset=dataset)
+        trainer.train()
+        return [entry["data_wait_fraction"] for entry in trainer.state.log_history if "loss" in entry]
+
+    fast, slow = fractions(_TensorDataset(64)), fractions(_TensorDataset(64, seconds=0.01))
+    assert len(fast) == len(slow) == 2
+    assert all(0 <= f < 0.3 for f in fast), fast
+    assert all(f > 0.6 for f in slow), slow
