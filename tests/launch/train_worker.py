@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-from datasets import Dataset  # noqa: E402
+from datasets import Array3D, Dataset, Features, Value  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers.modeling_outputs import ImageClassifierOutput  # noqa: E402
@@ -67,7 +67,9 @@ def dataset(n: int = 64, size: int = 16) -> Dataset:
     labels = rng.integers(0, 10, n)
     images = rng.normal(size=(n, 3, size, size)).astype(np.float32)
     images[:, 0] += labels[:, None, None] * 0.3
-    return Dataset.from_dict({"pixel_values": images, "labels": labels}).with_format("torch")
+    # Array3D: torch formatting reads the images as arrays (a nested-list column is ~25x slower).
+    features = Features({"pixel_values": Array3D(shape=images.shape[1:], dtype="float32"), "labels": Value("int64")})
+    return Dataset.from_dict({"pixel_values": images, "labels": labels}, features=features).with_format("torch")
 
 
 def main() -> None:
