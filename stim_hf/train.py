@@ -20,7 +20,7 @@ from stim_hf.metrics import build_compute_metrics, top_k_indices
 from stim_hf.modeling import build_model, check_saved_model_dir
 from stim_hf.parser import StimArgumentParser
 from stim_hf.predecoded import DeviceImageAugmentation, with_predecoded_transforms
-from stim_hf.trainer import StimulativeTrainer
+from stim_hf.trainer import StimulativeTrainer, method_structures
 from stim_hf.transforms import collate_image_batch, with_image_transforms
 
 logger = logging.getLogger("stim_hf.train")
@@ -99,6 +99,7 @@ def run_training(
             "with config.json and model.safetensors, or a hub model name (in the HF cache when offline)"
         ) from error
 
+    method_structures(model, training_args)  # a model / method misfit is reported before any decoding
     # Pre-decoding writes a datasets cache: the main process first, the others then read it.
     with training_args.main_process_first(desc="preparing the image pipeline"):
         train_dataset = (

@@ -26,6 +26,8 @@ from stim_hf.model_walks import ModelWalks, fast_zero_grad_once, redundant_train
 from stim_hf.reliable_trainer import ReliableTrainer
 from stim_hf.subnets import (
     EVAL_SUBNET_STREAM,
+    ResidualFamily,
+    ResidualStage,
     Subnet,
     SubnetSampler,
     find_residual_family,
@@ -88,6 +90,60 @@ def prepare_model(model: nn.Module, args: StimulativeTrainingArguments) -> nn.Mo
     return model
 
 
+def build_subnet_sampler(
+    model: nn.Module,
+    family: ResidualFamily,
+    stages: list[ResidualStage],
+    args: StimulativeTrainingArguments,
+    seed: int,
+    min_input_scale: float,
+    stream: int = 0,
+) -> SubnetSampler:
+    """The sub-network sampler of ``model`` under ``args``; ConfigError if the settings cannot work for it."""
+    if min_input_scale < 1.0 and not family.supports_smaller_inputs:
+        raise ConfigError(
+            f"min_input_scale={min_input_scale}: {type(model).__name__} ({family.name}) cannot run "
+            "on inputs smaller than its training size; set min_input_scale: 1.0 (depth sampling only)"
+        )
+    sampler = SubnetSampler(
+        stages,
+        rule=args.subnet_sampling,
+        sample_space=args.sample_space,
+        min_input_scale=min_input_scale,
+        seed=seed,
+        min_input_size=max(MIN_SUBNET_INPUT_SIZE, family.min_input_size(model) if family.min_input_size else 0),
+        stream=stream,
+    )
+    if stream == 0 and args.uses_subnets and not any(sampler.space) and min_input_scale >= 1.0:
+        raise ConfigError(
+            f"sample_space={args.sample_space!r} lets sampling drop no block of "
+            f"{type(model).__name__} (at most {[s.max_droppable(args.subnet_sampling) for s in stages]} "
+            "per stage: a stage keeps its first block and blocks that change shape), and min_input_scale=1.0 keeps "
+            "the full input size, so every sub-network would be the full network; use a deeper model, a larger "
+            "sample_space, min_input_scale < 1, or stim_method: ct"
+        )
+    return sampler
+
+
+def method_structures(
+    model: nn.Module, args: StimulativeTrainingArguments
+) -> tuple[ResidualFamily | None, list[ResidualStage] | None, SubnetSampler | None]:
+    """``model``'s residual family, stages and training sampler; the errors a misfit of model and method raises.
+
+    :class:`StimulativeTrainer` calls it when built; the training job calls it first, so that a
+    model without residual stages or a ``sample_space`` that does not fit is reported before any
+    data is loaded or decoded.
+    """
+    try:
+        family, stages = find_residual_family(model)
+    except ModelStructureError:
+        if args.uses_subnets:
+            raise
+        logger.info("no residual stages found: sub-network evaluation is disabled for this model")
+        return None, None, None
+    return family, stages, build_subnet_sampler(model, family, stages, args, args.seed, args.min_input_scale)
+
+
 class StimulativeTrainer(ReliableTrainer):
     """A ``transformers.Trainer`` that trains a residual network stimulatively (ST / ST++).
 
@@ -126,14 +182,7 @@ class StimulativeTrainer(ReliableTrainer):
         self.batch_transform = batch_transform
         self._num_parameters: int | None = None
         self._walks = ModelWalks()
-        self.family, self.stages = None, None
-        try:
-            self.family, self.stages = find_residual_family(self.model)
-        except ModelStructureError:
-            if args.uses_subnets:
-                raise
-            logger.info("no residual stages found: sub-network evaluation is disabled for this model")
-        self.subnet_sampler = self._build_sampler(args.seed, args.min_input_scale) if self.stages else None
+        self.family, self.stages, self.subnet_sampler = method_structures(self.model, args)
         self._stim_sums: dict[str, Any] = {}
         self._stim_count = 0
         self._micro_step_key = (-1, 0)  # (global step, micro-batches seen in it)
@@ -152,32 +201,7 @@ class StimulativeTrainer(ReliableTrainer):
             self.add_callback(SubnetMonitorCallback(self))
 
     def _build_sampler(self, seed: int, min_input_scale: float, stream: int = 0) -> SubnetSampler:
-        if min_input_scale < 1.0 and not self.family.supports_smaller_inputs:
-            raise ConfigError(
-                f"min_input_scale={min_input_scale}: {type(self.model).__name__} ({self.family.name}) cannot run "
-                "on inputs smaller than its training size; set min_input_scale: 1.0 (depth sampling only)"
-            )
-        sampler = SubnetSampler(
-            self.stages,
-            rule=self.args.subnet_sampling,
-            sample_space=self.args.sample_space,
-            min_input_scale=min_input_scale,
-            seed=seed,
-            min_input_size=max(
-                MIN_SUBNET_INPUT_SIZE,
-                self.family.min_input_size(self.model) if self.family.min_input_size else 0,
-            ),
-            stream=stream,
-        )
-        if stream == 0 and self.args.uses_subnets and not any(sampler.space) and min_input_scale >= 1.0:
-            raise ConfigError(
-                f"sample_space={self.args.sample_space!r} lets sampling drop no block of "
-                f"{type(self.model).__name__} (at most {[s.max_droppable(self.args.subnet_sampling) for s in self.stages]} "
-                "per stage: a stage keeps its first block and blocks that change shape), and min_input_scale=1.0 keeps "
-                "the full input size, so every sub-network would be the full network; use a deeper model, a larger "
-                "sample_space, min_input_scale < 1, or stim_method: ct"
-            )
-        return sampler
+        return build_subnet_sampler(self.model, self.family, self.stages, self.args, seed, min_input_scale, stream)
 
     def get_batch_samples(
         self, epoch_iterator: Iterator, num_batches: int, device: torch.device

@@ -68,20 +68,22 @@ def _step_logs(output_dir: Path) -> dict[int, dict]:
     return {entry["step"]: entry for entry in state["log_history"] if "ce_loss" in entry}
 
 
-def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, caplog, monkeypatch):
+@pytest.mark.parametrize("pipeline", ["pil", "predecoded"])
+def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, caplog, monkeypatch, pipeline):
     """A run killed with SIGKILL after a checkpoint and resumed ends with the uninterrupted run's weights."""
     reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
+    reduced = [*REDUCED, "--image_pipeline", pipeline]
     monkeypatch.chdir(tmp_path)
     with open(tmp_path / "victim.log", "w") as log:
         victim = subprocess.Popen(
-            [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), QUICKSTART, *REDUCED, "--output_dir", str(run_dir)],
+            [sys.executable, str(REPO_ROOT / "scripts" / "train.py"), QUICKSTART, *reduced, "--output_dir", str(run_dir)],
             env=_env(), cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
         )  # fmt: skip
     watcher = threading.Thread(target=_kill_after, args=(victim, run_dir / "checkpoint-4"), daemon=True)
     watcher.start()
     try:
         # Meanwhile, the uninterrupted reference run, in this process (one thread, like the others).
-        train_main([QUICKSTART, *REDUCED, "--output_dir", str(reference_dir)])
+        train_main([QUICKSTART, *reduced, "--output_dir", str(reference_dir)])
         watcher.join(timeout=240)
         status = victim.wait(timeout=60)
     finally:
@@ -101,7 +103,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, caplog, monkeypatc
     # `stim-hf train`, in this process (saves a third interpreter start-up; one thread, like the others).
     with caplog.at_level(logging.INFO, logger="stim_hf"):
         status = cli.main(
-            ["train", QUICKSTART, *REDUCED, "--output_dir", str(run_dir), "--resume_from_checkpoint", "true"]
+            ["train", QUICKSTART, *reduced, "--output_dir", str(run_dir), "--resume_from_checkpoint", "true"]
         )
     output = caplog.text
     assert status == 0, output[-3000:]

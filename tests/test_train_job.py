@@ -54,7 +54,7 @@ def test_quickstart_reduced(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_quickstart_full_reaches_target(tmp_path):
-    """The README's promise: >= 85 % top-1 on the digits validation split (measured: 95.6 %)."""
+    """The README's promise: >= 85 % top-1 on the digits validation split (measured: 95.8 %)."""
     metrics = main([QUICKSTART, "--output_dir", str(tmp_path / "q"), "--disable_tqdm", "true"])
     assert metrics["eval_accuracy"] >= 0.85
 
