@@ -107,7 +107,7 @@ class SyncCounter(TrainerCallback):
     """Counts the synchronising CUDA calls of the steps after ``warmup`` (torch's sync debug mode)."""
 
     def __init__(self, warmup: int) -> None:
-        self.warmup, self.caught = warmup, None
+        self.warmup, self.caught, self._stopped = warmup, None, False
         self._catcher = warnings.catch_warnings(record=True)
 
     def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
@@ -116,8 +116,17 @@ class SyncCounter(TrainerCallback):
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
 
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        # The last step ends the count: the Trainer's own end-of-training reads are not steps.
+        if self.caught is not None and state.global_step >= state.max_steps:
+            self.stop()
+
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001
-        if self.caught is not None:
+        self.stop()
+
+    def stop(self) -> None:
+        if self.caught is not None and not self._stopped:
+            self._stopped = True
             torch.cuda.set_sync_debug_mode("default")
             self._catcher.__exit__(None, None, None)
 
