@@ -444,13 +444,16 @@ class StimulativeTrainer(ReliableTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the stimulative scalars (means since the last log, across processes) to training logs.
 
-        Also ``data_wait_fraction``: the share of this process's step time (from fetching a step's
-        batches to the end of its optimizer step; evaluation and saving excluded) spent waiting
-        for the batches. Near 0 the data pipeline keeps up; a large value means the accelerator
+        Also ``data_wait_fraction``: the share of step time (from fetching a step's batches to the
+        end of its optimizer step; evaluation and saving excluded) spent waiting for the batches,
+        the largest over processes. Near 0 the data pipeline keeps up; a large value means the accelerator
         waits for data (more ``dataloader_num_workers``, ``image_pipeline: predecoded``).
         """
-        if "loss" in logs and self._step_s > 0:
-            logs["data_wait_fraction"] = min(self._data_wait_s / self._step_s, 1.0)
+        if "loss" in logs:
+            fraction = min(self._data_wait_s / self._step_s, 1.0) if self._step_s > 0 else 0.0
+            if self.accelerator.num_processes > 1:  # the most data-starved process holds the others back
+                fraction = self.accelerator.gather(torch.tensor([fraction], device=self.args.device)).max().item()
+            logs["data_wait_fraction"] = fraction
             self._data_wait_s = self._step_s = 0.0
         if "loss" in logs and self._stim_count:
             sums = self._stim_sums
