@@ -104,3 +104,9 @@ def fast_zero_grad_once(model: nn.Module, parameters: list[nn.Parameter]) -> Non
             parameter.grad = None
 
     shadow_once(model, "zero_grad", zero_grad)
+
+
+def remove_pending_shadows(model: nn.Module) -> None:
+    """Drop the one-shot ``train`` / ``zero_grad`` replacements still set on ``model`` (a run that ended early)."""
+    for name in ("train", "zero_grad"):
+        vars(model).pop(name, None)

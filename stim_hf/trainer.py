@@ -22,7 +22,7 @@ from stim_hf.batchnorm import frozen_running_stats, preserved_rng_state, recalib
 from stim_hf.config import StimulativeTrainingArguments
 from stim_hf.errors import ConfigError, ModelStructureError
 from stim_hf.losses import distillation_loss, normalize_logits
-from stim_hf.model_walks import ModelWalks, fast_zero_grad_once, redundant_train_call_skipped
+from stim_hf.model_walks import ModelWalks, fast_zero_grad_once, redundant_train_call_skipped, remove_pending_shadows
 from stim_hf.reliable_trainer import ReliableTrainer
 from stim_hf.subnets import (
     EVAL_SUBNET_STREAM,
@@ -320,6 +320,15 @@ class StimulativeTrainer(ReliableTrainer):
         if parameters is not None:
             fast_zero_grad_once(model, parameters)  # the Trainer's zero_grad after this optimizer step
         return loss
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; a run that stops early (an error, a non-finite loss) leaves no step shortcut on the model."""
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            for model in (self.model, self.model_wrapped):
+                if isinstance(model, nn.Module):
+                    remove_pending_shadows(model)
 
     def _forward_backward(
         self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None

@@ -44,6 +44,7 @@ def test_inf_input_stops_naming_step_and_ce_and_saves_a_dump(tmp_path, tiny_cifa
     trainer = StimulativeTrainer(model=model, args=make_args(tmp_path), train_dataset=data)
     with pytest.raises(NonFiniteLossError) as info:
         trainer.train()
+    assert "zero_grad" not in vars(trainer.model)  # the step's one-shot zero_grad does not outlive the run
     message = str(info.value)
     assert message.startswith(
         "non-finite loss at training step 1 (epoch 0.00): the full network's cross-entropy (ce_loss) is nan"
@@ -76,6 +77,7 @@ def test_kl_term_is_named_with_its_subnetwork(tmp_path, tiny_cifar_resnet):
     trainer.subnet_kl = overflowing_kl
     with pytest.raises(NonFiniteLossError) as info:
         trainer.train()
+    assert "zero_grad" not in vars(trainer.model)  # the step's one-shot zero_grad does not outlive the run
     message = str(info.value)
     assert message.startswith(
         f"non-finite loss at training step 2 (epoch 1.00): the KL loss of sub-network 2 ({culprit.describe()}) "
