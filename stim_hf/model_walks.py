@@ -18,6 +18,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from stim_hf.batchnorm import batchnorm_layers
 
+# Marks the instance attributes shadow_once sets, so that only those are ever removed.
+_SHADOW_MARK = "_stim_hf_shadow"
+
 
 class ModelWalks:
     """Lists of a model's parameters and BatchNorm layers, taken once per model object.
@@ -62,11 +65,18 @@ def shadow_once(model: nn.Module, name: str, replacement: Callable[..., Any]) ->
         return False
 
     def once(*args: Any, **kwargs: Any) -> Any:
-        vars(model).pop(name, None)
+        _remove_shadow(model, name)
         return replacement(*args, **kwargs)
 
+    setattr(once, _SHADOW_MARK, True)
     object.__setattr__(model, name, once)
     return True
+
+
+def _remove_shadow(model: nn.Module, name: str) -> None:
+    """Remove ``model.<name>`` if it is one of :func:`shadow_once`'s, never an attribute the user set."""
+    if getattr(vars(model).get(name), _SHADOW_MARK, False):
+        del vars(model)[name]
 
 
 @contextmanager
@@ -86,7 +96,7 @@ def redundant_train_call_skipped(model: nn.Module) -> Iterator[None]:
     try:
         yield
     finally:
-        vars(model).pop("train", None)
+        _remove_shadow(model, "train")
 
 
 def fast_zero_grad_once(model: nn.Module, parameters: list[nn.Parameter]) -> None:
@@ -109,4 +119,4 @@ def fast_zero_grad_once(model: nn.Module, parameters: list[nn.Parameter]) -> Non
 def remove_pending_shadows(model: nn.Module) -> None:
     """Drop the one-shot ``train`` / ``zero_grad`` replacements still set on ``model`` (a run that ended early)."""
     for name in ("train", "zero_grad"):
-        vars(model).pop(name, None)
+        _remove_shadow(model, name)

@@ -16,6 +16,7 @@ from stim_hf.model_walks import (
     all_modules_training,
     fast_zero_grad_once,
     redundant_train_call_skipped,
+    remove_pending_shadows,
 )
 from stim_hf.reliable_trainer import HostScalar
 
@@ -86,6 +87,20 @@ def test_fast_zero_grad_replaces_the_next_call_only():
     fast_zero_grad_once(model, parameters)
     model.zero_grad(set_to_none=False)  # the model's own method, as asked
     assert all(p.grad is not None and not p.grad.any() for p in parameters) and "zero_grad" not in vars(model)
+
+
+def test_an_attribute_the_user_set_is_never_removed():
+    """shadow_once leaves a user's own instance ``zero_grad`` alone, and so does the clean-up after a run."""
+    model = nn.Linear(2, 2)
+    calls = []
+    model.zero_grad = lambda set_to_none=True: calls.append(set_to_none)  # the user's, on this instance
+    fast_zero_grad_once(model, list(model.parameters()))
+    remove_pending_shadows(model)
+    model.zero_grad()
+    assert calls == [True] and "zero_grad" in vars(model)
+    with redundant_train_call_skipped(model):
+        model.train = lambda mode=True: model  # set by the user inside the block, after the shortcut
+    assert "train" in vars(model)
 
 
 def test_model_walks_are_taken_once_per_model_and_retaken_for_another(tiny_cifar_resnet):
