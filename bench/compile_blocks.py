@@ -2,12 +2,14 @@
 
   python bench/compile_blocks.py                         # CIFAR ResNet-56, batch 128, CPU
   python bench/compile_blocks.py --batch 128 --steps 30  # on a GPU (bf16 autocast)
+  python bench/compile_blocks.py --modes default,reduce-overhead   # GPU: also each block as CUDA graphs
 
 Whole-model compilation recompiles for every new sub-network (DESIGN.md section 3); compiling each
 block instead leaves the stage containers eager, so sub-network passes keep working. This times
 plain common-training steps (channels_last, SGD) of the same model built twice, one with every
-block compiled (``nn.Module.compile``), alternated twice; it prints ms per step and the one-off
-compile + warm-up time. Not in the trainer: on this project's CPU it is slower (docs/benchmarks.md).
+block compiled (``nn.Module.compile``, one model per ``--modes`` entry; ``reduce-overhead`` replays
+each block as a CUDA graph on a GPU, which is what a launch-bound CIFAR ResNet would need),
+alternated twice; it prints ms per step and the one-off compile + warm-up time of each. Not in the trainer: on this project's CPU it is slower (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -26,15 +28,15 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 
-def build(depth: int, compiled: bool) -> torch.nn.Module:
-    """The CIFAR ResNet (seed 0, channels_last, training mode), its blocks compiled if asked."""
+def build(depth: int, mode: str | None) -> torch.nn.Module:
+    """The CIFAR ResNet (seed 0, channels_last, training mode), its blocks compiled in ``mode`` unless None."""
     torch.manual_seed(0)
     model = CifarResNetForImageClassification(CifarResNetConfig(depth=depth, num_labels=10))
     model = model.to(DEVICE, memory_format=torch.channels_last).train()
-    if compiled:
+    if mode is not None:
         for stage in model.resnet.stages:
             for block in stage.layers:
-                block.compile()
+                block.compile(mode=mode)
     return model
 
 
@@ -72,22 +74,29 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--modes", default="default", help="torch.compile modes, comma-separated")
     parser.add_argument("--json", default=None)
     a = parser.parse_args()
-    eager, compiled = build(a.depth, False), build(a.depth, True)
-    runs: dict[str, list[float]] = {"eager": [], "compiled blocks": []}
-    compile_s = None
-    for _ in range(2):  # alternate, so machine noise hits both alike
-        runs["eager"].append(time_steps(eager, a.batch, a.steps, a.warmup)[0])
-        per_step, warm = time_steps(compiled, a.batch, a.steps, a.warmup)
-        runs["compiled blocks"].append(per_step)
-        compile_s = warm if compile_s is None else compile_s
+    # Every block shares BasicBlock.forward: each stage's shapes, the downsampling blocks and every mode
+    # compile it again, past dynamo's default limit of 8 (beyond which the blocks would silently run eager).
+    torch._dynamo.config.recompile_limit = 64
+    models = {"eager": build(a.depth, None)}
+    models.update({f"compiled blocks, {mode}": build(a.depth, mode) for mode in a.modes.split(",")})
+    runs: dict[str, list[float]] = {name: [] for name in models}
+    compile_s: dict[str, float] = {}
+    for _ in range(2):  # alternate, so machine noise hits all alike
+        for name, model in models.items():
+            per_step, warm = time_steps(model, a.batch, a.steps, a.warmup)
+            runs[name].append(per_step)
+            compile_s.setdefault(name, warm)
     device = torch.cuda.get_device_name() if CUDA else "CPU"
     print(f"CIFAR ResNet-{a.depth}, batch {a.batch}, common training, {device}")
     for name, times in runs.items():
-        print(f"{name:16s}: {', '.join(f'{t * 1e3:.1f}' for t in times)} ms per step")
-    print(f"compiled / eager (best of each): {min(runs['compiled blocks']) / min(runs['eager']):.2f}")
-    print(f"first compile + warm-up: {compile_s:.0f} s")
+        ratio = min(times) / min(runs["eager"])
+        print(
+            f"{name:34s}: {', '.join(f'{t * 1e3:.1f}' for t in times)} ms per step; / eager (best of each) "
+            f"{ratio:.2f}; first compile + warm-up {compile_s[name]:.0f} s"
+        )
     if a.json:
         with open(a.json, "w") as f:
             json.dump(

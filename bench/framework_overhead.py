@@ -11,7 +11,7 @@ shared machine other jobs then barely move the figures (with ``--threads 1``, on
 thread; loader worker processes are not counted).
 
 Same model, same in-memory data in the same order, same sub-networks and input sizes (drawn from
-the trainer's own sampler), same SGD. Both run ``--warmup`` steps first (on a CPU each new input
+the trainer's own sampler), same SGD (torch's fused kernel in both unless --fused-optimizer false). Both run ``--warmup`` steps first (on a CPU each new input
 size costs a one-off kernel creation), then ``--steps`` timed steps. On a GPU both use bf16 autocast
 and channels_last, and the plain loop copies each batch to the GPU as the Trainer does; then the
 trainer runs once more with torch's sync debug mode to count the host-device synchronisations of
@@ -91,7 +91,7 @@ def make_args(a: argparse.Namespace) -> StimulativeTrainingArguments:
         per_device_train_batch_size=a.batch, max_steps=a.warmup + a.steps, learning_rate=0.05, optim="sgd",
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, report_to="none", save_strategy="no",
         logging_steps=10**6, disable_tqdm=True, use_cpu=not CUDA, bf16=CUDA, channels_last=CUDA,
-        dataloader_num_workers=a.workers, num_eval_subnets=0,
+        dataloader_num_workers=a.workers, num_eval_subnets=0, fused_optimizer=a.fused_optimizer,
         train_sampling_strategy="sequential", seed=0,
     )  # fmt: skip
 
@@ -159,7 +159,7 @@ def run_plain(a: argparse.Namespace, data: InMemory) -> float:
     layers = batchnorm_layers(model)  # listed once, as the trainer does
     # The trainer's sampler, so both runs see the same sub-networks and sizes.
     sampler = StimulativeTrainer(model=model_for(a), args=make_args(a)).subnet_sampler
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, fused=a.fused_optimizer or None)  # as the trainer's
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if CUDA else contextlib.nullcontext()
     start = None
     for step in range(a.warmup + a.steps):
@@ -196,6 +196,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2, help="alternate plain/trainer runs this many times")
     parser.add_argument("--workers", type=int, default=0, help="the trainer's dataloader_num_workers")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--fused-optimizer", default=True, type=lambda v: v.lower() in ("1", "true", "yes"),
+        help="true (default) / false: torch's fused SGD kernel, in both loops",
+    )  # fmt: skip
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="time steps by wall or CPU time")
     parser.add_argument("--json", default=None)
     a = parser.parse_args()

@@ -39,7 +39,11 @@ CONFIGS = {
     "ST++ K=1 sequential": dict(stim_method="stpp", num_subnets=1, backward_strategy="sequential"),
     "ST++ K=6": dict(stim_method="stpp", num_subnets=6),
     "ST++ K=6 sequential": dict(stim_method="stpp", num_subnets=6, backward_strategy="sequential"),
+    # the Trainer's optimizer as it builds it, without torch's fused kernel (fused_optimizer)
+    "CT unfused": dict(stim_method="ct", fused_optimizer=False),
+    "ST++ K=1 unfused": dict(stim_method="stpp", num_subnets=1, fused_optimizer=False),
 }
+DEFAULT_CONFIGS = ("CT", "ST K=1", "ST++ K=1", "ST++ K=1 sequential", "ST++ K=6", "ST++ K=6 sequential")
 
 
 def build_model(name: str, tiny: bool):
@@ -72,6 +76,7 @@ def measure(name: str, overrides: dict, args: argparse.Namespace, device: torch.
     num_labels = model.config.num_labels
     training_args = StimulativeTrainingArguments(
         output_dir="/tmp/bench_step_cost", per_device_train_batch_size=args.batch, learning_rate=0.1, optim="sgd",
+        optim_args="momentum=0.9,nesterov=true", weight_decay=5e-4,  # the recipes' SGD
         report_to="none", save_strategy="no", disable_tqdm=True, use_cpu=not cuda, bf16=cuda and not args.fp32,
         channels_last=cuda if getattr(args, "channels_last", None) is None else args.channels_last, max_steps=args.steps, num_eval_subnets=0, seed=0, **overrides,
     )  # fmt: skip
@@ -128,7 +133,11 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS), help=f"of {', '.join(CONFIGS)}")
+    parser.add_argument(
+        "--cudnn-benchmark", action="store_true",
+        help="torch.backends.cudnn.benchmark = True: cuDNN times its kernels for each new shape and keeps the fastest",
+    )  # fmt: skip
     parser.add_argument(
         "--twice",
         action="store_true",
@@ -146,6 +155,7 @@ def main() -> None:
     if args.tiny:
         args.batch, args.image_size, args.steps, args.warmup = 4, 64, 2, 1
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     rows = []
     for config in args.configs.split(","):

@@ -191,6 +191,14 @@ class StimulativeTrainingArguments(TrainingArguments):
     channels_last: bool = field(
         default=False, metadata={"help": "Run convolutional models in channels_last memory format (faster on GPUs)."}
     )
+    fused_optimizer: bool = field(
+        default=True,
+        metadata={
+            "help": "Give optim sgd / adamw_torch torch's fused kernel (one pass over all parameters instead of one "
+            "per tensor) on one device or DDP, where every parameter is on a device torch has fused kernels for. "
+            "The update is the same up to rounding; false keeps the Trainer's optimizer as it builds it."
+        },
+    )
     # Defaults that differ from TrainingArguments' (DESIGN.md section 3).
     do_train: bool = field(default=True, metadata={"help": "Train (default); false only evaluates the model."})
     remove_unused_columns: bool = field(

@@ -23,6 +23,7 @@ from stim_hf.config import StimulativeTrainingArguments
 from stim_hf.errors import ConfigError, ModelStructureError
 from stim_hf.losses import distillation_loss, normalize_logits
 from stim_hf.model_walks import ModelWalks, fast_zero_grad_once, redundant_train_call_skipped, remove_pending_shadows
+from stim_hf.optimizers import with_fused_kernel
 from stim_hf.reliable_trainer import ReliableTrainer
 from stim_hf.subnets import (
     EVAL_SUBNET_STREAM,
@@ -41,6 +42,8 @@ logger = logging.getLogger(__name__)
 _LOG_KEYS = ("ce_loss", "kl_loss", "kl_coef", "subnet_depth_fraction", "subnet_input_size")
 # Setups whose gradients are plain tensors on the process's device (not FSDP / DeepSpeed / XLA shards).
 _PLAIN_GRADS = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+# Optimizer parameter-group keys that choose how the update runs, not what it computes.
+_KERNEL_CHOICES = ("fused", "foreach")
 # Sub-network inputs are never resized below this side, whatever min_input_scale says.
 MIN_SUBNET_INPUT_SIZE = 8
 
@@ -388,6 +391,31 @@ class StimulativeTrainer(ReliableTrainer):
         if self._num_parameters is None:
             self._num_parameters = self.model.num_parameters(exclude_embeddings=True)
         return 6 * inputs[main_input].numel() * self._num_parameters
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> tuple[Any, Any]:
+        """``Trainer.get_optimizer_cls_and_kwargs``, with torch's fused kernel where ``fused_optimizer`` asks for it.
+
+        One device or DDP only (FSDP and DeepSpeed build their optimizers over their own shards).
+        """
+        optimizer_cls, optimizer_kwargs = ReliableTrainer.get_optimizer_cls_and_kwargs(args, model)
+        if getattr(args, "fused_optimizer", False) and model is not None and not (args.deepspeed or args.fsdp):
+            optimizer_kwargs = with_fused_kernel(optimizer_cls, optimizer_kwargs, model.parameters())
+        return optimizer_cls, optimizer_kwargs
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """``Trainer._load_optimizer_and_scheduler``, keeping the update kernels this run chose.
+
+        A saved optimizer state carries its ``fused`` / ``foreach`` choice in each parameter group and
+        would put it back: a checkpoint from before ``fused_optimizer``, or written with another setting,
+        would silently change this run's kernels. They are an implementation choice, not training state.
+        """
+        if self.optimizer is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        built = [{key: group[key] for key in _KERNEL_CHOICES if key in group} for group in self.optimizer.param_groups]
+        super()._load_optimizer_and_scheduler(checkpoint)
+        for group, choice in zip(self.optimizer.param_groups, built, strict=True):
+            group.update(choice)
 
     def _plain_setup(self) -> bool:
         """One device or DDP: no FSDP, DeepSpeed or XLA wrapper owns the parameters."""

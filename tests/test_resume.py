@@ -267,3 +267,26 @@ def test_seeded_batch_dataset_replays_augmentation():
     assert not torch.equal(first[1], other[0])
     assert not torch.equal(SeededBatchDataset(Noisy(), seed=4).__getitems__([1, 4, 7])[0], first[0])
     assert len(dataset) == 10 and dataset[2].shape == (2,)
+
+
+@pytest.mark.parametrize("saved_fused, resumed_fused", [(False, True), (True, False)])
+def test_resume_keeps_the_optimizer_kernels_this_run_chose(tmp_path, tiny_cifar_resnet, saved_fused, resumed_fused):
+    """A checkpoint's fused/foreach choice is not restored over this run's fused_optimizer (state is)."""
+    first = StimulativeTrainer(
+        model=tiny_cifar_resnet(),
+        args=make_args(tmp_path, fused_optimizer=saved_fused, optim_args="momentum=0.9"),
+        train_dataset=make_dataset(),
+    )
+    first.train()
+    saved = torch.load(tmp_path / "checkpoint-4" / "optimizer.pt", weights_only=True)
+    assert bool(saved["param_groups"][0]["fused"]) is saved_fused
+    resumed = StimulativeTrainer(
+        model=tiny_cifar_resnet(),
+        args=make_args(tmp_path, fused_optimizer=resumed_fused, optim_args="momentum=0.9", max_steps=6),
+        train_dataset=make_dataset(),
+    )
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-4"))
+    assert resumed.state.global_step == 6
+    optimizer = resumed.optimizer.optimizer
+    assert [bool(g["fused"]) for g in optimizer.param_groups] == [resumed_fused] * len(optimizer.param_groups)
+    assert optimizer.state  # the momentum buffers came back

@@ -12,6 +12,7 @@ from transformers import Trainer, TrainingArguments
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
 from stim_hf.batchnorm import batchnorm_layers
 from stim_hf.errors import ConfigError, ModelStructureError
+from stim_hf.optimizers import with_fused_kernel
 
 make_dataset = make_tensor_dataset
 
@@ -81,6 +82,41 @@ def test_ct_update_equals_plain_trainer_bit_for_bit(tmp_path, tiny_cifar_resnet,
     assert logged == [(h["loss"], h["grad_norm"]) for h in plain.state.log_history if "loss" in h]
     assert stim.state.total_flos == plain.state.total_flos > 0
     assert calls == {"grad_norm": 4, "flops": 4}
+    # ...with torch's fused SGD kernel against the Trainer's per-tensor SGD (bit-identical on a CPU).
+    assert stim.optimizer.optimizer.defaults["fused"] is True
+    assert not plain.optimizer.optimizer.defaults["fused"]
+
+
+@pytest.mark.parametrize(
+    ("optim", "optim_args", "fused_optimizer", "fused"),
+    [
+        ("sgd", "momentum=0.9,nesterov=true", True, True),
+        ("adamw_torch", None, True, True),
+        ("sgd", "momentum=0.9,nesterov=true", False, None),
+        ("adagrad", None, True, None),  # torch's fused Adagrad is CPU-only: left as the Trainer builds it
+    ],
+)
+def test_fused_optimizer_gives_the_trainers_optimizer_torchs_fused_kernel(
+    tmp_path, tiny_cifar_resnet, optim, optim_args, fused_optimizer, fused
+):
+    args = make_args(tmp_path, optim=optim, optim_args=optim_args, fused_optimizer=fused_optimizer, max_steps=2)
+    trainer = StimulativeTrainer(model=tiny_cifar_resnet(), args=args, train_dataset=make_dataset())
+    trainer.train()
+    optimizer = trainer.optimizer.optimizer
+    assert optimizer.defaults.get("fused") is fused
+    if optim == "sgd":  # the recipe's settings survive
+        assert optimizer.defaults["momentum"] == 0.9 and optimizer.defaults["nesterov"] is True
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.0, 0.0]  # the Trainer's groups, unchanged
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(trainer.model.parameters()))
+
+
+def test_fused_kernel_is_not_forced_where_torch_has_none():
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    assert with_fused_kernel(torch.optim.SGD, {"lr": 0.1}, params) == {"lr": 0.1, "fused": True}
+    assert with_fused_kernel(torch.optim.SGD, {"lr": 0.1, "foreach": True}, params) == {"lr": 0.1, "foreach": True}
+    assert with_fused_kernel(torch.optim.RMSprop, {"lr": 0.1}, params) == {"lr": 0.1}
+    meta = [torch.nn.Parameter(torch.zeros(2, device="meta"))]
+    assert with_fused_kernel(torch.optim.SGD, {"lr": 0.1}, meta) == {"lr": 0.1}
 
 
 def test_stpp_step_differs_from_ct(tmp_path, tiny_cifar_resnet):
