@@ -11,6 +11,7 @@ from transformers import TrainingArguments
 
 from stim_hf.errors import ConfigError
 from stim_hf.losses import KL_LOSSES, LOGIT_NORMALIZATIONS
+from stim_hf.profiling import parse_profile_steps
 from stim_hf.subnets.sampling import SAMPLING_RULES
 
 STIM_METHODS = ("ct", "st", "stpp")
@@ -199,6 +200,14 @@ class StimulativeTrainingArguments(TrainingArguments):
             "The update is the same up to rounding; false keeps the Trainer's optimizer as it builds it."
         },
     )
+    profile_steps: str | None = field(
+        default=None,
+        metadata={
+            "help": "Record optimizer steps FIRST-LAST (e.g. '20-25', counted from 1) with torch.profiler: a trace "
+            "(Perfetto, chrome://tracing, TensorBoard) and a summary of where each step's time goes, written to "
+            "OUTPUT_DIR/profile/. Unset: no profiling."
+        },
+    )
     # Defaults that differ from TrainingArguments' (DESIGN.md section 3).
     do_train: bool = field(default=True, metadata={"help": "Train (default); false only evaluates the model."})
     remove_unused_columns: bool = field(
@@ -272,7 +281,8 @@ class StimulativeTrainingArguments(TrainingArguments):
         number("subnet_monitor_count", 0, integer=True)
         number("subnet_monitor_every", 1, integer=True)
         self.sample_space = parse_sample_space(self.sample_space)
-        for name in ("normalize_main_logits", "sync_batchnorm", "channels_last"):
+        parse_profile_steps(self.profile_steps)
+        for name in ("normalize_main_logits", "sync_batchnorm", "channels_last", "fused_optimizer"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
 

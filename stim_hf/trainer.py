@@ -24,6 +24,7 @@ from stim_hf.errors import ConfigError, ModelStructureError
 from stim_hf.losses import distillation_loss, normalize_logits
 from stim_hf.model_walks import ModelWalks, fast_zero_grad_once, redundant_train_call_skipped, remove_pending_shadows
 from stim_hf.optimizers import with_fused_kernel
+from stim_hf.profiling import StepProfilerCallback, parse_profile_steps, phase
 from stim_hf.reliable_trainer import ReliableTrainer
 from stim_hf.subnets import (
     EVAL_SUBNET_STREAM,
@@ -198,6 +199,11 @@ class StimulativeTrainer(ReliableTrainer):
         self._data_wait_s = self._step_s = 0.0
         self._fetch_started: float | None = None
         self.add_callback(_StepTimer(self))
+        # True while a profile_steps window is recorded: stim_hf's phase labels are on.
+        self.profiling = False
+        window = parse_profile_steps(args.profile_steps)
+        if window is not None:
+            self.add_callback(StepProfilerCallback(self, *window))
         if args.subnet_monitor_count and self.stages:
             from stim_hf.callbacks import SubnetMonitorCallback
 
@@ -212,7 +218,8 @@ class StimulativeTrainer(ReliableTrainer):
         """``Trainer.get_batch_samples``, timed: the host's wait for the step's batches is logged as ``data_wait_fraction``."""
         self._fetch_started = time.perf_counter()
         try:
-            return super().get_batch_samples(epoch_iterator, num_batches, device)
+            with phase(self.profiling, "stim_hf/wait_for_batches"):
+                return super().get_batch_samples(epoch_iterator, num_batches, device)
         finally:
             self._data_wait_s += time.perf_counter() - self._fetch_started
 
@@ -268,9 +275,10 @@ class StimulativeTrainer(ReliableTrainer):
         pixel_values, labels = inputs["pixel_values"], inputs["labels"]
         if self.args.channels_last and pixel_values.dim() == 4:
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        outputs = model(pixel_values=pixel_values)
-        logits = outputs.logits
-        ce = self.main_loss(logits, labels)
+        with phase(self.profiling, "stim_hf/full_forward"):
+            outputs = model(pixel_values=pixel_values)
+            logits = outputs.logits
+            ce = self.main_loss(logits, labels)
         if not model.training:
             return (ce, outputs) if return_outputs else ce
 
@@ -283,7 +291,8 @@ class StimulativeTrainer(ReliableTrainer):
         num_subnets = self.args.num_subnets if coef > 0 else 0
         for index in range(num_subnets):
             subnet = self.subnet_sampler.sample(step, micro_step, index, image_size=pixel_values.shape[-2])
-            kl = self.subnet_kl(model, pixel_values, logits, subnet)
+            with phase(self.profiling, "stim_hf/subnet_forward"):
+                kl = self.subnet_kl(model, pixel_values, logits, subnet)
             if self._subnet_backward_scale is not None:
                 # Sequential strategy: free this sub-network's graph now; the CE's backward follows.
                 self.accelerator.backward(coef * self._subnet_backward_scale * kl)
@@ -316,7 +325,10 @@ class StimulativeTrainer(ReliableTrainer):
         """
         # One device or DDP only: DeepSpeed's and FSDP's wrappers keep their own train() / zero_grad().
         plain = self._plain_setup()
-        with redundant_train_call_skipped(model) if plain else nullcontext():
+        with (
+            redundant_train_call_skipped(model) if plain else nullcontext(),
+            phase(self.profiling, "stim_hf/training_step"),
+        ):
             loss = self._forward_backward(model, inputs, num_items_in_batch)
         # Asked after the backward: the Trainer's tensor-parallel check caches what the first gradients show.
         parameters = self._plain_parameters(model) if plain and self.accelerator.sync_gradients else None
