@@ -11,7 +11,8 @@ Three measurements, each printed as a table and written to JSON with --json:
    trainer's ``batch_transform``), for CIFAR-10 parquet with both image pipelines ('pil':
    torchvision per image in the workers; 'predecoded': decoded once, crop / flip / normalise on
    the device in batch), and for 224 px ImageNet-style JPEGs (generated, ``imagenet`` preset) at
-   several worker counts.
+   several worker counts, with 'pil' and 'device_color' (colour jitter and normalisation on the
+   device in batch).
 2. CIFAR-10 ResNet-56, ST++ (K = --num-subnets), batch 128, through StimulativeTrainer.train():
    throughput with pre-made tensors in memory, then end to end with each pipeline. Target
    (issue 6): end to end >= 0.9 x pre-made.
@@ -41,7 +42,7 @@ from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
 from stim_hf.data import DataArguments, load_image_datasets
 from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification
 from stim_hf.train import pipeline_batch_transform, with_pipeline_transforms
-from stim_hf.transforms import collate_image_batch, with_image_transforms
+from stim_hf.transforms import collate_image_batch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import framework_overhead  # noqa: E402  (bench/framework_overhead.py: in-memory tensors, the step timer)
@@ -130,30 +131,8 @@ def make_jpegs(folder: str, count: int, classes: int = 10) -> None:
         PIL.Image.fromarray(np.roll(crop, i % 3, axis=-1)).save(os.path.join(target, f"{i:05d}.jpg"), quality=90)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cifar-dir", default=os.path.join(os.path.dirname(__file__), "../../shared/data/cifar10"))
-    parser.add_argument("--depth", type=int, default=56)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--num-subnets", type=int, default=1)
-    parser.add_argument("--workers", type=int, default=2, help="dataloader_num_workers (the CIFAR recipe's: 2)")
-    parser.add_argument("--warmup", type=int, default=10)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=2, help="alternated repeats of the training runs (best kept)")
-    parser.add_argument("--loader-batches", type=int, default=60, help="batches timed in the pipeline-only runs")
-    parser.add_argument("--jpeg-count", type=int, default=400)
-    parser.add_argument(
-        "--jpeg-workers", default="0,2", help="worker counts for the 224 px JPEG pipeline (0: in the main process)"
-    )
-    parser.add_argument("--jpeg-batch", type=int, default=32)
-    parser.add_argument("--resnet50-batch", type=int, default=None, help="default: 128 on a GPU, 16 on a CPU")
-    parser.add_argument("--skip-jpeg", action="store_true")
-    parser.add_argument("--json", default=None)
-    a = parser.parse_args()
-    cuda = torch.cuda.is_available()
-    device = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
-    result: dict = {"device": device, "args": vars(a)}
-
+def measure_cifar(a: argparse.Namespace, device: str) -> dict:
+    """CIFAR-10: each pipeline alone, then ResNet-56 ST++ training with pre-made tensors and end to end."""
     with tempfile.TemporaryDirectory() as cache_dir:
         # -- CIFAR-10: pipeline alone ---------------------------------------------------------------
         splits = load_image_datasets(cifar_data_args(a, "pil", cache_dir), seed=0)
@@ -191,7 +170,7 @@ def main() -> None:
     print(f"{'data':<28}{'images/s':>10}{'/ pre-made':>12}   runs")
     for name, rate in rows.items():
         print(f"{name:<28}{rate:>10.1f}{rate / reference:>12.3f}   {', '.join(f'{r:.1f}' for r in runs[name])}")
-    result["cifar"] = {
+    return {
         "pipeline_alone": {
             p: {k: v for k, v in c.items() if k not in ("dataset", "transform")} for p, c in cifar.items()
         },
@@ -200,47 +179,96 @@ def main() -> None:
         "ratio_to_premade": {k: v / reference for k, v in rows.items()},
     }
 
-    # -- 224 px JPEGs --------------------------------------------------------------------------------
-    if not a.skip_jpeg:
-        with tempfile.TemporaryDirectory() as folder:
-            make_jpegs(folder, a.jpeg_count)
-            data_args = DataArguments(train_dir=folder, image_size=224, augmentation="imagenet", train_val_split=0.1)
-            splits = load_image_datasets(data_args, seed=0)
-            dataset = with_image_transforms(splits["train"], data_args, train=True)
-            jpeg: dict = {}
-            for workers in [int(w) for w in a.jpeg_workers.split(",")]:
-                args = training_args(a, workers, 1)
-                args.per_device_train_batch_size = a.jpeg_batch
-                trainer = StimulativeTrainer(
-                    model=cifar_model(20), args=args, train_dataset=dataset, data_collator=collate_image_batch
-                )
-                # In one process: steady state after 2 batches. With workers: the whole pass over the
-                # images from the loader's start (prefetching would flatter a partial pass).
-                batches = len(dataset) // a.jpeg_batch
-                jpeg[workers] = (
-                    loader_throughput(trainer, batches - 2, 2)
-                    if workers == 0
-                    else loader_throughput(trainer, batches, 0)
-                )
-        step_args = argparse.Namespace(
-            model="resnet50", tiny=False, batch=a.resnet50_batch or (128 if cuda else 16), image_size=224,
-            steps=10 if cuda else 3, warmup=5 if cuda else 2, fp32=False,
-        )  # fmt: skip
-        target = torch.device("cuda" if cuda else "cpu")
-        model_rates = {
-            name: step_cost.measure(name, step_cost.CONFIGS[name], step_args, target)["images_per_s"]
-            for name in ("CT", "ST++ K=6")
-        }
-        print(f"\n224 px JPEGs (imagenet preset: decode + random resized crop + flip + colour jitter), {device}")
-        print(f"{'workers':<10}{'images/s':>10}{'images/s per worker':>22}")
-        for workers, rate in jpeg.items():
-            print(f"{workers:<10}{rate:>10.0f}{rate / workers if workers else rate:>22.0f}")
-        per_worker = jpeg[0] if 0 in jpeg else max(rate / max(workers, 1) for workers, rate in jpeg.items())
-        print(f"ResNet-50 at 224 px, batch {step_args.batch}, training step on a device-resident batch:")
-        for name, rate in model_rates.items():
-            print(f"  {name:<10}{rate:>8.0f} images/s -> needs about {rate / per_worker:.2f} cores of decoding")
-        result["jpeg"] = {"loader_images_per_s": jpeg, "resnet50_images_per_s": model_rates}
 
+# 'device_color, workers only': the same loader without the device's jitter + normalisation, i.e. what the
+# workers deliver; on a GPU machine the device's part costs little, on a CPU it runs in the training process.
+JPEG_PIPELINES = ("pil", "device_color", "device_color, workers only")
+
+
+def measure_jpegs(a: argparse.Namespace, device: str) -> dict:
+    """224 px JPEGs through each pipeline and worker count, against ResNet-50's training step."""
+    cuda = torch.cuda.is_available()
+    jpeg: dict = {pipeline: {} for pipeline in JPEG_PIPELINES}
+    with tempfile.TemporaryDirectory() as folder:
+        make_jpegs(folder, a.jpeg_count)
+        for _ in range(a.jpeg_repeats):  # alternated, best of each
+            for workers in [int(w) for w in a.jpeg_workers.split(",")]:
+                for pipeline in JPEG_PIPELINES:
+                    data_args = DataArguments(
+                        train_dir=folder, image_size=224, augmentation="imagenet", train_val_split=0.1,
+                        image_pipeline=pipeline.split(",")[0],
+                    )  # fmt: skip
+                    dataset, transform, _ = pipeline_dataset(data_args, load_image_datasets(data_args, seed=0))
+                    transform = None if pipeline.endswith("workers only") else transform
+                    args = training_args(a, workers, 1)
+                    args.per_device_train_batch_size = a.jpeg_batch
+                    trainer = StimulativeTrainer(
+                        model=cifar_model(20), args=args, train_dataset=dataset, data_collator=collate_image_batch,
+                        batch_transform=transform,
+                    )  # fmt: skip
+                    # In one process: steady state after 2 batches. With workers: the whole pass over the
+                    # images from the loader's start (prefetching would flatter a partial pass).
+                    batches = len(dataset) // a.jpeg_batch
+                    rate = (
+                        loader_throughput(trainer, batches - 2, 2)
+                        if workers == 0
+                        else loader_throughput(trainer, batches, 0)
+                    )
+                    jpeg[pipeline][workers] = max(rate, jpeg[pipeline].get(workers, 0.0))
+    step_args = argparse.Namespace(
+        model="resnet50", tiny=False, batch=a.resnet50_batch or (128 if cuda else 16), image_size=224,
+        steps=10 if cuda else 3, warmup=5 if cuda else 2, fp32=False,
+    )  # fmt: skip
+    target = torch.device("cuda" if cuda else "cpu")
+    model_rates = {
+        name: step_cost.measure(name, step_cost.CONFIGS[name], step_args, target)["images_per_s"]
+        for name in ("CT", "ST++ K=6")
+    } if not a.skip_model else {}  # fmt: skip
+    print(f"\n224 px JPEGs (imagenet preset: decode + random resized crop + flip + colour jitter), {device}")
+    print(f"{'pipeline':<28}{'workers':>8}{'images/s':>10}{'images/s per worker':>22}")
+    for pipeline, rates in jpeg.items():
+        for workers, rate in rates.items():
+            print(f"{pipeline:<28}{workers:>8}{rate:>10.0f}{rate / workers if workers else rate:>22.0f}")
+    for pipeline, rates in jpeg.items():
+        per_worker = rates[0] if 0 in rates else max(rate / max(workers, 1) for workers, rate in rates.items())
+        for name, rate in model_rates.items():
+            print(
+                f"ResNet-50 {name} at 224 px, batch {step_args.batch}, device-resident batch: {rate:.0f} images/s "
+                f"-> needs about {rate / per_worker:.2f} cores of '{pipeline}' decoding"
+            )
+    return {"loader_images_per_s": jpeg, "resnet50_images_per_s": model_rates}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cifar-dir", default=os.path.join(os.path.dirname(__file__), "../../shared/data/cifar10"))
+    parser.add_argument("--depth", type=int, default=56)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--num-subnets", type=int, default=1)
+    parser.add_argument("--workers", type=int, default=2, help="dataloader_num_workers (the CIFAR recipe's: 2)")
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=2, help="alternated repeats of the training runs (best kept)")
+    parser.add_argument("--loader-batches", type=int, default=60, help="batches timed in the pipeline-only runs")
+    parser.add_argument("--jpeg-count", type=int, default=400)
+    parser.add_argument(
+        "--jpeg-workers", default="0,2", help="worker counts for the 224 px JPEG pipeline (0: in the main process)"
+    )
+    parser.add_argument("--jpeg-batch", type=int, default=32)
+    parser.add_argument("--jpeg-repeats", type=int, default=1, help="alternated repeats of the JPEG runs (best kept)")
+    parser.add_argument("--resnet50-batch", type=int, default=None, help="default: 128 on a GPU, 16 on a CPU")
+    parser.add_argument("--skip-cifar", action="store_true")
+    parser.add_argument("--skip-jpeg", action="store_true")
+    parser.add_argument("--skip-model", action="store_true", help="no ResNet-50 step next to the JPEG pipelines")
+    parser.add_argument("--json", default=None)
+    a = parser.parse_args()
+    cuda = torch.cuda.is_available()
+    device = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
+    result: dict = {"device": device, "args": vars(a)}
+    if not a.skip_cifar:
+        result["cifar"] = measure_cifar(a, device)
+    if not a.skip_jpeg:
+        result["jpeg"] = measure_jpegs(a, device)
     if a.json:
         os.makedirs(os.path.dirname(a.json) or ".", exist_ok=True)
         with open(a.json, "w") as f:

@@ -2,12 +2,13 @@
 # The GPU check of issue 6 on one GPU: step cost and CUDA peak memory of both backward strategies (benchmarks 1
 # and 4), framework overhead (2), data pipeline (3), and the GPU-only questions (cudnn.benchmark, per-block
 # compilation and CUDA graphs, fused optimizer). Each benchmark writes its JSON to $OUT (default bench/out/gpu);
-# everything printed also goes to $OUT/gpu_check.log. All of it takes about 13 minutes on an H200, more than one
+# everything printed also goes to $OUT/gpu_check.log. All of it takes about 16 minutes on an H200, more than one
 # device call may run: name the benchmarks to run a part, most important first:
 #
 #   bash bench/gpu_check.sh framework_overhead framework_overhead_workers2 optimizer_step model_walks \
 #     step_cost_cifar56 step_cost_cifar56_cudnn                        # ~6 min
-#   bash bench/gpu_check.sh compile_blocks step_cost_resnet50 data_pipeline    # ~7 min
+#   bash bench/gpu_check.sh step_cost_resnet50 jpeg_steps data_pipeline        # ~6 min
+#   bash bench/gpu_check.sh compile_blocks                                       # ~4 min
 #
 # The data pipeline needs shared/data/cifar10/{train,test}.parquet inside the repo. Missing Python packages can
 # come as wheels in .whl/ (installed into /tmp/site first).
@@ -52,6 +53,7 @@ run step_cost_cifar56_cudnn 75 bench/step_cost.py --model cifar_resnet56 --batch
 run compile_blocks 300 bench/compile_blocks.py --steps 30 --warmup 5 --modes default,reduce-overhead
 # --twice: each configuration again with the same draws, every input size warm (cuDNN sets up each new shape once)
 run step_cost_resnet50 150 bench/step_cost.py --model resnet50 --batch 128 --image-size 224 --steps 15 --warmup 5 --twice
-run data_pipeline 200 bench/data_pipeline.py --cifar-dir shared/data/cifar10 --warmup 30 --steps 100 --repeats 3 \
+run jpeg_steps 60 bench/jpeg_steps.py --batch 128
+run data_pipeline 300 bench/data_pipeline.py --cifar-dir shared/data/cifar10 --warmup 30 --steps 100 --repeats 3 \
   --loader-batches 150 --jpeg-workers 0,8 --jpeg-count 1600 --jpeg-batch 64
 echo "=== done ($(date -u +%T))" | tee -a "$LOG"

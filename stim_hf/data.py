@@ -24,7 +24,7 @@ from stim_hf.errors import ConfigError, DataError
 logger = logging.getLogger(__name__)
 
 AUGMENTATIONS = ("cifar", "imagenet", "none")
-IMAGE_PIPELINES = ("pil", "predecoded")
+IMAGE_PIPELINES = ("pil", "predecoded", "device_color")
 PREDECODED_AUGMENTATIONS = ("cifar", "none")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -142,7 +142,9 @@ class DataArguments:
         metadata={
             "help": "'pil': decode and augment every image in the DataLoader workers each epoch (any preset, any "
             "image size). 'predecoded': decode once into a cached uint8 column, then crop, flip and normalise "
-            "on the training device in batch (presets 'cifar' and 'none'; keeps a GPU fed on small images)."
+            "on the training device in batch (presets 'cifar' and 'none'; keeps a GPU fed on small images). "
+            "'device_color': decode and crop in the workers as 'pil' does, then colour jitter and normalise on "
+            "the training device in batch (any preset; for ImageNet-style images, where the workers are the limit)."
         },
     )
     preprocessing_num_workers: int | None = field(

@@ -15,6 +15,7 @@ from transformers import set_seed
 from stim_hf.checkpointing import resolve_resume_checkpoint as resolve_checkpoint
 from stim_hf.config import ModelArguments, StimulativeTrainingArguments
 from stim_hf.data import DataArguments, get_label_names, load_image_datasets
+from stim_hf.device_color import with_uint8_transforms
 from stim_hf.errors import ConfigError
 from stim_hf.metrics import build_compute_metrics, top_k_indices
 from stim_hf.modeling import build_model, check_saved_model_dir
@@ -65,15 +66,17 @@ def check_model_source(model_args: ModelArguments) -> None:
 
 
 def with_pipeline_transforms(dataset: datasets.Dataset, data_args: DataArguments, train: bool) -> datasets.Dataset:
-    """``dataset`` ready for the Trainer through ``data_args.image_pipeline`` ('pil' or 'predecoded')."""
+    """``dataset`` ready for the Trainer through ``data_args.image_pipeline`` ('pil', 'predecoded', 'device_color')."""
     if data_args.image_pipeline == "predecoded":
         return with_predecoded_transforms(dataset, data_args, train, num_proc=data_args.preprocessing_num_workers)
+    if data_args.image_pipeline == "device_color":
+        return with_uint8_transforms(dataset, data_args, train)
     return with_image_transforms(dataset, data_args, train)
 
 
 def pipeline_batch_transform(data_args: DataArguments) -> DeviceImageAugmentation | None:
     """The trainer's ``batch_transform`` that finishes the configured pipeline on the device (None for 'pil')."""
-    return DeviceImageAugmentation.from_data_args(data_args) if data_args.image_pipeline == "predecoded" else None
+    return DeviceImageAugmentation.from_data_args(data_args) if data_args.image_pipeline != "pil" else None
 
 
 def run_training(

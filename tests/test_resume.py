@@ -68,11 +68,13 @@ def _step_logs(output_dir: Path) -> dict[int, dict]:
     return {entry["step"]: entry for entry in state["log_history"] if "ce_loss" in entry}
 
 
-@pytest.mark.parametrize("pipeline", ["pil", "predecoded"])
-def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, caplog, monkeypatch, pipeline):
+@pytest.mark.parametrize(
+    ("pipeline", "augmentation"), [("pil", "cifar"), ("predecoded", "cifar"), ("device_color", "imagenet")]
+)
+def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, caplog, monkeypatch, pipeline, augmentation):
     """A run killed with SIGKILL after a checkpoint and resumed ends with the uninterrupted run's weights."""
     reference_dir, run_dir = tmp_path / "reference", tmp_path / "run"
-    reduced = [*REDUCED, "--image_pipeline", pipeline]
+    reduced = [*REDUCED, "--image_pipeline", pipeline, "--augmentation", augmentation]
     monkeypatch.chdir(tmp_path)
     with open(tmp_path / "victim.log", "w") as log:
         victim = subprocess.Popen(
