@@ -1,15 +1,16 @@
 """The ``device_color`` image pipeline: decode and crop in the workers at uint8, colour and normalise on the device.
 
 The default pipeline (:mod:`stim_hf.transforms`) runs every step of a preset on each image in the
-DataLoader workers. For the ``imagenet`` preset on a CPU core (docs/benchmarks.md, data pipeline)
-a 224 px training image costs about 1.0 ms to decode, 0.4 ms to crop, resize and flip, 0.65 ms of
-colour jitter and 0.23 ms to convert to float and normalise; the float image is then 4x the bytes
-of a uint8 one through the worker queue, the collate and the copy to the device. This pipeline
-keeps decoding and the geometric steps in the workers, exactly as the default pipeline does them,
-and sends uint8 images with each image's colour-jitter parameters, drawn in the workers under the
-data loader's seeded random state (so resume stays exact) by torchvision's own ``ColorJitter``.
-The trainer's ``batch_transform`` (:class:`stim_hf.predecoded.DeviceImageAugmentation`) then runs
-the jitter for the whole batch at once (:func:`color_jitter`) and normalises.
+DataLoader workers. For the ``imagenet`` preset, colour jitter and the conversion to float take
+about a third of a worker's time per image (``bench/jpeg_steps.py``), and the float image is 4x
+the bytes of a uint8 one through the worker queue, the collate and the copy to the device. This
+pipeline keeps decoding and the geometric steps in the workers, exactly as the default pipeline
+does them, and sends uint8 images with each image's colour-jitter parameters, drawn in the
+workers under the data loader's seeded random state (so resume stays exact) by torchvision's own
+``ColorJitter``. The trainer's ``batch_transform`` (:class:`stim_hf.predecoded.DeviceImageAugmentation`)
+then runs the jitter for the whole batch at once (:func:`color_jitter`) and normalises. On a GPU
+that costs little; on a CPU it runs in the training process and is slower end to end
+(docs/benchmarks.md, data pipeline).
 
 The result is torchvision's ``ColorJitter(0.4, 0.4, 0.4)`` with per-image randomness, computed in
 float32 instead of rounding to uint8 after each of its three adjustments.
@@ -34,7 +35,7 @@ COLOR_JITTER_KEY = "color_jitter"
 
 # torchvision's grayscale weights (v2.functional.rgb_to_grayscale).
 _GRAY = (0.2989, 0.587, 0.114)
-_BRIGHTNESS, _CONTRAST, _SATURATION = 0, 1, 2
+_CONTRAST, _SATURATION = 1, 2  # and 0: brightness, whose target is black
 
 
 def jitter_parameters(jitter: v2.ColorJitter) -> torch.Tensor:
@@ -55,8 +56,8 @@ def color_jitter(pixels: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
     ``pixels`` is float (B, 3, H, W) in [0, 1], ``params`` (B, 6) from :func:`jitter_parameters`.
     Each adjustment is torchvision's on float images: a blend ``f * x + (1 - f) * target``
     clamped to [0, 1], whose target is black (brightness), the image's mean gray (contrast) or its
-    per-pixel gray (saturation). Each of the three places blends every image with its own target,
-    so the batch is processed in 3 passes with no host synchronisation.
+    per-pixel gray (saturation). In each of the three places every image is blended with its own
+    target at once: a few elementwise operations over the batch per place, no host synchronisation.
     """
     params = params.to(device=pixels.device, dtype=pixels.dtype)
     factors, order = params[:, :3], params[:, 3:].long()

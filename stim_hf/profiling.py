@@ -26,7 +26,6 @@ logger = logging.getLogger(__name__)
 
 PROFILE_DIR_NAME = "profile"
 # The labelled phases of a step, in step order; torch labels the optimizer step itself.
-PHASE_PREFIX = "stim_hf/"
 PHASES = ("stim_hf/wait_for_batches", "stim_hf/training_step", "stim_hf/full_forward", "stim_hf/subnet_forward")
 _WINDOW = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
@@ -66,7 +65,6 @@ class StepProfilerCallback(TrainerCallback):
     def __init__(self, trainer: Any, first: int, last: int) -> None:
         self.trainer, self.first, self.last = trainer, first, last
         self.profiler: profile | None = None
-        self.written: list[str] = []
 
     # Started at the end of the step before the window, so that the first step's wait for its batches
     # (fetched before the Trainer's on_step_begin) is recorded too; at the run's start or on resume
@@ -115,7 +113,6 @@ class StepProfilerCallback(TrainerCallback):
         profiler.export_chrome_trace(f"{stem}.pt.trace.json")
         with open(f"{stem}.txt", "w", encoding="utf-8") as handle:
             handle.write(summarize(profiler, self.first, last_step, wall_s))
-        self.written += [f"{stem}.pt.trace.json", f"{stem}.txt"]
         logger.info("profiled steps %d-%d: %s.pt.trace.json and %s.txt", self.first, last_step, stem, stem)
 
 
@@ -146,8 +143,8 @@ def summarize(profiler: profile, first: int, last: int, wall_s: float) -> str:
         f"{'phase':<34}{'calls':>7}{'host ms/step':>14}" + (f"{'device ms/step':>16}" if on_device else ""),
     ]
     for name, count, host_us, device_us in rows:
-        row = f"{name:<34}{count:>7}{host_us / 1e3 / steps:>14.2f}"
-        lines.append(row + (f"{device_us / 1e3 / steps:>16.2f}" if on_device else ""))
+        line = f"{name:<34}{count:>7}{host_us / 1e3 / steps:>14.2f}"
+        lines.append(line + (f"{device_us / 1e3 / steps:>16.2f}" if on_device else ""))
     lines += [
         "",
         "stim_hf/training_step is one micro-batch's forwards and backward (the indented rows); host times include "
