@@ -131,7 +131,7 @@ def test_two_machines_on_localhost_then_resume_in_one_process(tmp_path):
     ]
     train_args = [QUICKSTART, "--output_dir", str(out), "--max_steps", "4", "--save_strategy", "steps",
                   "--save_steps", "4", "--eval_strategy", "no", "--report_to", "none", "--num_eval_subnets", "0",
-                  "--disable_tqdm", "true", "--use_cpu", "true"]  # fmt: skip
+                  "--disable_tqdm", "true", "--use_cpu", "true", "--profile_steps", "2-3"]  # fmt: skip
     script = str(REPO_ROOT / "scripts" / "train.py")
     machines = [
         subprocess.Popen(
@@ -150,6 +150,8 @@ def test_two_machines_on_localhost_then_resume_in_one_process(tmp_path):
         assert machine.returncode == 0, (stdout[-2000:], stderr[-4000:])
     checkpoint = out / "checkpoint-4"
     assert (checkpoint / "model.safetensors").is_file()
+    # profile_steps: every process records the window into its own files.
+    assert sorted(p.name for p in (out / "profile").glob("*.txt")) == ["rank0_steps2-3.txt", "rank1_steps2-3.txt"]
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     assert state["global_step"] == 4
     # Evaluation gathered the predictions of both processes: the accuracy equals a one-process
