@@ -38,6 +38,7 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset
 
+import stim_hf.transforms as transforms_module
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
 from stim_hf.data import DataArguments, load_image_datasets
 from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification
@@ -260,8 +261,11 @@ def main() -> None:
     parser.add_argument("--skip-cifar", action="store_true")
     parser.add_argument("--skip-jpeg", action="store_true")
     parser.add_argument("--skip-model", action="store_true", help="no ResNet-50 step next to the JPEG pipelines")
+    parser.add_argument("--pil-decoder", action="store_true", help="decode with PIL even where TorchCodec is installed")
     parser.add_argument("--json", default=None)
     a = parser.parse_args()
+    if a.pil_decoder:
+        transforms_module._torchcodec_decode = None  # the loader's worker processes fork with it
     cuda = torch.cuda.is_available()
     device = torch.cuda.get_device_name() if cuda else f"CPU ({os.cpu_count()} cores)"
     result: dict = {"device": device, "args": vars(a)}

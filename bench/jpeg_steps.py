@@ -3,8 +3,9 @@
   python bench/jpeg_steps.py                  # 40 generated JPEGs of 300..500 px, 224 px crops, one thread
   python bench/jpeg_steps.py --count 200 --size 176
 
-Runs the preset's own torchvision steps (``stim_hf.transforms.build_transforms``) one at a time on
-every image, in the order the DataLoader workers run them, and prints milliseconds per image for
+Decodes every image as the pipelines do (``decode_rgb``: TorchCodec where installed, else PIL; PIL
+alone is timed too, for comparison), then runs the preset's own torchvision steps
+(``stim_hf.transforms.build_transforms``) one at a time, in the order the DataLoader workers run them, and prints milliseconds per image for
 each (best of ``--repeats`` passes), then what the ``pil`` and ``device_color`` pipelines leave to
 the workers. One compute thread, as in a DataLoader worker. Last, the device part of
 ``device_color`` (batched jitter + normalisation, ``DeviceImageAugmentation``) on a batch, on the
@@ -24,10 +25,11 @@ from pathlib import Path
 import torch
 from torchvision.transforms import v2
 
+import stim_hf.transforms as transforms_module
 from stim_hf.data import DataArguments
 from stim_hf.device_color import COLOR_JITTER_KEY, jitter_parameters
 from stim_hf.predecoded import DeviceImageAugmentation
-from stim_hf.transforms import build_transforms, decode_image
+from stim_hf.transforms import build_transforms, decode_image, decode_rgb
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data_pipeline import make_jpegs  # noqa: E402  (bench/data_pipeline.py: the same generated JPEGs)
@@ -43,9 +45,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32, help="batch of the device part's timing")
+    parser.add_argument("--cifar-dir", default=None, help="also time decoding the CIFAR-10 parquet's PNGs")
     parser.add_argument("--json", default=None)
     a = parser.parse_args()
     torch.set_num_threads(1)
+    to_rgb_tensor = v2.Compose([v2.RGB(), v2.ToImage()])
     steps = build_transforms(DataArguments(dataset_name="unused", image_size=a.size, augmentation="imagenet"), True)
     with tempfile.TemporaryDirectory() as folder:
         make_jpegs(folder, a.count)
@@ -55,7 +59,10 @@ def main() -> None:
         per_step: dict[str, float] = {}
         for value in files:
             start = time.perf_counter()
-            image = decode_image(value)
+            to_rgb_tensor(decode_image(value))  # for comparison: PIL decoding, then RGB + ToImage
+            per_step["PIL reference"] = per_step.get("PIL reference", 0.0) + time.perf_counter() - start
+            start = time.perf_counter()
+            image = decode_rgb(value)
             per_step["decode"] = per_step.get("decode", 0.0) + time.perf_counter() - start
             for step in steps.transforms:
                 start = time.perf_counter()
@@ -64,24 +71,57 @@ def main() -> None:
                 per_step[name] = per_step.get(name, 0.0) + time.perf_counter() - start
         for name, seconds in per_step.items():
             times[name] = min(times.get(name, float("inf")), seconds / len(files) * 1e3)
+    reference_ms = times.pop("PIL reference")
+    decoder = "TorchCodec" if transforms_module._torchcodec_decode is not None else "PIL"
+    pipeline_ms = times["decode"] + times["RGB"] + times["ToImage"]
+    print(
+        f"to an RGB uint8 tensor (decode + RGB + ToImage): {pipeline_ms:.3f} ms/image with {decoder}, "
+        f"{reference_ms:.3f} with PIL ({reference_ms / pipeline_ms:.2f}x)"
+    )
     device_steps = {step.__name__ for step in DEVICE_STEPS}
     print(f"imagenet preset, {a.size} px training crops of {len(files)} JPEGs (300..500 px), one thread, ms/image")
     for name, ms in times.items():
         where = "device" if name in device_steps else "workers"
-        print(f"  {name:<22}{ms:>7.3f}   (device_color: {where})")
+        label = f"decode ({decoder})" if name == "decode" else name
+        print(f"  {label:<22}{ms:>7.3f}   (device_color: {where})")
     total = sum(times.values())
     workers = sum(ms for name, ms in times.items() if name not in device_steps)
     print(f"pil, in the workers:          {total:.2f} ms/image")
     print(f"device_color, in the workers: {workers:.2f} ms/image ({total / workers:.2f}x the images per worker)")
+    if a.cifar_dir:
+        cifar_us = cifar_decode_us(a, to_rgb_tensor)
+        print(
+            f"CIFAR-10 PNGs (32 px) to an RGB uint8 tensor: {cifar_us[decoder]:.1f} us/image with {decoder}, "
+            f"{cifar_us['PIL']:.1f} with PIL ({cifar_us['PIL'] / cifar_us[decoder]:.2f}x)"
+        )
     device_ms = device_part_ms(a)
     print(f"device_color, on the {DEVICE.type} for a batch of {a.batch}: {device_ms:.3f} ms/image (jitter + normalise)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(
-                {"args": vars(a), "ms_per_image": times, "pil_ms": total, "device_color_ms": workers,
+                {"args": vars(a), "decoder": decoder, "pil_to_tensor_ms": reference_ms, "ms_per_image": times,
+                 "pil_ms": total, "device_color_ms": workers,
                  "device_part_ms": device_ms, "device": DEVICE.type},
                 f, indent=2,
             )  # fmt: skip
+
+
+def cifar_decode_us(a: argparse.Namespace, to_rgb_tensor: v2.Compose) -> dict[str, float]:
+    """us per image to decode the first 2000 CIFAR-10 test PNGs to RGB tensors: the pipelines' way and PIL's."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(os.path.join(a.cifar_dir, "test.parquet")).slice(0, 2000)
+    values = table.column("img" if "img" in table.column_names else "image").to_pylist()
+    decoder = "TorchCodec" if transforms_module._torchcodec_decode is not None else "PIL"
+    ways = {decoder: lambda v: to_rgb_tensor(decode_rgb(v)), "PIL": lambda v: to_rgb_tensor(decode_image(v))}
+    best = dict.fromkeys(ways, float("inf"))
+    for _ in range(a.repeats):  # alternated
+        for name, way in ways.items():
+            start = time.perf_counter()
+            for value in values:
+                way(value)
+            best[name] = min(best[name], (time.perf_counter() - start) / len(values) * 1e6)
+    return best
 
 
 def device_part_ms(a: argparse.Namespace) -> float:

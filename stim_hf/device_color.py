@@ -25,7 +25,7 @@ import torch
 from torchvision.transforms import v2
 
 from stim_hf.data import ROW_INDEX_COLUMN
-from stim_hf.transforms import BatchImageTransform, build_transforms, decode_image, undecoded_images
+from stim_hf.transforms import BatchImageTransform, build_transforms, decode_rgb, undecoded_images
 
 if TYPE_CHECKING:
     from stim_hf.data import DataArguments
@@ -103,7 +103,7 @@ class Uint8BatchTransform(BatchImageTransform):
         rows = batch.get(ROW_INDEX_COLUMN)
         pixel_values, jitters = [], []
         for i, value in enumerate(batch[self.image_column]):
-            pixel_values.append(self.transform(decode_image(value, None if rows is None else int(rows[i]))))
+            pixel_values.append(self.transform(decode_rgb(value, None if rows is None else int(rows[i]))))
             jitters.append(jitter_parameters(self.jitter))
         labels = [int(label) for label in batch[self.label_column]]
         return {"pixel_values": pixel_values, "labels": labels, COLOR_JITTER_KEY: jitters}

@@ -30,7 +30,7 @@ from torchvision.transforms import v2
 
 from stim_hf.data import ROW_INDEX_COLUMN, check_predecoded_augmentation
 from stim_hf.device_color import COLOR_JITTER_KEY, color_jitter
-from stim_hf.transforms import decode_image, undecoded_images
+from stim_hf.transforms import decode_rgb, undecoded_images
 
 if TYPE_CHECKING:
     from stim_hf.data import DataArguments
@@ -68,7 +68,7 @@ class DecodeToUint8:
         rows = batch.get(ROW_INDEX_COLUMN)
         pixels = []
         for i, value in enumerate(batch[self.image_column]):
-            image = decode_image(value, None if rows is None else int(rows[i]))
+            image = decode_rgb(value, None if rows is None else int(rows[i]))
             pixels.append(self.geometry(image).numpy().tobytes())
         return {PIXELS_COLUMN: pixels}
 

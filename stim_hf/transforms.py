@@ -12,6 +12,8 @@ With on-the-fly transforms the Trainer must keep unused columns (``remove_unused
 
 from __future__ import annotations
 
+import io
+import os
 from typing import TYPE_CHECKING, Any
 
 import datasets
@@ -21,6 +23,11 @@ from torchvision.transforms import v2
 
 from stim_hf.data import ROW_INDEX_COLUMN
 from stim_hf.errors import DataError
+
+try:  # optional (extra "fast-decode"); a build for another torch fails to load: PIL decodes then
+    from torchcodec.decoders import decode_image as _torchcodec_decode
+except Exception:  # noqa: BLE001
+    _torchcodec_decode = None
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -93,6 +100,52 @@ def decode_image(value: Any, row: int | None = None) -> PIL.Image.Image:
         ) from error
 
 
+# Formats and PIL modes for which TorchCodec's decoding to RGB gives datasets' decoding + ``v2.RGB()``
+# pixel for pixel, EXIF orientation included for JPEG (tests/test_data.py checks each; a 16-bit PNG,
+# for one, differs, and BMP it does not read).
+_TORCHCODEC_DECODES = {"JPEG": ("RGB", "L", "CMYK"), "PNG": ("RGB", "RGBA", "L", "LA", "P")}
+_ORIENTATION = 0x0112
+
+
+def decode_rgb(value: Any, row: int | None = None) -> torch.Tensor | PIL.Image.Image:
+    """A stored image as the presets see it after ``v2.RGB()``; a uint8 (3, H, W) tensor where TorchCodec decodes it.
+
+    With TorchCodec installed (``pip install "stim_hf[fast-decode]"``), JPEG and PNG images in the
+    modes of ``_TORCHCODEC_DECODES`` are decoded by it: the same pixels as :func:`decode_image`
+    followed by ``v2.RGB()``, in less time (``bench/jpeg_steps.py``). PIL reads the header first, so
+    its decompression-bomb check still applies. Anything else (other formats or modes, a PNG with an
+    EXIF orientation, a path that is not local, a file TorchCodec refuses) goes through
+    :func:`decode_image`, which names a corrupt file in a :class:`DataError`.
+    """
+    data = _local_bytes(value) if _torchcodec_decode is not None else None
+    if data is not None:
+        try:
+            with PIL.Image.open(io.BytesIO(data)) as header:  # reads the header only
+                oriented = header.getexif().get(_ORIENTATION) not in (None, 1)
+                fast = header.mode in _TORCHCODEC_DECODES.get(header.format, ()) and not (
+                    oriented and header.format != "JPEG"
+                )
+        except _DECODE_ERRORS:
+            fast = False  # decode_image reports it
+        if fast:
+            try:
+                return _torchcodec_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode="RGB")
+            except (RuntimeError, ValueError):
+                pass  # decode_image decides, and names the file if it is corrupt
+    return decode_image(value, row)
+
+
+def _local_bytes(value: Any) -> bytes | None:
+    """The encoded bytes of a stored image held in memory or in a local file; None otherwise."""
+    if isinstance(value, dict) and value.get("bytes") is not None:
+        return value["bytes"]
+    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+    if path is not None and os.path.isfile(path):
+        with open(path, "rb") as handle:
+            return handle.read()
+    return None
+
+
 class BatchImageTransform:
     """Batched ``datasets`` transform: decodes + transforms images, returns ``pixel_values`` and ``labels``.
 
@@ -108,7 +161,7 @@ class BatchImageTransform:
         """Map a batch of raw rows to ``{"pixel_values": [tensor, ...], "labels": [int, ...]}``."""
         rows = batch.get(ROW_INDEX_COLUMN)
         pixel_values = [
-            self.transform(decode_image(value, None if rows is None else int(rows[i])))
+            self.transform(decode_rgb(value, None if rows is None else int(rows[i])))
             for i, value in enumerate(batch[self.image_column])
         ]
         return {"pixel_values": pixel_values, "labels": [int(label) for label in batch[self.label_column]]}

@@ -15,8 +15,10 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from torchvision.transforms import v2  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
+import stim_hf.transforms as transforms_module  # noqa: E402
 from stim_hf.builtin_datasets import BUILTIN_DATASETS, load_builtin_dataset  # noqa: E402
 from stim_hf.data import (  # noqa: E402
     CIFAR_MEAN,
@@ -29,7 +31,13 @@ from stim_hf.data import (  # noqa: E402
     load_image_datasets,
 )
 from stim_hf.errors import ConfigError, DataError  # noqa: E402
-from stim_hf.transforms import build_transforms, collate_image_batch, with_image_transforms  # noqa: E402
+from stim_hf.transforms import (  # noqa: E402
+    build_transforms,
+    collate_image_batch,
+    decode_image,
+    decode_rgb,
+    with_image_transforms,
+)
 
 CIFAR_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 needs_cifar = pytest.mark.skipif(
@@ -390,3 +398,78 @@ def test_dataloader_with_workers(digits_args, digits_splits):
     assert batches[0]["labels"].dtype == torch.int64
     expected = digits_splits["train"].select(range(24))["label"][:]
     assert torch.cat([b["labels"] for b in batches]).tolist() == expected
+
+
+# -- decoding: TorchCodec where it gives PIL's pixels --------------------------------------------------
+
+
+def _awkward_images(tmp_path: Path) -> dict[str, dict]:
+    """Stored images ({"bytes", "path"}) in every mode, orientation and format the decoders might disagree on."""
+    rng = np.random.default_rng(1)
+    smooth = np.clip(np.cumsum(rng.normal(0, 6, (30, 40, 3)), axis=1) + 128, 0, 255).astype(np.uint8)
+    base = Image.fromarray(smooth)
+    images = {
+        "jpeg rgb": _png_bytes(base, "JPEG"),
+        "jpeg gray": _png_bytes(base.convert("L"), "JPEG"),
+        "jpeg cmyk": _png_bytes(base.convert("CMYK"), "JPEG"),
+        "png rgb": _png_bytes(base),
+        "png rgba": _png_bytes(Image.fromarray(rng.integers(0, 256, (30, 40, 4), dtype=np.uint8), mode="RGBA")),
+        "png gray": _png_bytes(base.convert("L")),
+        "png gray + alpha": _png_bytes(base.convert("LA")),
+        "png palette": _png_bytes(base.convert("P")),
+        "png 16-bit": _png_bytes(Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 257)),
+        "bmp": _png_bytes(base, "BMP"),
+        "webp": _png_bytes(base, "WEBP"),
+    }
+    buffer = io.BytesIO()
+    base.convert("P").save(buffer, "PNG", transparency=3)
+    images["png palette + transparency"] = buffer.getvalue()
+    buffer = io.BytesIO()
+    base.save(buffer, "JPEG", progressive=True)
+    images["jpeg progressive"] = buffer.getvalue()
+    for orientation in range(1, 9):
+        exif = base.getexif()
+        exif[0x0112] = orientation
+        for fmt in ("JPEG", "PNG"):
+            buffer = io.BytesIO()
+            base.save(buffer, fmt, exif=exif.tobytes())
+            images[f"{fmt.lower()} exif orientation {orientation}"] = buffer.getvalue()
+    stored = {name: {"bytes": data, "path": None} for name, data in images.items()}
+    (tmp_path / "on_disk.jpg").write_bytes(images["jpeg rgb"])
+    stored["jpeg in a local file"] = {"bytes": None, "path": str(tmp_path / "on_disk.jpg")}
+    return stored
+
+
+def test_decode_rgb_gives_the_pixels_of_datasets_decoding_then_rgb(tmp_path):
+    to_rgb_tensor = v2.Compose([v2.RGB(), v2.ToImage(), v2.ToPureTensor()])
+    fast = 0
+    for name, value in _awkward_images(tmp_path).items():
+        decoded = decode_rgb(value)
+        expected = to_rgb_tensor(decode_image(value))
+        actual = to_rgb_tensor(decoded)
+        assert actual.dtype == torch.uint8 and actual.shape == expected.shape, name
+        assert torch.equal(actual, expected), name
+        fast += isinstance(decoded, torch.Tensor)
+    if transforms_module._torchcodec_decode is not None:  # JPEGs (every orientation) and the common PNG modes
+        assert fast == 20
+    else:
+        assert fast == 0
+
+
+def test_decode_rgb_names_a_truncated_or_corrupt_file(tmp_path):
+    whole = _awkward_images(tmp_path)["jpeg rgb"]["bytes"]
+    (tmp_path / "cut.jpg").write_bytes(whole[: len(whole) // 2])
+    for value in (
+        {"bytes": whole[: len(whole) // 2], "path": None},
+        {"bytes": None, "path": str(tmp_path / "cut.jpg")},
+    ):
+        with pytest.raises(DataError, match=r"row 7 .*corrupt, truncated or not an image"):
+            decode_rgb(value, row=7)
+    with pytest.raises(DataError, match="not an image"):
+        decode_rgb({"bytes": b"\xff\xd8\xff garbage", "path": None})
+
+
+def test_without_torchcodec_pil_decodes_everything(tmp_path, monkeypatch):
+    monkeypatch.setattr(transforms_module, "_torchcodec_decode", None)
+    value = _awkward_images(tmp_path)["jpeg rgb"]
+    assert isinstance(decode_rgb(value), Image.Image)
