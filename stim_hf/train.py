@@ -10,6 +10,7 @@ from typing import Any
 
 import datasets
 import transformers
+from accelerate import PartialState
 from transformers import set_seed
 
 from stim_hf.checkpointing import resolve_resume_checkpoint as resolve_checkpoint
@@ -175,4 +176,18 @@ def _setup_logging(training_args: StimulativeTrainingArguments) -> None:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse arguments and run the training job (entry point of ``scripts/train.py``)."""
-    return run_training(*parse_train_args(argv))
+    metrics = run_training(*parse_train_args(argv))
+    end_distributed_run()
+    return metrics
+
+
+def end_distributed_run() -> None:
+    """Once every process is done, destroy the process group (nothing to do in a single process).
+
+    A process that exits with its process group alive can abort in the communication library's
+    teardown or exit non-zero after a finished run (torch's documented advice is to destroy it).
+    """
+    state = PartialState()
+    if state.use_distributed:
+        state.wait_for_everyone()
+        state.destroy_process_group()

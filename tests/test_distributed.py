@@ -30,6 +30,8 @@ def env() -> dict:
 
 def run(cmd, cwd, timeout=300):
     result = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:  # the whole output, in the report's captured output (the assertion is cut short)
+        print(f"$ {' '.join(map(str, cmd))}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}")
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
     return result
 

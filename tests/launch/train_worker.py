@@ -21,6 +21,7 @@ from transformers.modeling_outputs import ImageClassifierOutput  # noqa: E402
 
 from stim_hf import ResidualStage, StimulativeTrainer, StimulativeTrainingArguments, register_stage_finder  # noqa: E402
 from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification  # noqa: E402
+from stim_hf.train import end_distributed_run  # noqa: E402
 
 
 class ResidualBlock(nn.Module):
@@ -146,6 +147,7 @@ def main() -> None:
         "skipped_steps": trainer.nonfinite_skipped_steps,
     }
     (out / f"rank{rank}_subnets.json").write_text(json.dumps(record))
+    end_distributed_run()  # as the training job ends
 
 
 if __name__ == "__main__":
