@@ -27,8 +27,8 @@ from torchvision.transforms import v2
 
 import stim_hf.transforms as transforms_module
 from stim_hf.data import DataArguments
+from stim_hf.device_augmentation import DeviceImageAugmentation
 from stim_hf.device_color import COLOR_JITTER_KEY, jitter_parameters
-from stim_hf.predecoded import DeviceImageAugmentation
 from stim_hf.transforms import build_transforms, decode_image, decode_rgb
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

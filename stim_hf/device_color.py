@@ -7,7 +7,7 @@ the bytes of a uint8 one through the worker queue, the collate and the copy to t
 pipeline keeps decoding and the geometric steps in the workers, exactly as the default pipeline
 does them, and sends uint8 images with each image's colour-jitter parameters, drawn in the
 workers under the data loader's seeded random state (so resume stays exact) by torchvision's own
-``ColorJitter``. The trainer's ``batch_transform`` (:class:`stim_hf.predecoded.DeviceImageAugmentation`)
+``ColorJitter``. The trainer's ``batch_transform`` (:class:`stim_hf.device_augmentation.DeviceImageAugmentation`)
 then runs the jitter for the whole batch at once (:func:`color_jitter`) and normalises. On a GPU
 that costs little; on a CPU it runs in the training process and is slower end to end
 (docs/benchmarks.md, data pipeline).
@@ -112,7 +112,7 @@ class Uint8BatchTransform(BatchImageTransform):
 def with_uint8_transforms(dataset: datasets.Dataset, data_args: DataArguments, train: bool) -> datasets.Dataset:
     """A view of ``dataset`` whose rows are uint8 images, labels and (training) colour-jitter parameters.
 
-    Pair it with :class:`stim_hf.predecoded.DeviceImageAugmentation` as the trainer's
+    Pair it with :class:`stim_hf.device_augmentation.DeviceImageAugmentation` as the trainer's
     ``batch_transform``, which jitters and normalises on the device.
     """
     dataset = undecoded_images(dataset, data_args)

@@ -16,12 +16,13 @@ from transformers import set_seed
 from stim_hf.checkpointing import resolve_resume_checkpoint as resolve_checkpoint
 from stim_hf.config import ModelArguments, StimulativeTrainingArguments
 from stim_hf.data import DataArguments, get_label_names, load_image_datasets
+from stim_hf.device_augmentation import DeviceImageAugmentation
 from stim_hf.device_color import with_uint8_transforms
 from stim_hf.errors import ConfigError
 from stim_hf.metrics import build_compute_metrics, top_k_indices
 from stim_hf.modeling import build_model, check_saved_model_dir
 from stim_hf.parser import StimArgumentParser
-from stim_hf.predecoded import DeviceImageAugmentation, with_predecoded_transforms
+from stim_hf.predecoded import with_predecoded_transforms
 from stim_hf.trainer import StimulativeTrainer, method_structures
 from stim_hf.transforms import collate_image_batch, with_image_transforms
 

@@ -159,7 +159,7 @@ class StimulativeTrainer(ReliableTrainer):
 
     ``batch_transform``, if given, finishes every batch once it is on the device (training,
     evaluation and BatchNorm recalibration alike), e.g. the pre-decoded pipeline's
-    :class:`~stim_hf.predecoded.DeviceImageAugmentation`.
+    :class:`~stim_hf.device_augmentation.DeviceImageAugmentation`.
     """
 
     # compute_loss returns a per-micro-batch mean: the Trainer must divide it by the number of

@@ -21,10 +21,10 @@ from torchvision.transforms.v2 import functional as TF  # noqa: E402
 
 from stim_hf.checkpointing import SeededBatchDataset  # noqa: E402
 from stim_hf.data import DataArguments, load_image_datasets  # noqa: E402
+from stim_hf.device_augmentation import DeviceImageAugmentation  # noqa: E402
 from stim_hf.errors import ConfigError, DataError  # noqa: E402
 from stim_hf.predecoded import (  # noqa: E402
     CROP_FLIP_KEY,
-    DeviceImageAugmentation,
     crop_and_flip,
     predecode,
     with_predecoded_transforms,
