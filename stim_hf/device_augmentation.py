@@ -33,8 +33,7 @@ class DeviceImageAugmentation:
         self.mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
         self.padding = padding
-        self._affine_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._mean_std_on: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._normalisation_on: dict[torch.device, tuple[torch.Tensor, ...]] = {}
 
     @classmethod
     def from_data_args(cls, data_args: DataArguments) -> DeviceImageAugmentation:
@@ -53,23 +52,20 @@ class DeviceImageAugmentation:
             return batch
         if crop_flip is not None:
             pixels = crop_and_flip(pixels, crop_flip, self.padding)
+        mean, std, shift, scale = self._normalisation(pixels.device)
         if jitter is not None:
-            mean, std = self._mean_std(pixels.device)
             pixels = color_jitter(pixels.float().div_(255.0), jitter)
             batch["pixel_values"] = pixels.sub_(mean).div_(std)
             return batch
-        shift, scale = self._affine(pixels.device)
         batch["pixel_values"] = torch.addcmul(shift, pixels.float(), scale)
         return batch
 
-    def _mean_std(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        if device not in self._mean_std_on:
-            self._mean_std_on[device] = (self.mean.to(device), self.std.to(device))
-        return self._mean_std_on[device]
+    def _normalisation(self, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """(mean, std, shift, scale) on ``device``, kept per device (no copy per batch).
 
-    def _affine(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        # (x / 255 - mean) / std = shift + x * scale: one fused pass; kept per device (no copy per batch).
-        if device not in self._affine_on:
+        (x / 255 - mean) / std = shift + x * scale: one fused pass for a uint8 batch.
+        """
+        if device not in self._normalisation_on:
             mean, std = self.mean.to(device), self.std.to(device)
-            self._affine_on[device] = (-mean / std, 1.0 / (255.0 * std))
-        return self._affine_on[device]
+            self._normalisation_on[device] = (mean, std, -mean / std, 1.0 / (255.0 * std))
+        return self._normalisation_on[device]

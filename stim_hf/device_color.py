@@ -18,14 +18,14 @@ float32 instead of rounding to uint8 after each of its three adjustments.
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING
 
 import datasets
 import torch
 from torchvision.transforms import v2
 
-from stim_hf.data import ROW_INDEX_COLUMN
-from stim_hf.transforms import BatchImageTransform, build_transforms, decode_rgb, undecoded_images
+from stim_hf.transforms import BatchImageTransform, build_transforms, with_batch_image_transform
 
 if TYPE_CHECKING:
     from stim_hf.data import DataArguments
@@ -84,38 +84,18 @@ def uint8_transforms(data_args: DataArguments, train: bool) -> tuple[v2.Compose,
     return v2.Compose([*geometry, v2.ToPureTensor()]), jitter
 
 
-class Uint8BatchTransform(BatchImageTransform):
-    """``BatchImageTransform`` to uint8 images, plus (training) each image's colour-jitter parameters.
-
-    Each image's parameters are drawn right after its geometric steps, the order in which the
-    default pipeline's ``ColorJitter`` draws them: with the same random state both pipelines
-    crop, flip and jitter every image alike.
-    """
-
-    def __init__(self, data_args: DataArguments, train: bool) -> None:
-        transform, self.jitter = uint8_transforms(data_args, train)
-        super().__init__(transform, data_args.image_column_name, data_args.label_column_name)
-
-    def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        """Map raw rows to ``{"pixel_values": [uint8 tensor, ...], "labels": [...], COLOR_JITTER_KEY: [...]}``."""
-        if self.jitter is None:
-            return super().__call__(batch)
-        rows = batch.get(ROW_INDEX_COLUMN)
-        pixel_values, jitters = [], []
-        for i, value in enumerate(batch[self.image_column]):
-            pixel_values.append(self.transform(decode_rgb(value, None if rows is None else int(rows[i]))))
-            jitters.append(jitter_parameters(self.jitter))
-        labels = [int(label) for label in batch[self.label_column]]
-        return {"pixel_values": pixel_values, "labels": labels, COLOR_JITTER_KEY: jitters}
-
-
 def with_uint8_transforms(dataset: datasets.Dataset, data_args: DataArguments, train: bool) -> datasets.Dataset:
     """A view of ``dataset`` whose rows are uint8 images, labels and (training) colour-jitter parameters.
 
-    Pair it with :class:`stim_hf.device_augmentation.DeviceImageAugmentation` as the trainer's
-    ``batch_transform``, which jitters and normalises on the device.
+    Each image's parameters are drawn right after its geometric steps, the order in which the
+    default pipeline's ``ColorJitter`` draws them: with the same random state both pipelines
+    crop, flip and jitter every image alike. Pair it with
+    :class:`stim_hf.device_augmentation.DeviceImageAugmentation` as the trainer's ``batch_transform``,
+    which jitters and normalises on the device.
     """
-    dataset = undecoded_images(dataset, data_args)
-    image_column, label_column = data_args.image_column_name, data_args.label_column_name
-    wanted = [image_column, label_column] + ([ROW_INDEX_COLUMN] if ROW_INDEX_COLUMN in dataset.column_names else [])
-    return dataset.with_transform(Uint8BatchTransform(data_args, train), columns=wanted)
+    transform, jitter = uint8_transforms(data_args, train)
+    per_image = None if jitter is None else (COLOR_JITTER_KEY, functools.partial(jitter_parameters, jitter))
+    batch_transform = BatchImageTransform(
+        transform, data_args.image_column_name, data_args.label_column_name, per_image=per_image
+    )
+    return with_batch_image_transform(dataset, data_args, batch_transform)

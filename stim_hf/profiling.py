@@ -85,7 +85,7 @@ class StepProfilerCallback(TrainerCallback):
         if self.profiler is not None or completed_steps + 1 != self.first:
             return
         activities = [ProfilerActivity.CPU]
-        if torch.cuda.is_available() and args.device.type == "cuda":
+        if args.device.type == "cuda":
             activities.append(ProfilerActivity.CUDA)
         elif not torch.cuda.is_available():
             # A CUDA build of torch on a machine without a GPU: kineto would log a misleading
@@ -103,7 +103,7 @@ class StepProfilerCallback(TrainerCallback):
     def _finish(self, args: Any, last_step: int) -> None:
         profiler, self.profiler = self.profiler, None
         self.trainer.profiling = False
-        if torch.cuda.is_available() and args.device.type == "cuda":
+        if args.device.type == "cuda":
             torch.cuda.synchronize()  # the window's queued GPU work belongs to its wall time
         wall_s = time.perf_counter() - self._started
         profiler.__exit__(None, None, None)

@@ -89,8 +89,8 @@ class LossTerms:
     step: int
     micro_step: int
     terms: list[tuple[str, torch.Tensor, Subnet | None]]
+    nonfinite: HostScalar
     labels: torch.Tensor | None = None
-    nonfinite: HostScalar | None = None
 
 
 class _NonFiniteLossGuard(TrainerCallback):
@@ -165,7 +165,7 @@ class ReliableTrainer(Trainer):
         if self.accelerator.num_processes > 1:
             bad = self.accelerator.reduce(bad.to(self.args.device), reduction="sum")
         labels = None if labels is None else labels.detach()
-        self._loss_records.append(LossTerms(step, micro_step, detached, labels, HostScalar(bad)))
+        self._loss_records.append(LossTerms(step, micro_step, detached, HostScalar(bad), labels))
 
     # -- non-finite losses ----------------------------------------------------------------------
 
@@ -173,7 +173,7 @@ class ReliableTrainer(Trainer):
         """Check the recorded loss terms of this optimizer step, without waiting for its backward."""
         records = list(self._loss_records)
         self._loss_records.clear()
-        if sum(record.nonfinite.get() for record in records if record.nonfinite is not None) == 0:
+        if sum(record.nonfinite.get() for record in records) == 0:
             return
         step = self.state.global_step + 1
         description = describe_nonfinite_terms(records, step, self.state.epoch)

@@ -91,7 +91,7 @@ def decode_image(value: Any, row: int | None = None) -> PIL.Image.Image:
     try:
         return datasets.Image().decode_example(value)
     except _DECODE_ERRORS as error:
-        path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+        path = _stored_path(value)
         where = f"row {row} of its source split" if row is not None else "an example"
         file = f" (file '{path}')" if path else ""
         raise DataError(
@@ -132,14 +132,21 @@ def decode_rgb(value: Any, row: int | None = None) -> torch.Tensor | PIL.Image.I
                 return _torchcodec_decode(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode="RGB")
             except (RuntimeError, ValueError):
                 pass  # decode_image decides, and names the file if it is corrupt
+        # The bytes already read, so that a local file is not read a second time; the path names it in errors.
+        value = {"bytes": data, "path": _stored_path(value)}
     return decode_image(value, row)
+
+
+def _stored_path(value: Any) -> str | None:
+    """The path of a stored image (``{"bytes", "path"}`` dict or path), if it has one."""
+    return value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
 
 
 def _local_bytes(value: Any) -> bytes | None:
     """The encoded bytes of a stored image held in memory or in a local file; None otherwise."""
     if isinstance(value, dict) and value.get("bytes") is not None:
         return value["bytes"]
-    path = value.get("path") if isinstance(value, dict) else value if isinstance(value, str) else None
+    path = _stored_path(value)
     if path is not None and os.path.isfile(path):
         with open(path, "rb") as handle:
             return handle.read()
@@ -150,21 +157,34 @@ class BatchImageTransform:
     """Batched ``datasets`` transform: decodes + transforms images, returns ``pixel_values`` and ``labels``.
 
     A plain class (not a closure or lambda) so that it pickles into DataLoader workers.
+    ``per_image`` (a batch key and a function of no arguments) adds, for every image, a value
+    drawn right after that image's transform, e.g. augmentation parameters left for the device.
     """
 
-    def __init__(self, transform: Callable[[PIL.Image.Image], torch.Tensor], image_column: str, label_column: str):
+    def __init__(
+        self,
+        transform: Callable[[PIL.Image.Image], torch.Tensor],
+        image_column: str,
+        label_column: str,
+        per_image: tuple[str, Callable[[], torch.Tensor]] | None = None,
+    ):
         self.transform = transform
         self.image_column = image_column
         self.label_column = label_column
+        self.per_image = per_image
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:
-        """Map a batch of raw rows to ``{"pixel_values": [tensor, ...], "labels": [int, ...]}``."""
+        """Map a batch of raw rows to ``{"pixel_values": [tensor, ...], "labels": [int, ...]}`` (+ ``per_image``)."""
         rows = batch.get(ROW_INDEX_COLUMN)
-        pixel_values = [
-            self.transform(decode_rgb(value, None if rows is None else int(rows[i])))
-            for i, value in enumerate(batch[self.image_column])
-        ]
-        return {"pixel_values": pixel_values, "labels": [int(label) for label in batch[self.label_column]]}
+        pixel_values, drawn = [], []
+        for i, value in enumerate(batch[self.image_column]):
+            pixel_values.append(self.transform(decode_rgb(value, None if rows is None else int(rows[i]))))
+            if self.per_image is not None:
+                drawn.append(self.per_image[1]())
+        out = {"pixel_values": pixel_values, "labels": [int(label) for label in batch[self.label_column]]}
+        if self.per_image is not None:
+            out[self.per_image[0]] = drawn
+        return out
 
 
 def undecoded_images(dataset: datasets.Dataset, data_args: DataArguments) -> datasets.Dataset:
@@ -201,10 +221,19 @@ def with_image_transforms(dataset: datasets.Dataset, data_args: DataArguments, t
     ``Image(decode=False)``) so undecodable files raise a :class:`DataError` naming them.
     The Trainer needs ``remove_unused_columns=False`` for this.
     """
-    image_column, label_column = data_args.image_column_name, data_args.label_column_name
+    transform = BatchImageTransform(
+        build_transforms(data_args, train), data_args.image_column_name, data_args.label_column_name
+    )
+    return with_batch_image_transform(dataset, data_args, transform)
+
+
+def with_batch_image_transform(
+    dataset: datasets.Dataset, data_args: DataArguments, transform: BatchImageTransform
+) -> datasets.Dataset:
+    """``dataset`` (image column checked and left undecoded) viewed through ``transform`` on access."""
     dataset = undecoded_images(dataset, data_args)
+    image_column, label_column = data_args.image_column_name, data_args.label_column_name
     wanted = [image_column, label_column] + ([ROW_INDEX_COLUMN] if ROW_INDEX_COLUMN in dataset.column_names else [])
-    transform = BatchImageTransform(build_transforms(data_args, train), image_column, label_column)
     return dataset.with_transform(transform, columns=wanted)
 
 
