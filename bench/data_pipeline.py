@@ -93,11 +93,13 @@ def loader_throughput(trainer: StimulativeTrainer, batches: int, skip: int) -> f
     """
     seen, start = 0, time.perf_counter()
     for index, batch in enumerate(trainer.get_train_dataloader()):
-        if index == skip:
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            start, seen = time.perf_counter(), 0
         batch = trainer._prepare_inputs(batch)
+        if index < skip:
+            if index == skip - 1:  # the clock starts before batch `skip` is fetched
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+            continue
         seen += len(batch["labels"])
         if index + 1 == skip + batches:
             break
@@ -192,15 +194,19 @@ def measure_jpegs(a: argparse.Namespace, device: str) -> dict:
     jpeg: dict = {pipeline: {} for pipeline in JPEG_PIPELINES}
     with tempfile.TemporaryDirectory() as folder:
         make_jpegs(folder, a.jpeg_count)
+        views = {}  # each pipeline's training view and batch_transform, built once over the same split
+        splits = None
+        for pipeline in JPEG_PIPELINES:
+            data_args = DataArguments(
+                train_dir=folder, image_size=224, augmentation="imagenet", train_val_split=0.1,
+                image_pipeline=pipeline.split(",")[0],
+            )  # fmt: skip
+            splits = splits or load_image_datasets(data_args, seed=0)
+            dataset, transform, _ = pipeline_dataset(data_args, splits)
+            views[pipeline] = dataset, None if pipeline.endswith("workers only") else transform
         for _ in range(a.jpeg_repeats):  # alternated, best of each
             for workers in [int(w) for w in a.jpeg_workers.split(",")]:
-                for pipeline in JPEG_PIPELINES:
-                    data_args = DataArguments(
-                        train_dir=folder, image_size=224, augmentation="imagenet", train_val_split=0.1,
-                        image_pipeline=pipeline.split(",")[0],
-                    )  # fmt: skip
-                    dataset, transform, _ = pipeline_dataset(data_args, load_image_datasets(data_args, seed=0))
-                    transform = None if pipeline.endswith("workers only") else transform
+                for pipeline, (dataset, transform) in views.items():
                     args = training_args(a, workers, 1)
                     args.per_device_train_batch_size = a.jpeg_batch
                     trainer = StimulativeTrainer(
