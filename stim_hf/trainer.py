@@ -457,6 +457,8 @@ class StimulativeTrainer(ReliableTrainer):
         parameters = self._plain_parameters(model) if grad_norm is None else None
         if parameters is None:
             return super()._get_grad_norm(model, grad_norm)
+        # As accelerate's clip_grad_norm_: fp16 gradients carry the GradScaler's loss scale until unscaled.
+        self.accelerator.unscale_gradients()
         grads = [p.grad for p in parameters if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.args.device)
 

@@ -87,6 +87,36 @@ def test_ct_update_equals_plain_trainer_bit_for_bit(tmp_path, tiny_cifar_resnet,
     assert not plain.optimizer.optimizer.defaults["fused"]
 
 
+def test_logged_grad_norm_is_unscaled_under_fp16_loss_scaling(tmp_path, tiny_cifar_resnet):
+    """With fp16's GradScaler the gradients carry the loss scale; the logged norm must not (as the Trainer logs it).
+
+    accelerate makes a GradScaler on GPUs only, so a CPU one stands in for it, in both trainers.
+    """
+
+    def with_loss_scaling(trainer):
+        trainer.accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        trainer.accelerator.native_amp = True
+        return trainer
+
+    data = make_dataset()
+    model_a = tiny_cifar_resnet()
+    model_b = copy.deepcopy(model_a)
+    args = make_args(tmp_path, stim_method="ct", max_grad_norm=0.0, fp16=True)
+    stim = with_loss_scaling(StimulativeTrainer(model=model_a, args=args, train_dataset=data))
+    stim.train()
+    plain_args = TrainingArguments(
+        **{k: v for k, v in args.to_dict().items() if k in TrainingArguments.__dataclass_fields__}
+        | {"output_dir": str(tmp_path / "plain"), "remove_unused_columns": False}
+    )
+    plain = with_loss_scaling(Trainer(model=model_b, args=plain_args, train_dataset=data))
+    plain.train()
+    norms = [h["grad_norm"] for h in stim.state.log_history if "loss" in h]
+    assert norms == [h["grad_norm"] for h in plain.state.log_history if "loss" in h]
+    assert all(0 < norm < 100 for norm in norms), norms  # a 1024x scaled norm would read in the thousands
+    a, b = params(model_a), params(model_b)
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
 @pytest.mark.parametrize(
     ("optim", "optim_args", "fused_optimizer", "fused"),
     [
