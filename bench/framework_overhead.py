@@ -4,7 +4,12 @@
   python bench/framework_overhead.py --depth 56 --num-subnets 6
   python bench/framework_overhead.py --depth 56 --batch 128 --warmup 30 --steps 100   # on a GPU (bf16, channels_last)
   python bench/framework_overhead.py --workers 2            # the trainer's batches from 2 loader processes
-  python bench/framework_overhead.py --depth 56 --batch 2 --threads 1 --clock cpu   # host-bound CPU stand-in
+  python bench/framework_overhead.py --depth 56 --batch 1 --image-size 8 --threads 1 --warmup 30 --steps 300 --paired
+                                                            # host-bound CPU stand-in, steps interleaved
+
+With ``--paired`` the two loops are interleaved step by step (one plain step after each trainer
+step) and compared by their median step times: machine noise then hits both alike, step for
+step, instead of whole runs apart.
 
 With ``--clock cpu`` steps are timed by this process's CPU time instead of the wall clock: on a
 shared machine other jobs then barely move the figures (with ``--threads 1``, one compute
@@ -25,6 +30,7 @@ import argparse
 import contextlib
 import json
 import os
+import statistics
 import time
 import warnings
 
@@ -91,8 +97,9 @@ def make_args(a: argparse.Namespace) -> StimulativeTrainingArguments:
         per_device_train_batch_size=a.batch, max_steps=a.warmup + a.steps, learning_rate=0.05, optim="sgd",
         lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0, report_to="none", save_strategy="no",
         logging_steps=10**6, disable_tqdm=True, use_cpu=not CUDA, bf16=CUDA, channels_last=CUDA,
-        dataloader_num_workers=a.workers, num_eval_subnets=0, fused_optimizer=a.fused_optimizer,
-        train_sampling_strategy="sequential", seed=0,
+        dataloader_num_workers=a.workers, num_eval_subnets=0, train_sampling_strategy="sequential", seed=0,
+        # Only where the option exists, so that this script also times older commits (docs/benchmarks.md).
+        **({"fused_optimizer": a.fused_optimizer} if hasattr(StimulativeTrainingArguments, "fused_optimizer") else {}),
     )  # fmt: skip
 
 
@@ -150,46 +157,116 @@ def count_trainer_syncs(a: argparse.Namespace, data: InMemory) -> list[str]:
     return counter.syncs()
 
 
+class PlainLoop:
+    """The plain PyTorch loop: the trainer's arithmetic for one step at a time, nothing else."""
+
+    def __init__(self, a: argparse.Namespace, data: InMemory) -> None:
+        self.a, self.data = a, data
+        self.device = torch.device("cuda" if CUDA else "cpu")
+        model = model_for(a).to(self.device).train()
+        self.model = model.to(memory_format=torch.channels_last) if CUDA else model
+        self.stages = find_residual_stages(self.model)
+        self.layers = batchnorm_layers(self.model)  # listed once, as the trainer does
+        # The trainer's sampler, so both loops see the same sub-networks and sizes.
+        self.sampler = StimulativeTrainer(model=model_for(a), args=make_args(a)).subnet_sampler
+        fused = a.fused_optimizer or None  # as the trainer's
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.05, fused=fused)
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if CUDA else contextlib.nullcontext
+
+    def step(self, step: int) -> None:
+        """Optimizer step ``step`` on the batch the trainer sees at that step."""
+        a, data = self.a, self.data
+        lo = (step * a.batch) % len(data)
+        x = data.x[lo : lo + a.batch].to(self.device, non_blocking=True)
+        y = data.y[lo : lo + a.batch].to(self.device, non_blocking=True)
+        if CUDA:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self.autocast():
+            logits = self.model(pixel_values=x).logits
+            loss = F.cross_entropy(logits.float(), y)
+            for k in range(a.num_subnets):
+                subnet = self.sampler.sample(step, 0, k, image_size=x.shape[-2])
+                with use_subnet(self.stages, subnet), frozen_running_stats(self.layers):
+                    student = self.model(pixel_values=resize_for_subnet(x, subnet)).logits
+                loss = loss + distillation_loss("kl_direction", logits.detach(), student)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+
 def run_plain(a: argparse.Namespace, data: InMemory) -> float:
-    device = torch.device("cuda" if CUDA else "cpu")
-    model = model_for(a).to(device).train()
-    if CUDA:
-        model = model.to(memory_format=torch.channels_last)
-    stages = find_residual_stages(model)
-    layers = batchnorm_layers(model)  # listed once, as the trainer does
-    # The trainer's sampler, so both runs see the same sub-networks and sizes.
-    sampler = StimulativeTrainer(model=model_for(a), args=make_args(a)).subnet_sampler
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, fused=a.fused_optimizer or None)  # as the trainer's
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if CUDA else contextlib.nullcontext()
+    loop = PlainLoop(a, data)
     start = None
     for step in range(a.warmup + a.steps):
         if step == a.warmup:
             synchronize()
             start = clock()
-        lo = (step * a.batch) % len(data)
-        x = data.x[lo : lo + a.batch].to(device, non_blocking=True)
-        y = data.y[lo : lo + a.batch].to(device, non_blocking=True)
-        if CUDA:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast:
-            logits = model(pixel_values=x).logits
-            loss = F.cross_entropy(logits.float(), y)
-            for k in range(a.num_subnets):
-                subnet = sampler.sample(step, 0, k, image_size=x.shape[-2])
-                with use_subnet(stages, subnet), frozen_running_stats(layers):
-                    student = model(pixel_values=resize_for_subnet(x, subnet)).logits
-                loss = loss + distillation_loss("kl_direction", logits.detach(), student)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        loop.step(step)
     synchronize()
     return a.steps * a.batch / (clock() - start)
+
+
+class PairedTimer(TrainerCallback):
+    """After each trainer step, one plain-loop step: both timed step by step, side by side.
+
+    The trainer's step is the time from the end of the previous plain step to this step's
+    ``on_step_end``: a whole turn of the Trainer's loop (logging check, batch fetch, forward,
+    backward, optimizer step, callbacks). On a GPU each time is read after a synchronisation, so
+    every step is timed to completion on both sides (neither overlaps the next step's host work).
+    """
+
+    def __init__(self, a: argparse.Namespace, plain: PlainLoop) -> None:
+        self.a, self.plain = a, plain
+        self.resumed: float | None = None
+        self.trainer_s: list[float] = []
+        self.plain_s: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+        synchronize()
+        ended = clock()
+        if self.resumed is not None and state.global_step > self.a.warmup:
+            self.trainer_s.append(ended - self.resumed)
+        started = clock()
+        self.plain.step(state.global_step - 1)
+        synchronize()
+        if state.global_step > self.a.warmup:
+            self.plain_s.append(clock() - started)
+        self.resumed = clock()
+
+
+def run_paired(a: argparse.Namespace, data: InMemory) -> tuple[list[float], list[float]]:
+    """Trainer and plain steps interleaved one by one: (trainer step times, plain step times) after the warm-up."""
+    timer = PairedTimer(a, PlainLoop(a, data))
+    trainer = StimulativeTrainer(model=model_for(a), args=make_args(a), train_dataset=data, callbacks=[timer])
+    trainer.train()
+    return timer.trainer_s, timer.plain_s
+
+
+def report_paired(a: argparse.Namespace, data: InMemory, device: str) -> dict:
+    """Print the paired comparison: medians per step, the gap and the ratio of throughputs."""
+    trainer_s, plain_s = run_paired(a, data)
+    median = statistics.median
+    gaps = [t - p for t, p in zip(trainer_s, plain_s, strict=True)]
+    result = {
+        "trainer_step_ms": median(trainer_s) * 1e3,
+        "plain_step_ms": median(plain_s) * 1e3,
+        "gap_ms": median(gaps) * 1e3,
+        "ratio": median(plain_s) / median(trainer_s),
+        "pairs": len(gaps),
+    }
+    print(f"ResNet-{a.depth}, batch {a.batch}, {a.image_size} px, ST++ K={a.num_subnets}, {device}, {a.clock} clock")
+    print(f"paired steps: {result['pairs']} (one plain step after each trainer step), medians per step:")
+    print(f"plain PyTorch loop : {result['plain_step_ms']:8.2f} ms")
+    print(f"StimulativeTrainer : {result['trainer_step_ms']:8.2f} ms  (gap {result['gap_ms']:.2f} ms per step)")
+    print(f"ratio trainer / plain: {result['ratio']:.3f}  (target >= 0.9)")
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=20)
     parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--image-size", type=int, default=32, help="input side in px (small: a host-bound stand-in)")
     parser.add_argument("--num-subnets", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=15)
     parser.add_argument("--steps", type=int, default=20)
@@ -201,20 +278,30 @@ def main() -> None:
         help="true (default) / false: torch's fused SGD kernel, in both loops",
     )  # fmt: skip
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help="time steps by wall or CPU time")
+    parser.add_argument(
+        "--paired", action="store_true",
+        help="interleave the loops step by step and compare median step times (steadier on a shared machine)",
+    )  # fmt: skip
     parser.add_argument("--json", default=None)
     a = parser.parse_args()
     global clock
     clock = CLOCKS[a.clock]
     if a.threads:
         torch.set_num_threads(a.threads)
-    data = InMemory((a.warmup + a.steps) * a.batch, 32)
+    data = InMemory((a.warmup + a.steps) * a.batch, a.image_size)
+    device = torch.cuda.get_device_name() if CUDA else f"CPU ({os.cpu_count()} cores)"
+    if a.paired:
+        result = report_paired(a, data, device)
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump({"device": device, "args": vars(a), "paired": result}, f, indent=2)
+        return
     plain, ours = [], []
     for _ in range(a.repeats):  # alternate, so machine noise hits both alike
         plain.append(run_plain(a, data))
         ours.append(run_trainer(a, data))
     best_plain, best_ours = max(plain), max(ours)
-    device = torch.cuda.get_device_name() if CUDA else f"CPU ({os.cpu_count()} cores)"
-    print(f"ResNet-{a.depth}, batch {a.batch}, ST++ K={a.num_subnets}, {device}, {a.clock} clock")
+    print(f"ResNet-{a.depth}, batch {a.batch}, {a.image_size} px, ST++ K={a.num_subnets}, {device}, {a.clock} clock")
     print(f"plain PyTorch loop : {best_plain:8.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in plain)})")
     print(f"StimulativeTrainer : {best_ours:8.1f} images/s  (runs: {', '.join(f'{v:.1f}' for v in ours)})")
     print(f"ratio trainer / plain: {best_ours / best_plain:.3f}  (target >= 0.9)")

@@ -24,6 +24,8 @@ import os
 import pstats
 import sys
 
+import torch
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import framework_overhead as fo  # noqa: E402
 
@@ -64,15 +66,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=56)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=32, help="input side in px (small: a host-bound stand-in)")
     parser.add_argument("--num-subnets", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--workers", type=int, default=0, help="the trainer's dataloader_num_workers")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument(
+        "--fused-optimizer", default=True, type=lambda v: v.lower() in ("1", "true", "yes"),
+        help="true (default) / false: torch's fused SGD kernel, in both loops",
+    )  # fmt: skip
     parser.add_argument("--top", type=int, default=30)
     parser.add_argument("--out", default=None, help="write the full report here")
     parser.add_argument("--torch-profiler", default=None, metavar="DIR", help="torch.profiler, traces into DIR")
     a = parser.parse_args()
-    data = fo.InMemory((a.warmup + a.steps) * a.batch, 32)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    data = fo.InMemory((a.warmup + a.steps) * a.batch, a.image_size)
     fo.run_plain(a, data)  # warm every kernel and input size once
     if a.torch_profiler:
         report = torch_profile("plain loop", lambda: fo.run_plain(a, data), a.top, a.torch_profiler)
