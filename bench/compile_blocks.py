@@ -40,9 +40,9 @@ def build(depth: int, mode: str | None) -> torch.nn.Module:
     return model
 
 
-def time_steps(model: torch.nn.Module, batch: int, steps: int, warmup: int) -> tuple[float, float]:
+def time_steps(model: torch.nn.Module, batch: int, steps: int, warmup: int, size: int = 32) -> tuple[float, float]:
     """(seconds per step after warm-up, seconds of warm-up) for plain CE steps on random data."""
-    x = torch.randn(batch, 3, 32, 32, device=DEVICE).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, size, size, device=DEVICE).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 10, (batch,), device=DEVICE)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if CUDA else contextlib.nullcontext()
@@ -72,11 +72,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--depth", type=int, default=56)
     parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--image-size", type=int, default=32, help="input side in px (small: a launch-bound stand-in)")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--modes", default="default", help="torch.compile modes, comma-separated")
     parser.add_argument("--json", default=None)
     a = parser.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
     # Every block shares BasicBlock.forward: each stage's shapes, the downsampling blocks and every mode
     # compile it again, past dynamo's default limit of 8 (beyond which the blocks would silently run eager).
     torch._dynamo.config.recompile_limit = 64
@@ -86,11 +90,11 @@ def main() -> None:
     compile_s: dict[str, float] = {}
     for _ in range(2):  # alternate, so machine noise hits all alike
         for name, model in models.items():
-            per_step, warm = time_steps(model, a.batch, a.steps, a.warmup)
+            per_step, warm = time_steps(model, a.batch, a.steps, a.warmup, a.image_size)
             runs[name].append(per_step)
             compile_s.setdefault(name, warm)
     device = torch.cuda.get_device_name() if CUDA else "CPU"
-    print(f"CIFAR ResNet-{a.depth}, batch {a.batch}, common training, {device}")
+    print(f"CIFAR ResNet-{a.depth}, batch {a.batch}, {a.image_size} px, common training, {device}")
     for name, times in runs.items():
         ratio = min(times) / min(runs["eager"])
         print(
