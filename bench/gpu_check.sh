@@ -2,11 +2,11 @@
 # The GPU check of issue 6 on one GPU: step cost and CUDA peak memory of both backward strategies (benchmarks 1
 # and 4), framework overhead (2), data pipeline (3), and the GPU-only questions (cudnn.benchmark, per-block
 # compilation and CUDA graphs, fused optimizer). Each benchmark writes its JSON to $OUT (default bench/out/gpu);
-# everything printed also goes to $OUT/gpu_check.log. All of it takes about 16 minutes on an H200, more than one
+# everything printed also goes to $OUT/gpu_check.log. All of it takes about 17 minutes on an H200, more than one
 # device call may run: name the benchmarks to run a part, most important first:
 #
-#   bash bench/gpu_check.sh framework_overhead framework_overhead_workers2 optimizer_step model_walks \
-#     step_cost_cifar56 step_cost_cifar56_cudnn                        # ~6 min
+#   bash bench/gpu_check.sh framework_overhead framework_overhead_workers2 framework_overhead_paired \
+#     optimizer_step model_walks step_cost_cifar56 step_cost_cifar56_cudnn     # ~7 min
 #   bash bench/gpu_check.sh step_cost_resnet50 jpeg_steps data_pipeline        # ~6 min
 #   bash bench/gpu_check.sh compile_blocks                                       # ~4 min
 #
@@ -42,6 +42,8 @@ run() {  # run NAME SECONDS SCRIPT ARGS...: one benchmark under a time limit, it
 run framework_overhead 120 bench/framework_overhead.py --depth 56 --batch 128 --warmup 30 --steps 100 --repeats 3
 run framework_overhead_workers2 120 bench/framework_overhead.py --depth 56 --batch 128 --warmup 30 --steps 100 \
   --repeats 3 --workers 2
+# the same, steps interleaved one by one (each timed to completion): steadier on a shared machine
+run framework_overhead_paired 60 bench/framework_overhead.py --depth 56 --batch 128 --warmup 30 --steps 100 --paired
 run optimizer_step 60 bench/optimizer_step.py
 run model_walks 60 bench/model_walks.py
 # CIFAR ResNet-56 is launch-bound on a GPU: does cudnn.benchmark (fastest kernel per shape) change that?
