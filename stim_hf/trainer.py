@@ -16,7 +16,6 @@ import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
-from transformers import TrainerCallback
 
 from stim_hf.batchnorm import frozen_running_stats, preserved_rng_state, recalibrate_batchnorm
 from stim_hf.config import StimulativeTrainingArguments
@@ -24,6 +23,7 @@ from stim_hf.errors import ConfigError, ModelStructureError
 from stim_hf.losses import distillation_loss, normalize_logits
 from stim_hf.model_walks import ModelWalks, fast_zero_grad_once, redundant_train_call_skipped, remove_pending_shadows
 from stim_hf.optimizers import with_fused_kernel
+from stim_hf.pace import PaceCallback, TrainingPace
 from stim_hf.profiling import StepProfilerCallback, parse_profile_steps, phase
 from stim_hf.reliable_trainer import ReliableTrainer
 from stim_hf.subnets import (
@@ -195,10 +195,9 @@ class StimulativeTrainer(ReliableTrainer):
         # (global step, depth fraction, input side) of every sub-network drawn since the last
         # drain; read by monitoring callbacks (histograms), bounded so it never grows unread.
         self.sampled_subnets: deque[tuple[int, float, int]] = deque(maxlen=100_000)
-        # Host seconds spent waiting for batches, and in whole steps, since the last training log.
-        self._data_wait_s = self._step_s = 0.0
-        self._fetch_started: float | None = None
-        self.add_callback(_StepTimer(self))
+        # Step and interval clocks since the last training log: data_wait_fraction, samples_per_second.
+        self.pace = TrainingPace()
+        self.add_callback(PaceCallback(self.pace))
         # True while a profile_steps window is recorded: stim_hf's phase labels are on.
         self.profiling = False
         window = parse_profile_steps(args.profile_steps)
@@ -215,13 +214,26 @@ class StimulativeTrainer(ReliableTrainer):
     def get_batch_samples(
         self, epoch_iterator: Iterator, num_batches: int, device: torch.device
     ) -> tuple[list, torch.Tensor | int | None]:
-        """``Trainer.get_batch_samples``, timed: the host's wait for the step's batches is logged as ``data_wait_fraction``."""
-        self._fetch_started = time.perf_counter()
+        """``Trainer.get_batch_samples``, timed: the wait for batches and the images fetched make the logged pace."""
+        self.pace.start_fetch()
+        batches: list = []
         try:
             with phase(self.profiling, "stim_hf/wait_for_batches"):
-                return super().get_batch_samples(epoch_iterator, num_batches, device)
+                batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            return batches, num_items
         finally:
-            self._data_wait_s += time.perf_counter() - self._fetch_started
+            self.pace.end_fetch(sum(self._batch_size(batch) for batch in batches))
+
+    def _batch_size(self, batch: Any) -> int:
+        main_input = getattr(self.model, "main_input_name", "pixel_values")
+        values = batch.get(main_input) if isinstance(batch, dict) else None
+        return int(values.shape[0]) if isinstance(values, torch.Tensor) and values.dim() > 0 else 0
+
+    def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
+        """``Trainer._maybe_log_save_evaluate``; its evaluation and checkpointing are left out of the logged pace."""
+        started = time.perf_counter()
+        super()._maybe_log_save_evaluate(*args, **kwargs)
+        self.pace.exclude_since(started)
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """``Trainer._prepare_inputs`` (to the device), then ``batch_transform`` if one was given."""
@@ -338,6 +350,7 @@ class StimulativeTrainer(ReliableTrainer):
 
     def train(self, *args: Any, **kwargs: Any) -> Any:
         """``Trainer.train``; a run that stops early (an error, a non-finite loss) leaves no step shortcut on the model."""
+        self.pace.reset()
         try:
             return super().train(*args, **kwargs)
         finally:
@@ -495,17 +508,24 @@ class StimulativeTrainer(ReliableTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the stimulative scalars (means since the last log, across processes) to training logs.
 
-        Also ``data_wait_fraction``: the share of step time (from fetching a step's batches to the
-        end of its optimizer step; evaluation and saving excluded) spent waiting for the batches,
-        the largest over processes. Near 0 the data pipeline keeps up; a large value means the accelerator
-        waits for data (more ``dataloader_num_workers``, ``image_pipeline: predecoded``).
+        Also the pace since the last log (:class:`~stim_hf.pace.TrainingPace`):
+
+        - ``samples_per_second``: training images per second, all processes together, evaluation
+          and checkpointing left out;
+        - ``data_wait_fraction``: the share of step time (from fetching a step's batches to the end
+          of its optimizer step) spent waiting for the batches, the largest over processes. Near 0
+          the data pipeline keeps up; a large value means the accelerator waits for data (more
+          ``dataloader_num_workers``, ``image_pipeline: predecoded``).
         """
         if "loss" in logs:
-            fraction = min(self._data_wait_s / self._step_s, 1.0) if self._step_s > 0 else 0.0
-            if self.accelerator.num_processes > 1:  # the most data-starved process holds the others back
-                fraction = self.accelerator.gather(torch.tensor([fraction], device=self.args.device)).max().item()
+            fraction, samples, seconds = self.pace.take_interval()
+            if self.accelerator.num_processes > 1:
+                # The most data-starved process holds the others back; images add up.
+                per_process = self.accelerator.gather(torch.tensor([[fraction, samples]], device=self.args.device))
+                fraction, samples = per_process[:, 0].max().item(), int(per_process[:, 1].sum().item())
             logs["data_wait_fraction"] = fraction
-            self._data_wait_s = self._step_s = 0.0
+            if seconds > 0:
+                logs["samples_per_second"] = samples / seconds
         if "loss" in logs and self._stim_count:
             sums = self._stim_sums
             device = self.args.device
@@ -623,16 +643,3 @@ class StimulativeTrainer(ReliableTrainer):
                 }
             )
         return results
-
-
-class _StepTimer(TrainerCallback):
-    """Adds each optimizer step's host time, from fetching its batches to its end, to the trainer's step time."""
-
-    def __init__(self, trainer: StimulativeTrainer) -> None:
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001, D102
-        started = self.trainer._fetch_started
-        if started is not None:
-            self.trainer._step_s += time.perf_counter() - started
-            self.trainer._fetch_started = None

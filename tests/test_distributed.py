@@ -82,6 +82,9 @@ def test_two_processes_match_each_other_and_one_process(tmp_path):
         for key in ("loss", "ce_loss", "kl_loss", "subnet_depth_fraction", "subnet_input_size"):
             assert log0[key] == pytest.approx(log1[key], rel=1e-6)
             assert log0[key] == pytest.approx(log_alone[key], rel=1e-5)
+        # The pace is gathered across processes too (each rank times its own interval).
+        assert log0["samples_per_second"] > 0 and log1["samples_per_second"] > 0
+        assert log0["data_wait_fraction"] == log1["data_wait_fraction"]
 
 
 def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):

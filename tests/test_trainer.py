@@ -436,3 +436,34 @@ def test_data_wait_fraction_shows_a_pipeline_that_cannot_keep_up(tmp_path, tiny_
     assert len(fast) == len(slow) == 2
     assert all(0 <= f < 0.3 for f in fast), fast
     assert all(f > 0.6 for f in slow), slow
+
+
+def _pace_logs(tmp_path, model, train, evaluation=None, **kwargs) -> list[dict]:
+    args = StimulativeTrainingArguments(
+        output_dir=str(tmp_path), stim_method="ct", per_device_train_batch_size=8, per_device_eval_batch_size=4,
+        max_steps=6, logging_steps=2, use_cpu=True, report_to="none", save_strategy="no", num_eval_subnets=0,
+        disable_tqdm=True, **kwargs,
+    )  # fmt: skip
+    trainer = StimulativeTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation)
+    trainer.train()
+    return [entry for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_samples_per_second_is_logged_with_every_training_loss_and_bounded_by_the_data(tmp_path, tiny_cifar_resnet):
+    """Images per second of each logging interval; 10 ms per sample in the training process caps it at 100."""
+    fast = _pace_logs(tmp_path, tiny_cifar_resnet(), _TensorDataset(64))
+    slow = _pace_logs(tmp_path, tiny_cifar_resnet(), _TensorDataset(64, seconds=0.01))
+    assert len(fast) == len(slow) == 3
+    assert all(0 < entry["samples_per_second"] <= 100 for entry in slow), slow
+    assert min(e["samples_per_second"] for e in fast) > max(e["samples_per_second"] for e in slow), (fast, slow)
+
+
+def test_samples_per_second_leaves_evaluation_out(tmp_path, tiny_cifar_resnet):
+    """An evaluation after every step (1.6 s each) is not training time: it would cap the pace near 10 images/s."""
+    logs = _pace_logs(
+        tmp_path, tiny_cifar_resnet(), _TensorDataset(64), _TensorDataset(8, seconds=0.2),
+        eval_strategy="steps", eval_steps=1,
+    )  # fmt: skip
+    assert len(logs) == 3
+    # Counted, two steps of 8 images per interval would take over 3.2 s: below 5 images/s.
+    assert all(entry["samples_per_second"] > 40 for entry in logs), logs
