@@ -37,6 +37,7 @@ import numpy as np
 import PIL.Image
 import torch
 from torch.utils.data import Dataset
+from transformers import TrainerCallback
 
 import stim_hf.transforms as transforms_module
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
@@ -108,15 +109,35 @@ def loader_throughput(trainer: StimulativeTrainer, batches: int, skip: int) -> f
     return seen / (time.perf_counter() - start)
 
 
-def train_throughput(a: argparse.Namespace, dataset: Dataset, batch_transform, workers: int) -> float:  # noqa: ANN001
-    """Images/s of StimulativeTrainer.train() on ``dataset`` after ``--warmup`` steps."""
+class _PaceAtWarmup(TrainerCallback):
+    """The trainer's pace clocks (stim_hf.pace) as they stand when the timed steps begin."""
+
+    def __init__(self, pace, warmup: int) -> None:  # noqa: ANN001
+        self.pace, self.warmup, self.at_warmup = pace, warmup, (0.0, 0.0)
+
+    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+        if state.global_step == self.warmup:
+            self.at_warmup = (self.pace.data_wait_s, self.pace.step_s)
+
+
+def train_throughput(a: argparse.Namespace, dataset: Dataset, batch_transform, workers: int) -> tuple[float, float]:  # noqa: ANN001
+    """(images/s, data_wait_fraction) of StimulativeTrainer.train() on ``dataset`` over the steps after ``--warmup``.
+
+    The data wait fraction is the trainer's own (logged with every loss): the share of those steps' host time
+    spent waiting for batches, measured within the run, so unlike a ratio of two runs no machine noise between
+    runs enters it. ``1 - fraction`` estimates end to end / pre-made from this one run.
+    """
     timer = framework_overhead.StepTimer(a.warmup)
     trainer = StimulativeTrainer(
         model=cifar_model(a.depth), args=training_args(a, workers, a.warmup + a.steps), train_dataset=dataset,
         data_collator=collate_image_batch, batch_transform=batch_transform, callbacks=[timer],
     )  # fmt: skip
-    trainer.train()
-    return a.steps * a.batch / (timer.end - timer.start)
+    pace = _PaceAtWarmup(trainer.pace, a.warmup)
+    trainer.add_callback(pace)
+    trainer.train()  # no training log inside the run (logging_steps), so the pace clocks run on to its end
+    wait = trainer.pace.data_wait_s - pace.at_warmup[0]
+    step = trainer.pace.step_s - pace.at_warmup[1]
+    return a.steps * a.batch / (timer.end - timer.start), (wait / step if step > 0 else 0.0)
 
 
 def make_jpegs(folder: str, count: int, classes: int = 10) -> None:
@@ -156,11 +177,15 @@ def measure_cifar(a: argparse.Namespace, device: str) -> dict:
         # creates kernels per input size, once per process) hit every configuration alike.
         premade = framework_overhead.InMemory((a.warmup + a.steps) * a.batch, 32)
         runs: dict[str, list[float]] = {"pre-made tensors": [], "end to end, pil": [], "end to end, predecoded": []}
+        waits: dict[str, list[float]] = {name: [] for name in runs}
         for _ in range(a.repeats):
-            runs["pre-made tensors"].append(train_throughput(a, premade, None, 0))
-            for pipeline in ("pil", "predecoded"):
-                c = cifar[pipeline]
-                runs[f"end to end, {pipeline}"].append(train_throughput(a, c["dataset"], c["transform"], a.workers))
+            for name, dataset, transform, workers in [("pre-made tensors", premade, None, 0)] + [
+                (f"end to end, {p}", cifar[p]["dataset"], cifar[p]["transform"], a.workers)
+                for p in ("pil", "predecoded")
+            ]:
+                rate, wait = train_throughput(a, dataset, transform, workers)
+                runs[name].append(rate)
+                waits[name].append(wait)
         rows = {name: max(rates) for name, rates in runs.items()}
 
     print(f"\nCIFAR-10 parquet, batch {a.batch}, {a.workers} workers, {device}")
@@ -170,15 +195,17 @@ def measure_cifar(a: argparse.Namespace, device: str) -> dict:
         print(f"{pipeline:<12}{c['loader_images_per_s']:>28.0f}{c['decode_once_s']:>19.1f}s")
     reference = rows["pre-made tensors"]
     print(f"\nResNet-{a.depth}, ST++ K={a.num_subnets}, StimulativeTrainer.train()")
-    print(f"{'data':<28}{'images/s':>10}{'/ pre-made':>12}   runs")
+    print(f"{'data':<28}{'images/s':>10}{'/ pre-made':>12}   runs (data_wait_fraction)")
     for name, rate in rows.items():
-        print(f"{name:<28}{rate:>10.1f}{rate / reference:>12.3f}   {', '.join(f'{r:.1f}' for r in runs[name])}")
+        each = ", ".join(f"{r:.1f} ({w:.3f})" for r, w in zip(runs[name], waits[name], strict=True))
+        print(f"{name:<28}{rate:>10.1f}{rate / reference:>12.3f}   {each}")
     return {
         "pipeline_alone": {
             p: {k: v for k, v in c.items() if k not in ("dataset", "transform")} for p, c in cifar.items()
         },
         "training_images_per_s": rows,
         "training_runs": runs,
+        "training_data_wait_fraction": waits,
         "ratio_to_premade": {k: v / reference for k, v in rows.items()},
     }
 
