@@ -38,6 +38,14 @@ def make_args(tmp_path, **kwargs):
     return StimulativeTrainingArguments(**defaults)
 
 
+def plain_trainer_args(args, output_dir):
+    """The plain Trainer's arguments matching ``args`` (the fields TrainingArguments has)."""
+    return TrainingArguments(
+        **{k: v for k, v in args.to_dict().items() if k in TrainingArguments.__dataclass_fields__}
+        | {"output_dir": str(output_dir), "remove_unused_columns": False}
+    )
+
+
 def params(model):
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
@@ -66,10 +74,7 @@ def test_ct_update_equals_plain_trainer_bit_for_bit(tmp_path, tiny_cifar_resnet,
 
     stim = Counting(model=model_a, args=args, train_dataset=data)
     stim.train()
-    plain_args = TrainingArguments(
-        **{k: v for k, v in args.to_dict().items() if k in TrainingArguments.__dataclass_fields__}
-        | {"output_dir": str(tmp_path / "plain"), "remove_unused_columns": False}
-    )
+    plain_args = plain_trainer_args(args, tmp_path / "plain")
     plain = Trainer(model=model_b, args=plain_args, train_dataset=data)
     plain.train()
     a, b = params(model_a), params(model_b)
@@ -104,10 +109,7 @@ def test_logged_grad_norm_is_unscaled_under_fp16_loss_scaling(tmp_path, tiny_cif
     args = make_args(tmp_path, stim_method="ct", max_grad_norm=0.0, fp16=True)
     stim = with_loss_scaling(StimulativeTrainer(model=model_a, args=args, train_dataset=data))
     stim.train()
-    plain_args = TrainingArguments(
-        **{k: v for k, v in args.to_dict().items() if k in TrainingArguments.__dataclass_fields__}
-        | {"output_dir": str(tmp_path / "plain"), "remove_unused_columns": False}
-    )
+    plain_args = plain_trainer_args(args, tmp_path / "plain")
     plain = with_loss_scaling(Trainer(model=model_b, args=plain_args, train_dataset=data))
     plain.train()
     norms = [h["grad_norm"] for h in stim.state.log_history if "loss" in h]
