@@ -7,7 +7,7 @@ data pipeline keeps up while the run goes, not only in ``train_runtime`` at its 
 
 from __future__ import annotations
 
-import time
+from time import perf_counter
 
 from transformers import TrainerCallback
 
@@ -35,33 +35,33 @@ class TrainingPace:
 
     def start_fetch(self) -> None:
         """A step asks for its batches: its step time starts, and an interval if none is open."""
-        self.fetch_started = time.perf_counter()
+        self.fetch_started = perf_counter()
         if self.interval_started is None:
             self.interval_started, self.paused_s = self.fetch_started, 0.0
 
     def end_fetch(self, samples: int) -> None:
         """The step's batches (``samples`` images) arrived."""
         if self.fetch_started is not None:
-            self.data_wait_s += time.perf_counter() - self.fetch_started
+            self.data_wait_s += perf_counter() - self.fetch_started
         self.samples += samples
 
     def end_step(self) -> None:
         """The optimizer step ended."""
         if self.fetch_started is not None:
-            self.step_s += time.perf_counter() - self.fetch_started
+            self.step_s += perf_counter() - self.fetch_started
             self.fetch_started = None
 
     def exclude_since(self, started: float) -> None:
         """Leave the time since ``started`` (an evaluation, a checkpoint) out of the open interval."""
         if self.interval_started is not None:
-            self.paused_s += time.perf_counter() - max(started, self.interval_started)
+            self.paused_s += perf_counter() - max(started, self.interval_started)
 
     def take_interval(self) -> tuple[float, int, float]:
         """``(data_wait_fraction, samples, seconds)`` of the interval ending now; the next starts at the next fetch."""
         fraction = min(self.data_wait_s / self.step_s, 1.0) if self.step_s > 0 else 0.0
         seconds = 0.0
         if self.interval_started is not None:
-            seconds = time.perf_counter() - self.interval_started - self.paused_s
+            seconds = perf_counter() - self.interval_started - self.paused_s
         samples = self.samples
         self.data_wait_s = self.step_s = self.paused_s = 0.0
         self.samples = 0

@@ -460,6 +460,20 @@ def test_samples_per_second_is_logged_with_every_training_loss_and_bounded_by_th
     assert min(e["samples_per_second"] for e in fast) > max(e["samples_per_second"] for e in slow), (fast, slow)
 
 
+def test_samples_per_second_counts_every_micro_batch(tmp_path, tiny_cifar_resnet):
+    """With gradient accumulation each interval counts all its micro-batches' images (2 steps x 2 x 8 = 32)."""
+    args = make_args(tmp_path, stim_method="ct", per_device_train_batch_size=8, gradient_accumulation_steps=2,
+                     max_steps=6, logging_steps=2)  # fmt: skip
+    trainer = StimulativeTrainer(model=tiny_cifar_resnet(), args=args, train_dataset=_TensorDataset(128))
+    taken = []
+    take_interval = trainer.pace.take_interval
+    trainer.pace.take_interval = lambda: taken.append(take_interval()) or taken[-1]
+    trainer.train()
+    assert [samples for _, samples, _ in taken] == [32, 32, 32]
+    logged = [entry["samples_per_second"] for entry in trainer.state.log_history if "loss" in entry]
+    assert logged == [samples / seconds for _, samples, seconds in taken]
+
+
 def test_samples_per_second_leaves_evaluation_out(tmp_path, tiny_cifar_resnet):
     """An evaluation after every step (1.6 s each) is not training time: it would cap the pace near 10 images/s."""
     logs = _pace_logs(
