@@ -37,7 +37,6 @@ import numpy as np
 import PIL.Image
 import torch
 from torch.utils.data import Dataset
-from transformers import TrainerCallback
 
 import stim_hf.transforms as transforms_module
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
@@ -109,17 +108,6 @@ def loader_throughput(trainer: StimulativeTrainer, batches: int, skip: int) -> f
     return seen / (time.perf_counter() - start)
 
 
-class _PaceAtWarmup(TrainerCallback):
-    """The trainer's pace clocks (stim_hf.pace) as they stand when the timed steps begin."""
-
-    def __init__(self, pace, warmup: int) -> None:  # noqa: ANN001
-        self.pace, self.warmup, self.at_warmup = pace, warmup, (0.0, 0.0)
-
-    def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
-        if state.global_step == self.warmup:
-            self.at_warmup = (self.pace.data_wait_s, self.pace.step_s)
-
-
 def train_throughput(a: argparse.Namespace, dataset: Dataset, batch_transform, workers: int) -> tuple[float, float]:  # noqa: ANN001
     """(images/s, data_wait_fraction) of StimulativeTrainer.train() on ``dataset`` over the steps after ``--warmup``.
 
@@ -132,11 +120,10 @@ def train_throughput(a: argparse.Namespace, dataset: Dataset, batch_transform, w
         model=cifar_model(a.depth), args=training_args(a, workers, a.warmup + a.steps), train_dataset=dataset,
         data_collator=collate_image_batch, batch_transform=batch_transform, callbacks=[timer],
     )  # fmt: skip
-    pace = _PaceAtWarmup(trainer.pace, a.warmup)
-    trainer.add_callback(pace)
+    timer.pace = trainer.pace
     trainer.train()  # no training log inside the run (logging_steps), so the pace clocks run on to its end
-    wait = trainer.pace.data_wait_s - pace.at_warmup[0]
-    step = trainer.pace.step_s - pace.at_warmup[1]
+    wait = trainer.pace.data_wait_s - timer.pace_at_start[0]
+    step = trainer.pace.step_s - timer.pace_at_start[1]
     return a.steps * a.batch / (timer.end - timer.start), (wait / step if step > 0 else 0.0)
 
 

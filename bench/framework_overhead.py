@@ -62,15 +62,21 @@ class InMemory(Dataset):
 
 
 class StepTimer(TrainerCallback):
-    """Times the trainer's steps after ``warmup`` as the plain loop is timed: GPU work waited for at both ends only."""
+    """Times the trainer's steps after ``warmup`` as the plain loop is timed: GPU work waited for at both ends only.
+
+    Given the trainer's ``pace`` (stim_hf.pace.TrainingPace), it also notes its clocks when the timing starts.
+    """
 
     def __init__(self, warmup: int) -> None:
         self.warmup, self.start, self.end = warmup, None, None
+        self.pace, self.pace_at_start = None, None
 
     def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
         if state.global_step == self.warmup:
             synchronize()
             self.start = clock()
+            if self.pace is not None:
+                self.pace_at_start = (self.pace.data_wait_s, self.pace.step_s)
 
     def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
         # Only after the last step: a synchronisation after every step would stall the trainer's

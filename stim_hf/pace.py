@@ -41,8 +41,7 @@ class TrainingPace:
 
     def end_fetch(self, samples: int) -> None:
         """The step's batches (``samples`` images) arrived."""
-        if self.fetch_started is not None:
-            self.data_wait_s += perf_counter() - self.fetch_started
+        self.data_wait_s += perf_counter() - self.fetch_started
         self.samples += samples
 
     def end_step(self) -> None:

@@ -224,9 +224,11 @@ class StimulativeTrainer(ReliableTrainer):
         finally:
             self.pace.end_fetch(sum(self._batch_size(batch) for batch in batches))
 
+    def _main_input_name(self) -> str:
+        return getattr(self.model, "main_input_name", "pixel_values")
+
     def _batch_size(self, batch: Any) -> int:
-        main_input = getattr(self.model, "main_input_name", "pixel_values")
-        values = batch.get(main_input) if isinstance(batch, dict) else None
+        values = batch.get(self._main_input_name()) if isinstance(batch, dict) else None
         return int(values.shape[0]) if isinstance(values, torch.Tensor) and values.dim() > 0 else 0
 
     def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
@@ -410,7 +412,7 @@ class StimulativeTrainer(ReliableTrainer):
 
         The Trainer recounts the parameters, walking every module, on every step.
         """
-        main_input = getattr(self.model, "main_input_name", "pixel_values")
+        main_input = self._main_input_name()
         if main_input not in inputs or not hasattr(self.model, "num_parameters"):
             return 0
         if self._num_parameters is None:

@@ -441,11 +441,8 @@ def test_data_wait_fraction_shows_a_pipeline_that_cannot_keep_up(tmp_path, tiny_
 
 
 def _pace_logs(tmp_path, model, train, evaluation=None, **kwargs) -> list[dict]:
-    args = StimulativeTrainingArguments(
-        output_dir=str(tmp_path), stim_method="ct", per_device_train_batch_size=8, per_device_eval_batch_size=4,
-        max_steps=6, logging_steps=2, use_cpu=True, report_to="none", save_strategy="no", num_eval_subnets=0,
-        disable_tqdm=True, **kwargs,
-    )  # fmt: skip
+    args = make_args(tmp_path, stim_method="ct", per_device_train_batch_size=8, per_device_eval_batch_size=4,
+                     max_steps=6, logging_steps=2, num_eval_subnets=0, **kwargs)  # fmt: skip
     trainer = StimulativeTrainer(model=model, args=args, train_dataset=train, eval_dataset=evaluation)
     trainer.train()
     return [entry for entry in trainer.state.log_history if "loss" in entry]
