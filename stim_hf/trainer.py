@@ -208,6 +208,17 @@ class StimulativeTrainer(ReliableTrainer):
 
             self.add_callback(SubnetMonitorCallback(self))
 
+    def call_model_init(self, trial: Any = None) -> nn.Module:
+        """``Trainer.call_model_init``, prepared like a given model, its stages and sampler found anew.
+
+        ``Trainer.train()`` builds a fresh model from ``model_init``; the sub-network passes must
+        shorten that model's blocks, not those of the model built with the trainer.
+        """
+        model = prepare_model(super().call_model_init(trial), self.args)
+        if hasattr(self, "stages"):  # called by train(), after __init__ found the first model's
+            self.family, self.stages, self.subnet_sampler = method_structures(model, self.args)
+        return model
+
     def _build_sampler(self, seed: int, min_input_scale: float, stream: int = 0) -> SubnetSampler:
         return build_subnet_sampler(self.model, self.family, self.stages, self.args, seed, min_input_scale, stream)
 

@@ -350,6 +350,38 @@ def test_evaluate_subnets_reports_each(tmp_path, tiny_cifar_resnet):
     assert trainer.fixed_subnets(3) == trainer.fixed_subnets(3)
 
 
+def test_a_model_from_model_init_is_the_one_the_sub_network_passes_shorten(tmp_path, tiny_cifar_resnet):
+    """``Trainer.train()`` replaces the model with a fresh one from ``model_init``.
+
+    Its sub-network passes must shorten that model's blocks: the blocks run per step equal those
+    of the same run with the model given directly (with the first model's stages, every
+    sub-network pass would run the whole fresh model).
+    """
+    from stim_hf.subnets import find_residual_family
+
+    def counting(calls):
+        def build():
+            model = tiny_cifar_resnet()
+            for stage in find_residual_family(model)[1]:
+                for block in stage.container:
+                    block.register_forward_hook(lambda *_: calls.append(1))
+            return model
+
+        return build
+
+    data = make_dataset()
+    args = make_args(tmp_path, stim_method="stpp", max_steps=3)
+    direct_calls, init_calls = [], []
+    StimulativeTrainer(model=counting(direct_calls)(), args=args, train_dataset=data).train()
+    trainer = StimulativeTrainer(model_init=counting(init_calls), args=args, train_dataset=data)
+    first_model = trainer.model
+    init_calls.clear()
+    trainer.train()
+    assert trainer.model is not first_model
+    full_blocks = 6
+    assert len(init_calls) == len(direct_calls) < 2 * full_blocks * 3
+
+
 def test_model_without_stages_refused_for_st_but_fine_for_ct(tmp_path):
     from torch import nn
     from transformers.modeling_outputs import ImageClassifierOutput
