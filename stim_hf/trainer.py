@@ -191,6 +191,7 @@ class StimulativeTrainer(ReliableTrainer):
         self._stim_count = 0
         self._micro_step_key = (-1, 0)  # (global step, micro-batches seen in it)
         self._bn_recalibrated_at: int | None = None
+        self._update_steps_per_epoch: int | None = None
         self._subnet_backward_scale: float | None = None
         # (global step, depth fraction, input side) of every sub-network drawn since the last
         # drain; read by monitoring callbacks (histograms), bounded so it never grows unread.
@@ -257,13 +258,25 @@ class StimulativeTrainer(ReliableTrainer):
     # Loss
     # ----------------------------------------------------------------------------------------------
 
+    def set_initial_training_values(self, args: StimulativeTrainingArguments, dataloader: DataLoader) -> tuple:
+        """``Trainer.set_initial_training_values``; keeps the update steps per epoch for the lambda schedule."""
+        values = super().set_initial_training_values(args, dataloader)
+        self._update_steps_per_epoch = values[1]
+        return values
+
     def current_kl_coef(self) -> float:
-        """lambda at the current step: 0 before ``stim_start_epoch``, then the configured schedule."""
+        """lambda at the current step: 0 before ``stim_start_epoch``, then the configured schedule.
+
+        The schedule runs from ``stim_start_epoch`` to the run's last step, ``max_steps`` or a
+        fractional ``num_train_epochs`` included.
+        """
         args = self.args
         epoch = self.state.epoch or 0.0
         if not args.uses_subnets or self.subnet_sampler is None or epoch < args.stim_start_epoch:
             return 0.0
-        total = self.state.num_train_epochs or 0
+        # The run's length in epochs, fractional: the Trainer's num_train_epochs is rounded up.
+        steps_per_epoch = self._update_steps_per_epoch
+        total = self.state.max_steps / steps_per_epoch if steps_per_epoch else (self.state.num_train_epochs or 0)
         span = total - args.stim_start_epoch
         progress = (epoch - args.stim_start_epoch) / span if span > 0 else 1.0
         return kl_coef_at(args.kl_coef, args.kl_coef_schedule, progress)

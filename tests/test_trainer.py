@@ -225,6 +225,21 @@ def test_kl_coef_schedule_and_start_epoch(tmp_path, tiny_cifar_resnet):
     assert coefs[4:] == sorted(coefs[4:]) and coefs[-1] <= 2.0 and coefs[-1] > 1.0
 
 
+def test_kl_coef_schedule_ends_at_max_steps(tmp_path, tiny_cifar_resnet):
+    """With ``max_steps`` (here 1.5 epochs of 4 steps), the schedule runs over those 6 steps.
+
+    The Trainer rounds its epoch count up to 2; measured against that, cosine_down stopped at 0.31.
+    """
+    from stim_hf.trainer import kl_coef_at
+
+    args = make_args(tmp_path, stim_method="st", kl_coef_schedule="cosine_down", max_steps=6)
+    trainer = StimulativeTrainer(model=tiny_cifar_resnet(), args=args, train_dataset=make_dataset(n=64))
+    trainer.train()
+    coefs = [entry["kl_coef"] for entry in trainer.state.log_history if "kl_coef" in entry]
+    assert coefs == pytest.approx([kl_coef_at(1.0, "cosine_down", step / 6) for step in range(6)])
+    assert coefs[-1] < 0.07
+
+
 def _record_samples(trainer):
     seen = []
     original = trainer.subnet_sampler.sample
