@@ -215,7 +215,10 @@ class StimulativeTrainingArguments(TrainingArguments):
     )
     ddp_find_unused_parameters: bool | None = field(
         default=False,
-        metadata={"help": "False: the main pass uses every parameter, and True breaks two forwards."},
+        metadata={
+            "help": "False: the main pass uses every parameter. True breaks the two forwards and one backward of "
+            "backward_strategy 'summed' (refused); 'sequential' works with it."
+        },
     )
     logging_nan_inf_filter: bool = field(
         default=False,
@@ -285,6 +288,13 @@ class StimulativeTrainingArguments(TrainingArguments):
         for name in ("normalize_main_logits", "sync_batchnorm", "channels_last", "fused_optimizer"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.ddp_find_unused_parameters and self.uses_subnets and self.backward_strategy == "summed":
+            raise ConfigError(
+                "ddp_find_unused_parameters=true breaks DDP training with sub-network passes and "
+                "backward_strategy='summed' (two forwards, one backward: 'Expected to mark a variable ready only "
+                "once'); leave it false (the full network's pass uses every parameter), or, for a model whose "
+                "forward leaves parameters unused, set backward_strategy: sequential"
+            )
 
     @property
     def uses_subnets(self) -> bool:

@@ -95,6 +95,16 @@ def test_bad_values_name_field_value_and_range(field, value, message):
         args(**{field: value})
 
 
+def test_find_unused_parameters_refused_where_it_breaks_ddp():
+    """True breaks DDP's two forwards and one backward of the summed strategy (DESIGN.md 3)."""
+    with pytest.raises(
+        ConfigError, match="ddp_find_unused_parameters=true breaks DDP .* backward_strategy: sequential"
+    ):
+        args(ddp_find_unused_parameters=True)
+    assert args(ddp_find_unused_parameters=True, backward_strategy="sequential").ddp_find_unused_parameters
+    assert args(ddp_find_unused_parameters=True, stim_method="ct").ddp_find_unused_parameters
+
+
 def test_model_arguments():
     assert ModelArguments(model_type="cifar_resnet", model_config='{"depth": 56}').model_config == {"depth": 56}
     with pytest.raises(ConfigError, match="exactly one of model_name_or_path"):
