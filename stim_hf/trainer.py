@@ -74,6 +74,16 @@ def average_gradients(model: nn.Module) -> None:
         grad.copy_(reduced)
 
 
+def recalibration_shard(order: np.ndarray, num_samples: int, rank: int, world_size: int) -> list[int]:
+    """Process ``rank``'s share of the first ``num_samples`` indices of ``order``, as many for every process.
+
+    Equal shares run equal numbers of forward passes, which SyncBatchNorm's collectives need: a
+    process with one batch more would wait for the others forever.
+    """
+    count = min(num_samples, len(order))
+    return order[rank : count - count % world_size : world_size].tolist()
+
+
 def prepare_model(model: nn.Module, args: StimulativeTrainingArguments) -> nn.Module:
     """Apply ``sync_batchnorm`` and ``channels_last`` before the Trainer wraps the model.
 
@@ -591,8 +601,7 @@ class StimulativeTrainer(ReliableTrainer):
         model = self.accelerator.unwrap_model(self.model)
         with preserved_rng_state():
             order = np.random.default_rng([self.args.seed, self.state.global_step]).permutation(len(self.train_dataset))
-            chosen = order[:num_samples]
-            shard = chosen[self.args.process_index :: self.args.world_size].tolist()
+            shard = recalibration_shard(order, num_samples, self.args.process_index, self.args.world_size)
             loader = DataLoader(
                 Subset(self.train_dataset, shard),
                 batch_size=self.args.per_device_train_batch_size,

@@ -316,6 +316,19 @@ def test_recalibrate_sets_full_network_statistics(tmp_path, tiny_cifar_resnet):
     assert all(torch.isfinite(v).all() for v in recalibrated.values())
 
 
+@pytest.mark.parametrize("num_samples, world_size", [(2000, 3), (2000, 1), (7, 2), (5, 8)])
+def test_recalibration_gives_every_process_as_many_images(num_samples, world_size):
+    """Unequal shares (667, 667, 666 of 2,000 on 3 processes) hang SyncBatchNorm at batch 18."""
+    from stim_hf.trainer import recalibration_shard
+
+    order = np.random.default_rng(0).permutation(5000)
+    shards = [recalibration_shard(order, num_samples, rank, world_size) for rank in range(world_size)]
+    assert len({len(shard) for shard in shards}) == 1
+    used = sorted(i for shard in shards for i in shard)
+    assert len(used) == len(set(used)) == num_samples - num_samples % world_size
+    assert set(used) <= set(order[:num_samples].tolist())
+
+
 def test_recalibration_keeps_training_random_stream(tmp_path, tiny_cifar_resnet):
     data = make_dataset(n=32)
     results = []
