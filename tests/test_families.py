@@ -268,3 +268,17 @@ def test_convnext_inputs_never_below_total_stride(tmp_path, name, stride):
     trainer = StimulativeTrainer(model=model, args=args, train_dataset=make_dataset(n=8, size=IMAGE_SIZE))
     sizes = {trainer.subnet_sampler.sample(step, image_size=IMAGE_SIZE).input_size for step in range(200)}
     assert min(sizes) == stride and max(sizes) == IMAGE_SIZE
+
+
+@pytest.mark.parametrize("name", ["hf_vit", "hf_deit"])
+def test_vit_inputs_never_below_patch_size(tmp_path, name):
+    """A ViT fails on an input smaller than its patch: sampled sizes are raised to the patch size."""
+    config_class = ViTConfig if name == "hf_vit" else DeiTConfig
+    model_class = ViTForImageClassification if name == "hf_vit" else DeiTForImageClassification
+    model = model_class(config_class(**{**VIT_SIZES, "patch_size": 12}, intermediate_size=32, num_labels=NUM_LABELS))
+    args = make_args(tmp_path, stim_method="stpp", min_input_scale=0.1)
+    trainer = StimulativeTrainer(model=model, args=args, train_dataset=make_dataset(n=8, size=IMAGE_SIZE))
+    sizes = {trainer.subnet_sampler.sample(step, image_size=IMAGE_SIZE).input_size for step in range(200)}
+    assert min(sizes) == 12 and max(sizes) == IMAGE_SIZE
+    logits = model(pixel_values=torch.randn(2, 3, 12, 12), interpolate_pos_encoding=True).logits
+    assert logits.shape == (2, NUM_LABELS)

@@ -415,17 +415,27 @@ register_stage_finder(
     find_hf_mobilenet_v2_stages,
     config_for_depths=_not_exportable(_MOBILENET_V2_NOT_EXPORTABLE),
 )
+
+
+def vit_patch_size(model: nn.Module) -> int:
+    """Input side below which a ViT's patch embedding gets no patch: its patch size."""
+    patch = model.config.patch_size
+    return max(patch) if isinstance(patch, (list, tuple)) else int(patch)
+
+
 register_stage_finder(
     "hf_vit",
     find_hf_vit_stages,
     resized_forward_kwargs=INTERPOLATE_POS_ENCODING,
     config_for_depths=_num_layers_config,
+    min_input_size=vit_patch_size,
 )
 register_stage_finder(
     "hf_deit",
     find_hf_deit_stages,
     resized_forward_kwargs=INTERPOLATE_POS_ENCODING,
     config_for_depths=_num_layers_config,
+    min_input_size=vit_patch_size,
 )
 register_stage_finder(
     "hf_swin",
