@@ -15,7 +15,7 @@ relative to CT. Then it fits ``step_time = a + b * FLOPs`` (FLOPs per step, i.e.
 batch) by least squares over all configurations of all depths together and prints a, b, R^2, and
 each configuration's predicted time and relative residual.
 
-ST++ draws input sizes between round(0.43 * S) and S (14..32 px at 32 px). On a CPU oneDNN creates its
+ST++ draws input sizes between floor(0.43 * S) and S (13..32 px at 32 px). On a CPU oneDNN creates its
 kernels once per new input shape, and keeps them for the whole process; all depths have the same
 convolution shapes at a given input size. So before the grid an untimed ST++ run with the largest K
 at the first depth (``--warmup`` + ``--steps`` steps, skipped with --no-prime) runs most input sizes

@@ -137,7 +137,7 @@ class StimulativeTrainingArguments(TrainingArguments):
     min_input_scale: float | None = field(
         default=None,
         metadata={
-            "help": "Sub-network input side ~ UniformInt[round(scale*S), S] for batch side S; 1.0 disables. Preset: stpp 0.43."
+            "help": "Sub-network input side ~ UniformInt[floor(scale*S), S] for batch side S; 1.0 disables. Preset: stpp 0.43."
         },
     )
     bn_policy: str = field(

@@ -193,7 +193,17 @@ def test_sampling_bounds_and_coverage(rule, space):
     # Every allowed number of dropped blocks occurs, roughly as often as the rule says.
     for s, counter in enumerate(dropped_counts):
         assert set(counter) == set(range(limits[s] + 1))
-    assert set(sizes) == set(range(round(0.43 * 32), 33))
+    assert set(sizes) == set(range(13, 33))  # floor(0.43 * 32) = 13, as the released code draws
+
+
+@pytest.mark.parametrize(
+    ("scale", "side", "smallest"), [(0.43, 224, 96), (0.43, 200, 86), (0.43, 32, 13), (0.29, 100, 29)]
+)
+def test_smallest_input_side_is_the_floor(scale, side, smallest):
+    """DESIGN.md 1: r ~ UniformInt[floor(0.43 S), S]; 0.43 x 200 and 0.29 x 100 are exact up to float error."""
+    from stim_hf.subnets.sampling import smallest_input_side
+
+    assert smallest_input_side(scale, side) == smallest
 
 
 def test_subset_sampling_is_uniform_over_subsets():

@@ -106,6 +106,12 @@ def resolve_sample_space(
     return space
 
 
+def smallest_input_side(min_input_scale: float, image_size: int) -> int:
+    """``floor(min_input_scale * image_size)``: the released ST++ code's smallest sub-network input side."""
+    # Without the epsilon, float error floors an exact product one too low (0.29 * 100 = 28.999999999999996).
+    return math.floor(min_input_scale * image_size + 1e-9)
+
+
 class SubnetSampler:
     """Draws sub-networks and input sizes from a seed and the training step.
 
@@ -113,7 +119,7 @@ class SubnetSampler:
     independently per stage. ``rule="subset"`` (ST): a subset of the skippable blocks of each stage
     is dropped, uniformly over all subsets that drop at most ``space[s]`` blocks (with the full
     space this keeps every skippable block with probability 1/2). The input size is
-    ``UniformInt[round(min_input_scale * S), S]`` for a batch of side ``S``. ``stream`` separates
+    ``UniformInt[floor(min_input_scale * S), S]`` for a batch of side ``S``. ``stream`` separates
     independent uses of one seed (training draws and the fixed evaluation sub-networks).
     """
 
@@ -171,7 +177,7 @@ class SubnetSampler:
                 kept.append(tuple(i for i in range(n) if i not in drop))
         input_size = None
         if image_size is not None and self.min_input_scale < 1.0:
-            low = max(self.min_input_size, round(self.min_input_scale * image_size))
+            low = max(self.min_input_size, smallest_input_side(self.min_input_scale, image_size))
             input_size = int(rng.integers(min(low, image_size), image_size + 1))
         return Subnet(kept=tuple(kept), num_blocks=self.num_blocks, input_size=input_size)
 
