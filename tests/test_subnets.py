@@ -215,6 +215,20 @@ def test_subset_sampling_is_uniform_over_subsets():
     assert all(abs(c / 8000 - 1 / 8) < 0.02 for c in counts.values())
 
 
+def test_subset_sampling_keeps_a_block_of_a_stage_whose_blocks_are_all_skippable():
+    """ResNet-20's first stage (3 identity blocks): 7 subsets, the empty one left out; each block kept 4/7."""
+    from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification
+
+    stages = find_residual_stages(CifarResNetForImageClassification(CifarResNetConfig(depth=20, num_labels=10)))
+    assert stages[0].skippable == (True, True, True)
+    sampler = SubnetSampler(stages, rule="subset", seed=0)
+    counts = Counter(sampler.sample(step).kept[0] for step in range(7000))
+    assert len(counts) == 7 and () not in counts
+    assert all(abs(c / 7000 - 1 / 7) < 0.02 for c in counts.values())
+    kept_block_0 = sum(c for kept, c in counts.items() if 0 in kept) / 7000
+    assert abs(kept_block_0 - 4 / 7) < 0.02
+
+
 def test_same_seed_same_sequence_any_rank():
     """Draws depend on (seed, step, micro-step, index) only: ranks agree, resumed runs repeat."""
     stages = find_residual_stages(hf_resnet())

@@ -117,8 +117,10 @@ class SubnetSampler:
 
     ``rule="prefix"`` (ST++): stage ``s`` drops its last ``d_s ~ UniformInt[0, space[s]]`` blocks,
     independently per stage. ``rule="subset"`` (ST): a subset of the skippable blocks of each stage
-    is dropped, uniformly over all subsets that drop at most ``space[s]`` blocks (with the full
-    space this keeps every skippable block with probability 1/2). The input size is
+    is dropped, uniformly over all subsets that drop at most ``space[s]`` blocks. With the full
+    space this keeps each skippable block with probability 1/2, except in a stage whose blocks
+    are all skippable: it keeps at least one, so each is kept with ``2^(n-1) / (2^n - 1)``
+    (4/7 for 3 blocks, 0.501 for 9). The input size is
     ``UniformInt[floor(min_input_scale * S), S]`` for a batch of side ``S``. ``stream`` separates
     independent uses of one seed (training draws and the fixed evaluation sub-networks).
     """
