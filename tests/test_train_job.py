@@ -104,14 +104,17 @@ def test_every_recipe_parses(recipe, tmp_path):
 
 
 def test_imagenet_recipe_is_the_released_one(tmp_path):
+    from stim_hf.subnets.sampling import smallest_input_side
+
     values = yaml.safe_load((REPO_ROOT / "configs" / "imagenet_resnet50_stpp.yaml").read_text())
     assert values["model_config"]["depths"] == [3, 4, 6, 3]
     assert values["num_subnets"] == 6 and values["kl_loss"] == "kl_direction" and values["logit_amplitude"] == 1.0
     assert values["sample_space"] == [0, 1, 3, 0]
     assert (values["image_size"], values["eval_image_size"], values["eval_resize"]) == (200, 224, 240)
-    assert round(values["min_input_scale"] * values["image_size"]) == 86
+    assert smallest_input_side(values["min_input_scale"], values["image_size"]) == 86
     assert values["learning_rate"] == 0.2 and values["weight_decay"] == 1e-4
     assert values["bn_policy"] == "recalibrate"
+    assert values["normalize_main_logits"] is True  # the released main loss: no cap at 1,000 classes
 
 
 @pytest.mark.skipif(not CIFAR10_DIR.is_dir(), reason="shared CIFAR-10 data not present")
