@@ -116,26 +116,44 @@ def publish_checkpoint(staged: str, final: str) -> None:
         shutil.rmtree(staging_root, ignore_errors=True)
 
 
-def rotate_checkpoints(run_dir: str, save_total_limit: int | None, keep: Iterable[str | None] = ()) -> list[str]:
-    """Delete the oldest ``checkpoint-N`` folders of ``run_dir`` beyond ``save_total_limit``.
+def rotate_checkpoints(
+    run_dir: str,
+    save_total_limit: int | None,
+    keep: Iterable[str | None] = (),
+    current_step: int | None = None,
+) -> list[str]:
+    """Delete ``checkpoint-N`` folders of ``run_dir`` beyond ``save_total_limit``, the least useful first.
 
-    The folders in ``keep`` (the one just written, the best one) are never deleted. The others
-    go oldest first by modification time, then by step, like the Trainer's own rotation but
-    without its fall-back to step order when modification times are close: after a resume from
-    an earlier step, leftovers with higher step numbers (from the abandoned run, possibly
-    incomplete) are older than the checkpoint just written and go first.
+    The folders in ``keep`` (the one just written, the best one) are never deleted. The others go
+    in this order: first those of steps after ``current_step`` (left by a run that was resumed
+    from an earlier step: another history, which ``resume_from_checkpoint=true`` would otherwise
+    pick), then incomplete ones, then the oldest by modification time and step. The Trainer's own
+    rotation orders by step alone and would keep exactly those leftovers. Each folder is renamed
+    aside before it is deleted, so a process killed mid-deletion never leaves a partial
+    ``checkpoint-N``.
     """
     if save_total_limit is None or save_total_limit <= 0:
         return []
     checkpoints = list_checkpoints(run_dir)
+    excess = len(checkpoints) - save_total_limit
+    if excess <= 0:
+        return []
     protected = {os.path.abspath(path) for path in keep if path}
     candidates = [path for path in checkpoints if os.path.abspath(path) not in protected]
-    candidates.sort(key=lambda path: (os.path.getmtime(path), checkpoint_step(path) or 0))
-    excess = len(checkpoints) - save_total_limit
+
+    def usefulness(path: str) -> tuple[bool, bool, float, int]:
+        step = checkpoint_step(path) or 0
+        from_abandoned_run = current_step is not None and step > current_step
+        return (not from_abandoned_run, not checkpoint_problems(path), os.path.getmtime(path), step)
+
+    candidates.sort(key=usefulness)
     removed = []
-    for path in candidates[: max(excess, 0)]:
-        logger.info("deleting older checkpoint %s (save_total_limit=%d)", path, save_total_limit)
-        shutil.rmtree(path, ignore_errors=True)
+    for path in candidates[:excess]:
+        logger.info("deleting checkpoint %s (save_total_limit=%d)", path, save_total_limit)
+        aside = os.path.join(os.path.dirname(path), REPLACED_PREFIX + os.path.basename(path).split("-")[-1])
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(path, aside)
+        shutil.rmtree(aside, ignore_errors=True)
         removed.append(path)
     return removed
 
@@ -186,29 +204,50 @@ def checkpoint_step(path: str) -> int | None:
 def checkpoint_problems(path: str) -> list[str]:
     """Why ``path`` cannot be resumed from; an empty list when it looks complete.
 
-    With a manifest (checkpoints written by stim_hf), every listed file must exist with its
-    recorded size. Without one (other tools), the checkpoint needs a readable
-    ``trainer_state.json`` and model weights, every ``*.safetensors`` file must have a complete
-    header and every torch archive (``*.pt``, ``*.pth``, ``*.bin``) must be a complete zip file.
-    Only headers and zip directories are read: nothing is unpickled.
+    With a manifest (checkpoints written by stim_hf), the manifest must be of this folder's step
+    and list the trainer state and the weights, and every listed file must exist with its recorded
+    size. Without one (other tools), the checkpoint needs a readable ``trainer_state.json``, model
+    weights in safetensors, and the optimizer, scheduler and random states that an exact
+    continuation needs; every ``*.safetensors`` file must have a complete header and every torch
+    archive (``*.pt``, ``*.pth``, ``*.bin``) must be a complete zip file. Only headers and zip directories
+    are read: nothing is unpickled.
     """
     if not os.path.isdir(path):
         return [f"'{path}' is not a directory"]
     manifest_path = os.path.join(path, MANIFEST_NAME)
     if os.path.isfile(manifest_path):
-        try:
-            with open(manifest_path, encoding="utf-8") as handle:
-                files = json.load(handle)["files"]
-        except (OSError, ValueError, KeyError, TypeError) as error:
-            return [f"its {MANIFEST_NAME} is unreadable ({type(error).__name__}: {error})"]
-        problems = []
-        for name, size in files.items():
-            file = os.path.join(path, name)
-            if not os.path.isfile(file):
-                problems.append(f"{name} is missing")
-            elif os.path.getsize(file) != size:
-                problems.append(f"{name} has {os.path.getsize(file)} bytes instead of {size}")
-        return problems
+        return _manifest_problems(path, manifest_path)
+    return _unlisted_checkpoint_problems(path)
+
+
+def _manifest_problems(path: str, manifest_path: str) -> list[str]:
+    try:
+        with open(manifest_path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+        files, step = manifest["files"], manifest["global_step"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return [f"its {MANIFEST_NAME} is unreadable ({type(error).__name__}: {error})"]
+    if not isinstance(files, dict) or not all(isinstance(n, str) and type(v) is int for n, v in files.items()):
+        return [f"its {MANIFEST_NAME} does not list the checkpoint's files with their sizes"]
+    problems = []
+    folder_step = checkpoint_step(path)
+    if folder_step is not None and step != folder_step:
+        problems.append(f"its {MANIFEST_NAME} is of step {step}, not {folder_step}")
+    listed = {name.split("/", 1)[0] for name in files}
+    if TRAINER_STATE_NAME not in listed:
+        problems.append(f"its {MANIFEST_NAME} does not list {TRAINER_STATE_NAME}")
+    if not _has_weights(listed):
+        problems.append(f"its {MANIFEST_NAME} does not list model weights (model.safetensors)")
+    for name, size in files.items():
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            problems.append(f"{name} is missing")
+        elif os.path.getsize(file) != size:
+            problems.append(f"{name} has {os.path.getsize(file)} bytes instead of {size}")
+    return problems
+
+
+def _unlisted_checkpoint_problems(path: str) -> list[str]:
     problems = []
     state = os.path.join(path, TRAINER_STATE_NAME)
     try:
@@ -220,9 +259,17 @@ def checkpoint_problems(path: str) -> list[str]:
     except (OSError, ValueError, AttributeError) as error:
         problems.append(f"{TRAINER_STATE_NAME} is unreadable ({type(error).__name__})")
     entries = set(os.listdir(path))
-    sharded_framework = "latest" in entries or any(e.startswith("pytorch_model_fsdp") for e in entries)
-    if not sharded_framework and not entries.intersection(_WEIGHT_FILES):
+    pickled = sorted(e for e in entries if e.startswith("pytorch_model") and e.endswith(".bin"))
+    if pickled:
+        problems.append(f"its weights are pickled ({', '.join(pickled)}), which stim_hf never loads")
+    elif not _has_weights(entries):
         problems.append("model weights (model.safetensors) are missing")
+    if not _sharded_framework(entries):  # DeepSpeed and FSDP keep the optimizer state in their own layout
+        for name in ("optimizer.pt", "scheduler.pt"):
+            if name not in entries:
+                problems.append(f"{name} is missing, so training cannot continue exactly from it")
+        if not any(e.startswith("rng_state") and e.endswith(".pth") for e in entries):
+            problems.append("rng_state.pth is missing, so training cannot continue exactly from it")
     for file in sorted(Path(path).rglob("*")):
         if not file.is_file():
             continue
@@ -236,6 +283,15 @@ def checkpoint_problems(path: str) -> list[str]:
         if problem:
             problems.append(f"{name} {problem}")
     return problems
+
+
+def _sharded_framework(entries: set[str]) -> bool:
+    """DeepSpeed (``latest``) or FSDP (``pytorch_model_fsdp*``) checkpoint layouts."""
+    return "latest" in entries or any(e.startswith("pytorch_model_fsdp") for e in entries)
+
+
+def _has_weights(entries: set[str]) -> bool:
+    return _sharded_framework(entries) or bool(entries.intersection(_WEIGHT_FILES))
 
 
 def _safetensors_problem(path: str) -> str | None:
@@ -313,6 +369,13 @@ def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str 
         )
     problems = checkpoint_problems(path)
     if problems:
+        if list_checkpoints(path):
+            last, _ = find_last_complete_checkpoint(path)
+            example = f" (its last complete one is '{last}')" if last else ""
+            raise ConfigError(
+                f"resume_from_checkpoint='{path}' is a run's folder, not a checkpoint ({'; '.join(problems)}); give "
+                f"one of its checkpoint-* folders{example}, or 'true' with output_dir '{path}'"
+            )
         raise ConfigError(
             f"resume_from_checkpoint='{path}' is incomplete ({'; '.join(problems)}), probably from an interrupted "
             "write or copy; give an earlier checkpoint, or 'true' for the last complete one in output_dir"

@@ -295,7 +295,9 @@ class ReliableTrainer(Trainer):
             write_manifest(staged, step)
             publish_checkpoint(staged, final)
             logger.info("saved checkpoint %s", final)
-            rotate_checkpoints(run_dir, self.args.save_total_limit, keep=(final, self.state.best_model_checkpoint))
+            rotate_checkpoints(
+                run_dir, self.args.save_total_limit, keep=(final, self.state.best_model_checkpoint), current_step=step
+            )
         self.accelerator.wait_for_everyone()
         if os.path.isdir(staged):  # this process's files on a filesystem the saving process does not see
             merge_local_files(staged, final)

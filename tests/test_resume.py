@@ -205,6 +205,7 @@ def test_last_complete_checkpoint_skips_broken_ones(tmp_path, tiny_cifar_resnet)
     # A manifest that lists a file that never arrived.
     missing = tmp_path / "checkpoint-8"
     shutil.copytree(good, missing)
+    _set_manifest(missing, global_step=8)
     (missing / "scheduler.pt").unlink()
     # Not a checkpoint at all.
     (tmp_path / "checkpoint-10").write_text("a file")
@@ -219,6 +220,78 @@ def test_last_complete_checkpoint_skips_broken_ones(tmp_path, tiny_cifar_resnet)
     with pytest.raises(ConfigError, match="is not a directory"):
         resolve_resume_checkpoint(str(tmp_path / "checkpoint-10"), str(tmp_path))
     assert resolve_resume_checkpoint("false", str(tmp_path)) is None
+
+
+def _set_manifest(checkpoint: Path, **values) -> None:
+    manifest = json.loads((checkpoint / MANIFEST_NAME).read_text())
+    (checkpoint / MANIFEST_NAME).write_text(json.dumps(manifest | values))
+
+
+def test_malformed_manifests_are_problems_not_crashes(tmp_path, tiny_cifar_resnet):
+    StimulativeTrainer(model=tiny_cifar_resnet(), args=make_args(tmp_path), train_dataset=make_dataset()).train()
+    cases = {
+        6: ({"global_step": 6, "files": None}, "does not list the checkpoint's files"),
+        8: ({"global_step": 8, "files": ["model.safetensors"]}, "does not list the checkpoint's files"),
+        10: ({"global_step": 10, "files": {}}, "does not list trainer_state.json"),
+        12: ({}, "is of step 4, not 12"),  # copied from checkpoint-4, manifest and all
+    }
+    for step, (values, message) in cases.items():
+        copy = tmp_path / f"checkpoint-{step}"
+        shutil.copytree(tmp_path / "checkpoint-4", copy)
+        _set_manifest(copy, **values)
+        assert any(message in problem for problem in checkpoint_problems(str(copy))), step
+    assert resolve_resume_checkpoint(True, str(tmp_path)) == str(tmp_path / "checkpoint-4")
+
+
+def test_a_checkpoint_without_the_state_of_an_exact_resume_is_refused(tmp_path, tiny_cifar_resnet):
+    """Without a manifest, optimizer, scheduler and random states must be there: else the Trainer resumes inexactly."""
+    trainer = StimulativeTrainer(model=tiny_cifar_resnet(), args=make_args(tmp_path), train_dataset=make_dataset())
+    trainer.train()
+    trainer.save_model()
+    copy = tmp_path / "checkpoint-6"
+    shutil.copytree(tmp_path / "checkpoint-4", copy)
+    (copy / MANIFEST_NAME).unlink()
+    assert checkpoint_problems(str(copy)) == []
+    (copy / "optimizer.pt").unlink()
+    (copy / "rng_state.pth").unlink()
+    assert checkpoint_problems(str(copy)) == [
+        "optimizer.pt is missing, so training cannot continue exactly from it",
+        "rng_state.pth is missing, so training cannot continue exactly from it",
+    ]
+    assert resolve_resume_checkpoint(True, str(tmp_path)) == str(tmp_path / "checkpoint-4")
+    # The run's final folder holds the model, not a checkpoint.
+    with pytest.raises(
+        ConfigError,
+        match=r"is a run's folder, not a checkpoint \(.*optimizer.pt is missing.*last complete one is '.*checkpoint-4'",
+    ):
+        resolve_resume_checkpoint(str(tmp_path), str(tmp_path))
+    # Pickled weights are never loaded.
+    pickled = tmp_path / "checkpoint-8"
+    shutil.copytree(tmp_path / "checkpoint-4", pickled)
+    (pickled / MANIFEST_NAME).unlink()
+    (pickled / "model.safetensors").rename(pickled / "pytorch_model.bin")
+    assert "its weights are pickled (pytorch_model.bin), which stim_hf never loads" in checkpoint_problems(str(pickled))
+
+
+def test_rotation_deletes_another_history_and_incomplete_checkpoints_first(tmp_path, tiny_cifar_resnet):
+    """After a resume from checkpoint-4, the abandoned run's checkpoint-12 goes before the older, complete ones."""
+    from stim_hf.checkpointing import rotate_checkpoints
+
+    StimulativeTrainer(model=tiny_cifar_resnet(), args=make_args(tmp_path), train_dataset=make_dataset()).train()
+    for step, broken in ((12, False), (5, True), (6, False)):  # written in this order: 6 is the newest
+        copy = tmp_path / f"checkpoint-{step}"
+        shutil.copytree(tmp_path / "checkpoint-4", copy)
+        _set_manifest(copy, global_step=step)
+        if broken:
+            (copy / "optimizer.pt").unlink()
+        time.sleep(0.01)
+    removed = rotate_checkpoints(str(tmp_path), 3, keep=[str(tmp_path / "checkpoint-6")], current_step=6)
+    assert [Path(path).name for path in removed] == ["checkpoint-12", "checkpoint-5"]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("checkpoint", ".replaced"))) == [
+        "checkpoint-2",
+        "checkpoint-4",
+        "checkpoint-6",
+    ]
 
 
 def test_resume_into_another_model_is_refused_before_loading(tmp_path, tiny_cifar_resnet):
