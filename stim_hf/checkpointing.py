@@ -45,6 +45,26 @@ TRAINING_ARGS_JSON_NAME = "training_args.json"
 """The training arguments as JSON; written instead of the Trainer's pickled ``training_args.bin``."""
 STAGING_PREFIX = ".staging-checkpoint-"
 REPLACED_PREFIX = ".replaced-checkpoint-"
+MODEL_STAGING_NAME = ".staging-model"
+"""Where the final model is written before its files replace those in ``output_dir``, one by one."""
+RESUME_SENSITIVE_ARGUMENTS = (
+    "optim",
+    "optim_args",
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "seed",
+    "data_seed",
+    "lr_scheduler_type",
+    "stim_method",
+    "num_subnets",
+    "kl_loss",
+    "subnet_sampling",
+    "sample_space",
+    "min_input_scale",
+    "bn_policy",
+    "backward_strategy",
+)
+"""Arguments that a run must keep to continue exactly from a checkpoint (compared on resume)."""
 NONFINITE_PREFIX = "nonfinite-step-"
 
 _CHECKPOINT_RE = re.compile(rf"^{CHECKPOINT_PREFIX}-(\d+)$")
@@ -70,7 +90,7 @@ def remove_stale_staging(run_dir: str) -> list[str]:
     if not os.path.isdir(run_dir):
         return removed
     for name in os.listdir(run_dir):
-        if name.startswith((STAGING_PREFIX, REPLACED_PREFIX)):
+        if name.startswith((STAGING_PREFIX, REPLACED_PREFIX)) or name == MODEL_STAGING_NAME:
             shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
             removed.append(name)
     if removed:
@@ -156,6 +176,24 @@ def rotate_checkpoints(
         shutil.rmtree(aside, ignore_errors=True)
         removed.append(path)
     return removed
+
+
+def publish_files(staged: str, final: str) -> None:
+    """Move every file of the complete folder ``staged`` into ``final``, each with one atomic rename.
+
+    Each file of ``final`` is at any moment either the old one or the complete new one; the
+    weights go last. ``staged`` is removed afterwards.
+    """
+    _fsync_tree(staged)
+    files = sorted(
+        (path for path in Path(staged).rglob("*") if path.is_file()), key=lambda p: p.suffix == ".safetensors"
+    )
+    for path in files:
+        target = Path(final) / path.relative_to(staged)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+    _fsync_path(final)
+    shutil.rmtree(staged, ignore_errors=True)
 
 
 def merge_local_files(staged: str, final: str) -> None:
@@ -369,6 +407,16 @@ def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str 
         )
     problems = checkpoint_problems(path)
     if problems:
+        entries = set(os.listdir(path))
+        if (
+            not entries & {MANIFEST_NAME, TRAINER_STATE_NAME}
+            and not _has_weights(entries)
+            and not list_checkpoints(path)
+        ):
+            raise ConfigError(
+                f"resume_from_checkpoint='{path}' is not a checkpoint folder (no {TRAINER_STATE_NAME}, no model "
+                "weights); give a checkpoint-* folder of a run, or 'true' for the last complete one in output_dir"
+            )
         if list_checkpoints(path):
             last, _ = find_last_complete_checkpoint(path)
             example = f" (its last complete one is '{last}')" if last else ""
@@ -400,7 +448,8 @@ def check_checkpoint_matches_model(checkpoint: str, model: torch.nn.Module) -> N
         return
     from safetensors import safe_open
 
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    state = model.state_dict()
+    expected = {name: tuple(t.shape) for name, t in state.items()}
     with safe_open(weights, framework="pt") as handle:
         stored = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118 (not a dict)
     mismatched = [
@@ -409,14 +458,70 @@ def check_checkpoint_matches_model(checkpoint: str, model: torch.nn.Module) -> N
         if name in expected and stored[name] != expected[name]
     ]
     unknown = sorted(set(stored) - set(expected))
-    missing = sorted(set(expected) - set(stored))
-    # save_pretrained drops tied / non-persistent duplicates: only flag missing names if nothing matches.
-    if mismatched or (unknown and len(unknown) == len(stored)) or (missing and not set(stored) & set(expected)):
-        details = mismatched[:3] or [f"checkpoint tensors {unknown[:3]}, model tensors {missing[:3]}"]
+    # save_pretrained keeps one of each group of tied tensors: a model tensor sharing memory with a
+    # stored one is not missing.
+    stored_memory = {state[name].data_ptr() for name in stored if name in state}
+    missing = sorted(name for name in set(expected) - set(stored) if state[name].data_ptr() not in stored_memory)
+    if mismatched or unknown or missing:
+        details = mismatched[:3]
+        if missing:
+            details.append(f"{len(missing)} model tensors not in the checkpoint, e.g. {missing[:2]}")
+        if unknown:
+            details.append(f"{len(unknown)} checkpoint tensors not in the model, e.g. {unknown[:2]}")
         raise ConfigError(
             f"checkpoint '{checkpoint}' does not fit the model ({'; '.join(details)}); resume with the model "
             "configuration and labels it was trained with, or start a new run in another output_dir"
         )
+
+
+def changed_training_arguments(checkpoint: str, current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """The :data:`RESUME_SENSITIVE_ARGUMENTS` whose value in ``checkpoint``'s ``training_args.json`` differs from ``current``.
+
+    ``current`` is this run's arguments as JSON values (``json.loads(args.to_json_string())``).
+    A checkpoint without ``training_args.json`` (another tool) gives ``{}``.
+    """
+    try:
+        saved = json.loads(Path(checkpoint, TRAINING_ARGS_JSON_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(saved, dict):
+        return {}
+    return {
+        name: (saved[name], current.get(name))
+        for name in RESUME_SENSITIVE_ARGUMENTS
+        if name in saved and saved[name] != current.get(name)
+    }
+
+
+def describe_changes(changes: dict[str, tuple[Any, Any]]) -> str:
+    """``"optim 'sgd' -> 'adamw_torch', seed 1 -> 2"``: what a resumed run changed."""
+    return ", ".join(f"{name} {before!r} -> {after!r}" for name, (before, after) in changes.items())
+
+
+def checkpoint_global_step(checkpoint: str) -> int | None:
+    """The ``global_step`` in ``checkpoint``'s ``trainer_state.json``, or None if it cannot be read."""
+    try:
+        step = json.loads(Path(checkpoint, TRAINER_STATE_NAME).read_text(encoding="utf-8")).get("global_step")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
+
+
+def state_load_error(checkpoint: str, what: str, error: Exception, changes: dict[str, tuple[Any, Any]]) -> ConfigError:
+    """The :class:`ConfigError` for a ``what`` state of ``checkpoint`` that torch or the optimizer could not load."""
+    import pickle
+
+    if isinstance(error, pickle.UnpicklingError):
+        reason = "it holds objects other than tensors and plain data, which are never unpickled here"
+    else:
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        reason = f"{type(error).__name__}: {first_line}"
+    changed = f"; this run changed {describe_changes(changes)}" if changes else ""
+    return ConfigError(
+        f"cannot load the {what} state of checkpoint '{checkpoint}' ({reason}){changed}. Resume with the arguments "
+        f"it was trained with (its {TRAINING_ARGS_JSON_NAME}), or start a new run without resume_from_checkpoint "
+        "(model_name_or_path starts one from its weights)"
+    )
 
 
 # --------------------------------------------------------------------------------------------------

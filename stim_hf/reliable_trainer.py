@@ -5,9 +5,13 @@ The reliability half of :class:`~stim_hf.trainer.StimulativeTrainer`, kept apart
 
 from __future__ import annotations
 
+import copy
+import json
 import logging
 import math
 import os
+import pickle
+import shutil
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -18,29 +22,39 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
+from transformers.training_args import OptimizerNames
 from transformers.utils import SAFE_WEIGHTS_NAME, is_peft_available
 
 from stim_hf.checkpointing import (
+    MODEL_STAGING_NAME,
     NONFINITE_PREFIX,
     TRAINER_STATE_NAME,
     TRAINING_ARGS_JSON_NAME,
     SeededBatchDataset,
+    changed_training_arguments,
     check_checkpoint_matches_model,
+    checkpoint_global_step,
+    describe_changes,
     merge_local_files,
     publish_checkpoint,
+    publish_files,
     remove_stale_staging,
     resolve_resume_checkpoint,
     rotate_checkpoints,
     staging_dir,
+    state_load_error,
     write_manifest,
     write_nonfinite_report,
 )
-from stim_hf.errors import StimError
+from stim_hf.errors import ConfigError, StimError
 from stim_hf.subnets import (
     Subnet,
 )
 
 logger = logging.getLogger(__name__)
+
+# What torch.load, an optimizer's load_state_dict or the RNG setters raise on a state they cannot take.
+_STATE_LOAD_ERRORS = (pickle.UnpicklingError, KeyError, ValueError, RuntimeError, TypeError, IndexError, EOFError)
 
 # Models saved with save_pretrained (safetensors); anything else is saved as a safetensors state dict.
 _SAVE_PRETRAINED_CLASSES: tuple[type, ...] = (PreTrainedModel,)
@@ -128,6 +142,7 @@ class ReliableTrainer(Trainer):
         self._log_state_at_step_start: Any = None
         self._tr_loss_at_step_start: torch.Tensor | None = None
         self.nonfinite_skipped_steps = 0
+        self._resume_changes: dict[str, tuple[Any, Any]] = {}
         self.add_callback(_NonFiniteLossGuard(self))
 
     # -- hooks for subclasses -------------------------------------------------------------------
@@ -303,12 +318,25 @@ class ReliableTrainer(Trainer):
             merge_local_files(staged, final)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """``Trainer._save`` without ``training_args.bin``: the arguments go to ``training_args.json``.
+        """``Trainer._save`` without ``training_args.bin``, and never a half-written model file.
 
         ``training_args.bin`` is a pickle, and loading a pickle runs arbitrary code; nothing here
-        writes or reads one. Model weights are safetensors (``save_pretrained``).
+        writes or reads one: the arguments go to ``training_args.json``, the weights are safetensors
+        (``save_pretrained``). Outside a checkpoint (which is staged as a whole), the files are
+        written into ``output_dir/.staging-model`` first and then each replaces its namesake in
+        ``output_dir`` with one rename: a crash while saving leaves the previous model intact.
         """
         output_dir = output_dir if output_dir is not None else self.args.output_dir
+        distributed_write = getattr(self, "is_distributed_loading_by_transformers", False)
+        if self._checkpoint_staging_dir is not None or distributed_write or not self.args.should_save:
+            return self._write_model(output_dir, state_dict)
+        staging = os.path.join(output_dir, MODEL_STAGING_NAME)
+        shutil.rmtree(staging, ignore_errors=True)
+        self._write_model(staging, state_dict)
+        publish_files(staging, output_dir)
+
+    def _write_model(self, output_dir: str, state_dict: dict | None) -> None:
+        """Write the model (safetensors), the processor and ``training_args.json`` into ``output_dir``."""
         if not self.args.should_save and not getattr(self, "is_distributed_loading_by_transformers", False):
             return
         if self.args.should_save:
@@ -344,11 +372,61 @@ class ReliableTrainer(Trainer):
         complete and its weights must fit the model, else :class:`~stim_hf.errors.ConfigError`.
         """
         checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        self._resume_changes = {}
         if checkpoint is not None:
-            check_checkpoint_matches_model(checkpoint, self.accelerator.unwrap_model(self.model))
+            self._check_resume(checkpoint)
         return super().train(
             resume_from_checkpoint=checkpoint, trial=trial, ignore_keys_for_eval=ignore_keys_for_eval, **kwargs
         )
+
+    def _check_resume(self, checkpoint: str) -> None:
+        """Refuse a checkpoint that does not fit the model or has nothing left to train; warn about changed settings."""
+        check_checkpoint_matches_model(checkpoint, self.accelerator.unwrap_model(self.model))
+        step = checkpoint_global_step(checkpoint)
+        if step is not None and 0 < self.args.max_steps <= step:
+            raise ConfigError(
+                f"checkpoint '{checkpoint}' is at step {step} and max_steps is {self.args.max_steps}: that run is "
+                "finished; raise max_steps to train on from it"
+            )
+        self._resume_changes = changed_training_arguments(checkpoint, json.loads(self.args.to_json_string()))
+        before, after = self._resume_changes.get("optim", (None, None))
+        if before is not None and self._optimizer_class(before) is not self._optimizer_class(after):
+            # The optimizer would take the other one's parameter groups and fail at its first step.
+            raise ConfigError(
+                f"checkpoint '{checkpoint}' holds the state of optim={before!r}, and this run has optim={after!r}, "
+                f"an optimizer that cannot take it; resume with optim: {before}, or start a new run without "
+                "resume_from_checkpoint (model_name_or_path starts one from its weights)"
+            )
+        if self._resume_changes:
+            logger.warning(
+                "resuming from %s with settings it was not trained with (%s): the run goes on from its state, "
+                "but it is not the exact continuation of the run that wrote it",
+                checkpoint,
+                describe_changes(self._resume_changes),
+            )
+
+    def _optimizer_class(self, optim: Any) -> type | None:
+        """The optimizer class the Trainer builds for ``optim`` under this run's arguments (None: unknown)."""
+        probe = copy.copy(self.args)
+        try:
+            probe.optim = OptimizerNames(optim)
+            return self.get_optimizer_cls_and_kwargs(probe)[0]
+        except Exception:  # an unknown name, or an optimizer whose package is not installed
+            return None
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """``Trainer._load_optimizer_and_scheduler``; a state that cannot be loaded is a ConfigError naming the fix."""
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except _STATE_LOAD_ERRORS as error:
+            raise state_load_error(checkpoint, "optimizer and scheduler", error, self._resume_changes) from error
+
+    def _load_rng_state(self, checkpoint: str | None) -> None:
+        """``Trainer._load_rng_state``; a state that cannot be loaded is a ConfigError naming the fix."""
+        try:
+            super()._load_rng_state(checkpoint)
+        except _STATE_LOAD_ERRORS as error:
+            raise state_load_error(checkpoint, "random number generator", error, self._resume_changes) from error
 
     def get_train_dataloader(self) -> DataLoader:
         """``Trainer.get_train_dataloader`` over a :class:`SeededBatchDataset` (exact augmentation on resume)."""

@@ -304,6 +304,104 @@ def test_resume_into_another_model_is_refused_before_loading(tmp_path, tiny_cifa
         other.train(resume_from_checkpoint=True)
 
 
+def test_resume_into_a_deeper_or_shallower_model_is_refused_before_loading(tmp_path, tiny_cifar_resnet):
+    StimulativeTrainer(model=tiny_cifar_resnet(), args=make_args(tmp_path), train_dataset=make_dataset()).train()
+    for depth, message in ((20, r"6 model tensors not in the checkpoint"), (8, r"checkpoint tensors not in the model")):
+        other = StimulativeTrainer(
+            model=tiny_cifar_resnet(depth=depth),
+            args=make_args(tmp_path, stim_method="ct"),
+            train_dataset=make_dataset(),
+        )
+        with pytest.raises(ConfigError, match=rf"does not fit the model \(.*{message}"):
+            other.train(resume_from_checkpoint=True)
+
+
+def test_resume_with_another_optimizer_is_refused_and_other_changes_are_named(tmp_path, tiny_cifar_resnet, caplog):
+    """AdamW would take SGD's parameter groups and fail at its first step (KeyError 'betas'): refused before.
+
+    Other settings that break an exact continuation (here the seed) are named in a warning.
+    """
+    StimulativeTrainer(model=tiny_cifar_resnet(), args=make_args(tmp_path), train_dataset=make_dataset()).train()
+    args = make_args(tmp_path, optim="adamw_torch", max_steps=6)
+    resumed = StimulativeTrainer(model=tiny_cifar_resnet(), args=args, train_dataset=make_dataset())
+    with pytest.raises(ConfigError, match=r"holds the state of optim='sgd', and this run has optim='adamw_torch'"):
+        resumed.train(resume_from_checkpoint=True)
+    args = make_args(tmp_path, seed=8, max_steps=6)
+    resumed = StimulativeTrainer(model=tiny_cifar_resnet(), args=args, train_dataset=make_dataset())
+    with caplog.at_level(logging.WARNING, logger="stim_hf.reliable_trainer"):
+        resumed.train(resume_from_checkpoint=True)
+    assert "with settings it was not trained with (seed 7 -> 8)" in caplog.text
+    assert resumed.state.global_step == 6
+
+
+def test_a_pickle_in_a_checkpoints_state_file_is_never_run(tmp_path, tiny_cifar_resnet):
+    """A crafted optimizer.pt (code in its pickle) is refused by torch's weights_only load, as a ConfigError."""
+    import pickle
+
+    StimulativeTrainer(model=tiny_cifar_resnet(), args=make_args(tmp_path), train_dataset=make_dataset()).train()
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    checkpoint = tmp_path / "checkpoint-4"
+    torch.save({"state": Payload()}, checkpoint / "optimizer.pt", pickle_module=pickle)
+    from stim_hf.checkpointing import write_manifest
+
+    write_manifest(str(checkpoint), 4)
+    resumed = StimulativeTrainer(
+        model=tiny_cifar_resnet(), args=make_args(tmp_path, max_steps=6), train_dataset=make_dataset()
+    )
+    with pytest.raises(ConfigError, match="holds objects other than tensors and plain data, which are never unpickled"):
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert not marker.exists()
+
+
+def test_a_finished_run_is_not_trained_past_max_steps(tmp_path, tiny_cifar_resnet):
+    """The Trainer would train one step more (checkpoint-5 after max_steps 4)."""
+    StimulativeTrainer(model=tiny_cifar_resnet(), args=make_args(tmp_path), train_dataset=make_dataset()).train()
+    again = StimulativeTrainer(model=tiny_cifar_resnet(), args=make_args(tmp_path), train_dataset=make_dataset())
+    with pytest.raises(ConfigError, match=r"is at step 4 and max_steps is 4: that run is finished; raise max_steps"):
+        again.train(resume_from_checkpoint=True)
+    assert not (tmp_path / "checkpoint-5").exists()
+
+
+def test_a_folder_that_is_no_checkpoint_is_named_so(tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "recipe.yaml").write_text("seed: 1\n")
+    with pytest.raises(ConfigError, match="is not a checkpoint folder .*give a checkpoint-\\* folder"):
+        resolve_resume_checkpoint(str(tmp_path / "configs"), str(tmp_path))
+
+
+def test_a_crash_while_saving_the_final_model_leaves_the_previous_one(tmp_path, tiny_cifar_resnet):
+    trainer = StimulativeTrainer(
+        model=tiny_cifar_resnet(), args=make_args(tmp_path, save_strategy="no"), train_dataset=make_dataset()
+    )
+    trainer.save_model()
+    before = (tmp_path / "model.safetensors").read_bytes()
+    trainer.train()
+    model = trainer.model
+    original = type(model).save_pretrained
+
+    def crash_halfway(self, save_directory, **kwargs):
+        original(self, save_directory, **kwargs)
+        weights = Path(save_directory) / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:100])
+        raise KeyboardInterrupt("killed while saving")
+
+    type(model).save_pretrained = crash_halfway
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.save_model()
+    finally:
+        type(model).save_pretrained = original
+    assert (tmp_path / "model.safetensors").read_bytes() == before
+    trainer.save_model()
+    assert (tmp_path / "model.safetensors").read_bytes() != before
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
 def test_best_checkpoint_points_to_the_published_folder(tmp_path, tiny_cifar_resnet):
     data = make_dataset()
     args = make_args(
