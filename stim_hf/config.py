@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +15,8 @@ from stim_hf.losses import KL_LOSSES, LOGIT_NORMALIZATIONS
 from stim_hf.profiling import parse_profile_steps
 from stim_hf.subnets.sampling import SAMPLING_RULES
 
+logger = logging.getLogger(__name__)
+
 STIM_METHODS = ("ct", "st", "stpp")
 KL_COEF_SCHEDULES = ("constant", "cosine_up", "cosine_down")
 BN_POLICIES = ("main_only", "recalibrate", "none")
@@ -21,6 +24,8 @@ BACKWARD_STRATEGIES = ("summed", "sequential")
 NONFINITE_LOSS_ACTIONS = ("stop", "skip")
 
 # The fields a method preset fills; a value set explicitly (not None) wins over the preset.
+# The preset fields that make a method what it is (K and the sample space are its settings).
+METHOD_DEFINING_FIELDS = ("subnet_sampling", "kl_loss", "min_input_scale")
 METHOD_PRESETS: dict[str, dict[str, Any]] = {
     # Common training: no sub-network passes at all.
     "ct": {
@@ -232,6 +237,7 @@ class StimulativeTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         self._apply_method_preset()
         self._validate_stimulative_fields()
+        self._check_method_is_what_its_name_says()
         given = self.accelerator_config
         non_blocking_given = not (given is None or (isinstance(given, dict) and "non_blocking" not in given))
         super().__post_init__()
@@ -243,9 +249,38 @@ class StimulativeTrainingArguments(TrainingArguments):
     def _apply_method_preset(self) -> None:
         if not isinstance(self.stim_method, str) or self.stim_method not in METHOD_PRESETS:
             raise ConfigError(f"stim_method='{self.stim_method}' is not a method; valid: {', '.join(STIM_METHODS)}")
-        for name, value in METHOD_PRESETS[self.stim_method].items():
-            if getattr(self, name) is None:
+        preset = METHOD_PRESETS[self.stim_method]
+        explicit = {name: getattr(self, name) for name in preset if getattr(self, name) is not None}
+        for name, value in preset.items():
+            if name not in explicit:
                 setattr(self, name, value)
+        self._explicit_method_fields = explicit
+
+    def _check_method_is_what_its_name_says(self) -> None:
+        """Refuse ``ct`` with sub-network passes; name the fields that make ``st`` / ``stpp`` differ from their preset.
+
+        A recipe pins preset fields (``num_subnets: 1``): changing only ``stim_method`` on the
+        command line would otherwise leave the pinned method running under the new name.
+        """
+        if self.stim_method == "ct" and self.uses_subnets:
+            raise ConfigError(
+                f"stim_method='ct' (common training) runs no sub-networks, but num_subnets={self.num_subnets} and "
+                f"kl_coef={self.kl_coef} (from the recipe or the command line) would train them; set num_subnets: 0 "
+                "as well, or choose stim_method st or stpp"
+            )
+        preset = METHOD_PRESETS[self.stim_method]
+        differing = {
+            name: value
+            for name, value in self._explicit_method_fields.items()
+            if name in METHOD_DEFINING_FIELDS and value != preset[name]
+        }
+        if differing:
+            logger.warning(
+                "stim_method='%s' with %s set explicitly, where its preset has %s",
+                self.stim_method,
+                ", ".join(f"{name}={value!r}" for name, value in differing.items()),
+                ", ".join(f"{name}={preset[name]!r}" for name in differing),
+            )
 
     def _validate_stimulative_fields(self) -> None:
         def choice(name: str, valid: tuple[str, ...]) -> None:

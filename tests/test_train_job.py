@@ -103,6 +103,30 @@ def test_every_recipe_parses(recipe, tmp_path):
     assert train_args.report_to == ["tensorboard"]
 
 
+def test_changing_only_the_method_of_a_recipe_that_pins_its_settings(tmp_path, caplog, monkeypatch):
+    """The quickstart pins num_subnets: 1, so --stim_method ct alone would still train sub-networks: refused.
+
+    The ST++ CIFAR recipe pins KL- and smaller inputs: --stim_method st alone runs them under ST's
+    name, and a warning says so.
+    """
+
+    def parse(argv):
+        parser = StimArgumentParser((ModelArguments, DataArguments, StimulativeTrainingArguments))
+        return parser.parse_args_and_config(argv + ["--output_dir", str(tmp_path), "--use_cpu", "true"])[-1]
+
+    with pytest.raises(
+        ConfigError, match=r"stim_method='ct' \(common training\) runs no sub-networks, but num_subnets=1"
+    ):
+        parse([QUICKSTART, "--stim_method", "ct"])
+    assert not parse([QUICKSTART, "--stim_method", "ct", "--num_subnets", "0"]).uses_subnets
+    if not CIFAR10_DIR.is_dir():
+        pytest.skip("shared CIFAR-10 data not present")
+    monkeypatch.chdir(REPO_ROOT)  # the recipe's data paths are relative to the repository root
+    with caplog.at_level("WARNING", logger="stim_hf.config"):
+        parse([str(REPO_ROOT / "configs" / "cifar10_resnet56_stpp.yaml"), "--stim_method", "st"])
+    assert "stim_method='st' with kl_loss='kl_direction', min_input_scale=0.43 set explicitly" in caplog.text
+
+
 def test_imagenet_recipe_is_the_released_one(tmp_path):
     from stim_hf.subnets.sampling import smallest_input_side
 
