@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32, help="batch of the device part's timing")
-    parser.add_argument("--cifar-dir", default=None, help="also time decoding the CIFAR-10 parquet's PNGs")
+    parser.add_argument("--cifar-dir", default=None, help="also time decoding the CIFAR-10 parquet's JPEGs")
     parser.add_argument("--json", default=None)
     a = parser.parse_args()
     torch.set_num_threads(1)
@@ -91,7 +91,7 @@ def main() -> None:
     if a.cifar_dir:
         cifar_us = cifar_decode_us(a, to_rgb_tensor)
         print(
-            f"CIFAR-10 PNGs (32 px) to an RGB uint8 tensor: {cifar_us[decoder]:.1f} us/image with {decoder}, "
+            f"CIFAR-10 JPEGs (32 px) to an RGB uint8 tensor: {cifar_us[decoder]:.1f} us/image with {decoder}, "
             f"{cifar_us['PIL']:.1f} with PIL ({cifar_us['PIL'] / cifar_us[decoder]:.2f}x)"
         )
     device_ms = device_part_ms(a)
