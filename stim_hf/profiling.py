@@ -13,7 +13,8 @@ import logging
 import os
 import re
 import time
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -53,6 +54,23 @@ def parse_profile_steps(value: Any) -> tuple[int, int] | None:
 def phase(active: bool, name: str) -> AbstractContextManager:
     """A profiler label for ``name`` while a window is recorded; nothing (no cost) otherwise."""
     return record_function(name) if active else nullcontext()
+
+
+@contextmanager
+def left_out_of_window(trainer: Any, name: str) -> Iterator[None]:
+    """Label ``name`` (an evaluation, a checkpoint) and leave its wall time out of the window's time per step.
+
+    Adds the time to ``trainer.profiled_time_left_out_s`` while a window is recorded; nothing otherwise.
+    """
+    if not trainer.profiling:
+        yield
+        return
+    started = time.perf_counter()
+    try:
+        with record_function(name):
+            yield
+    finally:
+        trainer.profiled_time_left_out_s += time.perf_counter() - started
 
 
 class StepProfilerCallback(TrainerCallback):
@@ -95,6 +113,7 @@ class StepProfilerCallback(TrainerCallback):
         self.profiler.__enter__()
         self.trainer.profiling = True
         self._started = time.perf_counter()
+        self._left_out_at_start = self.trainer.profiled_time_left_out_s
 
     def on_train_end(self, args, state, control, **kwargs):  # noqa: ANN001, D102
         if self.profiler is not None:
@@ -105,19 +124,23 @@ class StepProfilerCallback(TrainerCallback):
         self.trainer.profiling = False
         if args.device.type == "cuda":
             torch.cuda.synchronize()  # the window's queued GPU work belongs to its wall time
-        wall_s = time.perf_counter() - self._started
+        left_out_s = self.trainer.profiled_time_left_out_s - self._left_out_at_start
+        wall_s = time.perf_counter() - self._started - left_out_s
         profiler.__exit__(None, None, None)
         directory = os.path.join(args.output_dir, PROFILE_DIR_NAME)
         os.makedirs(directory, exist_ok=True)
         stem = os.path.join(directory, f"rank{args.process_index}_steps{self.first}-{last_step}")
         profiler.export_chrome_trace(f"{stem}.pt.trace.json")
         with open(f"{stem}.txt", "w", encoding="utf-8") as handle:
-            handle.write(summarize(profiler, self.first, last_step, wall_s))
+            handle.write(summarize(profiler, self.first, last_step, wall_s, left_out_s))
         logger.info("profiled steps %d-%d: %s.pt.trace.json and %s.txt", self.first, last_step, stem, stem)
 
 
-def summarize(profiler: profile, first: int, last: int, wall_s: float) -> str:
-    """The window's phases (stim_hf's labels, the backward they imply, the optimizer step), then the costliest operators."""
+def summarize(profiler: profile, first: int, last: int, wall_s: float, left_out_s: float = 0.0) -> str:
+    """The window's phases (stim_hf's labels, the backward they imply, the optimizer step), then the costliest operators.
+
+    ``wall_s`` is the window's wall time without the ``left_out_s`` of its evaluations and checkpoints.
+    """
     events = profiler.key_averages()
     on_device = any(event.device_time_total > 0 for event in events)
     sort_by = "self_device_time_total" if on_device else "self_cpu_time_total"
@@ -136,9 +159,12 @@ def summarize(profiler: profile, first: int, last: int, wall_s: float) -> str:
         rest_device = step.device_time_total - sum(event.device_time_total for event in forwards)
         rows.append(("  backward and the rest", step.count, rest_host, rest_device))
     rows += [row(event.key, event) for event in events if event.key.startswith("Optimizer.step#")]
+    left_out = ""
+    if left_out_s > 0:
+        left_out = f"; the window's evaluations and checkpoints, {left_out_s * 1e3:.1f} ms, left out"
     lines = [
         f"steps {first}-{last}: {steps} optimizer steps, {wall_s * 1e3 / steps:.2f} ms per step (wall clock, "
-        "under the profiler)",
+        f"under the profiler{left_out})",
         "",
         f"{'phase':<34}{'calls':>7}{'host ms/step':>14}" + (f"{'device ms/step':>16}" if on_device else ""),
     ]
@@ -148,7 +174,8 @@ def summarize(profiler: profile, first: int, last: int, wall_s: float) -> str:
     lines += [
         "",
         "stim_hf/training_step is one micro-batch's forwards and backward (the indented rows); host times include "
-        "the time spent inside nested phases.",
+        "the time spent inside nested phases. Evaluations and checkpoints in the window are labelled "
+        "stim_hf/evaluate and stim_hf/save_checkpoint; their operators are in the table below.",
         "",
         f"operators by {sort_by.replace('_', ' ')}:",
         events.table(sort_by=sort_by, row_limit=25),

@@ -24,7 +24,7 @@ from stim_hf.losses import distillation_loss, normalize_logits
 from stim_hf.model_walks import ModelWalks, fast_zero_grad_once, redundant_train_call_skipped, remove_pending_shadows
 from stim_hf.optimizers import with_fused_kernel
 from stim_hf.pace import PaceCallback, TrainingPace
-from stim_hf.profiling import StepProfilerCallback, parse_profile_steps, phase
+from stim_hf.profiling import StepProfilerCallback, left_out_of_window, parse_profile_steps, phase
 from stim_hf.reliable_trainer import ReliableTrainer
 from stim_hf.subnets import (
     EVAL_SUBNET_STREAM,
@@ -211,6 +211,7 @@ class StimulativeTrainer(ReliableTrainer):
         self.add_callback(PaceCallback(self.pace))
         # True while a profile_steps window is recorded: stim_hf's phase labels are on.
         self.profiling = False
+        self.profiled_time_left_out_s = 0.0  # evaluations and checkpoints inside profiling windows
         window = parse_profile_steps(args.profile_steps)
         if window is not None:
             self.add_callback(StepProfilerCallback(self, *window))
@@ -323,7 +324,7 @@ class StimulativeTrainer(ReliableTrainer):
         pixel_values, labels = inputs["pixel_values"], inputs["labels"]
         if self.args.channels_last and pixel_values.dim() == 4:
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
-        with phase(self.profiling, "stim_hf/full_forward"):
+        with phase(self.profiling and model.training, "stim_hf/full_forward"):
             outputs = model(pixel_values=pixel_values)
             logits = outputs.logits
             ce = self.main_loss(logits, labels)
@@ -625,9 +626,18 @@ class StimulativeTrainer(ReliableTrainer):
             self.recalibrate_bn()
 
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
-        """``Trainer.evaluate`` after BatchNorm recalibration when ``bn_policy='recalibrate'``."""
-        self._maybe_recalibrate_bn()
-        return super().evaluate(*args, **kwargs)
+        """``Trainer.evaluate`` after BatchNorm recalibration when ``bn_policy='recalibrate'``.
+
+        Inside a profiling window it is labelled and left out of the window's time per step.
+        """
+        with left_out_of_window(self, "stim_hf/evaluate"):
+            self._maybe_recalibrate_bn()
+            return super().evaluate(*args, **kwargs)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """``ReliableTrainer._save_checkpoint``; inside a profiling window, labelled and left out of its time per step."""
+        with left_out_of_window(self, "stim_hf/save_checkpoint"):
+            super()._save_checkpoint(model, trial)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """``Trainer.save_model`` after BatchNorm recalibration when ``bn_policy='recalibrate'``."""
