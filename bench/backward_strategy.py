@@ -19,7 +19,7 @@ import sys
 import time
 
 CONFIGS = [
-    ("CT", "ct", 1, "summed"),
+    ("CT", "ct", 0, "summed"),
     ("ST++ K=1 summed", "stpp", 1, "summed"),
     ("ST++ K=1 sequential", "stpp", 1, "sequential"),
     ("ST++ K=6 summed", "stpp", 6, "summed"),
