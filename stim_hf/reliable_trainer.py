@@ -53,6 +53,8 @@ from stim_hf.subnets import (
 
 logger = logging.getLogger(__name__)
 
+MAX_CONSECUTIVE_SKIPPED_STEPS = 20
+"""``on_nonfinite_loss: skip`` stops the run after this many non-finite steps in a row: it has diverged."""
 # What torch.load, an optimizer's load_state_dict or the RNG setters raise on a state they cannot take.
 _STATE_LOAD_ERRORS = (pickle.UnpicklingError, KeyError, ValueError, RuntimeError, TypeError, IndexError, EOFError)
 
@@ -142,6 +144,7 @@ class ReliableTrainer(Trainer):
         self._log_state_at_step_start: Any = None
         self._tr_loss_at_step_start: torch.Tensor | None = None
         self.nonfinite_skipped_steps = 0
+        self._consecutive_skipped_steps = 0
         self._resume_changes: dict[str, tuple[Any, Any]] = {}
         self.add_callback(_NonFiniteLossGuard(self))
 
@@ -189,14 +192,22 @@ class ReliableTrainer(Trainer):
         records = list(self._loss_records)
         self._loss_records.clear()
         if sum(record.nonfinite.get() for record in records) == 0:
+            self._consecutive_skipped_steps = 0
             return
         step = self.state.global_step + 1
         description = describe_nonfinite_terms(records, step, self.state.epoch)
-        if self.args.on_nonfinite_loss == "skip":
+        skip = self.args.on_nonfinite_loss == "skip"
+        if skip and self._consecutive_skipped_steps + 1 >= MAX_CONSECUTIVE_SKIPPED_STEPS:
+            description = (
+                f"{description}; that is {MAX_CONSECUTIVE_SKIPPED_STEPS} non-finite steps in a row, so the run has "
+                "diverged and skipping cannot save it"
+            )
+        elif skip:
             self._skip_step_update()
             self._restore_log_accumulators(self._log_state_at_step_start)
             self._replace_skipped_step_loss()
             self.nonfinite_skipped_steps += 1
+            self._consecutive_skipped_steps += 1
             logger.warning(
                 "%s; skipped this step's update (on_nonfinite_loss=skip, %d skipped so far)",
                 description,
@@ -207,7 +218,7 @@ class ReliableTrainer(Trainer):
         raise NonFiniteLossError(
             f"{description}; training stopped before the update, and the model weights, the batch labels and "
             f"a report are in '{directory}'. Check the inputs for inf/NaN, lower the learning rate or the KL "
-            "temperature, or set on_nonfinite_loss: skip to drop such steps"
+            "temperature" + ("" if skip else ", or set on_nonfinite_loss: skip to drop such steps")
         )
 
     def _skip_step_update(self) -> None:

@@ -270,9 +270,20 @@ class StimulativeTrainer(ReliableTrainer):
     # ----------------------------------------------------------------------------------------------
 
     def set_initial_training_values(self, args: StimulativeTrainingArguments, dataloader: DataLoader) -> tuple:
-        """``Trainer.set_initial_training_values``; keeps the update steps per epoch for the lambda schedule."""
+        """``Trainer.set_initial_training_values``; keeps the update steps per epoch for the lambda schedule.
+
+        Warns when ``stim_start_epoch`` leaves no stimulative phase in the run.
+        """
         values = super().set_initial_training_values(args, dataloader)
         self._update_steps_per_epoch = values[1]
+        epochs = values[6] / values[1]
+        if args.uses_subnets and args.stim_start_epoch >= epochs:
+            logger.warning(
+                "stim_start_epoch=%s is at or after the end of training (%.4g epochs): the whole run is common "
+                "training, without sub-networks",
+                args.stim_start_epoch,
+                epochs,
+            )
         return values
 
     def current_kl_coef(self) -> float:

@@ -142,3 +142,18 @@ def test_skip_leaves_parameters_and_optimizer_state_untouched(tmp_path, tiny_cif
     assert not args.logging_nan_inf_filter
     assert logs[1]["loss"] == 0.0 and np.isfinite(logs[2]["loss"]) and logs[2]["loss"] > 0
     assert not (tmp_path / "out" / "nonfinite-step-2").exists()
+
+
+def test_skip_stops_a_run_that_has_diverged(tmp_path, tiny_cifar_resnet):
+    """Every step non-finite: skip drops 19 updates, then stops at the 20th in a row with the dump."""
+    from stim_hf.reliable_trainer import MAX_CONSECUTIVE_SKIPPED_STEPS
+
+    args = make_args(tmp_path, on_nonfinite_loss="skip", per_device_train_batch_size=4, max_steps=30)
+    trainer = StimulativeTrainer(model=tiny_cifar_resnet(), args=args, train_dataset=make_dataset())
+    original = trainer.main_loss
+    trainer.main_loss = lambda logits, labels: original(logits, labels) * float("nan")
+    with pytest.raises(NonFiniteLossError, match=r"that is 20 non-finite steps in a row, so the run has diverged"):
+        trainer.train()
+    assert MAX_CONSECUTIVE_SKIPPED_STEPS == 20
+    assert trainer.nonfinite_skipped_steps == 19 and trainer.state.global_step == 19
+    assert (tmp_path / "out" / "nonfinite-step-20").is_dir()

@@ -240,6 +240,14 @@ def test_kl_coef_schedule_ends_at_max_steps(tmp_path, tiny_cifar_resnet):
     assert coefs[-1] < 0.07
 
 
+def test_a_stim_start_epoch_after_the_run_is_named_in_a_warning(tmp_path, tiny_cifar_resnet, caplog):
+    args = make_args(tmp_path, stim_start_epoch=100, max_steps=6)
+    trainer = StimulativeTrainer(model=tiny_cifar_resnet(), args=args, train_dataset=make_dataset(n=64))
+    with caplog.at_level("WARNING", logger="stim_hf.trainer"):
+        trainer.train()
+    assert "stim_start_epoch=100 is at or after the end of training (1.5 epochs)" in caplog.text
+
+
 def _record_samples(trainer):
     seen = []
     original = trainer.subnet_sampler.sample
