@@ -145,10 +145,12 @@ def find_residual_family(model: nn.Module) -> tuple[ResidualFamily, list[Residua
         if stages is None:
             continue
         if not stages or not any(stage.num_skippable for stage in stages):
+            why = (
+                "(every block changes its input's shape)" if any(s.num_blocks for s in stages) else "(it has no blocks)"
+            )
             raise ModelStructureError(
-                f"{type(model).__name__} ({family.name} family) has no skippable residual block "
-                "(every block changes its input's shape), so there is no sub-network to train; "
-                "use stim_method 'ct' or a deeper model"
+                f"{type(model).__name__} ({family.name} family) has no skippable residual block {why}, so there is "
+                "no sub-network to train; use stim_method 'ct' or a deeper model"
             )
         return family, stages
     raise ModelStructureError(
