@@ -1,6 +1,7 @@
-"""Train a residual network stimulatively: ``python scripts/train.py CONFIG.yaml [--field value ...]``.
+"""Train a residual network stimulatively: ``python scripts/train.py RECIPE.yaml [--field value ...]``.
 
-Works under ``accelerate launch`` too:
+The same job as ``stim-hf train`` (``--config RECIPE.yaml`` works too), with the same usage and
+``stim-hf: error: ...`` messages. Works under ``accelerate launch`` too:
 ``accelerate launch --config_file configs/accelerate/multi_gpu.yaml scripts/train.py configs/x.yaml``.
 """
 
@@ -10,4 +11,4 @@ from stim_hf.cli import run_guarded
 from stim_hf.train import main
 
 if __name__ == "__main__":
-    sys.exit(run_guarded(lambda: main(sys.argv[1:]), prog="train.py"))
+    sys.exit(run_guarded(lambda: main(sys.argv[1:])))

@@ -1,4 +1,4 @@
-"""The ``stim-hf`` command line: ``stim-hf train CONFIG.yaml [--field value ...]``."""
+"""The ``stim-hf`` command line: ``stim-hf train RECIPE.yaml [--field value ...]``, ``export``, ``loafing``."""
 
 from __future__ import annotations
 
@@ -35,7 +35,10 @@ def _loafing(argv: Sequence[str]) -> None:
 
 # Subcommand name -> (runner taking the remaining arguments, one-line description).
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], object], str]] = {
-    "train": (_train, "train a model from a YAML recipe plus --field value overrides"),
+    "train": (
+        _train,
+        "train a model from a YAML recipe (RECIPE.yaml or --config RECIPE.yaml) plus --field value overrides",
+    ),
     "export": (_export, "write a sub-network of a checkpoint as a standalone model"),
     "loafing": (_loafing, "evaluate the full network and fixed sub-networks of checkpoints (loafing analysis)"),
 }

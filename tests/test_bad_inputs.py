@@ -9,6 +9,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -145,6 +147,40 @@ def test_cli_missing_model_directory(capsys, tmp_path):
         capsys, "--output_dir", str(tmp_path), "--model_type", "null", "--model_name_or_path", "./no_such_model"
     )
     assert message.startswith("model_name_or_path='./no_such_model' is not a directory")
+
+
+def test_cli_null_on_a_field_that_needs_a_value(capsys):
+    for argv in (["--image_size", "null"], ["--learning-rate=null"], ["--seed", "~"]):
+        name = argv[0].removeprefix("--").split("=")[0].replace("-", "_")
+        assert run_cli(capsys, *argv) == f"{name} cannot be unset (null): it needs a value; give one or leave it out"
+
+
+def test_cli_train_takes_the_recipe_after_config_too(capsys, tmp_path):
+    status = cli.main(
+        ["train", "--config", QUICKSTART, "--output_dir", str(tmp_path), "--resume_from_checkpoint", "true"]
+    )
+    err = capsys.readouterr().err
+    assert status == 2 and err.startswith("stim-hf: error: resume_from_checkpoint=true but"), err
+    message = run_cli(capsys, "--config", QUICKSTART)
+    assert message.startswith(f"more than one recipe given ({QUICKSTART}, {QUICKSTART}); give one")
+
+
+def test_cli_train_help_names_the_command_and_the_recipe(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0
+    assert out.startswith("usage: stim-hf train RECIPE.yaml [--field value ...]\n")
+    assert "stim-hf train --config RECIPE.yaml" in out
+
+
+def test_train_script_reports_errors_as_stim_hf(tmp_path):
+    script = REPO_ROOT / "scripts" / "train.py"
+    result = subprocess.run(
+        [sys.executable, str(script), QUICKSTART, "--num_subnet", "2"], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("stim-hf: error: unknown command-line argument(s) ['--num_subnet']")
 
 
 # -- models and checkpoints ---------------------------------------------------------------------------------

@@ -3,10 +3,12 @@
 import math
 
 import pytest
+import yaml
 
 from stim_hf.config import ModelArguments, StimulativeTrainingArguments
+from stim_hf.data import DataArguments
 from stim_hf.errors import ConfigError
-from stim_hf.parser import StimArgumentParser
+from stim_hf.parser import StimArgumentParser, load_recipe
 
 
 def args(**kwargs):
@@ -170,3 +172,106 @@ def test_bad_value_in_recipe_reports_our_error(tmp_path):
     recipe = write(tmp_path, f"model_type: cifar_resnet\nbn_policy: freeze\noutput_dir: {tmp_path}\nuse_cpu: true\n")
     with pytest.raises(ConfigError, match="bn_policy='freeze'"):
         parser().parse_args_and_config([recipe])
+
+
+def full_parser():
+    return StimArgumentParser((ModelArguments, DataArguments, StimulativeTrainingArguments))
+
+
+def data_recipe(tmp_path, extra=""):
+    return write(
+        tmp_path,
+        f"model_type: cifar_resnet\ndataset_name: sklearn:digits\noutput_dir: {tmp_path}\nuse_cpu: true\n{extra}",
+    )
+
+
+@pytest.mark.parametrize(
+    "null_args",
+    [
+        ["--max_train_samples", "null"],
+        ["--max-train-samples", "null"],
+        ["--max_train_samples=null"],
+        ["--max-train-samples=null"],
+        ["--max_train_samples", "~"],
+    ],
+)
+def test_every_spelling_of_null_unsets_a_recipe_value(tmp_path, null_args):
+    recipe = data_recipe(tmp_path, "max_train_samples: 100\n")
+    _, data_args, _ = full_parser().parse_args_and_config([recipe, *null_args])
+    assert data_args.max_train_samples is None
+
+
+def test_none_stays_a_value_and_null_and_a_value_for_one_field_is_an_error(tmp_path):
+    _, data_args, _ = full_parser().parse_args_and_config([data_recipe(tmp_path), "--dataset_name", "none"])
+    assert data_args.dataset_name == "none"
+    with pytest.raises(ConfigError, match="dataset_name is given both null and a value on the command line"):
+        full_parser().parse_args_and_config([data_recipe(tmp_path), "--dataset_name", "null", "--dataset-name=x"])
+
+
+@pytest.mark.parametrize(
+    "field", ["image_size", "image-size", "learning_rate", "num_train_epochs", "seed", "train_val_split", "use_cpu"]
+)
+def test_null_on_a_field_that_needs_a_value_is_an_error(tmp_path, field):
+    name = field.replace("-", "_")
+    message = f"^{name} cannot be unset \\(null\\): it needs a value; give one or leave it out$"
+    with pytest.raises(ConfigError, match=message):
+        full_parser().parse_args_and_config([data_recipe(tmp_path), f"--{field}", "null"])
+    with pytest.raises(ConfigError, match=message):
+        full_parser().parse_args_and_config([data_recipe(tmp_path), f"--{field}=null"])
+
+
+def test_null_in_the_recipe_on_a_field_that_needs_a_value_is_an_error(tmp_path):
+    recipe = data_recipe(tmp_path, "image_size: ~\n")
+    with pytest.raises(ConfigError, match=f"image_size cannot be unset \\(null\\) in '{recipe}': it needs a value"):
+        full_parser().parse_args_and_config([recipe])
+
+
+def test_config_flag_is_the_recipe(tmp_path):
+    recipe = data_recipe(tmp_path, "kl_coef: 0.25\n")
+    for argv in (["--config", recipe], [f"--config={recipe}"], ["--kl_coef", "0.5", "--config", recipe]):
+        model_args, data_args, train_args = full_parser().parse_args_and_config(argv)
+        assert model_args.model_type == "cifar_resnet" and data_args.dataset_name == "sklearn:digits"
+        assert train_args.kl_coef == (0.5 if "--kl_coef" in argv else 0.25)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["RECIPE", "--config", "RECIPE"], ["--config", "RECIPE", "--config=RECIPE"]],
+)
+def test_two_recipes_are_an_error(tmp_path, argv):
+    recipe = data_recipe(tmp_path)
+    with pytest.raises(ConfigError, match="more than one recipe given .*; give one, either first"):
+        full_parser().parse_args_and_config([recipe if a == "RECIPE" else a.replace("RECIPE", recipe) for a in argv])
+    with pytest.raises(ConfigError, match="--config needs the path of a YAML recipe"):
+        full_parser().parse_args_and_config(["--config"])
+
+
+def test_duplicate_recipe_key_names_the_key_and_both_lines(tmp_path):
+    recipe = write(tmp_path, "model_type: cifar_resnet\nseed: 1\nuse_cpu: true\nseed: 2\n")
+    with pytest.raises(ConfigError, match=r"sets 'seed' twice \(lines 2 and 4\); keep one of them"):
+        parser().parse_args_and_config([recipe])
+    nested = write(tmp_path, "model_type: cifar_resnet\nmodel_config:\n  depth: 20\n  depth: 32\n")
+    with pytest.raises(ConfigError, match=r"sets 'depth' twice \(lines 3 and 4\)"):
+        load_recipe(nested)
+
+
+def test_recipe_yaml_otherwise_reads_as_safe_load(tmp_path):
+    text = "base: &base {a: 1, b: 2}\nmerged:\n  <<: *base\n  b: 3\nlr: 1e-4\nwd: 5.0e-4\nflag: yes\nnothing: ~\n"
+    assert load_recipe(write(tmp_path, text)) == yaml.safe_load(text)
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_recipe(write(tmp_path, "a: !!python/object:os.system {}\n"))
+
+
+def test_unknown_flag_is_reported_before_the_dataclasses_validate(tmp_path):
+    # Without a recipe ModelArguments alone would refuse (no model_type); the typo must be named first.
+    with pytest.raises(ConfigError, match=r"unknown command-line argument\(s\) \['--num_subnet'\].*'--num_subnets'"):
+        parser().parse_args_and_config(["--num_subnet", "2"])
+    with pytest.raises(ConfigError, match=r"\['--num-subnet=2'\] \(did you mean: '--num-subnet=2' -> '--num_subnets'"):
+        full_parser().parse_args_and_config([data_recipe(tmp_path), "--bn_policy", "freeze", "--num-subnet=2"])
+
+
+def test_help_names_the_command_and_the_recipe():
+    usage = full_parser().format_usage()
+    assert usage.startswith("usage: stim-hf train RECIPE.yaml [--field value ...]\n")
+    assert "stim-hf train --config RECIPE.yaml [--field value ...]" in usage
+    assert "--field null unsets a value the recipe set" in " ".join(full_parser().format_help().split())
