@@ -80,7 +80,7 @@ def test_command_line_error_is_one_clear_line(tmp_path):
     )  # fmt: skip
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("train.py: error: kl_coef=-1.0 is out of range")
+    assert result.stderr.strip().splitlines()[-1].startswith("stim-hf: error: kl_coef=-1.0 is out of range")
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[r.stem for r in RECIPES])
