@@ -185,26 +185,26 @@ def publish_files(staged: str, final: str) -> None:
     weights go last. ``staged`` is removed afterwards.
     """
     _fsync_tree(staged)
-    files = sorted(
-        (path for path in Path(staged).rglob("*") if path.is_file()), key=lambda p: p.suffix == ".safetensors"
-    )
-    for path in files:
-        target = Path(final) / path.relative_to(staged)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(path, target)
+    _move_files(staged, final)
     _fsync_path(final)
     shutil.rmtree(staged, ignore_errors=True)
 
 
 def merge_local_files(staged: str, final: str) -> None:
     """Move this process's files from ``staged`` into ``final`` (nodes that do not share a filesystem)."""
-    os.makedirs(final, exist_ok=True)
-    for path in sorted(Path(staged).rglob("*")):
-        if path.is_file():
-            target = Path(final) / path.relative_to(staged)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(path, target)
+    _move_files(staged, final)
     shutil.rmtree(os.path.dirname(os.path.abspath(staged)), ignore_errors=True)
+
+
+def _move_files(source: str, target_dir: str) -> None:
+    """``os.replace`` each file under ``source`` to the same relative path under ``target_dir``, weights last."""
+    files = sorted(
+        (path for path in Path(source).rglob("*") if path.is_file()), key=lambda p: (p.suffix == ".safetensors", p)
+    )
+    for path in files:
+        target = Path(target_dir) / path.relative_to(source)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
 
 
 def _fsync_tree(root: str) -> None:
