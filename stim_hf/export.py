@@ -17,6 +17,7 @@ import logging
 import os
 import shutil
 import sys
+from argparse import Namespace
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -27,15 +28,16 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from transformers import EvalPrediction, HfArgumentParser, PreTrainedModel
+from transformers import EvalPrediction, PreTrainedModel
 
 from stim_hf.batchnorm import batchnorm_layers, preserved_rng_state, recalibrate_batchnorm
 from stim_hf.builtin_datasets import is_builtin_dataset_name
+from stim_hf.checkpointing import MANIFEST_NAME, TRAINER_STATE_NAME
 from stim_hf.data import DataArguments, load_image_datasets
 from stim_hf.errors import ConfigError, DataError, ModelStructureError
 from stim_hf.metrics import build_compute_metrics, top_k_indices
 from stim_hf.modeling import load_saved_classifier
-from stim_hf.parser import load_recipe
+from stim_hf.parser import StimArgumentParser, load_recipe
 from stim_hf.subnets import ResidualFamily, ResidualStage, Subnet, find_residual_family, subnet_from_depths
 from stim_hf.transforms import collate_image_batch, with_image_transforms
 
@@ -45,6 +47,9 @@ logger = logging.getLogger(__name__)
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 # The data source fields of DataArguments: a data set is configured when one of them is set.
 _DATA_SOURCE_FIELDS = ("dataset_name", "train_dir", "train_file")
+# Files that make a folder a training checkpoint (resumable): stim_hf's manifest, or the
+# Trainer's state and optimizer state together (checkpoints written by other tools).
+_CHECKPOINT_MARKERS = ((MANIFEST_NAME,), (TRAINER_STATE_NAME, "optimizer.pt"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,6 +263,33 @@ def evaluate_on_data(
 # --------------------------------------------------------------------------------------------------
 
 
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse an export folder whose contents would be lost: :class:`ConfigError` with the fix.
+
+    A missing or empty folder is fine; a non-empty one needs ``overwrite``; a training checkpoint
+    (it holds ``stim_hf_checkpoint.json``, or ``trainer_state.json`` and ``optimizer.pt``) is never
+    overwritten, as it could no longer be resumed.
+    """
+    path = Path(output_dir)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ConfigError(f"the output directory '{output_dir}' is a file; give a new folder as --output")
+    entries = set(os.listdir(path))
+    marker = next((names for names in _CHECKPOINT_MARKERS if entries.issuperset(names)), None)
+    if marker is not None:
+        raise ConfigError(
+            f"the output directory '{output_dir}' is a training checkpoint (it has {' and '.join(marker)}), which "
+            "export never overwrites, not even with --overwrite (its model would no longer match its optimizer "
+            "state, so it could not be resumed); give a new folder as --output"
+        )
+    if entries and not overwrite:
+        raise ConfigError(
+            f"the output directory '{output_dir}' already exists and is not empty; give a new folder as --output, "
+            "or pass --overwrite (overwrite=True in Python) to replace the model in it"
+        )
+
+
 def export_subnet(
     model_or_checkpoint: PreTrainedModel | str | os.PathLike,
     depths: Sequence[int] | Subnet,
@@ -269,6 +301,7 @@ def export_subnet(
     batch_size: int = 128,
     device: str | torch.device | None = None,
     command: str | None = None,
+    overwrite: bool = False,
 ) -> PreTrainedModel:
     """Write the prefix sub-network ``depths`` of a model to ``output_dir`` as a standalone model.
 
@@ -277,7 +310,9 @@ def export_subnet(
     by ``seed``, which must be the training run's seed when the validation split is carved off the
     training data); ``evaluate`` measures the top-1 / top-5 accuracy of the exported and the full
     model on the validation split. Writes safetensors weights, ``config.json``, a model card
-    ``README.md`` and ``export_info.json``; returns the exported model (eval mode).
+    ``README.md`` and ``export_info.json``; returns the exported model (eval mode). An existing,
+    non-empty ``output_dir`` is refused unless ``overwrite``, and a training checkpoint always
+    (see :func:`check_output_dir`).
     """
     if recalibrate_bn < 0:
         raise ConfigError(f"recalibrate_bn={recalibrate_bn} must be >= 0 (0 keeps the full network's statistics)")
@@ -287,13 +322,15 @@ def export_subnet(
             f"{needs} needs data: give the data arguments of the training run (--dataset_name, --train_file or "
             "--train_dir, ..., or --config RECIPE.yaml)"
         )
-    if isinstance(model_or_checkpoint, (str, os.PathLike)):
+    from_folder = isinstance(model_or_checkpoint, (str, os.PathLike))
+    if from_folder and Path(model_or_checkpoint).resolve() == Path(output_dir).resolve():
+        raise ConfigError(
+            f"the output directory '{output_dir}' is the checkpoint itself; give another --output so the full "
+            "model is not overwritten"
+        )
+    check_output_dir(output_dir, overwrite)
+    if from_folder:
         source = str(model_or_checkpoint)
-        if Path(source).resolve() == Path(output_dir).resolve():
-            raise ConfigError(
-                f"the output directory '{output_dir}' is the checkpoint itself; give another --output so the full "
-                "model is not overwritten"
-            )
         model = load_checkpoint(source)
     else:
         model = model_or_checkpoint
@@ -333,10 +370,11 @@ def export_subnet(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     exported.save_pretrained(output_dir)
-    if isinstance(model_or_checkpoint, (str, os.PathLike)):
-        for name in PROCESSOR_FILES:
-            if os.path.isfile(os.path.join(source, name)):
-                shutil.copyfile(os.path.join(source, name), output_dir / name)
+    for name in PROCESSOR_FILES:
+        if from_folder and os.path.isfile(os.path.join(source, name)):
+            shutil.copyfile(os.path.join(source, name), output_dir / name)
+        elif (output_dir / name).is_file():
+            (output_dir / name).unlink()  # left by an earlier export that --overwrite replaces
     (output_dir / "export_info.json").write_text(json.dumps(info, indent=2) + "\n")
     (output_dir / "README.md").write_text(model_card(info, stages, subnet))
     logger.info("exported %s to %s", subnet.describe(), output_dir)
@@ -481,6 +519,13 @@ class ExportArguments:
         default=None,
         metadata={"help": "A training recipe (YAML): its data fields and seed become defaults."},
     )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace the model in an --output folder that exists and is not empty (never a training "
+            "checkpoint)."
+        },
+    )
 
 
 def parse_depths(text: str | Sequence[int]) -> list[int]:
@@ -493,9 +538,62 @@ def parse_depths(text: str | Sequence[int]) -> list[int]:
         raise ConfigError(f"--depths '{text}' must be comma-separated integers, one per stage (e.g. 3,2,1)") from None
 
 
-def build_parser() -> HfArgumentParser:
+class SubcommandArgumentParser(StimArgumentParser):
+    """The parser of ``stim-hf export`` and ``stim-hf loafing``, which take paths as positional arguments.
+
+    Like ``stim-hf train``'s: an argparse error (a value of the wrong type, a missing value) is a
+    one-line :class:`ConfigError`, and :meth:`refuse_unknown` suggests the closest known field. A
+    value that starts with '-' (``--depths -1,2,2``) is taken as the option's value, not as an option.
+    """
+
+    def __init__(self, dataclass_types: Any, **kwargs: Any) -> None:
+        # argparse writes the usage from the arguments; StimArgumentParser's usage is stim-hf train's.
+        kwargs.setdefault("usage", None)
+        kwargs.setdefault("description", None)
+        super().__init__(dataclass_types, **kwargs)
+
+    def parse_known_args(
+        self, args: Sequence[str] | None = None, namespace: Namespace | None = None
+    ) -> tuple[Namespace, list[str]]:
+        """``ArgumentParser.parse_known_args`` after :meth:`attach_dash_values`."""
+        argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(self.attach_dash_values(argv), namespace)
+
+    def attach_dash_values(self, argv: Sequence[str]) -> list[str]:
+        """``--option -1,2,2`` written as ``--option=-1,2,2`` for options that take one value.
+
+        argparse reads a token that starts with '-' as an option unless it is a plain negative
+        number, so ``--depths -1,2,2`` would fail with "expected one argument" before validation.
+        """
+        takes_one_value = {
+            option for action in self._actions if action.nargs is None for option in action.option_strings
+        }
+        attached: list[str] = []
+        for arg in argv:
+            previous = attached[-1] if attached else None
+            if previous in takes_one_value and _looks_like_value(arg, self._option_string_actions):
+                attached[-1] = f"{previous}={arg}"
+            else:
+                attached.append(arg)
+        return attached
+
+    def refuse_unknown(self, remaining: Sequence[str]) -> None:
+        """Raise a :class:`ConfigError` naming the unknown arguments, with the closest known fields."""
+        if remaining:
+            unknown = [arg for arg in remaining if arg.startswith("--")] or list(remaining)
+            raise ConfigError(
+                f"unknown command-line argument(s) {unknown}{self._suggest(unknown)}; see '{self.prog} --help'"
+            )
+
+
+def _looks_like_value(arg: str, options: dict[str, Any]) -> bool:
+    """A token starting with a single '-' that is no option of the parser (``-1,2,2``, ``-0.5``)."""
+    return arg.startswith("-") and not arg.startswith("--") and arg.split("=", 1)[0] not in options
+
+
+def build_parser() -> SubcommandArgumentParser:
     """The ``stim-hf export`` parser: a checkpoint, :class:`ExportArguments` and :class:`DataArguments`."""
-    parser = HfArgumentParser((ExportArguments, DataArguments), prog="stim-hf export", allow_abbrev=False)
+    parser = SubcommandArgumentParser((ExportArguments, DataArguments), prog="stim-hf export")
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="Model directory (config.json + model.safetensors).")
     return parser
 
@@ -517,8 +615,7 @@ def parse_export_args(
     if namespace.config:
         parser.set_defaults(**_recipe_defaults(namespace.config))
         namespace, remaining = parser.parse_known_args(argv)
-    if remaining:
-        raise ConfigError(f"unknown command-line argument(s) {remaining}; see 'stim-hf export --help'")
+    parser.refuse_unknown(remaining)
     values = vars(namespace)
     export_args = ExportArguments(**{f.name: values[f.name] for f in fields(ExportArguments)})
     if export_args.depths is None or export_args.output is None:
@@ -549,6 +646,7 @@ def main(argv: Sequence[str] | None = None) -> PreTrainedModel:
         batch_size=args.batch_size,
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         command="stim-hf export " + " ".join(argv),
+        overwrite=args.overwrite,
     )
     info = json.loads((Path(args.output) / "export_info.json").read_text())
     summary = (

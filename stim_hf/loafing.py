@@ -43,13 +43,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
-from transformers import HfArgumentParser
 from transformers.utils import logging as hf_logging
 
 from stim_hf.batchnorm import batchnorm_layers, recalibrate_batchnorm
-from stim_hf.config import parse_sample_space
+from stim_hf.config import METHOD_PRESETS, STIM_METHODS, StimulativeTrainingArguments, parse_sample_space
 from stim_hf.data import DataArguments, get_label_names, load_image_datasets
 from stim_hf.errors import ConfigError, DataError
+from stim_hf.export import SubcommandArgumentParser
 from stim_hf.flops import count_flops
 from stim_hf.modeling import load_saved_classifier
 from stim_hf.parser import load_recipe
@@ -149,8 +149,9 @@ class LoafingArguments:
     config: str | None = field(
         default=None,
         metadata={
-            "help": "A training recipe (YAML): its data fields, seed, subnet_sampling, sample_space, "
-            "num_eval_subnets and per_device_eval_batch_size become defaults; other keys are ignored."
+            "help": "A training recipe (YAML): its data fields, seed, sampling rule and sample space (subnet_sampling "
+            "and sample_space, else those of its stim_method preset, as in training), num_eval_subnets and "
+            "per_device_eval_batch_size become defaults; other keys are ignored."
         },
     )
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
@@ -196,9 +197,9 @@ def _as_default(value: Any) -> Any:
     return value
 
 
-def build_parser() -> HfArgumentParser:
+def build_parser() -> SubcommandArgumentParser:
     """The ``stim-hf loafing`` argument parser: checkpoints, :class:`LoafingArguments`, :class:`DataArguments`."""
-    parser = HfArgumentParser((LoafingArguments, DataArguments), prog="stim-hf loafing", allow_abbrev=False)
+    parser = SubcommandArgumentParser((LoafingArguments, DataArguments), prog="stim-hf loafing")
     parser.add_argument(
         "checkpoints", nargs="+", metavar="CKPT", help="Model directories (config.json + model.safetensors)."
     )
@@ -219,8 +220,7 @@ def parse_loafing_args(argv: Sequence[str] | None = None) -> tuple[LoafingArgume
     loafing_args, data_args, namespace, remaining = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True
     )
-    if remaining:
-        raise ConfigError(f"unknown command-line argument(s) {remaining}; see 'stim-hf loafing --help'")
+    parser.refuse_unknown(remaining)
     checkpoints = list(namespace.checkpoints)
     if loafing_args.labels and len(loafing_args.labels) != len(checkpoints):
         raise ConfigError(
@@ -241,10 +241,28 @@ def _find_config(argv: Sequence[str]) -> str | None:
 
 def _recipe_defaults(path: str) -> dict[str, Any]:
     values = load_recipe(path)
+    values.update(recipe_sampling(values, path))
     data_fields = {f.name for f in fields(DataArguments) if f.init}
     defaults = {k: _as_default(v) for k, v in values.items() if k in data_fields and v is not None}
     defaults.update({_RECIPE_KEYS[k]: _as_default(v) for k, v in values.items() if k in _RECIPE_KEYS and v is not None})
     return defaults
+
+
+def recipe_sampling(recipe: dict[str, Any], path: str) -> dict[str, Any]:
+    """The ``subnet_sampling`` and ``sample_space`` that training with ``recipe`` (read from ``path``) uses.
+
+    Values the recipe sets win; the others come from its ``stim_method`` preset (``st``: subset
+    sampling), as :class:`~stim_hf.config.StimulativeTrainingArguments` fills them.
+    """
+    method = recipe.get("stim_method") or StimulativeTrainingArguments.__dataclass_fields__["stim_method"].default
+    if not isinstance(method, str) or method not in METHOD_PRESETS:
+        raise ConfigError(
+            f"stim_method={method!r} in '{path}' is not a method; valid: {', '.join(STIM_METHODS)}; fix the recipe"
+        )
+    preset = METHOD_PRESETS[method]
+    return {
+        name: preset[name] if recipe.get(name) is None else recipe[name] for name in ("subnet_sampling", "sample_space")
+    }
 
 
 # --------------------------------------------------------------------------------------------------

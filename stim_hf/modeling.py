@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 
 import torch
 from transformers import AutoConfig, AutoModelForImageClassification, PreTrainedModel
 
+from stim_hf.checkpointing import _safetensors_problem
 from stim_hf.config import ModelArguments
 from stim_hf.errors import ConfigError
+
+SAFETENSORS_WEIGHTS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
 
 
 def build_model(model_args: ModelArguments, label_names: Sequence[str]) -> PreTrainedModel:
@@ -57,8 +62,9 @@ def check_saved_model_dir(path: str | os.PathLike, label: str) -> None:
     """Refuse a folder that is not a model saved with ``save_pretrained`` in safetensors.
 
     ``label`` names the setting in the message (``model_name_or_path='x'``, ``checkpoint 'x'``).
-    A missing folder, one without ``config.json``, or one whose weights are not safetensors
-    (``pytorch_model.bin`` is a pickle, and stim_hf never unpickles) is a :class:`ConfigError`.
+    A missing folder, one without ``config.json``, one whose weights are not safetensors
+    (``pytorch_model.bin`` is a pickle, and stim_hf never unpickles), a shard index that names
+    other files or missing shards, or a truncated safetensors file: each is a :class:`ConfigError`.
     """
     path = os.path.expanduser(str(path))
     if not os.path.isdir(path):
@@ -73,13 +79,61 @@ def check_saved_model_dir(path: str | os.PathLike, label: str) -> None:
         raise ConfigError(
             f"{label} has no config.json, so it is not a model directory; give a folder saved with save_pretrained"
         )
-    if not files & {"model.safetensors", "model.safetensors.index.json"}:
+    if not files & {SAFETENSORS_WEIGHTS, SAFETENSORS_INDEX}:
         pickled = sorted(files & {"pytorch_model.bin", "pytorch_model.bin.index.json"})
         hint = f" (it has {', '.join(pickled)}, a pickle, which stim_hf never loads)" if pickled else ""
         raise ConfigError(
             f"{label} has no model.safetensors{hint}; convert the weights to safetensors "
             "(model.save_pretrained(dir) in a trusted environment) and try again"
         )
+    for name in weight_files(path, label):
+        problem = _safetensors_problem(os.path.join(path, name))
+        if problem:
+            raise ConfigError(f"{label}: '{os.path.join(path, name)}' {problem}; re-save or re-copy the model")
+
+
+def weight_files(path: str, label: str) -> list[str]:
+    """The safetensors files ``from_pretrained`` loads from model folder ``path``, by name.
+
+    ``model.safetensors`` when present (transformers prefers it), else every shard that
+    ``model.safetensors.index.json`` names; a shard that is not a ``.safetensors`` file (an index
+    pointing at pickled ``.bin`` shards) or is missing is a :class:`ConfigError`.
+    """
+    if os.path.isfile(os.path.join(path, SAFETENSORS_WEIGHTS)):
+        return [SAFETENSORS_WEIGHTS]
+    index_path = os.path.join(path, SAFETENSORS_INDEX)
+    shards = sorted(set(_index_weight_map(index_path, label).values()))
+    not_safetensors = [shard for shard in shards if not shard.endswith(".safetensors")]
+    if not_safetensors:
+        raise ConfigError(
+            f"{label}: {SAFETENSORS_INDEX} names shards that are not safetensors files ({', '.join(not_safetensors)}; "
+            "stim_hf never loads pickled weights); convert the weights to safetensors "
+            "(model.save_pretrained(dir) in a trusted environment) and try again"
+        )
+    missing = [shard for shard in shards if not os.path.isfile(os.path.join(path, shard))]
+    if missing:
+        raise ConfigError(
+            f"{label}: {SAFETENSORS_INDEX} names shards that are not in the folder ({', '.join(missing)}); "
+            "copy the whole model folder again"
+        )
+    return shards
+
+
+def _index_weight_map(index_path: str, label: str) -> dict[str, str]:
+    """The ``weight_map`` (tensor name -> shard file) of a safetensors shard index."""
+    try:
+        with open(index_path, encoding="utf-8") as handle:
+            weight_map = json.load(handle).get("weight_map")
+    except (OSError, ValueError, AttributeError) as error:
+        raise ConfigError(
+            f"{label}: {SAFETENSORS_INDEX} is unreadable ({type(error).__name__}: {error}); re-save or re-copy the model"
+        ) from None
+    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ConfigError(
+            f"{label}: {SAFETENSORS_INDEX} has no weight_map of tensor names to shard files; re-save or re-copy "
+            "the model"
+        )
+    return weight_map
 
 
 def load_saved_classifier(path: str | os.PathLike, label: str | None = None) -> PreTrainedModel:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -196,3 +197,82 @@ def test_recipe_supplies_data_arguments_and_seed(tmp_path):
     assert parse_export_args(["run", "--depths", "1", "--output", "out"])[2] is None
     with pytest.raises(ConfigError, match="needs --output"):
         parse_export_args(["run", "--depths", "1"])
+
+
+def _error_line(stderr: str) -> str:
+    """The one ``stim-hf: error:`` line of the CLI's stderr (progress bars of model loading aside)."""
+    lines = [line for line in stderr.splitlines() if "stim-hf: error:" in line]
+    assert len(lines) == 1, stderr
+    return lines[0]
+
+
+def _saved_checkpoint(path):
+    """A tiny CIFAR ResNet-14 (2 blocks per stage) saved with save_pretrained at ``path``."""
+    torch.manual_seed(0)
+    model = CifarResNetForImageClassification(CifarResNetConfig(depth=14, widths=[8, 16, 32], num_labels=10))
+    model.save_pretrained(path)
+    return model
+
+
+def test_existing_output_needs_overwrite(tmp_path, capsys):
+    checkpoint, output = tmp_path / "run", tmp_path / "exported"
+    _saved_checkpoint(checkpoint)
+    export_subnet(checkpoint, [1, 1, 1], output)
+    (output / "preprocessor_config.json").write_text("{}")  # as if an earlier source had one
+    with pytest.raises(ConfigError, match=r"'.*exported' already exists and is not empty.*--overwrite"):
+        export_subnet(checkpoint, [2, 1, 1], output)
+    assert json.loads((output / "config.json").read_text())["blocks_per_stage"] == [1, 1, 1]
+
+    export_subnet(checkpoint, [2, 1, 1], output, overwrite=True)
+    assert json.loads((output / "config.json").read_text())["blocks_per_stage"] == [2, 1, 1]
+    assert not (output / "preprocessor_config.json").exists()  # not of this source: removed
+
+    argv = ["export", str(checkpoint), "--depths", "1,2,1", "--output", str(output)]
+    assert cli.main(argv) == 2
+    assert "already exists and is not empty" in _error_line(capsys.readouterr().err)
+    assert cli.main([*argv, "--overwrite"]) == 0
+    assert json.loads((output / "config.json").read_text())["blocks_per_stage"] == [1, 2, 1]
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match=r"'.*file' is a file"):
+        export_subnet(checkpoint, [1, 1, 1], tmp_path / "file", overwrite=True)
+
+
+@pytest.mark.parametrize("markers", [("stim_hf_checkpoint.json",), ("trainer_state.json", "optimizer.pt")])
+def test_training_checkpoint_is_never_overwritten(tmp_path, capsys, markers):
+    run = tmp_path / "run"
+    _saved_checkpoint(run)
+    target = run / "checkpoint-184"
+    _saved_checkpoint(target)
+    for name in markers:
+        (target / name).write_text("{}")
+    weights = (target / "model.safetensors").read_bytes()
+    with pytest.raises(ConfigError, match=r"'.*checkpoint-184' is a training checkpoint.*not even with --overwrite"):
+        export_subnet(run, [1, 1, 1], target, overwrite=True)
+    argv = ["export", str(run), "--depths", "1,1,1", "--output", str(target), "--overwrite"]
+    assert cli.main(argv) == 2
+    assert "is a training checkpoint" in capsys.readouterr().err
+    assert (target / "model.safetensors").read_bytes() == weights
+    assert sorted(p.name for p in target.iterdir()) == sorted(["config.json", "model.safetensors", *markers])
+
+
+def test_cli_argument_errors_are_one_line_with_suggestions(tmp_path, capsys):
+    checkpoint = tmp_path / "run"
+    _saved_checkpoint(checkpoint)
+    base = ["export", str(checkpoint), "--output", str(tmp_path / "out")]
+    cases = [
+        (["--depths", "1,1,1", "--recalibrate-bn", "abc"], r"--recalibrate-bn: invalid int value: 'abc'"),
+        (
+            ["--depth", "1,1,1"],
+            r"unknown command-line argument\(s\) \['--depth'\] \(did you mean: '--depth' -> '(--)?depths'",
+        ),
+        # A value starting with '-' is the option's value, so it reaches the depths check.
+        (["--depths", "-1,2,2"], r"depth -1 for stage 0 .* must keep between 1 and 2"),
+        (["--depths=-1,2,2"], r"depth -1 for stage 0 .* must keep between 1 and 2"),
+        (["--depths", "--evaluate"], r"argument --depths: expected one argument"),
+    ]
+    for extra, message in cases:
+        assert cli.main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert re.search(message, _error_line(err)), err
+        assert "usage:" not in err
+    assert not (tmp_path / "out").exists()

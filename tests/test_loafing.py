@@ -7,7 +7,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import make_tensor_dataset
+import yaml
+from conftest import REPO_ROOT, make_tensor_dataset
 
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments, find_residual_stages, subnet_from_depths
 from stim_hf.batchnorm import batchnorm_layers
@@ -24,6 +25,7 @@ from stim_hf.loafing import (
     stage_sweep_subnets,
     subnet_batchnorm_statistics,
 )
+from stim_hf.train import parse_train_args
 
 DATA_ARGS = ["--dataset_name", "sklearn:digits", "--image_size", "16", "--max_eval_samples", "64"]
 
@@ -224,3 +226,39 @@ def test_recipe_config_gives_defaults(tmp_path):
     assert checkpoints == ["ckpt"]
     assert (args.seed, args.sampling, args.sample_space, args.num_subnets) == (4, "subset", "1,1,0", 5)
     assert (data_args.dataset_name, data_args.image_size) == ("sklearn:digits", 16)
+
+
+def test_st_recipe_draws_the_trainers_subnets(tmp_path, tiny_cifar_resnet):
+    """An ST recipe sets stim_method: st but not subnet_sampling: loafing takes the preset's subset rule."""
+    recipe = yaml.safe_load((REPO_ROOT / "configs" / "cifar10_resnet56_st.yaml").read_text())
+    assert recipe["stim_method"] == "st" and "subnet_sampling" not in recipe and "sample_space" not in recipe
+    del recipe["train_file"], recipe["validation_file"]
+    recipe.update(dataset_name="sklearn:digits", image_size=16, max_eval_samples=64, output_dir=str(tmp_path / "run"))
+    recipe.update(report_to="none", eval_strategy="no", save_strategy="no", seed=9)
+    path = tmp_path / "st.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    model = tiny_cifar_resnet()  # 2 blocks per stage: subset sampling may keep block 1 without block 0
+    model.save_pretrained(tmp_path / "ckpt")
+    _, _, training_args = parse_train_args([str(path)])
+    expected = StimulativeTrainer(model=model, args=training_args).fixed_subnets(recipe["num_eval_subnets"])
+    assert any(kept != tuple(range(len(kept))) for s in expected for kept in s.kept), "not subset sampling"
+
+    args, _, _ = parse_loafing_args([str(tmp_path / "ckpt"), "--config", str(path)])
+    assert (args.sampling, args.sample_space, args.num_subnets, args.seed) == ("subset", "full", 8, 9)
+    report = main(
+        [str(tmp_path / "ckpt"), "--config", str(path), "--output-dir", str(tmp_path / "out"), "--no-progress"]
+    )
+    sampled = [n["kept"] for n in report["networks"] if n["kind"] == "sampled"]
+    assert sampled == [[list(k) for k in s.kept] for s in expected]
+
+
+def test_loafing_argument_errors_are_one_line(checkpoints, capsys):
+    cases = [
+        (["--num-subnets", "x"], "--num-subnets: invalid int value: 'x'"),
+        (["--num-subnet", "3"], "unknown command-line argument(s) ['--num-subnet'] (did you mean: '--num-subnet' ->"),
+        (["--sample-space", "-1,0,0"], "sample_space='-1,0,0' is not valid"),
+    ]
+    for extra, message in cases:
+        assert cli_main(["loafing", checkpoints[0], *extra, *DATA_ARGS]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("stim-hf: error: ") and err.count("\n") == 1 and message in err, err

@@ -1,11 +1,15 @@
-"""Nothing in the package unpickles untrusted files or runs remote code (checked on the syntax tree)."""
+"""Nothing in the package unpickles untrusted files or runs remote code (checked on the syntax tree),
+and a saved model folder is loaded only when its weights are complete safetensors files."""
 
 from __future__ import annotations
 
 import ast
+import json
 from pathlib import Path
 
 import pytest
+
+from stim_hf.errors import ConfigError
 
 PACKAGE = Path(__file__).resolve().parents[1] / "stim_hf"
 
@@ -97,3 +101,79 @@ AutoModel.from_pretrained(name, trust_remote_code=trust)
 @pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_package_never_unpickles_or_trusts_remote_code(path):
     assert unsafe_calls(path.read_text(encoding="utf-8"), str(path)) == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Saved model folders: safetensors only, complete
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def saved_model(tmp_path):
+    """A tiny CIFAR ResNet saved with save_pretrained; returns (model, folder)."""
+    import torch
+
+    from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification
+
+    torch.manual_seed(0)
+    model = CifarResNetForImageClassification(CifarResNetConfig(depth=14, widths=[8, 16, 32], num_labels=10))
+    folder = tmp_path / "model"
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def _shard_index(folder: Path, weight_map: dict[str, str]) -> None:
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_sharded_safetensors_model_loads(tmp_path, saved_model):
+    import torch
+
+    from stim_hf.modeling import load_saved_classifier
+
+    model, _ = saved_model
+    folder = tmp_path / "sharded"
+    model.save_pretrained(folder, max_shard_size="50KB")
+    assert not (folder / "model.safetensors").exists() and (folder / "model.safetensors.index.json").is_file()
+    loaded = load_saved_classifier(folder)
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict())
+
+
+def test_shard_index_naming_pickled_or_missing_shards_is_refused(saved_model, monkeypatch):
+    import torch
+
+    from stim_hf.modeling import load_saved_classifier
+
+    model, folder = saved_model
+    (folder / "model.safetensors").unlink()
+    torch.save(model.state_dict(), folder / "pytorch_model.bin")  # a pickle: never to be opened
+    _shard_index(folder, dict.fromkeys(model.state_dict(), "pytorch_model.bin"))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a pickle was opened")
+
+    monkeypatch.setattr(torch, "load", refuse)
+    with pytest.raises(ConfigError, match=r"names shards that are not safetensors files \(pytorch_model\.bin"):
+        load_saved_classifier(folder)
+    _shard_index(folder, dict.fromkeys(model.state_dict(), "model-00001-of-00002.safetensors"))
+    with pytest.raises(ConfigError, match=r"names shards that are not in the folder \(model-00001-of-00002"):
+        load_saved_classifier(folder)
+    (folder / "model.safetensors.index.json").write_text("{not json")
+    with pytest.raises(ConfigError, match=r"model\.safetensors\.index\.json is unreadable"):
+        load_saved_classifier(folder)
+
+
+def test_truncated_safetensors_is_refused_by_name(saved_model, tmp_path, capsys):
+    from stim_hf import cli
+    from stim_hf.modeling import load_saved_classifier
+
+    _, folder = saved_model
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])  # an interrupted copy
+    message = r"'.*model\.safetensors' is truncated or not a safetensors file .*; re-save or re-copy the model"
+    with pytest.raises(ConfigError, match=message):
+        load_saved_classifier(folder)
+    assert cli.main(["export", str(folder), "--depths", "1,1,1", "--output", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("stim-hf: error: checkpoint directory") and err.count("\n") == 1, err
+    assert "is truncated or not a safetensors file" in err
