@@ -7,7 +7,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -670,6 +670,20 @@ class StimulativeTrainer(ReliableTrainer):
         sampler = self._build_sampler(self.args.seed if seed is None else seed, 1.0, stream=EVAL_SUBNET_STREAM)
         return sampler.distinct_subnets(num_subnets)
 
+    @contextmanager
+    def _accuracy_metrics(self) -> Iterator[None]:
+        """Top-1 / top-5 accuracy for the predictions made inside, where the trainer was given no metrics."""
+        if self.compute_metrics is not None:
+            yield
+            return
+        from stim_hf.metrics import build_compute_metrics, top_k_indices
+
+        self.compute_metrics, self.preprocess_logits_for_metrics = build_compute_metrics(), top_k_indices
+        try:
+            yield
+        finally:
+            self.compute_metrics, self.preprocess_logits_for_metrics = None, None
+
     def evaluate_subnets(
         self,
         eval_dataset: Dataset | None = None,
@@ -687,7 +701,7 @@ class StimulativeTrainer(ReliableTrainer):
         eval_dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         results = []
         for subnet in subnets:
-            with use_subnet(self.stages, subnet):
+            with use_subnet(self.stages, subnet), self._accuracy_metrics():
                 output = self.predict(eval_dataset, metric_key_prefix="subnet")
             metrics = {k.removeprefix("subnet_"): v for k, v in output.metrics.items()}
             results.append(

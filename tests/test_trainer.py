@@ -418,6 +418,18 @@ def test_a_model_from_model_init_is_the_one_the_sub_network_passes_shorten(tmp_p
     assert len(init_calls) == len(direct_calls) < 2 * full_blocks * 3
 
 
+def test_evaluate_subnets_reports_accuracy_without_compute_metrics(tmp_path, tiny_cifar_resnet):
+    """The README's snippet passes no metrics: the sub-networks' accuracies are reported anyway."""
+    data = make_dataset(n=32)
+    trainer = StimulativeTrainer(
+        model=tiny_cifar_resnet(depth=20), args=make_args(tmp_path, num_eval_subnets=2), eval_dataset=data
+    )
+    results = trainer.evaluate_subnets()
+    assert all({"accuracy", "top5_accuracy", "loss"} <= set(r) for r in results)
+    assert trainer.compute_metrics is None and trainer.preprocess_logits_for_metrics is None
+    assert "eval_accuracy" not in trainer.evaluate()  # the Trainer's own evaluation is left as it was
+
+
 def test_model_without_stages_refused_for_st_but_fine_for_ct(tmp_path):
     from torch import nn
     from transformers.modeling_outputs import ImageClassifierOutput
