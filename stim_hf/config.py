@@ -248,7 +248,7 @@ class StimulativeTrainingArguments(TrainingArguments):
 
     def _apply_method_preset(self) -> None:
         if not isinstance(self.stim_method, str) or self.stim_method not in METHOD_PRESETS:
-            raise ConfigError(f"stim_method='{self.stim_method}' is not a method; valid: {', '.join(STIM_METHODS)}")
+            raise ConfigError(f"stim_method={self.stim_method!r} is not a method; valid: {', '.join(STIM_METHODS)}")
         preset = METHOD_PRESETS[self.stim_method]
         explicit = {name: getattr(self, name) for name in preset if getattr(self, name) is not None}
         for name, value in preset.items():

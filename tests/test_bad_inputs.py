@@ -83,7 +83,8 @@ def test_stimulative_fields_validate_or_raise_config_error(values):
     ("field", "value", "message"),
     [
         ("on_nonfinite_loss", "ignore", "on_nonfinite_loss='ignore' is not valid; choose one of: stop, skip"),
-        ("stim_method", ["st"], r"stim_method='\['st'\]' is not a method; valid: ct, st, stpp"),
+        ("stim_method", ["st"], r"stim_method=\['st'\] is not a method; valid: ct, st, stpp"),
+        ("stim_method", "\n", r"stim_method='\\n' is not a method; valid: ct, st, stpp"),  # one line (hypothesis)
         ("kl_coef", 10**400, r"kl_coef=1000000.*\.\.\. must be a number in \[0.0, inf\)"),
         ("num_subnets", "2", "num_subnets='2' must be an integer"),
         ("kl_temperature", math.inf, "kl_temperature=inf must be a number"),
