@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import sys
-from argparse import Namespace
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -37,7 +36,7 @@ from stim_hf.data import DataArguments, load_image_datasets
 from stim_hf.errors import ConfigError, DataError, ModelStructureError
 from stim_hf.metrics import build_compute_metrics, top_k_indices
 from stim_hf.modeling import load_saved_classifier
-from stim_hf.parser import StimArgumentParser, load_recipe
+from stim_hf.parser import SubcommandArgumentParser, load_recipe
 from stim_hf.subnets import ResidualFamily, ResidualStage, Subnet, find_residual_family, subnet_from_depths
 from stim_hf.transforms import collate_image_batch, with_image_transforms
 
@@ -536,59 +535,6 @@ def parse_depths(text: str | Sequence[int]) -> list[int]:
         return [int(part) for part in text.replace(" ", "").split(",") if part != ""]
     except ValueError:
         raise ConfigError(f"--depths '{text}' must be comma-separated integers, one per stage (e.g. 3,2,1)") from None
-
-
-class SubcommandArgumentParser(StimArgumentParser):
-    """The parser of ``stim-hf export`` and ``stim-hf loafing``, which take paths as positional arguments.
-
-    Like ``stim-hf train``'s: an argparse error (a value of the wrong type, a missing value) is a
-    one-line :class:`ConfigError`, and :meth:`refuse_unknown` suggests the closest known field. A
-    value that starts with '-' (``--depths -1,2,2``) is taken as the option's value, not as an option.
-    """
-
-    def __init__(self, dataclass_types: Any, **kwargs: Any) -> None:
-        # argparse writes the usage from the arguments; StimArgumentParser's usage is stim-hf train's.
-        kwargs.setdefault("usage", None)
-        kwargs.setdefault("description", None)
-        super().__init__(dataclass_types, **kwargs)
-
-    def parse_known_args(
-        self, args: Sequence[str] | None = None, namespace: Namespace | None = None
-    ) -> tuple[Namespace, list[str]]:
-        """``ArgumentParser.parse_known_args`` after :meth:`attach_dash_values`."""
-        argv = list(sys.argv[1:] if args is None else args)
-        return super().parse_known_args(self.attach_dash_values(argv), namespace)
-
-    def attach_dash_values(self, argv: Sequence[str]) -> list[str]:
-        """``--option -1,2,2`` written as ``--option=-1,2,2`` for options that take one value.
-
-        argparse reads a token that starts with '-' as an option unless it is a plain negative
-        number, so ``--depths -1,2,2`` would fail with "expected one argument" before validation.
-        """
-        takes_one_value = {
-            option for action in self._actions if action.nargs is None for option in action.option_strings
-        }
-        attached: list[str] = []
-        for arg in argv:
-            previous = attached[-1] if attached else None
-            if previous in takes_one_value and _looks_like_value(arg, self._option_string_actions):
-                attached[-1] = f"{previous}={arg}"
-            else:
-                attached.append(arg)
-        return attached
-
-    def refuse_unknown(self, remaining: Sequence[str]) -> None:
-        """Raise a :class:`ConfigError` naming the unknown arguments, with the closest known fields."""
-        if remaining:
-            unknown = [arg for arg in remaining if arg.startswith("--")] or list(remaining)
-            raise ConfigError(
-                f"unknown command-line argument(s) {unknown}{self._suggest(unknown)}; see '{self.prog} --help'"
-            )
-
-
-def _looks_like_value(arg: str, options: dict[str, Any]) -> bool:
-    """A token starting with a single '-' that is no option of the parser (``-1,2,2``, ``-0.5``)."""
-    return arg.startswith("-") and not arg.startswith("--") and arg.split("=", 1)[0] not in options
 
 
 def build_parser() -> SubcommandArgumentParser:

@@ -49,10 +49,9 @@ from stim_hf.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from stim_hf.config import METHOD_PRESETS, STIM_METHODS, StimulativeTrainingArguments, parse_sample_space
 from stim_hf.data import DataArguments, get_label_names, load_image_datasets
 from stim_hf.errors import ConfigError, DataError
-from stim_hf.export import SubcommandArgumentParser
 from stim_hf.flops import count_flops
 from stim_hf.modeling import load_saved_classifier
-from stim_hf.parser import load_recipe
+from stim_hf.parser import SubcommandArgumentParser, load_recipe
 from stim_hf.plotting import LoafingSeries, plot_loafing, save_figure
 from stim_hf.subnets import (
     EVAL_SUBNET_STREAM,

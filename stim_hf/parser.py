@@ -246,3 +246,56 @@ def _as_default(value: Any) -> Any:
     if isinstance(value, (int, float)):
         return str(value)
     return value
+
+
+class SubcommandArgumentParser(StimArgumentParser):
+    """The parser of ``stim-hf export`` and ``stim-hf loafing``, which take paths as positional arguments.
+
+    Like ``stim-hf train``'s: an argparse error (a value of the wrong type, a missing value) is a
+    one-line :class:`ConfigError`, and :meth:`refuse_unknown` suggests the closest known field. A
+    value that starts with '-' (``--depths -1,2,2``) is taken as the option's value, not as an option.
+    """
+
+    def __init__(self, dataclass_types: Any, **kwargs: Any) -> None:
+        # argparse writes the usage from the arguments; StimArgumentParser's usage is stim-hf train's.
+        kwargs.setdefault("usage", None)
+        kwargs.setdefault("description", None)
+        super().__init__(dataclass_types, **kwargs)
+
+    def parse_known_args(
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        """``ArgumentParser.parse_known_args`` after :meth:`attach_dash_values`."""
+        argv = list(sys.argv[1:] if args is None else args)
+        return super().parse_known_args(self.attach_dash_values(argv), namespace)
+
+    def attach_dash_values(self, argv: Sequence[str]) -> list[str]:
+        """``--option -1,2,2`` written as ``--option=-1,2,2`` for options that take one value.
+
+        argparse reads a token that starts with '-' as an option unless it is a plain negative
+        number, so ``--depths -1,2,2`` would fail with "expected one argument" before validation.
+        """
+        takes_one_value = {
+            option for action in self._actions if action.nargs is None for option in action.option_strings
+        }
+        attached: list[str] = []
+        for arg in argv:
+            previous = attached[-1] if attached else None
+            if previous in takes_one_value and _looks_like_value(arg, self._option_string_actions):
+                attached[-1] = f"{previous}={arg}"
+            else:
+                attached.append(arg)
+        return attached
+
+    def refuse_unknown(self, remaining: Sequence[str]) -> None:
+        """Raise a :class:`ConfigError` naming the unknown arguments, with the closest known fields."""
+        if remaining:
+            unknown = [arg for arg in remaining if arg.startswith("--")] or list(remaining)
+            raise ConfigError(
+                f"unknown command-line argument(s) {unknown}{self._suggest(unknown)}; see '{self.prog} --help'"
+            )
+
+
+def _looks_like_value(arg: str, options: dict[str, Any]) -> bool:
+    """A token starting with a single '-' that is no option of the parser (``-1,2,2``, ``-0.5``)."""
+    return arg.startswith("-") and not arg.startswith("--") and arg.split("=", 1)[0] not in options
