@@ -313,7 +313,7 @@ def _unlisted_checkpoint_problems(path: str) -> list[str]:
             continue
         name = file.relative_to(path).as_posix()
         if file.suffix == ".safetensors":
-            problem = _safetensors_problem(str(file))
+            problem = safetensors_problem(str(file))
         elif file.suffix in _TORCH_ARCHIVE_SUFFIXES:
             problem = _zip_problem(str(file))
         else:
@@ -332,7 +332,8 @@ def _has_weights(entries: set[str]) -> bool:
     return _sharded_framework(entries) or bool(entries.intersection(_WEIGHT_FILES))
 
 
-def _safetensors_problem(path: str) -> str | None:
+def safetensors_problem(path: str) -> str | None:
+    """Why the safetensors file ``path`` cannot be read (a truncated or foreign header), or None; reads the header only."""
     from safetensors import safe_open
 
     try:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoConfig, AutoModelForImageClassification, PreTrainedModel
 
-from stim_hf.checkpointing import _safetensors_problem
+from stim_hf.checkpointing import safetensors_problem
 from stim_hf.config import ModelArguments
 from stim_hf.errors import ConfigError
 
@@ -87,7 +87,7 @@ def check_saved_model_dir(path: str | os.PathLike, label: str) -> None:
             "(model.save_pretrained(dir) in a trusted environment) and try again"
         )
     for name in weight_files(path, label):
-        problem = _safetensors_problem(os.path.join(path, name))
+        problem = safetensors_problem(os.path.join(path, name))
         if problem:
             raise ConfigError(f"{label}: '{os.path.join(path, name)}' {problem}; re-save or re-copy the model")
 
