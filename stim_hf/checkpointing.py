@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -122,11 +123,7 @@ def publish_checkpoint(staged: str, final: str) -> None:
     """
     _fsync_tree(staged)
     parent = os.path.dirname(os.path.abspath(final))
-    replaced = None
-    if os.path.lexists(final):
-        replaced = os.path.join(parent, REPLACED_PREFIX + os.path.basename(final).split("-")[-1])
-        shutil.rmtree(replaced, ignore_errors=True)
-        os.replace(final, replaced)
+    replaced = _move_aside(final) if os.path.lexists(final) else None
     os.replace(staged, final)
     _fsync_path(parent)
     if replaced is not None:
@@ -170,12 +167,23 @@ def rotate_checkpoints(
     removed = []
     for path in candidates[:excess]:
         logger.info("deleting checkpoint %s (save_total_limit=%d)", path, save_total_limit)
-        aside = os.path.join(os.path.dirname(path), REPLACED_PREFIX + os.path.basename(path).split("-")[-1])
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(path, aside)
-        shutil.rmtree(aside, ignore_errors=True)
+        shutil.rmtree(_move_aside(path), ignore_errors=True)
         removed.append(path)
     return removed
+
+
+def _move_aside(checkpoint: str) -> str:
+    """Rename ``checkpoint-N`` to ``.replaced-checkpoint-N`` (one atomic rename) and return the new path.
+
+    A folder renamed aside is never resumed from, and :func:`remove_stale_staging` deletes it if
+    the process dies before it does.
+    """
+    aside = os.path.join(
+        os.path.dirname(os.path.abspath(checkpoint)), REPLACED_PREFIX + os.path.basename(checkpoint).split("-")[-1]
+    )
+    shutil.rmtree(aside, ignore_errors=True)
+    os.replace(checkpoint, aside)
+    return aside
 
 
 def publish_files(staged: str, final: str) -> None:
@@ -408,17 +416,13 @@ def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str 
         )
     problems = checkpoint_problems(path)
     if problems:
-        entries = set(os.listdir(path))
-        if (
-            not entries & {MANIFEST_NAME, TRAINER_STATE_NAME}
-            and not _has_weights(entries)
-            and not list_checkpoints(path)
-        ):
+        entries, inside = set(os.listdir(path)), list_checkpoints(path)
+        if not entries & {MANIFEST_NAME, TRAINER_STATE_NAME} and not _has_weights(entries) and not inside:
             raise ConfigError(
                 f"resume_from_checkpoint='{path}' is not a checkpoint folder (no {TRAINER_STATE_NAME}, no model "
                 "weights); give a checkpoint-* folder of a run, or 'true' for the last complete one in output_dir"
             )
-        if list_checkpoints(path):
+        if inside:
             last, _ = find_last_complete_checkpoint(path)
             example = f" (its last complete one is '{last}')" if last else ""
             raise ConfigError(
@@ -510,8 +514,6 @@ def checkpoint_global_step(checkpoint: str) -> int | None:
 
 def state_load_error(checkpoint: str, what: str, error: Exception, changes: dict[str, tuple[Any, Any]]) -> ConfigError:
     """The :class:`ConfigError` for a ``what`` state of ``checkpoint`` that torch or the optimizer could not load."""
-    import pickle
-
     if isinstance(error, pickle.UnpicklingError):
         reason = "it holds objects other than tensors and plain data, which are never unpickled here"
     else:
