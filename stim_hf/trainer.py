@@ -254,11 +254,15 @@ class StimulativeTrainer(ReliableTrainer):
         values = batch.get(self._main_input_name()) if isinstance(batch, dict) else None
         return int(values.shape[0]) if isinstance(values, torch.Tensor) and values.dim() > 0 else 0
 
-    def _maybe_log_save_evaluate(self, *args: Any, **kwargs: Any) -> None:
-        """``Trainer._maybe_log_save_evaluate``; its evaluation and checkpointing are left out of the logged pace."""
+    @contextmanager
+    def _not_training_time(self, name: str) -> Iterator[None]:
+        """An evaluation or a checkpoint: left out of the logged pace and of a profiling window's time per step."""
         started = time.perf_counter()
-        super()._maybe_log_save_evaluate(*args, **kwargs)
-        self.pace.exclude_since(started)
+        try:
+            with left_out_of_window(self, name):
+                yield
+        finally:
+            self.pace.exclude_since(started)
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """``Trainer._prepare_inputs`` (to the device), then ``batch_transform`` if one was given."""
@@ -639,15 +643,15 @@ class StimulativeTrainer(ReliableTrainer):
     def evaluate(self, *args, **kwargs) -> dict[str, float]:
         """``Trainer.evaluate`` after BatchNorm recalibration when ``bn_policy='recalibrate'``.
 
-        Inside a profiling window it is labelled and left out of the window's time per step.
+        Its time is not training time: left out of the logged pace and of a profiling window.
         """
-        with left_out_of_window(self, "stim_hf/evaluate"):
+        with self._not_training_time("stim_hf/evaluate"):
             self._maybe_recalibrate_bn()
             return super().evaluate(*args, **kwargs)
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
-        """``ReliableTrainer._save_checkpoint``; inside a profiling window, labelled and left out of its time per step."""
-        with left_out_of_window(self, "stim_hf/save_checkpoint"):
+        """``ReliableTrainer._save_checkpoint``; its time is left out of the logged pace and of a profiling window."""
+        with self._not_training_time("stim_hf/save_checkpoint"):
             super()._save_checkpoint(model, trial)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -700,16 +704,17 @@ class StimulativeTrainer(ReliableTrainer):
             subnets = self.fixed_subnets(self.args.num_eval_subnets if num_subnets is None else num_subnets)
         eval_dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         results = []
-        for subnet in subnets:
-            with use_subnet(self.stages, subnet), self._accuracy_metrics():
-                output = self.predict(eval_dataset, metric_key_prefix="subnet")
-            metrics = {k.removeprefix("subnet_"): v for k, v in output.metrics.items()}
-            results.append(
-                {
-                    "depths": list(subnet.depths),
-                    "kept": [list(k) for k in subnet.kept],
-                    "depth_fraction": subnet.depth_fraction,
-                    **{k: v for k, v in metrics.items() if k in ("accuracy", "top5_accuracy", "loss")},
-                }
-            )
+        with self._accuracy_metrics():
+            for subnet in subnets:
+                with use_subnet(self.stages, subnet):
+                    output = self.predict(eval_dataset, metric_key_prefix="subnet")
+                metrics = {k.removeprefix("subnet_"): v for k, v in output.metrics.items()}
+                results.append(
+                    {
+                        "depths": list(subnet.depths),
+                        "kept": [list(k) for k in subnet.kept],
+                        "depth_fraction": subnet.depth_fraction,
+                        **{k: v for k, v in metrics.items() if k in ("accuracy", "top5_accuracy", "loss")},
+                    }
+                )
         return results
