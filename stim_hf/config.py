@@ -77,6 +77,23 @@ def parse_sample_space(value: Any) -> str | list[int]:
     )
 
 
+# Every preset sets these fields (None in the arguments means "the preset's").
+METHOD_PRESET_FIELDS = tuple(METHOD_PRESETS["stpp"])
+
+
+def method_settings(stim_method: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """The preset fields of ``stim_method``: the values in ``given`` that are not None, else the preset's.
+
+    How :class:`StimulativeTrainingArguments` completes a method's settings; ConfigError for an
+    unknown method.
+    """
+    if not isinstance(stim_method, str) or stim_method not in METHOD_PRESETS:
+        raise ConfigError(f"stim_method={stim_method!r} is not a method; valid: {', '.join(STIM_METHODS)}")
+    return {
+        name: preset if given.get(name) is None else given[name] for name, preset in METHOD_PRESETS[stim_method].items()
+    }
+
+
 @dataclass
 class StimulativeTrainingArguments(TrainingArguments):
     """``TrainingArguments`` plus the settings of stimulative training (ST / ST++).
@@ -235,9 +252,9 @@ class StimulativeTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        self._apply_method_preset()
+        explicit = self._apply_method_preset()
         self._validate_stimulative_fields()
-        self._check_method_is_what_its_name_says()
+        self._check_method_is_what_its_name_says(explicit)
         given = self.accelerator_config
         non_blocking_given = not (given is None or (isinstance(given, dict) and "non_blocking" not in given))
         super().__post_init__()
@@ -246,17 +263,14 @@ class StimulativeTrainingArguments(TrainingArguments):
             # from pinned memory (dataloader_pin_memory, off on CPUs) it can be queued instead.
             self.accelerator_config.non_blocking = self.dataloader_pin_memory
 
-    def _apply_method_preset(self) -> None:
-        if not isinstance(self.stim_method, str) or self.stim_method not in METHOD_PRESETS:
-            raise ConfigError(f"stim_method={self.stim_method!r} is not a method; valid: {', '.join(STIM_METHODS)}")
-        preset = METHOD_PRESETS[self.stim_method]
-        explicit = {name: getattr(self, name) for name in preset if getattr(self, name) is not None}
-        for name, value in preset.items():
-            if name not in explicit:
-                setattr(self, name, value)
-        self._explicit_method_fields = explicit
+    def _apply_method_preset(self) -> dict[str, Any]:
+        """Fill the preset fields left unset; return those that were set explicitly."""
+        given = {name: getattr(self, name) for name in METHOD_PRESET_FIELDS}
+        for name, value in method_settings(self.stim_method, given).items():
+            setattr(self, name, value)
+        return {name: value for name, value in given.items() if value is not None}
 
-    def _check_method_is_what_its_name_says(self) -> None:
+    def _check_method_is_what_its_name_says(self, explicit: dict[str, Any]) -> None:
         """Refuse ``ct`` with sub-network passes; name the fields that make ``st`` / ``stpp`` differ from their preset.
 
         A recipe pins preset fields (``num_subnets: 1``): changing only ``stim_method`` on the
@@ -270,9 +284,7 @@ class StimulativeTrainingArguments(TrainingArguments):
             )
         preset = METHOD_PRESETS[self.stim_method]
         differing = {
-            name: value
-            for name, value in self._explicit_method_fields.items()
-            if name in METHOD_DEFINING_FIELDS and value != preset[name]
+            name: value for name, value in explicit.items() if name in METHOD_DEFINING_FIELDS and value != preset[name]
         }
         if differing:
             logger.warning(

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from transformers.utils import logging as hf_logging
 
 from stim_hf.batchnorm import batchnorm_layers, recalibrate_batchnorm
-from stim_hf.config import METHOD_PRESETS, STIM_METHODS, StimulativeTrainingArguments, parse_sample_space
+from stim_hf.config import StimulativeTrainingArguments, method_settings, parse_sample_space
 from stim_hf.data import DataArguments, get_label_names, load_image_datasets
 from stim_hf.errors import ConfigError, DataError
 from stim_hf.flops import count_flops
@@ -254,14 +254,11 @@ def recipe_sampling(recipe: dict[str, Any], path: str) -> dict[str, Any]:
     sampling), as :class:`~stim_hf.config.StimulativeTrainingArguments` fills them.
     """
     method = recipe.get("stim_method") or StimulativeTrainingArguments.__dataclass_fields__["stim_method"].default
-    if not isinstance(method, str) or method not in METHOD_PRESETS:
-        raise ConfigError(
-            f"stim_method={method!r} in '{path}' is not a method; valid: {', '.join(STIM_METHODS)}; fix the recipe"
-        )
-    preset = METHOD_PRESETS[method]
-    return {
-        name: preset[name] if recipe.get(name) is None else recipe[name] for name in ("subnet_sampling", "sample_space")
-    }
+    try:
+        settings = method_settings(method, recipe)
+    except ConfigError as error:
+        raise ConfigError(f"{error} (in '{path}'); fix the recipe") from None
+    return {name: settings[name] for name in ("subnet_sampling", "sample_space")}
 
 
 # --------------------------------------------------------------------------------------------------
