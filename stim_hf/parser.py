@@ -125,6 +125,8 @@ def allows_none(annotation: Any) -> bool:
 class StimArgumentParser(HfArgumentParser):
     """The ``stim-hf train`` parser: an optional YAML recipe, then ``--field value`` overrides."""
 
+    help_hint = "--help"  # where an error message sends the user
+
     def __init__(self, dataclass_types, **kwargs) -> None:
         # No abbreviations: '--num_subnet' must be an error, not a silent '--num_subnets'.
         kwargs.setdefault("allow_abbrev", False)
@@ -151,10 +153,16 @@ class StimArgumentParser(HfArgumentParser):
             self._set_yaml_defaults(recipe)
         argv = self._apply_null_overrides(argv)
         namespace, remaining = self.parse_known_args(argv)
-        if remaining:
-            unknown = [a for a in remaining if a.startswith("--")] or remaining
-            raise ConfigError(f"unknown command-line argument(s) {unknown}{self._suggest(unknown)}; see --help")
+        self.refuse_unknown(remaining)
         return self._dataclasses_from(namespace)
+
+    def refuse_unknown(self, remaining: Sequence[str]) -> None:
+        """Raise a :class:`ConfigError` naming the unknown arguments, with the closest known fields."""
+        if remaining:
+            unknown = [arg for arg in remaining if arg.startswith("--")] or list(remaining)
+            raise ConfigError(
+                f"unknown command-line argument(s) {unknown}{self._suggest(unknown)}; see {self.help_hint}"
+            )
 
     def known_fields(self) -> dict[str, Any]:
         """Every field name the parser accepts, mapped to its dataclass field."""
@@ -261,6 +269,7 @@ class SubcommandArgumentParser(StimArgumentParser):
         kwargs.setdefault("usage", None)
         kwargs.setdefault("description", None)
         super().__init__(dataclass_types, **kwargs)
+        self.help_hint = f"'{self.prog} --help'"
 
     def parse_known_args(
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
@@ -286,14 +295,6 @@ class SubcommandArgumentParser(StimArgumentParser):
             else:
                 attached.append(arg)
         return attached
-
-    def refuse_unknown(self, remaining: Sequence[str]) -> None:
-        """Raise a :class:`ConfigError` naming the unknown arguments, with the closest known fields."""
-        if remaining:
-            unknown = [arg for arg in remaining if arg.startswith("--")] or list(remaining)
-            raise ConfigError(
-                f"unknown command-line argument(s) {unknown}{self._suggest(unknown)}; see '{self.prog} --help'"
-            )
 
 
 def _looks_like_value(arg: str, options: dict[str, Any]) -> bool:
