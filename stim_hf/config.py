@@ -10,6 +10,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from stim_hf.collapse import COLLAPSE_ACTIONS
 from stim_hf.errors import ConfigError
 from stim_hf.losses import KL_LOSSES, LOGIT_NORMALIZATIONS
 from stim_hf.profiling import parse_profile_steps
@@ -196,6 +197,15 @@ class StimulativeTrainingArguments(TrainingArguments):
             "optimizer step's update, log a warning and count it in nonfinite_skipped_steps)."
         },
     )
+    on_collapse: str = field(
+        default="warn",
+        metadata={
+            "help": "What a collapsed run does (after its first epoch: training cross-entropy at about ln C for 3 "
+            "logs in a row, evaluation accuracy at chance, or 90 percent of predictions one class): 'warn' (log a warning "
+            "naming lambda and the remedies, and record it in trainer_state.json), 'stop' (raise, the job exits "
+            "non-zero) or 'ignore'."
+        },
+    )
     backward_strategy: str = field(
         default="summed",
         metadata={
@@ -320,6 +330,7 @@ class StimulativeTrainingArguments(TrainingArguments):
         choice("bn_policy", BN_POLICIES)
         choice("backward_strategy", BACKWARD_STRATEGIES)
         choice("on_nonfinite_loss", NONFINITE_LOSS_ACTIONS)
+        choice("on_collapse", COLLAPSE_ACTIONS)
         number("kl_coef", 0.0)
         number("stim_start_epoch", 0.0)
         number("num_subnets", 0, integer=True)

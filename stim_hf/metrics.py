@@ -49,8 +49,18 @@ def top_k_indices(
     return torch.topk(logits, min(k, logits.shape[-1]), dim=-1).indices
 
 
+def top1_prediction_share(top1: np.ndarray) -> float:
+    """The share of ``top1`` (predicted class ids) taken by the most often predicted class (0.0 when empty)."""
+    if top1.size == 0:
+        return 0.0
+    return float(np.unique(top1, return_counts=True)[1].max() / top1.size)
+
+
 def build_compute_metrics(ks: Sequence[int] = (1, 5)) -> Callable[[EvalPrediction], dict[str, float]]:
     """A Trainer ``compute_metrics``: ``accuracy`` (top-1) and ``top{k}_accuracy`` for each k in ``ks``.
+
+    Also ``top1_prediction_share``: the share of examples whose top-1 prediction is the most often
+    predicted class (1.0: a constant predictor; :mod:`stim_hf.collapse` watches it).
 
     Takes predictions as ranked class ids (from :func:`top_k_indices`; keep its ``k`` >= max(ks),
     since a shorter list counts as "fewer classes than k") or as full float logits (ranked here).
@@ -81,6 +91,8 @@ def build_compute_metrics(ks: Sequence[int] = (1, 5)) -> Callable[[EvalPredictio
             predictions = np.argsort(-predictions, axis=1, kind="stable")[:, :top]
         keep = labels >= 0
         result = metric.compute(predictions=predictions[keep], references=labels[keep], ks=ks)
-        return {key: float(value) for key, value in result.items()}
+        metrics = {key: float(value) for key, value in result.items()}
+        metrics["top1_prediction_share"] = top1_prediction_share(predictions[keep, 0])
+        return metrics
 
     return compute_metrics

@@ -128,6 +128,8 @@ def run_training(
         trainer.save_model()
         trainer.save_state()
         train_metrics = dict(result.metrics, train_samples=len(train_dataset))
+        if trainer.collapse_monitor.reports:
+            train_metrics["collapse"] = trainer.collapse_monitor.reports[0]
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
         metrics.update(train_metrics)

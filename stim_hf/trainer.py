@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from stim_hf.batchnorm import frozen_running_stats, preserved_rng_state, recalibrate_batchnorm
+from stim_hf.collapse import CollapseMonitorCallback
 from stim_hf.config import StimulativeTrainingArguments
 from stim_hf.errors import ConfigError, ModelStructureError
 from stim_hf.losses import distillation_loss, normalize_logits
@@ -215,6 +216,8 @@ class StimulativeTrainer(ReliableTrainer):
         window = parse_profile_steps(args.profile_steps)
         if window is not None:
             self.add_callback(StepProfilerCallback(self, *window))
+        self.collapse_monitor = CollapseMonitorCallback(args.on_collapse)
+        self.add_callback(self.collapse_monitor)
         if args.subnet_monitor_count and self.stages:
             from stim_hf.callbacks import SubnetMonitorCallback
 

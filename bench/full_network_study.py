@@ -1,0 +1,513 @@
+"""Does ST++ improve the full network? CT against ST++ over lambda, its introduction and seeds (issue 17).
+
+  # 1. pilot: where is a large lambda stable? (ResNet-20, 5k images, 6 epochs, seed 1)
+  python bench/full_network_study.py --plan pilot --out ~/stim_hf_study/pilot --parallel 2
+  # 2. the CPU study (ResNet-20, 5k images, 100 epochs, 3 seeds); resumable, run it again to go on
+  python bench/full_network_study.py --plan cpu --out ~/stim_hf_study/cpu --parallel 2
+  # 3. the same study at paper scale on a GPU (ResNet-56, all of CIFAR-10, 200 epochs)
+  python bench/full_network_study.py --plan gpu --out outputs/full_network_study_gpu --parallel 4 --device cuda
+  # tables and plot from whatever has finished
+  python bench/full_network_study.py --plan cpu --out ~/stim_hf_study/cpu --report-only
+
+Each run is a ``scripts/train.py`` subprocess on the CIFAR-10 recipes (``configs/cifar10_resnet56_
+{ct,stpp}.yaml``) with the plan's overrides: depth, a seeded training subset, epochs, batch 128,
+SGD nesterov lr 0.1 cosine without warm-up (unless the setting asks for one), no clipping, and the
+setting's lambda, KL and how lambda is introduced. Runs train with ``--threads`` intra-op threads
+each (fixed: results are deterministic for a build and a thread count) and ``--parallel`` at once,
+in the plan's order: seed by seed, so a study cut short stays balanced.
+
+Sessions end; the study goes on. A run saves an (atomic) checkpoint every epoch; started again,
+the runner resumes every unfinished run with the trainer's exact resume (``--resume_from_checkpoint``:
+bit-for-bit the run an uninterrupted one would have been) and skips finished ones, so a study spread
+over several sessions gives the numbers of one run straight through. A finished run keeps
+``result.json`` in its folder, and the aggregate ``results.json`` in ``--report-dir`` counts as
+finished too, so a new machine with the committed results does not train them again.
+
+After training, each run is evaluated by the loafing analysis (:func:`stim_hf.loafing.analyze_checkpoints`)
+on the whole test split: the full network's top-1, and ``--num-subnets`` fixed sub-networks (prefix rule,
+seed 42, full size) with their BatchNorm statistics re-estimated on ``--recalibrate-bn`` training images
+and with the full network's. During training the run evaluates ``--curve-samples`` test images every
+``--curve-every`` epochs (the learning curves). A run whose full network collapses is flagged while
+it trains (``on_collapse``, stim_hf/collapse.py) and marked ``collapsed`` in the results.
+
+``--report-dir`` (default ``docs/measurements/full_network_study/<plan>``) receives ``results.json``
+(one entry per finished run: method, kl_coef, kl_loss, intro, seed, epochs, train_samples, depth,
+full_top1, subnet_top1_recalibrated, subnet_top1_inherited, collapsed, ...), ``results.md`` (mean ±
+std per setting, paired difference against CT seed by seed) and ``learning_curves.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO.parent / "shared" / "data" / "cifar10"
+BATCH_SIZE = 128
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One training setting of the study: a method, lambda, KL and how lambda is introduced."""
+
+    method: str  # "ct" or "stpp"
+    kl_coef: float = 0.0
+    kl_loss: str = "kl_direction"
+    intro: str = "step0"  # step0 | start<E> (stim_start_epoch E) | cosine_up | warmup<R> (warmup_ratio R)
+
+    @property
+    def name(self) -> str:
+        """A short name, e.g. ``ct`` or ``stpp_l5_kl-_cosine_up``."""
+        if self.method == "ct":
+            return "ct"
+        kl = "kl-" if self.kl_loss == "kl_direction" else "kl"
+        return f"stpp_l{self.kl_coef:g}_{kl}_{self.intro}"
+
+    def overrides(self) -> list[str]:
+        """The training command-line overrides of this setting (beyond the recipe)."""
+        if self.method == "ct":
+            return []
+        args = ["--kl_coef", f"{self.kl_coef:g}", "--kl_loss", self.kl_loss]
+        if self.intro.startswith("start"):
+            args += ["--stim_start_epoch", self.intro.removeprefix("start")]
+        elif self.intro == "cosine_up":
+            args += ["--kl_coef_schedule", "cosine_up"]
+        elif self.intro.startswith("warmup"):
+            args += ["--warmup_ratio", self.intro.removeprefix("warmup")]
+        elif self.intro != "step0":
+            raise ValueError(f"unknown intro {self.intro!r}")
+        return args
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: a setting at a seed, with the plan's scale."""
+
+    setting: Setting
+    seed: int
+    depth: int
+    epochs: int
+    train_samples: int | None  # None: the whole training split
+
+    @property
+    def name(self) -> str:
+        """The run's folder name."""
+        return f"{self.setting.name}_seed{self.seed}"
+
+    def key(self) -> tuple:
+        """What makes two runs the same run (for results carried over from an earlier session)."""
+        s = self.setting
+        return (s.method, s.kl_coef, s.kl_loss, s.intro, self.seed, self.depth, self.epochs, self.train_samples)
+
+
+CT = Setting("ct")
+PLANS: dict[str, dict[str, Any]] = {
+    # Stability first, at the issue's pilot scale: lambda 10 (collapsed from step 0 in the issue's pilot)
+    # under each way of introducing it, and lambda 5.
+    "pilot": {
+        "depth": 20,
+        "epochs": 4,
+        "train_samples": 5000,
+        "seeds": [1],
+        "settings": [
+            Setting("stpp", 10, intro="step0"),
+            Setting("stpp", 10, intro="start1"),
+            Setting("stpp", 10, intro="cosine_up"),
+            Setting("stpp", 10, intro="warmup0.2"),
+            Setting("stpp", 5, intro="step0"),
+            Setting("stpp", 5, intro="cosine_up"),
+        ],
+    },
+    # The CPU study: CT against ST++ at lambda 1 and 5, seed by seed.
+    "cpu": {
+        "depth": 20,
+        "epochs": 100,
+        "train_samples": 5000,
+        "seeds": [1, 2, 3],
+        "settings": [CT, Setting("stpp", 1), Setting("stpp", 5, intro="cosine_up")],
+    },
+    # Paper scale on a GPU: ResNet-56, all 50k images, 200 epochs.
+    "gpu": {
+        "depth": 56,
+        "epochs": 200,
+        "train_samples": None,
+        "seeds": [1, 2, 3],
+        "settings": [
+            CT,
+            Setting("stpp", 1),
+            Setting("stpp", 5, intro="cosine_up"),
+            Setting("stpp", 10, intro="cosine_up"),
+        ],
+    },
+}
+
+
+def plan_runs(plan: str) -> list[Run]:
+    """The runs of ``plan`` in launch order: every setting of seed 1, then of seed 2, ..."""
+    spec = PLANS[plan]
+    return [
+        Run(setting, seed, spec["depth"], spec["epochs"], spec["train_samples"])
+        for seed in spec["seeds"]
+        for setting in spec["settings"]
+    ]
+
+
+def steps_per_epoch(run: Run) -> int:
+    """Optimizer steps per epoch (batch ``BATCH_SIZE``, last batch kept)."""
+    return math.ceil((run.train_samples or 50_000) / BATCH_SIZE)
+
+
+def train_command(run: Run, output_dir: Path, args: argparse.Namespace) -> list[str]:
+    """The ``scripts/train.py`` command line of ``run``."""
+    recipe = REPO / "configs" / f"cifar10_resnet56_{'ct' if run.setting.method == 'ct' else 'stpp'}.yaml"
+    curve_steps = args.curve_every * steps_per_epoch(run)
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "train.py"),
+        str(recipe),
+        "--model_config",
+        json.dumps({"depth": run.depth}),
+        "--train_file",
+        str(args.data_dir / "train.parquet"),
+        "--validation_file",
+        str(args.data_dir / "test.parquet"),
+        "--max_eval_samples",
+        str(args.curve_samples),
+        "--num_train_epochs",
+        str(run.epochs),
+        "--per_device_train_batch_size",
+        str(BATCH_SIZE),
+        "--learning_rate",
+        "0.1",
+        "--warmup_steps",
+        "0",
+        "--eval_strategy",
+        "steps",
+        "--eval_steps",
+        str(curve_steps),
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        str(steps_per_epoch(run)),
+        "--save_total_limit",
+        "1",
+        "--subnet_monitor_count",
+        "0",
+        "--num_eval_subnets",
+        "0",
+        "--logging_steps",
+        str(steps_per_epoch(run)),
+        "--dataloader_num_workers",
+        "0",
+        "--disable_tqdm",
+        "true",
+        "--report_to",
+        "tensorboard",
+        "--seed",
+        str(run.seed),
+        "--output_dir",
+        str(output_dir),
+        *run.setting.overrides(),
+    ]
+    if run.train_samples:
+        command += ["--max_train_samples", str(run.train_samples)]
+    if args.device == "cpu":
+        command += ["--use_cpu", "true"]
+    if any(output_dir.glob("checkpoint-*")):
+        command += ["--resume_from_checkpoint", "true"]
+    return command
+
+
+def _environment(threads: int) -> dict[str, str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", HF_EVALUATE_OFFLINE="1")
+    for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[name] = str(threads)
+    return env
+
+
+def train_and_analyze(run: Run, args: argparse.Namespace) -> dict[str, Any] | None:
+    """Train ``run`` (resuming it if it has a checkpoint), analyse it, and write its ``result.json``."""
+    output_dir = args.out / run.name
+    result_path = output_dir / "result.json"
+    if result_path.exists():
+        return json.loads(result_path.read_text())
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if not (output_dir / "all_results.json").exists():
+        command = train_command(run, output_dir, args)
+        print(f"[{run.name}] {shlex.join(command)}", flush=True)
+        started = time.perf_counter()
+        with open(output_dir / "train.log", "a") as log:
+            code = subprocess.run(command, cwd=REPO, env=_environment(args.threads), stdout=log, stderr=log).returncode
+        elapsed = time.perf_counter() - started
+        with open(output_dir / "wall_seconds.txt", "a") as wall:  # one line per session that trained it
+            wall.write(f"{elapsed:.1f}\n")
+        if code != 0:
+            print(f"[{run.name}] training exited with {code}; see {output_dir / 'train.log'}", flush=True)
+            return None
+    command = [sys.executable, __file__, "--analyze-run", str(output_dir), "--data-dir", str(args.data_dir)]
+    command += ["--num-subnets", str(args.num_subnets), "--recalibrate-bn", str(args.recalibrate_bn)]
+    command += ["--device", args.device]
+    print(f"[{run.name}] analysing", flush=True)
+    with open(output_dir / "analysis.log", "w") as log:
+        code = subprocess.run(command, cwd=REPO, env=_environment(args.threads), stdout=log, stderr=log).returncode
+    if code != 0:
+        print(f"[{run.name}] analysis exited with {code}; see {output_dir / 'analysis.log'}", flush=True)
+        return None
+    result = {
+        **run_fields(run),
+        **json.loads((output_dir / "analysis.json").read_text()),
+        **training_record(output_dir),
+    }
+    result_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"[{run.name}] full {result['full_top1']}%, sub-networks {result['subnet_top1_recalibrated']}%", flush=True)
+    return result
+
+
+def run_fields(run: Run) -> dict[str, Any]:
+    """The identifying fields of ``run`` as results.json holds them."""
+    return {
+        "name": run.name,
+        "setting": run.setting.name,
+        **asdict(run.setting),
+        "seed": run.seed,
+        "epochs": run.epochs,
+        "train_samples": run.train_samples,
+        "depth": run.depth,
+    }
+
+
+def training_record(output_dir: Path) -> dict[str, Any]:
+    """The learning curve, the collapse verdict, the wall time and the pace of a finished run."""
+    state = json.loads((output_dir / "trainer_state.json").read_text())
+    history = state["log_history"]
+    curve = [(e["epoch"], e["eval_accuracy"]) for e in history if "eval_accuracy" in e]
+    ce = [(e["epoch"], e["ce_loss"]) for e in history if "ce_loss" in e]
+    collapse = [e["collapse"] for e in history if "collapse" in e]
+    wall_file = output_dir / "wall_seconds.txt"
+    walls = [float(x) for x in wall_file.read_text().split()] if wall_file.exists() else []
+    speeds = [e["samples_per_second"] for e in history if "samples_per_second" in e]
+    return {
+        "collapsed": bool(collapse),
+        "collapse_message": collapse[0] if collapse else None,
+        "curve_eval_top1": [[round(epoch, 3), round(100 * acc, 2)] for epoch, acc in curve],
+        "curve_train_ce": [[round(epoch, 3), round(value, 4)] for epoch, value in ce],
+        "wall_minutes": round(sum(walls) / 60, 1),
+        "sessions": len(walls),
+        "images_per_second": round(statistics.median(speeds), 1) if speeds else None,
+    }
+
+
+def analyze_run(output_dir: Path, args: argparse.Namespace) -> None:
+    """The loafing analysis of one finished run on the whole test split; writes ``analysis.json``."""
+    from stim_hf.data import DataArguments
+    from stim_hf.loafing import LoafingArguments, analyze_checkpoints
+
+    data_args = DataArguments(
+        train_file=str(args.data_dir / "train.parquet"),
+        validation_file=str(args.data_dir / "test.parquet"),
+        image_size=32,
+        augmentation="cifar",
+    )
+    loafing_args = LoafingArguments(
+        num_subnets=args.num_subnets,
+        seed=42,
+        sampling="prefix",
+        recalibrate_bn=args.recalibrate_bn if args.num_subnets else 0,
+        output_dir=str(output_dir / "loafing"),
+        device=args.device if args.device != "auto" else "auto",
+        progress=False,
+    )
+    report = analyze_checkpoints([str(output_dir)], data_args, loafing_args, labels=[output_dir.name])
+    rows = report["checkpoints"][0]["results"]
+    kinds = {n["name"]: n["kind"] for n in report["networks"]}
+    full = next(r for r in rows if kinds[r["network"]] == "full")
+    subnets = [r for r in rows if kinds[r["network"]] == "sampled"]
+
+    def mean_top1(key: str) -> float | None:
+        return round(100 * statistics.mean(r[key] for r in subnets), 2) if subnets else None
+
+    summary = {
+        "full_top1": round(100 * full["accuracy"], 2),
+        "subnet_top1_recalibrated": mean_top1("accuracy_bn_recalibrated"),
+        "subnet_top1_inherited": mean_top1("accuracy"),
+        "num_test_images": report["settings"]["num_eval_images"],
+        "num_subnets": len(subnets),
+        "recalibration_images": args.recalibrate_bn,
+    }
+    (output_dir / "analysis.json").write_text(json.dumps(summary, indent=2) + "\n")
+
+
+# -- report ------------------------------------------------------------------------------------------
+
+
+def _mean_std(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def report_markdown(results: list[dict[str, Any]], plan: str) -> str:
+    """Mean ± std per setting and the paired difference against CT, seed by seed."""
+    by_setting: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_setting.setdefault(r["setting"], []).append(r)
+    ct = {r["seed"]: r["full_top1"] for r in by_setting.get("ct", [])}
+    lines = [
+        f"Plan `{plan}`: {len(results)} finished runs. Accuracies in %, on the whole test split.",
+        "",
+        "| setting | runs | collapsed | full top-1 | paired Δ vs CT (same seed) | seeds better than CT "
+        "| sub-net mean, BN re-est. | sub-net mean, BN inherited |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for name, runs in by_setting.items():
+        diffs = [r["full_top1"] - ct[r["seed"]] for r in runs if name != "ct" and r["seed"] in ct]
+        better = f"{sum(d > 0 for d in diffs)} of {len(diffs)}" if diffs else "-"
+        lines.append(
+            f"| {name} | {len(runs)} | {sum(r['collapsed'] for r in runs)} | {_mean_std([r['full_top1'] for r in runs])} "
+            f"| {_mean_std(diffs)} | {better} | {_mean_std([r['subnet_top1_recalibrated'] for r in runs])} "
+            f"| {_mean_std([r['subnet_top1_inherited'] for r in runs])} |"
+        )
+    lines += ["", "| run | full top-1 | sub-nets BN re-est. | sub-nets inherited | collapsed | wall min | images/s |"]
+    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in sorted(results, key=lambda r: (r["seed"], r["setting"])):
+        lines.append(
+            f"| {r['name']} | {r['full_top1']:.2f} | {_mean_std([r['subnet_top1_recalibrated']])} | "
+            f"{_mean_std([r['subnet_top1_inherited']])} | {'yes' if r['collapsed'] else 'no'} | {r['wall_minutes']} | "
+            f"{r['images_per_second']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
+    """Learning curves (test top-1 and training cross-entropy against epoch), one colour per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    settings = sorted({r["setting"] for r in results})
+    colours = dict(zip(settings, plt.rcParams["axes.prop_cycle"].by_key()["color"] * 3, strict=False))
+    figure, (top1, ce) = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        label = r["setting"] if r["seed"] == min(x["seed"] for x in results if x["setting"] == r["setting"]) else None
+        if r["curve_eval_top1"]:
+            epochs, values = zip(*r["curve_eval_top1"], strict=True)
+            top1.plot(epochs, values, color=colours[r["setting"]], alpha=0.8, label=label)
+        if r["curve_train_ce"]:
+            epochs, values = zip(*r["curve_train_ce"], strict=True)
+            ce.plot(epochs, values, color=colours[r["setting"]], alpha=0.8, label=label)
+    top1.set(xlabel="epoch", ylabel="test top-1 (%, curve subset)", title="full network")
+    ce.set(xlabel="epoch", ylabel="training cross-entropy", title="full network", yscale="log")
+    top1.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def write_report(results: list[dict[str, Any]], report_dir: Path, plan: str) -> None:
+    """Write results.json, results.md and learning_curves.png into ``report_dir``."""
+    report_dir.mkdir(parents=True, exist_ok=True)
+    results = sorted(results, key=lambda r: (r["seed"], r["setting"]))
+    (report_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (report_dir / "results.md").write_text(report_markdown(results, plan))
+    if results:
+        plot_curves(results, report_dir / "learning_curves.png")
+    print(report_markdown(results, plan), flush=True)
+
+
+def carried_results(report_dir: Path) -> dict[tuple, dict[str, Any]]:
+    """Finished runs recorded in ``report_dir/results.json`` (e.g. committed by an earlier session)."""
+    path = report_dir / "results.json"
+    if not path.exists():
+        return {}
+    carried = {}
+    for r in json.loads(path.read_text()):
+        key = (
+            r["method"],
+            r["kl_coef"],
+            r["kl_loss"],
+            r["intro"],
+            r["seed"],
+            r["depth"],
+            r["epochs"],
+            r["train_samples"],
+        )
+        carried[key] = r
+    return carried
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line settings of the study."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plan", choices=sorted(PLANS), default="cpu")
+    parser.add_argument("--out", type=Path, default=REPO / "outputs" / "full_network_study", help="run folders")
+    parser.add_argument(
+        "--report-dir", type=Path, default=None, help="default: docs/measurements/full_network_study/PLAN"
+    )
+    parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder with CIFAR-10 train/test.parquet")
+    parser.add_argument("--parallel", type=int, default=1, help="training runs at once")
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads per run (keep it fixed in a study)")
+    parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (the trainer's device)")
+    parser.add_argument("--curve-every", type=int, default=5, help="epochs between learning-curve evaluations")
+    parser.add_argument("--curve-samples", type=int, default=2000, help="test images of the learning-curve evaluations")
+    parser.add_argument("--num-subnets", type=int, default=4, help="fixed sub-networks of the final analysis")
+    parser.add_argument("--recalibrate-bn", type=int, default=1000, help="images for the sub-networks' BatchNorm")
+    parser.add_argument("--only", default=None, help="comma-separated run names: run just these")
+    parser.add_argument("--report-only", action="store_true", help="write the report from the finished runs")
+    parser.add_argument("--analyze-run", type=Path, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.out = args.out.expanduser().resolve()
+    args.report_dir = (args.report_dir or REPO / "docs" / "measurements" / "full_network_study" / args.plan).resolve()
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run (or resume) the plan's runs, then write the report."""
+    args = parse_args(argv)
+    if args.analyze_run is not None:
+        analyze_run(args.analyze_run, args)
+        return
+    runs = plan_runs(args.plan)
+    if args.only:
+        wanted = set(args.only.split(","))
+        runs = [run for run in runs if run.name in wanted]
+    carried = carried_results(args.report_dir)
+    results = {run.key(): carried[run.key()] for run in runs if run.key() in carried}
+    pending = [run for run in runs if run.key() not in results]
+    if not args.report_only and pending:
+        print(f"{len(results)} runs finished before, {len(pending)} to train or resume", flush=True)
+        lock = threading.Lock()
+
+        def work(run: Run) -> None:
+            result = train_and_analyze(run, args)
+            if result is not None:
+                with lock:
+                    results[run.key()] = result
+                    write_report(list(results.values()), args.report_dir, args.plan)
+
+        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+            list(pool.map(work, pending))
+    for run in pending:
+        path = args.out / run.name / "result.json"
+        if run.key() not in results and path.exists():
+            results[run.key()] = json.loads(path.read_text())
+    write_report(list(results.values()), args.report_dir, args.plan)
+
+
+if __name__ == "__main__":
+    main()
