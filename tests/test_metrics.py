@@ -72,8 +72,10 @@ def test_build_compute_metrics_on_eval_prediction():
     result = compute_metrics(EvalPrediction(predictions=ranked.numpy(), label_ids=labels.numpy()))
     top1 = (logits.argmax(-1) == labels).float().mean().item()
     top5 = (logits.topk(5).indices == labels[:, None]).any(-1).float().mean().item()
-    assert set(result) == {"accuracy", "top5_accuracy"}
+    assert set(result) == {"accuracy", "top5_accuracy", "top1_prediction_share"}
     assert result["accuracy"] == pytest.approx(top1) and result["top5_accuracy"] == pytest.approx(top5)
+    counts = torch.bincount(logits.argmax(-1), minlength=10)
+    assert result["top1_prediction_share"] == pytest.approx(counts.max().item() / 200)
     assert all(type(v) is float for v in result.values())
     # full logits (no preprocess_logits_for_metrics) give the same numbers
     assert compute_metrics(EvalPrediction(predictions=logits.numpy(), label_ids=labels.numpy())) == result
@@ -87,4 +89,5 @@ def test_build_compute_metrics_on_eval_prediction():
     assert set(custom(EvalPrediction(predictions=ranked.numpy(), label_ids=labels.numpy()))) == {
         "accuracy",
         "top3_accuracy",
+        "top1_prediction_share",
     }
