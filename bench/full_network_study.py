@@ -138,6 +138,8 @@ PLANS: dict[str, dict[str, Any]] = {
         "seeds": [1, 2, 3],
         "settings": [CT, Setting("stpp", 1), Setting("stpp", 5, intro="cosine_up")],
     },
+    # A few seconds of training: the test suite's and a resume check's plan.
+    "smoke": {"depth": 14, "epochs": 6, "train_samples": 256, "seeds": [1], "settings": [Setting("stpp", 1)]},
     # Paper scale on a GPU: ResNet-56, all 50k images, 200 epochs.
     "gpu": {
         "depth": 56,
@@ -258,7 +260,7 @@ def train_and_analyze(run: Run, args: argparse.Namespace) -> dict[str, Any] | No
             return None
     command = [sys.executable, __file__, "--analyze-run", str(output_dir), "--data-dir", str(args.data_dir)]
     command += ["--num-subnets", str(args.num_subnets), "--recalibrate-bn", str(args.recalibrate_bn)]
-    command += ["--device", args.device]
+    command += ["--device", args.device, "--test-samples", str(args.test_samples)]
     print(f"[{run.name}] analysing", flush=True)
     with open(output_dir / "analysis.log", "w") as log:
         code = subprocess.run(command, cwd=REPO, env=_environment(args.threads), stdout=log, stderr=log).returncode
@@ -317,6 +319,7 @@ def analyze_run(output_dir: Path, args: argparse.Namespace) -> None:
     data_args = DataArguments(
         train_file=str(args.data_dir / "train.parquet"),
         validation_file=str(args.data_dir / "test.parquet"),
+        max_eval_samples=args.test_samples or None,
         image_size=32,
         augmentation="cifar",
     )
@@ -465,6 +468,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="'cpu' or 'cuda' (the trainer's device)")
     parser.add_argument("--curve-every", type=int, default=5, help="epochs between learning-curve evaluations")
     parser.add_argument("--curve-samples", type=int, default=2000, help="test images of the learning-curve evaluations")
+    parser.add_argument("--test-samples", type=int, default=0, help="test images of the final analysis (0: all)")
     parser.add_argument("--num-subnets", type=int, default=4, help="fixed sub-networks of the final analysis")
     parser.add_argument("--recalibrate-bn", type=int, default=1000, help="images for the sub-networks' BatchNorm")
     parser.add_argument("--only", default=None, help="comma-separated run names: run just these")

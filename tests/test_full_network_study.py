@@ -1,0 +1,84 @@
+"""``bench/full_network_study.py``: the plan, resuming an unfinished run, carried results, a tiny end-to-end run."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from types import ModuleType
+
+import pytest
+from conftest import CIFAR10_DIR, REPO_ROOT
+
+REQUIRED = {"method", "kl_coef", "kl_loss", "seed", "epochs", "train_samples", "depth", "full_top1"}
+REQUIRED |= {"subnet_top1_recalibrated", "collapsed", "curve_eval_top1"}
+
+
+def load_study() -> ModuleType:
+    """The benchmark script as a module."""
+    spec = importlib.util.spec_from_file_location("full_network_study", REPO_ROOT / "bench" / "full_network_study.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_plans_run_seed_by_seed_and_each_setting_becomes_its_overrides():
+    study = load_study()
+    runs = study.plan_runs("cpu")
+    assert [run.seed for run in runs] == sorted(run.seed for run in runs)  # a study cut short stays balanced
+    assert len({run.name for run in runs}) == len(runs)
+    assert {run.epochs for run in runs} == {100} and {run.depth for run in runs} == {20}
+    setting = study.Setting("stpp", 5, kl_loss="kl", intro="start3")
+    assert setting.overrides() == ["--kl_coef", "5", "--kl_loss", "kl", "--stim_start_epoch", "3"]
+    assert study.Setting("stpp", 5, intro="cosine_up").overrides()[-2:] == ["--kl_coef_schedule", "cosine_up"]
+    assert study.Setting("stpp", 5, intro="warmup0.1").overrides()[-2:] == ["--warmup_ratio", "0.1"]
+    assert study.Setting("ct").overrides() == []
+    with pytest.raises(ValueError, match="unknown intro"):
+        study.Setting("stpp", 5, intro="someday").overrides()
+
+
+def test_an_unfinished_run_resumes_with_the_exact_resume(tmp_path):
+    study = load_study()
+    args = study.parse_args(["--plan", "cpu", "--out", str(tmp_path), "--data-dir", str(tmp_path)])
+    run = study.plan_runs("cpu")[1]
+    folder = tmp_path / run.name
+    folder.mkdir()
+    assert "--resume_from_checkpoint" not in study.train_command(run, folder, args)
+    (folder / "checkpoint-40").mkdir()
+    command = study.train_command(run, folder, args)
+    assert command[command.index("--resume_from_checkpoint") + 1] == "true"
+    assert command[command.index("--save_steps") + 1] == "40"  # an atomic checkpoint every epoch (5k / 128)
+    assert command[command.index("--seed") + 1] == str(run.seed)
+
+
+def test_results_carried_in_the_report_are_not_trained_again(tmp_path, capsys):
+    study = load_study()
+    run = study.plan_runs("smoke")[0]
+    record = {**study.run_fields(run), "full_top1": 50.0, "subnet_top1_recalibrated": 40.0}
+    record |= {"subnet_top1_inherited": 20.0, "collapsed": False, "curve_eval_top1": [[1.0, 30.0]]}
+    record |= {"curve_train_ce": [[1.0, 2.0]], "wall_minutes": 1.0, "images_per_second": 100.0}
+    report_dir = tmp_path / "report"
+    report_dir.mkdir()
+    (report_dir / "results.json").write_text(json.dumps([record]))
+    study.main(["--plan", "smoke", "--out", str(tmp_path / "runs"), "--report-dir", str(report_dir)])
+    assert not (tmp_path / "runs").exists()  # nothing trained
+    assert "| stpp_l1_kl-_step0 | 1 | 0 | 50.00 |" in (report_dir / "results.md").read_text()
+    assert (report_dir / "learning_curves.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not (CIFAR10_DIR / "train.parquet").is_file(), reason="shared CIFAR-10 parquet files not present")
+def test_a_tiny_study_trains_analyses_and_reports(tmp_path):
+    study = load_study()
+    report_dir = tmp_path / "report"
+    argv = ["--plan", "smoke", "--out", str(tmp_path / "runs"), "--report-dir", str(report_dir)]
+    argv += ["--curve-every", "2", "--curve-samples", "64", "--test-samples", "128"]
+    argv += ["--num-subnets", "2", "--recalibrate-bn", "64"]
+    study.main(argv)
+    results = json.loads((report_dir / "results.json").read_text())
+    assert len(results) == 1 and set(results[0]) >= REQUIRED
+    result = results[0]
+    assert result["num_test_images"] == 128 and result["num_subnets"] == 2
+    assert [epoch for epoch, _ in result["curve_eval_top1"]] == [2.0, 4.0, 6.0]
+    assert 0 <= result["full_top1"] <= 100 and 0 <= result["subnet_top1_recalibrated"] <= 100
+    assert result == json.loads((tmp_path / "runs" / result["name"] / "result.json").read_text())
