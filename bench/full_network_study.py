@@ -65,7 +65,7 @@ class Setting:
     method: str  # "ct" or "stpp"
     kl_coef: float = 0.0
     kl_loss: str = "kl_direction"
-    intro: str = "step0"  # step0 | start<E> (stim_start_epoch E) | cosine_up | warmup<R> (warmup_ratio R)
+    intro: str = "step0"  # step0 | start<E> (stim_start_epoch E) | cosine_up | warmup<R> (lr warm-up, R of the run)
 
     @property
     def name(self) -> str:
@@ -84,11 +84,14 @@ class Setting:
             args += ["--stim_start_epoch", self.intro.removeprefix("start")]
         elif self.intro == "cosine_up":
             args += ["--kl_coef_schedule", "cosine_up"]
-        elif self.intro.startswith("warmup"):
-            args += ["--warmup_ratio", self.intro.removeprefix("warmup")]
-        elif self.intro != "step0":
+        elif self.intro != "step0" and not self.intro.startswith("warmup"):
             raise ValueError(f"unknown intro {self.intro!r}")
         return args
+
+    @property
+    def warmup(self) -> str:
+        """The learning-rate warm-up (``warmup_steps``: a share of the run below 1), "0" without one."""
+        return self.intro.removeprefix("warmup") if self.intro.startswith("warmup") else "0"
 
 
 @dataclass(frozen=True)
@@ -194,7 +197,7 @@ def train_command(run: Run, output_dir: Path, args: argparse.Namespace) -> list[
         "--learning_rate",
         "0.1",
         "--warmup_steps",
-        "0",
+        run.setting.warmup,
         "--eval_strategy",
         "steps",
         "--eval_steps",

@@ -177,9 +177,9 @@ def _remedy(args: TrainingArguments) -> str:
             f"Settings: kl_coef={args.kl_coef:g} (kl_coef_schedule={args.kl_coef_schedule}{start}, "
             f"kl_loss={args.kl_loss}), learning_rate={lr:g}. Remedies: a smaller kl_coef, or bring it in gradually "
             "(kl_coef_schedule: cosine_up, or stim_start_epoch: a few epochs of common training first), "
-            "or a lower learning_rate / a warm-up (warmup_ratio)"
+            "or a lower learning_rate / a learning-rate warm-up (warmup_steps: 0.1)"
         )
     return (
         f"Settings: common training (no sub-network passes), learning_rate={lr:g}. Remedies: a lower learning_rate, "
-        "a warm-up (warmup_ratio), or gradient clipping (max_grad_norm: 1.0)"
+        "a learning-rate warm-up (warmup_steps: 0.1), or gradient clipping (max_grad_norm: 1.0)"
     )

@@ -32,7 +32,8 @@ def test_plans_run_seed_by_seed_and_each_setting_becomes_its_overrides():
     setting = study.Setting("stpp", 5, kl_loss="kl", intro="start3")
     assert setting.overrides() == ["--kl_coef", "5", "--kl_loss", "kl", "--stim_start_epoch", "3"]
     assert study.Setting("stpp", 5, intro="cosine_up").overrides()[-2:] == ["--kl_coef_schedule", "cosine_up"]
-    assert study.Setting("stpp", 5, intro="warmup0.1").overrides()[-2:] == ["--warmup_ratio", "0.1"]
+    warm = study.Setting("stpp", 5, intro="warmup0.1")
+    assert warm.overrides() == ["--kl_coef", "5", "--kl_loss", "kl_direction"] and warm.warmup == "0.1"
     assert study.Setting("ct").overrides() == []
     with pytest.raises(ValueError, match="unknown intro"):
         study.Setting("stpp", 5, intro="someday").overrides()
