@@ -168,12 +168,14 @@ PLANS: dict[str, dict[str, Any]] = {
 
 
 def plan_runs(plan: str) -> list[Run]:
-    """The runs of ``plan`` in launch order: every setting of seed 1, then of seed 2, ..."""
+    """The runs of ``plan`` in launch order: every setting of seed 1, then of seed 2, ..., then the same
+    for the plan's second tier of settings (``then``)."""
     spec = PLANS[plan]
     return [
         Run(setting, seed, spec["depth"], spec["epochs"], spec["train_samples"])
+        for tier in (spec["settings"], spec.get("then", []))
         for seed in spec["seeds"]
-        for setting in spec["settings"]
+        for setting in tier
     ]
 
 

@@ -26,7 +26,9 @@ def load_study() -> ModuleType:
 def test_plans_run_seed_by_seed_and_each_setting_becomes_its_overrides():
     study = load_study()
     runs = study.plan_runs("cpu")
-    assert [run.seed for run in runs] == sorted(run.seed for run in runs)  # a study cut short stays balanced
+    main = [run for run in runs if run.setting.kl_loss == "kl_direction" or run.setting.method == "ct"]
+    assert runs[: len(main)] == main and len(main) == 12  # CT and KL- first, plain KL after them
+    assert [run.seed for run in main] == sorted(run.seed for run in main)  # a study cut short stays balanced
     assert len({run.name for run in runs}) == len(runs)
     assert {run.epochs for run in runs} == {100} and {run.depth for run in runs} == {20}
     setting = study.Setting("stpp", 5, kl_loss="kl", intro="start3")
