@@ -24,7 +24,7 @@ from stim_hf.modeling import build_model, check_saved_model_dir
 from stim_hf.parser import StimArgumentParser
 from stim_hf.predecoded import with_predecoded_transforms
 from stim_hf.trainer import StimulativeTrainer, method_structures
-from stim_hf.transforms import collate_image_batch, with_image_transforms
+from stim_hf.transforms import build_image_processor, collate_image_batch, with_image_transforms
 
 logger = logging.getLogger("stim_hf.train")
 
@@ -86,7 +86,8 @@ def run_training(
 ) -> dict[str, Any]:
     """Train, save and evaluate a model as configured; returns the metrics of ``all_results.json``.
 
-    Leaves in ``output_dir`` the model (safetensors), the Trainer's ``*_results.json``,
+    Leaves in ``output_dir`` the model (safetensors) with its image processor
+    (``preprocessor_config.json``, the evaluation's preprocessing), the Trainer's ``*_results.json``,
     ``trainer_state.json`` and, when ``report_to`` includes tensorboard, the event files.
     """
     _setup_logging(training_args)
@@ -122,6 +123,8 @@ def run_training(
         data_collator=collate_image_batch,
         compute_metrics=build_compute_metrics(),
         preprocess_logits_for_metrics=top_k_indices,
+        # Saved beside every model it writes: pipeline("image-classification") preprocesses as evaluation does.
+        processing_class=build_image_processor(data_args),
     )
 
     metrics: dict[str, Any] = {}
