@@ -309,3 +309,31 @@ def test_input_size_is_refused_where_a_standalone_model_cannot_take_it(tmp_path)
     with pytest.raises(ConfigError, match=r"--input-size 16: a standalone .* leave --input-size unset"):
         export_subnet(model, EXPORTS["hf_vit"], tmp_path / "a", input_size=16)
     assert not (tmp_path / "a").exists()
+
+
+def test_evaluation_data_alone_exports_with_the_full_networks_statistics(tmp_path, capfd):
+    """--validation_file without training data: --evaluate works, BatchNorm is inherited, a line says so."""
+    from stim_hf.builtin_datasets import load_builtin_dataset
+
+    test_file = tmp_path / "test.parquet"
+    load_builtin_dataset("sklearn:digits")["train"].select(range(64)).to_parquet(str(test_file))
+    checkpoint, output = tmp_path / "run", tmp_path / "exported"
+    _saved_checkpoint(checkpoint)
+    argv = ["export", str(checkpoint), "--depths", "1,2,1", "--validation_file", str(test_file), "--image_size", "16"]
+    capfd.readouterr()  # the set-up's progress bars
+
+    assert cli.main([*argv, "--output", str(tmp_path / "refused"), "--recalibrate-bn", "10"]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("stim-hf: error: --recalibrate-bn 10 re-estimates BatchNorm statistics on training images")
+    assert err.count("\n") == 1 and err.endswith("--recalibrate-bn 0 to keep the full network's statistics\n"), err
+    assert not (tmp_path / "refused").exists()
+
+    assert cli.main([*argv, "--output", str(output), "--evaluate"]) == 0
+    captured = capfd.readouterr()
+    assert "exported depths=1,2,1" in captured.out and "top-1" in captured.out
+    notes = [line for line in captured.err.splitlines() if line.startswith("stim-hf export: no training images")]
+    assert len(notes) == 1 and "--train_file, --train_dir or --dataset_name" in notes[0], captured.err
+    info = json.loads((output / "export_info.json").read_text())
+    assert info["bn_recalibration_samples"] == 0 and info["metrics"]["num_samples"] == 64
+    assert json.loads((output / "preprocessor_config.json").read_text())["crop_size"] == {"height": 16, "width": 16}
+    assert "Inherited from the full network" in (output / "README.md").read_text()
