@@ -126,12 +126,12 @@ class SubnetMonitorCallback(TrainerCallback):
             writer.add_scalar(tag, value, state.global_step)
         figure = plot_loafing(
             [
-                LoafingSeries(
+                LoafingSeries(  # as the papers draw it: filled, inherited statistics; hollow, re-estimated
                     f"step {state.global_step}",
                     float(full_accuracy),
                     shares,
-                    accuracies,
-                    inherited,
+                    accuracies if inherited is None else inherited,
+                    None if inherited is None else accuracies,
                 )
             ],
             title=f"Loafing at step {state.global_step} ({len(subnets)} fixed sub-networks; dashed: mean)",

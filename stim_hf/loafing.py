@@ -600,13 +600,14 @@ def loafing_series(report: dict[str, Any]) -> list[LoafingSeries]:
         results = checkpoint["results"]
         full = next(r for r, n in zip(results, networks, strict=True) if n["kind"] == "full")
         subs = [(r, n) for r, n in zip(results, networks, strict=True) if n["kind"] != "full"]
+        # As the papers draw loafing: filled, the full network's statistics; hollow, re-estimated.
         series.append(
             LoafingSeries(
                 label=checkpoint["label"],
                 full_accuracy=full["accuracy"],
                 flop_shares=[n["flop_share"] for _, n in subs],
-                accuracies=[r["accuracy"] for r, _ in subs],
-                inherited_accuracies=[r["accuracy_inherited_bn"] for r, _ in subs] if both else None,
+                accuracies=[r["accuracy_inherited_bn"] for r, _ in subs],
+                recalibrated_accuracies=[r["accuracy"] for r, _ in subs] if both else None,
             )
         )
     return series

@@ -19,17 +19,17 @@ from matplotlib.figure import Figure
 class LoafingSeries:
     """One model's points on the loafing plot (accuracies and shares as fractions in [0, 1]).
 
-    ``flop_shares`` / ``accuracies`` are the sub-networks' (as scored: with BatchNorm statistics
-    re-estimated for each, by default); ``inherited_accuracies`` (optional, same order) the same
-    sub-networks with the full network's statistics; ``full_accuracy`` the full network's, drawn at
-    share 1.
+    ``flop_shares`` / ``accuracies`` are the sub-networks'; ``recalibrated_accuracies`` (optional,
+    same order) the same sub-networks after re-estimating BatchNorm statistics for each;
+    ``full_accuracy`` (and ``full_accuracy_recalibrated``) the full network's, drawn at share 1.
     """
 
     label: str
     full_accuracy: float
     flop_shares: Sequence[float]
     accuracies: Sequence[float]
-    inherited_accuracies: Sequence[float] | None = None
+    recalibrated_accuracies: Sequence[float] | None = None
+    full_accuracy_recalibrated: float | None = None
 
 
 def plot_loafing(
@@ -41,16 +41,16 @@ def plot_loafing(
 ) -> Figure:
     """Scatter of sub-network top-1 accuracy (%) against FLOP share (%), one colour per series.
 
-    Filled circles are the sub-networks' ``accuracies``, a star the full network, a dashed line each
-    series' mean sub-network accuracy; hollow circles, when given, the same sub-networks with the
-    full network's BatchNorm statistics (inherited). ``chance`` (e.g. ``1 / num_classes``) draws a
-    dotted reference line.
+    Filled circles are the sub-networks as they are (the full network's BatchNorm statistics), a
+    star the full network, a dashed line each series' mean sub-network accuracy; hollow circles
+    (and a hollow star, when given) the networks with BatchNorm statistics re-estimated for each.
+    ``chance`` (e.g. ``1 / num_classes``) draws a dotted reference line.
     """
     figure = Figure(figsize=figsize, dpi=dpi)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot(1, 1, 1)
     colours = [f"C{i % 10}" for i in range(len(series))]
-    any_inherited = False
+    any_recalibrated = False
     for colour, item in zip(colours, series, strict=True):
         shares = 100 * np.asarray(item.flop_shares, dtype=float)
         accuracies = 100 * np.asarray(item.accuracies, dtype=float)
@@ -68,21 +68,32 @@ def plot_loafing(
             zorder=3,
             label=f"{item.label}: full network",
         )
-        if item.inherited_accuracies is not None:
-            any_inherited = True
+        if item.recalibrated_accuracies is not None:
+            any_recalibrated = True
             axes.scatter(
                 shares,
-                100 * np.asarray(item.inherited_accuracies, dtype=float),
+                100 * np.asarray(item.recalibrated_accuracies, dtype=float),
                 facecolors="none",
                 edgecolors=colour,
                 s=40,
                 linewidths=1.2,
             )
+        if item.full_accuracy_recalibrated is not None:
+            axes.scatter(
+                [100.0],
+                [100 * item.full_accuracy_recalibrated],
+                marker="*",
+                s=220,
+                facecolors="none",
+                edgecolors=colour,
+                linewidths=1.2,
+                zorder=3,
+            )
     if chance is not None:
         axes.axhline(100 * chance, color="grey", linestyle=":", linewidth=1, label="chance")
-    if any_inherited:
+    if any_recalibrated:
         axes.scatter(
-            [], [], facecolors="none", edgecolors="black", s=40, label="hollow: the full network's BN statistics"
+            [], [], facecolors="none", edgecolors="black", s=40, label="hollow: BN re-estimated per sub-network"
         )
     axes.set_xlabel("share of the full network's FLOPs (%)")
     axes.set_ylabel("top-1 accuracy (%)")
