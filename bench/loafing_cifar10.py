@@ -171,9 +171,10 @@ def markdown(args: argparse.Namespace, report: dict, runs: dict[str, dict], anal
         f"{report['settings']['num_eval_images']} CIFAR-10 test images (seeded subset), the full network and "
         f"{len(report['networks']) - 1} fixed sub-networks (seed {args.seed}), accuracies in %"
         + (
-            f'; "BN re-est.": BatchNorm statistics re-estimated per network on {args.recalibrate_bn} training images.'
+            f"; sub-networks scored with BatchNorm statistics re-estimated for each on {args.recalibrate_bn} "
+            "training images, \"inherited BN\": with the full network's statistics (the papers' measure)."
             if args.recalibrate_bn
-            else "."
+            else "; every network with the full network's BatchNorm statistics."
         ),
         "",
         format_summary_table(report),

@@ -7,13 +7,19 @@ on smaller inputs into the full network's running statistics.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+
+from stim_hf.subnets import ResidualStage, Subnet, resize_for_subnet, use_subnet
+
+DEFAULT_RECALIBRATION_SAMPLES = 1024
+"""Training images a sub-network's BatchNorm statistics are re-estimated on, by default, before it is
+scored (``subnet_bn_recalibration_samples``, ``stim-hf loafing`` / ``export --recalibrate-bn``)."""
 
 
 def batchnorm_layers(model: nn.Module) -> list[_BatchNorm]:
@@ -59,43 +65,161 @@ def preserved_rng_state() -> Iterator[None]:
             np.random.set_state(np_state)
 
 
+def recalibration_indices(
+    dataset_size: int, num_samples: int, seed: int | Sequence[int], rank: int = 0, world_size: int = 1
+) -> list[int]:
+    """Process ``rank``'s share of ``num_samples`` training images drawn with ``seed``: the same images everywhere.
+
+    The first ``num_samples`` indices of a seeded permutation of ``range(dataset_size)`` (all of them
+    when the data set is smaller), dealt out so every process gets as many: equal shares run equal
+    numbers of forward passes, which SyncBatchNorm's collectives need (a process with one batch more
+    would wait for the others forever); the few images left over by an uneven split are not used.
+    """
+    order = np.random.default_rng(seed).permutation(dataset_size)
+    count = min(num_samples, dataset_size)
+    return order[rank : count - count % world_size : world_size].tolist()
+
+
+class _PooledMoments:
+    """Count, mean and sum of squared deviations of a BatchNorm layer's input, per channel, over many batches.
+
+    Batches are merged exactly (Chan et al.'s parallel update), so the result is the mean and the
+    variance of all the activations seen, as if they had been one batch.
+    """
+
+    def __init__(self, layer: _BatchNorm) -> None:
+        device = layer.running_mean.device
+        self.dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+        self.count = 0
+        self.batches = 0
+        self.mean = torch.zeros(layer.num_features, dtype=self.dtype, device=device)
+        self.m2 = torch.zeros_like(self.mean)
+
+    def add(self, x: torch.Tensor) -> None:
+        """Merge the activations ``x`` (batch, channels, ...) of one forward pass."""
+        var, mean = torch.var_mean(x.float(), dim=[0, *range(2, x.dim())], correction=0)
+        n = x.numel() // x.shape[1]
+        total = self.count + n
+        delta = mean.to(self.dtype) - self.mean
+        self.mean += delta * (n / total)
+        self.m2 += var.to(self.dtype) * n + delta.square() * (self.count * n / total)
+        self.count = total
+        self.batches += 1
+
+
+def _pool_across_processes(
+    moments: list[_PooledMoments], all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]
+) -> None:
+    """Replace every layer's moments by those of all processes' activations together (three all-reduces)."""
+    sizes = [m.mean.numel() for m in moments]
+    counts = all_reduce_sum(
+        torch.tensor([float(m.count) for m in moments], dtype=moments[0].dtype, device=moments[0].mean.device)
+    )
+    sums = all_reduce_sum(torch.cat([m.mean * m.count for m in moments])).split(sizes)
+    means = [total / count if count else total for total, count in zip(sums, counts.tolist(), strict=True)]
+    m2 = all_reduce_sum(
+        torch.cat([m.m2 + m.count * (m.mean - mean).square() for m, mean in zip(moments, means, strict=True)])
+    ).split(sizes)
+    for m, count, mean, deviations in zip(moments, counts.tolist(), means, m2, strict=True):
+        m.count, m.mean, m.m2 = int(count), mean, deviations
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(
     model: nn.Module,
     batches: Iterable[dict],
     num_samples: int,
-    all_reduce_mean=None,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    forward_kwargs: dict | None = None,
 ) -> int:
-    """Re-estimate the running statistics of every BatchNorm layer on about ``num_samples`` images.
+    """Re-estimate every BatchNorm layer's running statistics on ``num_samples`` images, exactly.
 
-    Resets the statistics, then runs the full network in train mode with a cumulative moving
-    average (``momentum=None``) so every batch counts equally, as the released ST++ code does.
-    ``all_reduce_mean`` (a function of a tensor) averages the statistics across processes so
-    every rank ends with the same ones. Returns the number of images seen by this process.
+    Runs the model on ``batches`` (dicts with ``pixel_values``, cut to ``num_samples`` images) with
+    its BatchNorm layers normalising by batch statistics and every other module in eval mode
+    (no dropout or stochastic depth), and records each layer's input. Each layer then gets the mean
+    and the (unbiased) variance of all the activations it saw, pooled over the batches exactly, as
+    if the images had been one batch, whatever the batch sizes: the estimate of Once-for-All's
+    ``set_running_statistics``, with the variance between batches counted too. A layer that saw
+    no image (inside a dropped block) keeps its statistics. ``all_reduce_sum`` (a function summing
+    a tensor over processes) pools across processes, so every rank ends with the statistics of all
+    the processes' images together. Modes are restored. Returns the images seen by this process.
     """
     layers = batchnorm_layers(model)
-    if not layers:
+    if not layers or num_samples <= 0:
         return 0
-    was_training = model.training
-    momenta = [layer.momentum for layer in layers]
+    moments = {layer: _PooledMoments(layer) for layer in layers}
+    handles = [layer.register_forward_hook(lambda m, inputs, _: moments[m].add(inputs[0])) for layer in layers]
+    modes = [(module, module.training) for module in model.modules()]
     seen = 0
     try:
+        model.eval()
         for layer in layers:
-            layer.reset_running_stats()
-            layer.momentum = None
-        model.train()
-        for batch in batches:
-            if seen >= num_samples:
-                break
-            pixel_values = batch["pixel_values"][: num_samples - seen]
-            model(pixel_values=pixel_values)
-            seen += pixel_values.shape[0]
+            layer.train()  # batch statistics; frozen below, so no running buffer changes meanwhile
+        with frozen_running_stats(layers):
+            for batch in batches:
+                if seen >= num_samples:
+                    break
+                pixel_values = batch["pixel_values"][: num_samples - seen]
+                model(pixel_values=pixel_values, **(forward_kwargs or {}))
+                seen += pixel_values.shape[0]
     finally:
-        for layer, momentum in zip(layers, momenta, strict=True):
-            layer.momentum = momentum
-        model.train(was_training)
-    if all_reduce_mean is not None:
-        for layer in layers:
-            layer.running_mean.copy_(all_reduce_mean(layer.running_mean))
-            layer.running_var.copy_(all_reduce_mean(layer.running_var))
+        for handle in handles:
+            handle.remove()
+        for module, training in modes:
+            module.training = training
+    if all_reduce_sum is not None:
+        _pool_across_processes(list(moments.values()), all_reduce_sum)
+    for layer, pooled in moments.items():
+        if pooled.count:
+            layer.running_mean.copy_(pooled.mean)
+            layer.running_var.copy_(pooled.m2 / max(pooled.count - 1, 1))  # unbiased, as BatchNorm keeps it
+            if layer.num_batches_tracked is not None:
+                layer.num_batches_tracked.fill_(pooled.batches)
     return seen
+
+
+def batchnorm_state(model: nn.Module) -> list[tuple[torch.Tensor, ...]]:
+    """Copies of every BatchNorm layer's running mean, running variance and batch counter."""
+    return [
+        (layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone())
+        for layer in batchnorm_layers(model)
+    ]
+
+
+@torch.no_grad()
+def restore_batchnorm_state(model: nn.Module, state: Sequence[tuple[torch.Tensor, ...]]) -> None:
+    """Put back the statistics saved by :func:`batchnorm_state` (same model, same layers)."""
+    for layer, (mean, var, tracked) in zip(batchnorm_layers(model), state, strict=True):
+        layer.running_mean.copy_(mean)
+        layer.running_var.copy_(var)
+        layer.num_batches_tracked.copy_(tracked)
+
+
+@contextmanager
+def subnet_batchnorm_statistics(
+    model: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    num_samples: int,
+    stages: Sequence[ResidualStage] | None = None,
+    subnet: Subnet | None = None,
+    device: torch.device | str | None = None,
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    forward_kwargs: dict | None = None,
+) -> Iterator[int]:
+    """Inside the block, ``model``'s BatchNorm statistics are re-estimated for ``subnet`` (or the full net).
+
+    Runs :func:`recalibrate_batchnorm` on ``num_samples`` images of ``batches`` (moved to
+    ``device``, default the model's) while the model runs as ``subnet``, resized to its input size
+    if it has one; yields the number of images used by this process. Every statistic (and the
+    batch counters) is put back on exit, bit for bit, so the model is again exactly as before.
+    """
+    if device is None:
+        device = next(model.parameters()).device
+    saved = batchnorm_state(model)
+    moved = ({"pixel_values": resize_for_subnet(b["pixel_values"].to(device), subnet)} for b in batches)
+    try:
+        with nullcontext() if subnet is None or subnet.is_full else use_subnet(stages, subnet):
+            seen = recalibrate_batchnorm(model, moved, num_samples, all_reduce_sum, forward_kwargs)
+        yield seen
+    finally:
+        restore_batchnorm_state(model, saved)

@@ -5,9 +5,13 @@
 trainer's fixed sub-networks (``trainer.fixed_subnets(subnet_monitor_count)``: the same ones at
 every evaluation and in ``stim-hf loafing`` with the same seed) on the evaluation data and logs
 
-- ``eval/subnet_accuracy_mean``, ``eval/subnet_accuracy_min``, ``eval/subnet_accuracy_max``
-  (scalars; also added to the evaluation's metrics and to its ``state.log_history`` entry as
-  ``eval_subnet_accuracy_*``),
+- ``eval/subnet_accuracy_mean``, ``eval/subnet_accuracy_min``, ``eval/subnet_accuracy_max``, each
+  sub-network scored with BatchNorm statistics re-estimated for it on
+  ``subnet_bn_recalibration_samples`` training images, and ``eval/subnet_accuracy_mean_inherited_bn``
+  (``_min``, ``_max``), with the full network's statistics (scalars; also added to the
+  evaluation's metrics and to its ``state.log_history`` entry as ``eval_subnet_accuracy_*``);
+  with ``subnet_bn_recalibration_samples: 0`` only the first three, with the full network's
+  statistics,
 - ``eval/loafing`` (an image: sub-network accuracy against FLOP share, full network marked);
 
 and at every log during training it writes histograms of the sub-networks drawn since the last
@@ -33,8 +37,8 @@ from transformers.integrations import TensorBoardCallback, rewrite_logs
 from transformers.integrations.integration_utils import default_logdir
 
 from stim_hf.batchnorm import preserved_rng_state
+from stim_hf.evaluation import evaluate_model
 from stim_hf.flops import count_flops
-from stim_hf.loafing import evaluate_model
 from stim_hf.plotting import LoafingSeries, figure_to_array, plot_loafing
 
 if TYPE_CHECKING:
@@ -46,7 +50,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SUBNET_METRICS = ("subnet_accuracy_mean", "subnet_accuracy_min", "subnet_accuracy_max")
-"""Metric names the monitor adds, after the evaluation prefix (``eval_subnet_accuracy_mean``...)."""
+"""Metric names the monitor adds, after the evaluation prefix (``eval_subnet_accuracy_mean``...); with
+re-estimated BatchNorm statistics also each of them with the suffix ``_inherited_bn``."""
 
 
 class SubnetMonitorCallback(TrainerCallback):
@@ -95,15 +100,19 @@ class SubnetMonitorCallback(TrainerCallback):
         # (on every process, since evaluation gathers across processes).
         full_accuracy = metrics.get(f"{prefix}_accuracy")
         networks: list[Subnet | None] = list(subnets) if full_accuracy is not None else [*subnets, None]
-        accuracies, shares = self._evaluate(dataset, networks)
+        accuracies, inherited, shares = self._evaluate(dataset, networks)
         if full_accuracy is None:
             full_accuracy = accuracies.pop()
             shares.pop()
-        values = {
-            f"{prefix}_subnet_accuracy_mean": float(np.mean(accuracies)),
-            f"{prefix}_subnet_accuracy_min": float(np.min(accuracies)),
-            f"{prefix}_subnet_accuracy_max": float(np.max(accuracies)),
-        }
+            if inherited is not None:
+                inherited.pop()
+        values = {}
+        for suffix, scores in (("", accuracies), ("_inherited_bn", inherited)):
+            if scores is None:
+                continue  # not re-estimated: the figures above are the inherited ones
+            values[f"{prefix}_subnet_accuracy_mean{suffix}"] = float(np.mean(scores))
+            values[f"{prefix}_subnet_accuracy_min{suffix}"] = float(np.min(scores))
+            values[f"{prefix}_subnet_accuracy_max{suffix}"] = float(np.max(scores))
         # Trainer.evaluate logged its metrics (log_history, report_to) *before* on_evaluate: add the
         # values to the returned metrics and to that log_history entry; write TensorBoard ourselves.
         metrics.update(values)
@@ -116,7 +125,15 @@ class SubnetMonitorCallback(TrainerCallback):
         for tag, value in rewrite_logs(values).items():
             writer.add_scalar(tag, value, state.global_step)
         figure = plot_loafing(
-            [LoafingSeries(f"step {state.global_step}", float(full_accuracy), shares, accuracies)],
+            [
+                LoafingSeries(  # as the papers draw it: filled, inherited statistics; hollow, re-estimated
+                    f"step {state.global_step}",
+                    float(full_accuracy),
+                    shares,
+                    accuracies if inherited is None else inherited,
+                    None if inherited is None else accuracies,
+                )
+            ],
             title=f"Loafing at step {state.global_step} ({len(subnets)} fixed sub-networks; dashed: mean)",
             chance=_chance(trainer),
         )
@@ -169,20 +186,34 @@ class SubnetMonitorCallback(TrainerCallback):
             )
         return data
 
-    def _evaluate(self, dataset, subnets: list[Subnet | None]) -> tuple[list[float], list[float]]:
-        """Accuracy and FLOP share of each sub-network (``None``: the full network) on ``dataset``."""
+    def _evaluate(self, dataset, subnets: list[Subnet | None]) -> tuple[list[float], list[float] | None, list[float]]:
+        """Accuracy, accuracy with the full network's BatchNorm statistics, and FLOP share of each network.
+
+        ``None`` in ``subnets`` is the full network, as trained. The first list holds the accuracies
+        with statistics re-estimated for each sub-network; without re-estimation
+        (``subnet_bn_recalibration_samples: 0``, or no training data) they are the inherited ones
+        and the second list is None.
+        """
         trainer = self.trainer
         model = trainer.accelerator.unwrap_model(trainer.model)
+        gather = trainer.accelerator.gather_for_metrics
+        estimation = trainer._subnet_estimation_batches(trainer.args.subnet_bn_recalibration_samples)
         # Evaluation draws a DataLoader seed from torch's RNG: keep the training stream unchanged.
         with preserved_rng_state():
             loader = trainer.get_eval_dataloader(dataset)
             batches = _PreparedBatches(trainer, loader)
-            accuracies = [
-                evaluate_model(model, batches, trainer.stages, subnet, gather=trainer.accelerator.gather_for_metrics)[
-                    "accuracy"
-                ]
-                for subnet in subnets
+            inherited = [
+                evaluate_model(model, batches, trainer.stages, subnet, gather=gather)["accuracy"] for subnet in subnets
             ]
+            own = None
+            if estimation is not None:
+                own = []
+                for subnet, score in zip(subnets, inherited, strict=True):
+                    if subnet is None:
+                        own.append(score)
+                        continue
+                    with trainer.subnet_bn_statistics(subnet, estimation):
+                        own.append(evaluate_model(model, batches, trainer.stages, subnet, gather=gather)["accuracy"])
         # float(): a pre-decoded pipeline's uint8 images count the same FLOPs as the normalised ones.
         example = _example_input(trainer, dataset, loader).to(next(model.parameters()).device).float()
         shares = []
@@ -193,7 +224,7 @@ class SubnetMonitorCallback(TrainerCallback):
                 part = full if subnet is None else count_flops(model, example, trainer.stages, subnet)
                 self._flop_shares[key] = part / full if full else float("nan")
             shares.append(self._flop_shares[key])
-        return accuracies, shares
+        return (own, inherited, shares) if own is not None else (inherited, None, shares)
 
     def _writer(self, args: TrainingArguments) -> SummaryWriter:
         for callback in self.trainer.callback_handler.callbacks:

@@ -10,6 +10,7 @@ from typing import Any
 
 from transformers import TrainingArguments
 
+from stim_hf.batchnorm import DEFAULT_RECALIBRATION_SAMPLES
 from stim_hf.collapse import COLLAPSE_ACTIONS
 from stim_hf.errors import ConfigError
 from stim_hf.losses import KL_LOSSES, LOGIT_NORMALIZATIONS
@@ -179,6 +180,15 @@ class StimulativeTrainingArguments(TrainingArguments):
         default=4,
         metadata={"help": "Fixed random sub-networks evaluated at the end of training to report loafing (0: none)."},
     )
+    subnet_bn_recalibration_samples: int = field(
+        default=DEFAULT_RECALIBRATION_SAMPLES,
+        metadata={
+            "help": "Training images each evaluated sub-network's BatchNorm statistics are re-estimated on before it "
+            "is scored (end-of-training report, evaluate_subnets, the sub-network monitor); the figures with the "
+            "full network's statistics (inherited, the papers' loafing measure) are reported beside them. 0: the "
+            "inherited figures only. The full network is never changed."
+        },
+    )
     subnet_monitor_count: int = field(
         default=0,
         metadata={
@@ -339,6 +349,7 @@ class StimulativeTrainingArguments(TrainingArguments):
         number("min_input_scale", 0.0, 1.0, low_open=True)
         number("bn_recalibration_samples", 1, integer=True)
         number("num_eval_subnets", 0, integer=True)
+        number("subnet_bn_recalibration_samples", 0, integer=True)
         number("subnet_monitor_count", 0, integer=True)
         number("subnet_monitor_every", 1, integer=True)
         self.sample_space = parse_sample_space(self.sample_space)

@@ -14,6 +14,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import datasets
 import numpy as np
@@ -49,6 +50,9 @@ class DataArguments:
     class) or ``train_file`` (parquet / arrow files). Without validation data, a stratified,
     seeded fraction ``train_val_split`` of the training data becomes the validation split.
     """
+
+    training_source_required: ClassVar[bool] = True
+    """False in :class:`EvaluationDataArguments`: validation data alone will do."""
 
     dataset_name: str | None = field(
         default=None,
@@ -176,6 +180,9 @@ class DataArguments:
 
     def _check_sources(self) -> None:
         sources = [name for name in ("dataset_name", "train_dir", "train_file") if getattr(self, name) is not None]
+        if not sources and not self.training_source_required:
+            self._check_evaluation_source()
+            return
         if len(sources) != 1:
             given = "none was given" if not sources else f"got {' and '.join(sources)}"
             raise ConfigError(
@@ -219,6 +226,23 @@ class DataArguments:
                 f"validation_split and train_split are both '{self.train_split}'; pick another validation "
                 "split, or unset validation_split to carve one off the training data"
             )
+
+    def _check_evaluation_source(self) -> None:
+        given = [name for name in ("validation_file", "validation_dir") if getattr(self, name) is not None]
+        if len(given) != 1:
+            problem = "no data was given" if not given else "validation_file and validation_dir are both set"
+            raise ConfigError(
+                f"{problem}; give the images to evaluate with validation_file (parquet or arrow files) or "
+                "validation_dir (an image folder), or the training data set (dataset_name, train_dir or train_file)"
+            )
+        for name in ("dataset_config_name", "validation_split"):
+            if getattr(self, name) is not None:
+                raise ConfigError(f"{name} only applies to dataset_name; unset it")
+
+    @property
+    def has_training_source(self) -> bool:
+        """Whether a training source is set (``dataset_name``, ``train_dir`` or ``train_file``)."""
+        return any(getattr(self, name) is not None for name in ("dataset_name", "train_dir", "train_file"))
 
     def _check_values(self) -> None:
         if self.image_column_name == self.label_column_name:
@@ -312,6 +336,18 @@ class DataArguments:
         return self.resolved_eval_image_size()
 
 
+@dataclass
+class EvaluationDataArguments(DataArguments):
+    """:class:`DataArguments` of the commands that evaluate saved models (``stim-hf loafing``, ``export``).
+
+    The same fields, but a training source is optional: ``validation_file`` or ``validation_dir``
+    alone gives the images to evaluate. Training images are needed only to re-estimate BatchNorm
+    statistics, or to carve a validation split off them.
+    """
+
+    training_source_required: ClassVar[bool] = False
+
+
 def check_predecoded_augmentation(augmentation: str) -> None:
     """Refuse augmentation presets the pre-decoded pipeline cannot run, naming the fix."""
     if augmentation not in PREDECODED_AUGMENTATIONS:
@@ -375,6 +411,8 @@ def resolve_data_files(pattern: str, arg_name: str = "train_file") -> tuple[str,
 def load_image_datasets(data_args: DataArguments, seed: int) -> datasets.DatasetDict:
     """Load the configured source as a ``DatasetDict`` with a "train" and a "validation" split.
 
+    (With evaluation data only, :class:`EvaluationDataArguments`, the "validation" split alone.)
+
     Checks that the image and label columns exist and that every label is a valid class id, casts
     integer labels to a ``ClassLabel`` (names "0".."C-1") so both splits share one label map, adds
     :data:`ROW_INDEX_COLUMN`, carves a stratified validation split off the training data when there
@@ -384,6 +422,8 @@ def load_image_datasets(data_args: DataArguments, seed: int) -> datasets.Dataset
     """
     train, validation = _load_source(data_args)
     image_column, label_column = data_args.image_column_name, data_args.label_column_name
+    if train is None:  # evaluation data only (EvaluationDataArguments)
+        return datasets.DatasetDict({"validation": _load_validation_only(validation, data_args, seed)})
     train_what = "training data"
     _check_split(train, data_args, train_what)
     names = get_label_names(train, label_column)
@@ -406,6 +446,16 @@ def load_image_datasets(data_args: DataArguments, seed: int) -> datasets.Dataset
         label_column,
     )
     return datasets.DatasetDict({"train": train, "validation": validation})
+
+
+def _load_validation_only(validation: datasets.Dataset, data_args: DataArguments, seed: int) -> datasets.Dataset:
+    what = "validation data"
+    _check_split(validation, data_args, what)
+    names = get_label_names(validation, data_args.label_column_name)
+    validation = _add_row_index(_as_class_label(validation, data_args.label_column_name, names, what))
+    validation = _random_subset(validation, data_args.max_eval_samples, seed)
+    logger.info("loaded %d validation images, %d classes (no training data)", len(validation), len(names))
+    return validation
 
 
 def get_label_names(dataset: datasets.Dataset, label_column: str) -> list[str]:
@@ -447,7 +497,7 @@ def get_label_names(dataset: datasets.Dataset, label_column: str) -> list[str]:
     return [str(int(i)) for i in ids]
 
 
-def _load_source(data_args: DataArguments) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+def _load_source(data_args: DataArguments) -> tuple[datasets.Dataset | None, datasets.Dataset | None]:
     cache_dir = data_args.dataset_cache_dir
     if data_args.dataset_name is not None:
         name = data_args.dataset_name
@@ -462,6 +512,19 @@ def _load_source(data_args: DataArguments) -> tuple[datasets.Dataset, datasets.D
                     "when offline (HF_DATASETS_OFFLINE=1) make sure the dataset is in the datasets cache"
                 ) from error
         return _pick_splits(splits, data_args)
+    if not data_args.has_training_source:
+        if data_args.validation_file is not None:
+            return None, _load_files(data_args.validation_file, "validation_file", cache_dir)
+        folder = os.path.join(os.path.abspath(os.path.expanduser(data_args.validation_dir)), "**")
+        try:
+            return None, datasets.load_dataset(
+                "imagefolder", data_files={"validation": folder}, split="validation", cache_dir=cache_dir
+            )
+        except (FileNotFoundError, ValueError) as error:
+            raise DataError(
+                f"cannot load the image folder validation_dir '{data_args.validation_dir}' ({type(error).__name__}: "
+                f"{error}); put the image files in one subfolder per class (<dir>/<class name>/<image file>)"
+            ) from error
     if data_args.train_dir is not None:
         data_files = {"train": os.path.join(os.path.abspath(os.path.expanduser(data_args.train_dir)), "**")}
         if data_args.validation_dir is not None:

@@ -12,40 +12,46 @@ ResNets). See docs/models.md for which families can be exported.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
-import shutil
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import datasets
-import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
-from transformers import EvalPrediction, PreTrainedModel
+from transformers import AutoImageProcessor, PreTrainedModel
+from transformers.image_processing_utils import BaseImageProcessor
 
-from stim_hf.batchnorm import batchnorm_layers, preserved_rng_state, recalibrate_batchnorm
+from stim_hf.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from stim_hf.builtin_datasets import is_builtin_dataset_name
 from stim_hf.checkpointing import MANIFEST_NAME, TRAINER_STATE_NAME
-from stim_hf.data import DataArguments, load_image_datasets
-from stim_hf.errors import ConfigError, DataError, ModelStructureError
-from stim_hf.metrics import build_compute_metrics, top_k_indices
+from stim_hf.data import DataArguments, EvaluationDataArguments, load_image_datasets
+from stim_hf.errors import ConfigError, ModelStructureError
+from stim_hf.evaluation import (
+    BatchSource,
+    evaluate_model,
+    print_notice,
+    recalibration_batches,
+    resolve_recalibration_samples,
+)
 from stim_hf.modeling import load_saved_classifier
 from stim_hf.parser import SubcommandArgumentParser, load_recipe
 from stim_hf.subnets import ResidualFamily, ResidualStage, Subnet, find_residual_family, subnet_from_depths
-from stim_hf.transforms import collate_image_batch, with_image_transforms
+from stim_hf.transforms import build_image_processor, with_image_transforms
 
 logger = logging.getLogger(__name__)
 
 # Files of a checkpoint directory that describe preprocessing; copied to the export unchanged.
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 # The data source fields of DataArguments: a data set is configured when one of them is set.
-_DATA_SOURCE_FIELDS = ("dataset_name", "train_dir", "train_file")
+_DATA_SOURCE_FIELDS = ("dataset_name", "train_dir", "train_file", "validation_file", "validation_dir")
+# The smallest --input-size (pixels), as the trainer's smallest sub-network input.
+MIN_INPUT_SIZE = 8
 # Files that make a folder a training checkpoint (resumable): stim_hf's manifest, or the
 # Trainer's state and optimizer state together (checkpoints written by other tools).
 _CHECKPOINT_MARKERS = ((MANIFEST_NAME,), (TRAINER_STATE_NAME, "optimizer.pt"))
@@ -196,68 +202,6 @@ def dropped_parameter_count(stages: Sequence[ResidualStage], subnet: Subnet) -> 
 
 
 # --------------------------------------------------------------------------------------------------
-# BatchNorm recalibration and evaluation on a data set
-# --------------------------------------------------------------------------------------------------
-
-
-def _batches(dataset: datasets.Dataset, batch_size: int, device: torch.device) -> Iterable[dict[str, torch.Tensor]]:
-    """Collated batches of ``dataset`` in order, moved to ``device``."""
-    loader = DataLoader(dataset, batch_size=batch_size, collate_fn=collate_image_batch)
-    for batch in loader:
-        yield {key: value.to(device) for key, value in batch.items()}
-
-
-def recalibrate_on_data(
-    model: nn.Module,
-    splits: datasets.DatasetDict,
-    data_args: DataArguments,
-    num_samples: int,
-    seed: int,
-    batch_size: int = 128,
-) -> int:
-    """Re-estimate ``model``'s BatchNorm statistics on ``num_samples`` seeded training images.
-
-    Uses the training transforms (as the Trainer's recalibration does) and restores the random
-    states afterwards. Returns the number of images used (0 for a model without BatchNorm).
-    """
-    if not batchnorm_layers(model):
-        return 0
-    train = with_image_transforms(splits["train"], data_args, train=True)
-    chosen = np.random.default_rng(seed).permutation(len(train))[:num_samples].tolist()
-    with preserved_rng_state():
-        torch.manual_seed(seed)
-        batches = _batches(Subset(train, chosen), batch_size, _device_of(model))
-        return recalibrate_batchnorm(model, batches, len(chosen))
-
-
-@torch.no_grad()
-def evaluate_on_data(
-    model: nn.Module, splits: datasets.DatasetDict, data_args: DataArguments, batch_size: int = 256
-) -> dict[str, float]:
-    """Top-1 and top-5 accuracy of ``model`` (eval mode) on the validation split.
-
-    Returns ``{"accuracy", "top5_accuracy", "num_samples"}``.
-    """
-    validation = with_image_transforms(splits["validation"], data_args, train=False)
-    was_training = model.training
-    model.eval()
-    predictions, labels = [], []
-    try:
-        for batch in _batches(validation, batch_size, _device_of(model)):
-            logits = model(pixel_values=batch["pixel_values"]).logits
-            predictions.append(top_k_indices(logits).cpu())
-            labels.append(batch["labels"].cpu())
-    finally:
-        model.train(was_training)
-    if not labels:
-        raise DataError("the validation split is empty, so there is nothing to evaluate; check the data arguments")
-    metrics = build_compute_metrics()(
-        EvalPrediction(predictions=torch.cat(predictions).numpy(), label_ids=torch.cat(labels).numpy())
-    )
-    return {**metrics, "num_samples": int(sum(len(x) for x in labels))}
-
-
-# --------------------------------------------------------------------------------------------------
 # Export
 # --------------------------------------------------------------------------------------------------
 
@@ -293,7 +237,7 @@ def export_subnet(
     model_or_checkpoint: PreTrainedModel | str | os.PathLike,
     depths: Sequence[int] | Subnet,
     output_dir: str | os.PathLike,
-    recalibrate_bn: int = 0,
+    recalibrate_bn: int | None = None,
     data_args: DataArguments | None = None,
     evaluate: bool = False,
     seed: int = 42,
@@ -301,26 +245,31 @@ def export_subnet(
     device: str | torch.device | None = None,
     command: str | None = None,
     overwrite: bool = False,
+    input_size: int | None = None,
 ) -> PreTrainedModel:
     """Write the prefix sub-network ``depths`` of a model to ``output_dir`` as a standalone model.
 
-    ``model_or_checkpoint`` is a model or a saved model directory. ``recalibrate_bn`` > 0 re-estimates
-    the exported model's BatchNorm statistics on that many training images of ``data_args`` (seeded
-    by ``seed``, which must be the training run's seed when the validation split is carved off the
-    training data); ``evaluate`` measures the top-1 / top-5 accuracy of the exported and the full
-    model on the validation split. Writes safetensors weights, ``config.json``, a model card
-    ``README.md`` and ``export_info.json``; returns the exported model (eval mode). An existing,
-    non-empty ``output_dir`` is refused unless ``overwrite``, and a training checkpoint always
-    (see :func:`check_output_dir`).
+    ``model_or_checkpoint`` is a model or a saved model directory. The exported model's BatchNorm
+    statistics are re-estimated for it on ``recalibrate_bn`` training images of ``data_args``
+    (default: 1024 when ``data_args`` has a training source, else 0, which keeps the full
+    network's; seeded by ``seed``, which must be the training run's seed when the validation split
+    is carved off the training data). ``input_size`` is the input side the sub-network is meant to
+    run at (default: the evaluation crop): the statistics are re-estimated at that size and the
+    saved image processor crops to it. ``evaluate`` measures the top-1 / top-5 accuracy of the
+    exported model (at ``input_size``) and the full model on the validation split. Writes
+    safetensors weights, ``config.json``, ``preprocessor_config.json`` (from ``data_args``, else
+    the checkpoint's own), a model card ``README.md`` and ``export_info.json``; returns the
+    exported model (eval mode). An existing, non-empty ``output_dir`` is refused unless
+    ``overwrite``, and a training checkpoint always (see :func:`check_output_dir`).
     """
-    if recalibrate_bn < 0:
-        raise ConfigError(f"recalibrate_bn={recalibrate_bn} must be >= 0 (0 keeps the full network's statistics)")
-    if (recalibrate_bn or evaluate) and data_args is None:
-        needs = "--recalibrate-bn" if recalibrate_bn else "--evaluate"
+    num_recal = resolve_recalibration_samples(recalibrate_bn, data_args, "--recalibrate-bn")
+    if evaluate and data_args is None:
         raise ConfigError(
-            f"{needs} needs data: give the data arguments of the training run (--dataset_name, --train_file or "
-            "--train_dir, ..., or --config RECIPE.yaml)"
+            "--evaluate needs data: give the validation data (--validation_file or --validation_dir) or the data "
+            "arguments of the training run (--dataset_name, --train_file or --train_dir, ..., or --config RECIPE.yaml)"
         )
+    if input_size is not None and (not isinstance(input_size, int) or input_size < MIN_INPUT_SIZE):
+        raise ConfigError(f"--input-size {input_size!r} must be an integer >= {MIN_INPUT_SIZE} (pixels)")
     from_folder = isinstance(model_or_checkpoint, (str, os.PathLike))
     if from_folder and Path(model_or_checkpoint).resolve() == Path(output_dir).resolve():
         raise ConfigError(
@@ -338,7 +287,12 @@ def export_subnet(
         model.to(device)
     family, stages = find_residual_family(model)
     subnet = prefix_subnet(stages, depths)
+    processor = _export_processor(data_args, source if from_folder else None)
+    trained_size = _processor_crop(processor)
+    _check_input_size(input_size, trained_size, family, model)
     exported = build_subnet_model(model, subnet, family)
+    if processor is not None and input_size is not None:
+        processor = processor_at_input_size(processor, input_size)
 
     info: dict[str, Any] = {
         "source": source,
@@ -350,34 +304,107 @@ def export_subnet(
         "num_parameters": _num_parameters(exported),
         "full_num_parameters": _num_parameters(model),
         "dropped_block_parameters": dropped_parameter_count(stages, subnet),
+        "input_size": input_size or trained_size,
+        "image_processor": processor is not None,
         "bn_recalibration_samples": 0,
         "has_batchnorm": bool(batchnorm_layers(exported)),
         "seed": seed,
         "command": command,
     }
-    if recalibrate_bn or evaluate:
+    if num_recal or evaluate:
         splits = load_image_datasets(data_args, seed=seed)
         info["data"] = _describe_data(data_args, seed)
-        if recalibrate_bn:
-            info["bn_recalibration_samples"] = recalibrate_on_data(
-                exported, splits, data_args, recalibrate_bn, seed, batch_size
-            )
+        if num_recal and info["has_batchnorm"]:
+            batches = recalibration_batches(splits["train"], data_args, num_recal, seed, batch_size, input_size)
+            with torch.no_grad():
+                moved = ({"pixel_values": b["pixel_values"].to(_device_of(exported))} for b in batches)
+                info["bn_recalibration_samples"] = recalibrate_batchnorm(exported, moved, num_recal)
         if evaluate:
-            info["metrics"] = evaluate_on_data(exported, splits, data_args, batch_size)
-            info["full_metrics"] = evaluate_on_data(model, splits, data_args, batch_size)
+            info["metrics"] = _evaluate(exported, splits["validation"], data_args, batch_size, input_size)
+            info["full_metrics"] = _evaluate(model, splits["validation"], data_args, batch_size)
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     exported.save_pretrained(output_dir)
     for name in PROCESSOR_FILES:
-        if from_folder and os.path.isfile(os.path.join(source, name)):
-            shutil.copyfile(os.path.join(source, name), output_dir / name)
-        elif (output_dir / name).is_file():
+        if (output_dir / name).is_file():
             (output_dir / name).unlink()  # left by an earlier export that --overwrite replaces
+    if processor is not None:
+        processor.save_pretrained(output_dir)
+    else:
+        logger.warning(
+            "no image processor written: the checkpoint has none and no data arguments were given; give those of "
+            "training (--config RECIPE.yaml) so that pipeline('image-classification') can load the export"
+        )
     (output_dir / "export_info.json").write_text(json.dumps(info, indent=2) + "\n")
     (output_dir / "README.md").write_text(model_card(info, stages, subnet))
     logger.info("exported %s to %s", subnet.describe(), output_dir)
     return exported
+
+
+def _export_processor(data_args: DataArguments | None, source: str | None) -> BaseImageProcessor | None:
+    """The export's image processor: from the data arguments (evaluation's preprocessing), else the checkpoint's."""
+    if data_args is not None:
+        return build_image_processor(data_args)
+    if source is not None and os.path.isfile(os.path.join(source, PROCESSOR_FILES[0])):
+        return AutoImageProcessor.from_pretrained(source)
+    return None
+
+
+def _processor_crop(processor: BaseImageProcessor | None) -> int | None:
+    """The input side a processor produces (its crop, else its fixed size), or None when it does not say."""
+    if processor is None:
+        return None
+    size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
+    return size.get("height") if size is not None else None
+
+
+def processor_at_input_size(processor: BaseImageProcessor, input_size: int) -> BaseImageProcessor:
+    """A copy of ``processor`` that gives ``input_size`` square inputs, the crop keeping its share of the image.
+
+    A resize of the shorter side followed by a centre crop (``BitImageProcessor``, as
+    :func:`~stim_hf.transforms.build_image_processor` writes) scales its resize with the crop; a
+    processor that resizes to a fixed height and width gets ``input_size`` for both.
+    """
+    processor = copy.deepcopy(processor)
+    crop = _processor_crop(processor)
+    size = dict(processor.size.items()) if hasattr(processor.size, "items") else dict(processor.size)
+    size = {k: v for k, v in size.items() if v is not None}
+    if getattr(processor, "do_center_crop", False) and crop:
+        processor.crop_size = {"height": input_size, "width": input_size}
+        processor.size = {k: max(input_size, round(v * input_size / crop)) for k, v in size.items()}
+    else:
+        processor.size = {"height": input_size, "width": input_size}
+    return processor
+
+
+def _check_input_size(input_size: int | None, trained_size: int | None, family: ResidualFamily, model) -> None:
+    """Refuse an input size the exported model cannot run at on its own (ConfigError naming the fix)."""
+    if input_size is None or input_size == trained_size:
+        return
+    if not family.supports_smaller_inputs or family.resized_forward_kwargs:
+        what = "windowed attention" if not family.supports_smaller_inputs else "position embeddings for its size"
+        raise ConfigError(
+            f"--input-size {input_size}: a standalone {type(model).__name__} ({family.name}) has {what} and runs "
+            f"only at the size it was trained at{f' ({trained_size})' if trained_size else ''}; leave --input-size "
+            "unset"
+        )
+    smallest = family.min_input_size(model) if family.min_input_size else 0
+    if input_size < smallest:
+        raise ConfigError(f"--input-size {input_size} is below {type(model).__name__}'s smallest input side {smallest}")
+
+
+def _evaluate(
+    model: nn.Module, validation, data_args: DataArguments, batch_size: int, input_size: int | None = None
+) -> dict[str, float]:
+    """Top-1 / top-5 accuracy of ``model`` on the validation split, with the evaluation transforms at ``input_size``."""
+    dataset = with_image_transforms(validation, data_args, train=False, input_size=input_size)
+    metrics = evaluate_model(model, BatchSource(dataset, batch_size, cache=False))
+    return {
+        "accuracy": metrics["accuracy"],
+        "top5_accuracy": metrics["top5_accuracy"],
+        "num_samples": metrics["num_samples"],
+    }
 
 
 def _device_of(model: nn.Module) -> torch.device:
@@ -450,8 +477,9 @@ def model_card(info: dict[str, Any], stages: Sequence[ResidualStage], subnet: Su
         )
     else:
         lines.append(
-            "Inherited from the full network (not re-estimated); `--recalibrate-bn N` re-estimates them for the "
-            "sub-network, which usually recovers much of its accuracy (docs/models.md)."
+            "Inherited from the full network (not re-estimated): a sub-network usually scores far lower with them. "
+            "Export with the training data (`--config RECIPE.yaml`) to re-estimate them for the sub-network "
+            "(docs/models.md)."
         )
     if "metrics" in info:
         sub, ref = info["metrics"], info["full_metrics"]
@@ -459,8 +487,8 @@ def model_card(info: dict[str, Any], stages: Sequence[ResidualStage], subnet: Su
             "",
             "## Accuracy",
             "",
-            f"On {sub['num_samples']:,} validation images ({info['data']['validation']}) at "
-            f"{info['data']['image_size']} px:",
+            f"On {sub['num_samples']:,} validation images ({info['data']['validation']}), this sub-network at "
+            f"{info['input_size']} px, the full model at {info['data']['image_size']} px:",
             "",
             "| model | top-1 | top-5 |",
             "| --- | --- | --- |",
@@ -468,17 +496,29 @@ def model_card(info: dict[str, Any], stages: Sequence[ResidualStage], subnet: Su
             f"| full model | {100 * ref['accuracy']:.2f}% | {100 * ref['top5_accuracy']:.2f}% |",
         ]
     needs_stim = info["family"] == "cifar_resnet"
-    lines += [
-        "",
-        "## Usage",
-        "",
-        "```python",
-        *(["import stim_hf  # registers the CIFAR ResNets with the Auto classes"] if needs_stim else []),
-        "from transformers import AutoModelForImageClassification",
-        "",
-        'model = AutoModelForImageClassification.from_pretrained("path/to/this/folder")',
-        "```",
-    ]
+    lines += ["", "## Usage", ""]
+    if info["image_processor"]:
+        lines += [
+            f"The folder's image processor resizes, crops to {info['input_size']} px and normalises images as the "
+            "evaluation did:",
+            "",
+            "```python",
+            *(["import stim_hf  # registers the CIFAR ResNets with the Auto classes"] if needs_stim else []),
+            "from transformers import pipeline",
+            "",
+            'classify = pipeline("image-classification", model="path/to/this/folder")',
+            'print(classify("image.png"))',
+            "```",
+        ]
+    else:
+        lines += [
+            "```python",
+            *(["import stim_hf  # registers the CIFAR ResNets with the Auto classes"] if needs_stim else []),
+            "from transformers import AutoModelForImageClassification",
+            "",
+            'model = AutoModelForImageClassification.from_pretrained("path/to/this/folder")',
+            "```",
+        ]
     if info.get("command"):
         lines += ["", "Exported with:", "", "```bash", info["command"], "```"]
     return "\n".join(lines) + "\n"
@@ -498,12 +538,24 @@ class ExportArguments:
         metadata={"help": "Blocks to keep per stage, comma-separated (e.g. 3,2,1): the first depths[s] of stage s."},
     )
     output: str = field(default=None, metadata={"help": "Directory to write the exported model to."})
-    recalibrate_bn: int = field(
-        default=0,
-        metadata={"help": "Re-estimate BatchNorm statistics of the export on this many training images (0: keep)."},
+    recalibrate_bn: int | None = field(
+        default=None,
+        metadata={
+            "help": "Re-estimate the export's BatchNorm statistics on this many training images (default: 1024 when "
+            "training data is given, else 0; 0 keeps the full network's)."
+        },
+    )
+    input_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Input side the sub-network is meant to run at (ST++ trains sub-networks on 0.43 S..S): its "
+            "BatchNorm statistics are re-estimated and its image processor crops at this size. Default: the "
+            "evaluation crop."
+        },
     )
     evaluate: bool = field(
-        default=False, metadata={"help": "Measure top-1 / top-5 accuracy of the export and the full model."}
+        default=False,
+        metadata={"help": "Measure top-1 / top-5 accuracy of the export (at --input-size) and of the full model."},
     )
     seed: int = field(
         default=42,
@@ -538,8 +590,8 @@ def parse_depths(text: str | Sequence[int]) -> list[int]:
 
 
 def build_parser() -> SubcommandArgumentParser:
-    """The ``stim-hf export`` parser: a checkpoint, :class:`ExportArguments` and :class:`DataArguments`."""
-    parser = SubcommandArgumentParser((ExportArguments, DataArguments), prog="stim-hf export")
+    """The ``stim-hf export`` parser: a checkpoint, :class:`ExportArguments` and evaluation data arguments."""
+    parser = SubcommandArgumentParser((ExportArguments, EvaluationDataArguments), prog="stim-hf export")
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="Model directory (config.json + model.safetensors).")
     return parser
 
@@ -548,7 +600,10 @@ def _recipe_defaults(path: str) -> dict[str, Any]:
     """The data fields and the seed of a training recipe, as parser defaults."""
     values = load_recipe(path)
     wanted = {f.name for f in fields(DataArguments) if f.init} | {"seed"}
-    return {key: value for key, value in values.items() if key in wanted and value is not None}
+    defaults = {key: value for key, value in values.items() if key in wanted and value is not None}
+    if values.get("subnet_bn_recalibration_samples") is not None:
+        defaults["recalibrate_bn"] = values["subnet_bn_recalibration_samples"]
+    return defaults
 
 
 def parse_export_args(
@@ -571,7 +626,8 @@ def parse_export_args(
             "'stim-hf export outputs/run --depths 3,2,1 --output exported/'"
         )
     data_values = {f.name: values[f.name] for f in fields(DataArguments) if f.init}
-    data_args = DataArguments(**data_values) if any(data_values[k] is not None for k in _DATA_SOURCE_FIELDS) else None
+    given = any(data_values[k] is not None for k in _DATA_SOURCE_FIELDS)
+    data_args = EvaluationDataArguments(**data_values) if given else None
     return namespace.checkpoint, export_args, data_args
 
 
@@ -579,13 +635,15 @@ def main(argv: Sequence[str] | None = None) -> PreTrainedModel:
     """Entry point of ``stim-hf export``; configuration errors propagate as :class:`StimError`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     checkpoint, args, data_args = parse_export_args(argv)
+    notes: list[str] = []  # said after the summary, so that an error is the only line before it
+    recalibrate_bn = resolve_recalibration_samples(args.recalibrate_bn, data_args, "--recalibrate-bn", notes.append)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("stim_hf").setLevel(logging.INFO)
     exported = export_subnet(
         checkpoint,
         parse_depths(args.depths),
         args.output,
-        recalibrate_bn=args.recalibrate_bn,
+        recalibrate_bn=recalibrate_bn,
         data_args=data_args,
         evaluate=args.evaluate,
         seed=args.seed,
@@ -593,6 +651,7 @@ def main(argv: Sequence[str] | None = None) -> PreTrainedModel:
         device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
         command="stim-hf export " + " ".join(argv),
         overwrite=args.overwrite,
+        input_size=args.input_size,
     )
     info = json.loads((Path(args.output) / "export_info.json").read_text())
     summary = (
@@ -605,4 +664,6 @@ def main(argv: Sequence[str] | None = None) -> PreTrainedModel:
             f"{100 * info['full_metrics']['accuracy']:.2f}%)"
         )
     print(summary, flush=True)
+    for note in notes:
+        print_notice("stim-hf export")(note)
     return exported

@@ -12,15 +12,17 @@ mean / min / max sub-network accuracy and the loafing gap::
     relative_subnet_accuracy = mean_subnet_accuracy / full_accuracy
     loafing_gap              = 1 - relative_subnet_accuracy
 
-(0: the sub-networks are, on average, as accurate as the full network; 1: they are useless). With
-``--recalibrate-bn N`` every network is also evaluated after re-estimating its BatchNorm
-statistics on ``N`` training images, which separates "the weights loaf" from "the BatchNorm
-statistics (those of the full network) do not fit the sub-network". Results go to
-``loafing.json``, ``loafing.csv`` and ``loafing.png`` in ``--output-dir``.
+(0: the sub-networks are, on average, as accurate as the full network; 1: they are useless). Each
+sub-network is scored with BatchNorm statistics re-estimated for it on ``--recalibrate-bn N``
+training images (by default when training data is given; the full network stays as trained), and
+beside it, suffixed ``_inherited_bn``, with the full network's statistics: the papers' measure of
+loafing, which mixes "the weights loaf" with "the full network's statistics do not fit the
+sub-network". ``--recalibrate-bn 0``, or no training data, keeps the inherited statistics only.
+Results go to ``loafing.json``, ``loafing.csv`` and ``loafing.png`` in ``--output-dir``.
 
 The building blocks (:func:`fixed_eval_subnets`, :func:`stage_sweep_subnets`,
-:func:`evaluate_model`, :func:`subnet_batchnorm_statistics`, :func:`loafing_summary`,
-:func:`analyze_checkpoints`, :func:`write_report`) are reusable from Python.
+:func:`~stim_hf.evaluation.evaluate_model`, :func:`~stim_hf.batchnorm.subnet_batchnorm_statistics`,
+:func:`loafing_summary`, :func:`analyze_checkpoints`, :func:`write_report`) are reusable from Python.
 """
 
 from __future__ import annotations
@@ -31,26 +33,30 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
+from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
-from stim_hf.batchnorm import batchnorm_layers, recalibrate_batchnorm
+from stim_hf.batchnorm import subnet_batchnorm_statistics
 from stim_hf.config import StimulativeTrainingArguments, method_settings, parse_sample_space
-from stim_hf.data import DataArguments, get_label_names, load_image_datasets
+from stim_hf.data import DataArguments, EvaluationDataArguments, get_label_names, load_image_datasets
 from stim_hf.errors import ConfigError, DataError
+from stim_hf.evaluation import (  # noqa: F401  (evaluate_model, BatchSource: also importable from here)
+    BatchSource,
+    evaluate_model,
+    print_notice,
+    recalibration_batches,
+    resolve_recalibration_samples,
+)
 from stim_hf.flops import count_flops
-from stim_hf.modeling import load_saved_classifier
+from stim_hf.modeling import check_saved_model_dir, load_saved_classifier
 from stim_hf.parser import SubcommandArgumentParser, load_recipe
 from stim_hf.plotting import LoafingSeries, plot_loafing, save_figure
 from stim_hf.subnets import (
@@ -60,11 +66,9 @@ from stim_hf.subnets import (
     Subnet,
     SubnetSampler,
     find_residual_family,
-    resize_for_subnet,
-    use_subnet,
 )
 from stim_hf.subnets.sampling import resolve_sample_space, subnet_from_depths
-from stim_hf.transforms import collate_image_batch, with_image_transforms
+from stim_hf.transforms import with_image_transforms
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +87,8 @@ CSV_COLUMNS = (
     "flop_share",
     "accuracy",
     "loss",
-    "accuracy_bn_recalibrated",
-    "loss_bn_recalibrated",
+    "accuracy_inherited_bn",
+    "loss_inherited_bn",
 )
 
 
@@ -123,11 +127,12 @@ class LoafingArguments:
             "other stages full."
         },
     )
-    recalibrate_bn: int = field(
-        default=0,
+    recalibrate_bn: int | None = field(
+        default=None,
         metadata={
-            "help": "Also evaluate every network after re-estimating its BatchNorm statistics on this many "
-            "training images (0: off)."
+            "help": "Score every sub-network with BatchNorm statistics re-estimated for it on this many training "
+            "images (default: 1024 when training data is given, else 0); the figures with the full network's "
+            "statistics (the papers' loafing measure) are reported beside them. 0: those only."
         },
     )
     output_dir: str = field(default="loafing", metadata={"help": "Where loafing.json, .csv and .png are written."})
@@ -158,6 +163,8 @@ class LoafingArguments:
     def __post_init__(self) -> None:
         for name in ("num_subnets", "recalibrate_bn", "num_workers", "eval_cache_mb"):
             value = getattr(self, name)
+            if name == "recalibrate_bn" and value is None:
+                continue
             if not isinstance(value, int) or value < 0:
                 raise ConfigError(f"{name}={value!r} must be an integer >= 0")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
@@ -183,6 +190,7 @@ _RECIPE_KEYS = {
     "num_eval_subnets": "num_subnets",
     "per_device_eval_batch_size": "batch_size",
     "dataloader_num_workers": "num_workers",
+    "subnet_bn_recalibration_samples": "recalibrate_bn",
 }
 
 
@@ -197,8 +205,8 @@ def _as_default(value: Any) -> Any:
 
 
 def build_parser() -> SubcommandArgumentParser:
-    """The ``stim-hf loafing`` argument parser: checkpoints, :class:`LoafingArguments`, :class:`DataArguments`."""
-    parser = SubcommandArgumentParser((LoafingArguments, DataArguments), prog="stim-hf loafing")
+    """The ``stim-hf loafing`` parser: checkpoints, :class:`LoafingArguments`, :class:`~stim_hf.data.EvaluationDataArguments`."""
+    parser = SubcommandArgumentParser((LoafingArguments, EvaluationDataArguments), prog="stim-hf loafing")
     parser.add_argument(
         "checkpoints", nargs="+", metavar="CKPT", help="Model directories (config.json + model.safetensors)."
     )
@@ -307,107 +315,8 @@ def stage_sweep_subnets(
 
 
 # --------------------------------------------------------------------------------------------------
-# Evaluating a model as a sub-network
+# Summaries
 # --------------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def evaluate_model(
-    model: nn.Module,
-    batches: Iterable[dict[str, torch.Tensor]],
-    stages: Sequence[ResidualStage] | None = None,
-    subnet: Subnet | None = None,
-    device: torch.device | str | None = None,
-    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    forward_kwargs: dict | None = None,
-) -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy of ``model`` (or of ``subnet`` of it) on ``batches``.
-
-    ``batches`` yield ``{"pixel_values", "labels"}`` (moved to ``device``, default the model's).
-    The model runs in eval mode (its mode is restored), so BatchNorm uses its running statistics:
-    those of the full network unless changed (see :func:`subnet_batchnorm_statistics`). A
-    sub-network with an ``input_size`` gets its batches resized to it. ``gather`` (e.g.
-    ``accelerator.gather_for_metrics``) collects per-example results across processes in a
-    distributed run. Returns ``{"accuracy", "loss", "num_samples"}``.
-    """
-    if subnet is not None and stages is None:
-        raise ValueError("evaluate_model needs the model's stages to run a sub-network")
-    if device is None:
-        device = next(model.parameters()).device
-    was_training = model.training
-    correct_sum, loss_sum, count = 0.0, 0.0, 0
-    context = use_subnet_or_full(stages, subnet)
-    try:
-        model.eval()
-        with context:
-            for batch in batches:
-                pixel_values = resize_for_subnet(batch["pixel_values"].to(device), subnet)
-                labels = batch["labels"].to(device)
-                logits = model(pixel_values=pixel_values, **(forward_kwargs or {})).logits.float()
-                correct = (logits.argmax(dim=-1) == labels).float()
-                losses = F.cross_entropy(logits, labels, reduction="none")
-                if gather is not None:
-                    correct, losses = gather(correct), gather(losses)
-                correct_sum += float(correct.sum())
-                loss_sum += float(losses.sum())
-                count += int(correct.numel())
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise DataError("no evaluation examples: the evaluation data is empty")
-    return {"accuracy": correct_sum / count, "loss": loss_sum / count, "num_samples": count}
-
-
-def use_subnet_or_full(stages: Sequence[ResidualStage] | None, subnet: Subnet | None):
-    """``use_subnet(stages, subnet)`` for a proper sub-network, a no-op context for ``None`` or the full one."""
-    if subnet is None or subnet.is_full:
-        return nullcontext()
-    return use_subnet(stages, subnet)
-
-
-def batchnorm_state(model: nn.Module) -> list[tuple[torch.Tensor, ...]]:
-    """Copies of every BatchNorm layer's running mean, running variance and batch counter."""
-    return [
-        (layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone())
-        for layer in batchnorm_layers(model)
-    ]
-
-
-def restore_batchnorm_state(model: nn.Module, state: Sequence[tuple[torch.Tensor, ...]]) -> None:
-    """Put back the statistics saved by :func:`batchnorm_state` (same model, same layers)."""
-    for layer, (mean, var, tracked) in zip(batchnorm_layers(model), state, strict=True):
-        layer.running_mean.copy_(mean)
-        layer.running_var.copy_(var)
-        layer.num_batches_tracked.copy_(tracked)
-
-
-@contextmanager
-def subnet_batchnorm_statistics(
-    model: nn.Module,
-    batches: Iterable[dict[str, torch.Tensor]],
-    num_samples: int,
-    stages: Sequence[ResidualStage] | None = None,
-    subnet: Subnet | None = None,
-    device: torch.device | str | None = None,
-) -> Iterator[int]:
-    """Inside the block, ``model``'s BatchNorm statistics are re-estimated for ``subnet`` (or the full net).
-
-    Runs :func:`stim_hf.batchnorm.recalibrate_batchnorm` on about ``num_samples`` images of
-    ``batches`` while the model runs as ``subnet`` (resized to its input size if it has one);
-    yields the number of images used. The original statistics are restored on exit, so the next
-    network starts from the checkpoint's own.
-    """
-    if device is None:
-        device = next(model.parameters()).device
-    saved = batchnorm_state(model)
-    moved = ({"pixel_values": resize_for_subnet(b["pixel_values"].to(device), subnet)} for b in batches)
-    try:
-        with use_subnet_or_full(stages, subnet):
-            seen = recalibrate_batchnorm(model, moved, num_samples)
-        yield seen
-    finally:
-        with torch.no_grad():
-            restore_batchnorm_state(model, saved)
 
 
 def loafing_summary(
@@ -417,7 +326,7 @@ def loafing_summary(
 
     ``relative_subnet_accuracy = mean / full`` and ``loafing_gap = 1 - mean / full`` (``None`` when
     there are no sub-networks or the full accuracy is 0). ``suffix`` is appended to every key
-    (``"_bn_recalibrated"`` for the recalibrated columns).
+    (``"_inherited_bn"`` for the columns with the full network's BatchNorm statistics).
     """
     accuracies = [float(a) for a in subnet_accuracies]
     mean = sum(accuracies) / len(accuracies) if accuracies else None
@@ -436,41 +345,6 @@ def loafing_summary(
 # --------------------------------------------------------------------------------------------------
 # Data and checkpoints
 # --------------------------------------------------------------------------------------------------
-
-
-class BatchSource:
-    """Re-iterable batches of a transformed dataset: decoded once and kept, or decoded on every pass.
-
-    Keeps the collated batches in memory when ``cache`` is true; otherwise every iteration runs a
-    new :class:`~torch.utils.data.DataLoader`. Either way every pass yields the same images.
-    """
-
-    def __init__(self, dataset, batch_size: int, num_workers: int = 0, cache: bool = True) -> None:
-        self.dataset = dataset
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.cache = cache
-        self._batches: list[dict[str, torch.Tensor]] | None = None
-
-    def _loader(self) -> DataLoader:
-        return DataLoader(
-            self.dataset,
-            batch_size=self.batch_size,
-            shuffle=False,
-            num_workers=self.num_workers,
-            collate_fn=collate_image_batch,
-        )
-
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        if not self.cache:
-            yield from self._loader()
-            return
-        if self._batches is None:
-            self._batches = list(self._loader())
-        yield from self._batches
-
-    def __len__(self) -> int:
-        return len(self.dataset)
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> nn.Module:
@@ -518,28 +392,35 @@ def analyze_checkpoints(
 ) -> dict[str, Any]:
     """Run the loafing analysis on ``checkpoints`` and return the report (what ``loafing.json`` holds).
 
-    The report has ``settings``, ``networks`` (one entry per evaluated network: ``name``,
-    ``kind`` = full / sampled / sweep, ``depths``, ``kept``, ``depth_fraction``, ``flops``,
-    ``flop_share``) and ``checkpoints`` (per checkpoint: ``label``, ``path``, ``results`` per
-    network with ``accuracy``, ``loss`` and, with ``recalibrate_bn``, ``accuracy_bn_recalibrated``
-    and ``loss_bn_recalibrated``; and ``summary`` from :func:`loafing_summary`, over the sampled
-    sub-networks, or over the sweep ones when none is sampled). All checkpoints must share one
-    architecture.
+    The report has ``settings`` (``recalibrate_bn``: the training images each sub-network's
+    BatchNorm statistics were re-estimated on, 0 for none; ``bn_statistics`` says it in words),
+    ``networks`` (one entry per evaluated network: ``name``, ``kind`` = full / sampled / sweep,
+    ``depths``, ``kept``, ``depth_fraction``, ``flops``, ``flop_share``) and ``checkpoints`` (per
+    checkpoint: ``label``, ``path``, ``results`` per network with ``accuracy`` and ``loss``, with
+    re-estimated statistics, and ``accuracy_inherited_bn`` / ``loss_inherited_bn``, with the full
+    network's; the full network itself is scored as trained; and ``summary`` from
+    :func:`loafing_summary` for both, over the sampled sub-networks, or over the sweep ones when
+    none is sampled). All checkpoints must share one architecture. Without a training source, an
+    unset ``recalibrate_bn`` means 0 (:func:`~stim_hf.evaluation.resolve_recalibration_samples`).
     """
     if not checkpoints:
         raise ConfigError("give at least one checkpoint directory")
     labels = list(labels) if labels else checkpoint_labels(checkpoints)
     device = _resolve_device(args.device)
+    num_recal = resolve_recalibration_samples(args.recalibrate_bn, data_args, "--recalibrate-bn")
 
     splits = load_image_datasets(data_args, seed=args.seed)
-    label_names = get_label_names(splits["train"], data_args.label_column_name)
+    label_names = get_label_names(splits["validation"], data_args.label_column_name)
+    _check_checkpoints(checkpoints, len(label_names))  # before any progress bar
     eval_dataset = with_image_transforms(splits["validation"], data_args, train=False)
     size = data_args.resolved_eval_image_size()
     cache_bytes = len(eval_dataset) * 3 * size * size * 4
     eval_batches = BatchSource(
         eval_dataset, args.batch_size, args.num_workers, cache=cache_bytes <= args.eval_cache_mb * 2**20
     )
-    recal_batches = _recalibration_batches(splits["train"], data_args, args) if args.recalibrate_bn else None
+    recal_batches = (
+        recalibration_batches(splits["train"], data_args, num_recal, args.seed, args.batch_size) if num_recal else None
+    )
     example = next(iter(eval_batches))["pixel_values"][:1].to(device)
 
     networks: list[dict[str, Any]] = []
@@ -551,11 +432,6 @@ def analyze_checkpoints(
         for path, label in zip(checkpoints, labels, strict=True):
             bar.set_postfix_str(label)
             model = load_checkpoint(path, device)
-            if model.config.num_labels != len(label_names):
-                raise DataError(
-                    f"checkpoint '{path}' has {model.config.num_labels} classes but the evaluation data has "
-                    f"{len(label_names)}; evaluate it on the data set it was trained for"
-                )
             family, stages = find_residual_family(model)
             if signature is None:
                 signature = _stage_signature(stages)
@@ -569,8 +445,9 @@ def analyze_checkpoints(
                 )
             rows = []
             for subnet, network in zip(subnets, networks, strict=True):
+                kwargs = family.resized_forward_kwargs if subnet is not None and subnet.input_size else None
                 row = {"network": network["name"]}
-                row.update(_evaluate_row(model, stages, subnet, eval_batches, recal_batches, args, device, family))
+                row.update(_evaluate_row(model, stages, subnet, eval_batches, recal_batches, num_recal, device, kwargs))
                 rows.append(row)
                 bar.update(1)
             results.append({"label": label, "path": str(path), "results": rows, "summary": _summarize(rows, networks)})
@@ -581,6 +458,8 @@ def analyze_checkpoints(
     return {
         "settings": {
             **{k: v for k, v in asdict(args).items() if k not in ("progress", "config")},
+            "recalibrate_bn": num_recal,
+            "bn_statistics": bn_statistics_caption(num_recal),
             "eval_image_size": size,
             "num_eval_images": len(eval_dataset),
             "num_classes": len(label_names),
@@ -592,18 +471,28 @@ def analyze_checkpoints(
     }
 
 
-def _recalibration_batches(train_split, data_args: DataArguments, args: LoafingArguments) -> list[dict]:
-    """The first ``recalibrate_bn`` images of a seeded permutation of the training split, with the
-    training augmentation under a fixed torch seed: the same images for every network."""
-    num = min(args.recalibrate_bn, len(train_split))
-    order = np.random.default_rng(args.seed).permutation(len(train_split))[:num].tolist()
-    dataset = with_image_transforms(train_split, data_args, train=True)
-    loader = DataLoader(
-        Subset(dataset, order), batch_size=args.batch_size, collate_fn=collate_image_batch, num_workers=0
+def bn_statistics_caption(num_samples: int) -> str:
+    """One line saying which BatchNorm statistics the sub-networks were scored with."""
+    if num_samples:
+        return (
+            f"sub-networks scored with BatchNorm statistics re-estimated for each on {num_samples} training images; "
+            "'inherited BN': with the full network's statistics, the papers' loafing measure"
+        )
+    return (
+        "sub-networks scored with the full network's BatchNorm statistics (inherited BN), the papers' loafing measure"
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(args.seed)
-        return list(loader)
+
+
+def _check_checkpoints(checkpoints: Sequence[str], num_classes: int) -> None:
+    """Every checkpoint is a loadable model folder with ``num_classes`` classes (ConfigError / DataError)."""
+    for path in checkpoints:
+        check_saved_model_dir(path, f"checkpoint '{path}'")
+        num_labels = AutoConfig.from_pretrained(path).num_labels
+        if num_labels != num_classes:
+            raise DataError(
+                f"checkpoint '{path}' has {num_labels} classes but the evaluation data has {num_classes}; "
+                "evaluate it on the data set it was trained for"
+            )
 
 
 def _plan_networks(
@@ -640,32 +529,31 @@ def _plan_networks(
     return subnets, networks
 
 
-def _evaluate_row(model, stages, subnet, eval_batches, recal_batches, args, device, family) -> dict[str, float]:
-    kwargs = family.resized_forward_kwargs if subnet is not None and subnet.input_size is not None else None
-    metrics = evaluate_model(model, eval_batches, stages, subnet, device=device, forward_kwargs=kwargs)
-    row = {"accuracy": metrics["accuracy"], "loss": metrics["loss"]}
-    if recal_batches is not None:
-        with subnet_batchnorm_statistics(model, recal_batches, args.recalibrate_bn, stages, subnet, device):
-            recal = evaluate_model(model, eval_batches, stages, subnet, device=device, forward_kwargs=kwargs)
-        row["accuracy_bn_recalibrated"] = recal["accuracy"]
-        row["loss_bn_recalibrated"] = recal["loss"]
-    return row
+def _evaluate_row(
+    model, stages, subnet, eval_batches, recal_batches, num_recal, device, forward_kwargs
+) -> dict[str, float]:
+    inherited = evaluate_model(model, eval_batches, stages, subnet, device=device, forward_kwargs=forward_kwargs)
+    own = inherited  # the full network as trained, or every network with recalibrate_bn 0
+    if recal_batches is not None and subnet is not None:
+        with subnet_batchnorm_statistics(
+            model, recal_batches, num_recal, stages, subnet, device, forward_kwargs=forward_kwargs
+        ):
+            own = evaluate_model(model, eval_batches, stages, subnet, device=device, forward_kwargs=forward_kwargs)
+    return {
+        "accuracy": own["accuracy"],
+        "loss": own["loss"],
+        "accuracy_inherited_bn": inherited["accuracy"],
+        "loss_inherited_bn": inherited["loss"],
+    }
 
 
 def _summarize(rows: list[dict[str, Any]], networks: list[dict[str, Any]]) -> dict[str, float | None]:
     kinds = [n["kind"] for n in networks]
     chosen = "sampled" if "sampled" in kinds else "sweep"
     sub_rows = [row for row, kind in zip(rows, kinds, strict=True) if kind == chosen]
-    full = rows[kinds.index("full")]
-    summary = loafing_summary(full["accuracy"], [r["accuracy"] for r in sub_rows])
-    if "accuracy_bn_recalibrated" in full:
-        summary.update(
-            loafing_summary(
-                full["accuracy_bn_recalibrated"],
-                [r["accuracy_bn_recalibrated"] for r in sub_rows],
-                suffix="_bn_recalibrated",
-            )
-        )
+    full = rows[kinds.index("full")]["accuracy"]
+    summary = loafing_summary(full, [r["accuracy"] for r in sub_rows])
+    summary.update(loafing_summary(full, [r["accuracy_inherited_bn"] for r in sub_rows], suffix="_inherited_bn"))
     summary["summary_over"] = chosen if sub_rows else "none"
     return summary
 
@@ -693,32 +581,33 @@ def report_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
                     "depth_fraction": network["depth_fraction"],
                     "flops": network["flops"],
                     "flop_share": network["flop_share"],
-                    "accuracy": result["accuracy"],
-                    "loss": result["loss"],
-                    "accuracy_bn_recalibrated": result.get("accuracy_bn_recalibrated"),
-                    "loss_bn_recalibrated": result.get("loss_bn_recalibrated"),
+                    **{key: result.get(key) for key in CSV_COLUMNS[-4:]},
                 }
             )
     return rows
 
 
+def _reestimated(report: dict[str, Any]) -> bool:
+    return bool(report.get("settings", {}).get("recalibrate_bn"))
+
+
 def loafing_series(report: dict[str, Any]) -> list[LoafingSeries]:
     """One :class:`~stim_hf.plotting.LoafingSeries` per checkpoint of the report (for the plot)."""
     networks = report["networks"]
+    both = _reestimated(report)
     series = []
     for checkpoint in report["checkpoints"]:
         results = checkpoint["results"]
         full = next(r for r, n in zip(results, networks, strict=True) if n["kind"] == "full")
         subs = [(r, n) for r, n in zip(results, networks, strict=True) if n["kind"] != "full"]
-        recal = "accuracy_bn_recalibrated" in full
+        # As the papers draw loafing: filled, the full network's statistics; hollow, re-estimated.
         series.append(
             LoafingSeries(
                 label=checkpoint["label"],
                 full_accuracy=full["accuracy"],
                 flop_shares=[n["flop_share"] for _, n in subs],
-                accuracies=[r["accuracy"] for r, _ in subs],
-                recalibrated_accuracies=[r["accuracy_bn_recalibrated"] for r, _ in subs] if recal else None,
-                full_accuracy_recalibrated=full.get("accuracy_bn_recalibrated"),
+                accuracies=[r["accuracy_inherited_bn"] for r, _ in subs],
+                recalibrated_accuracies=[r["accuracy"] for r, _ in subs] if both else None,
             )
         )
     return series
@@ -742,15 +631,18 @@ def write_report(report: dict[str, Any], output_dir: str | os.PathLike, title: s
 
 
 def format_summary_table(report: dict[str, Any]) -> str:
-    """A Markdown table of the per-checkpoint summaries (accuracies in %)."""
-    recal = any("full_accuracy_bn_recalibrated" in c["summary"] for c in report["checkpoints"])
+    """A Markdown table of the per-checkpoint summaries (accuracies in %); "inherited BN" columns when re-estimated."""
+    both = _reestimated(report)
     header = ["checkpoint", "full", "sub-net mean", "min", "max", "loafing gap"]
-    if recal:
-        header += ["full (BN re-est.)", "sub-net mean (BN re-est.)", "loafing gap (BN re-est.)"]
+    if both:
+        header += ["sub-net mean (inherited BN)", "loafing gap (inherited BN)"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
 
     def pct(value: float | None) -> str:
         return "n/a" if value is None else f"{100 * value:.2f}"
+
+    def gap(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.3f}"
 
     for checkpoint in report["checkpoints"]:
         s = checkpoint["summary"]
@@ -760,15 +652,10 @@ def format_summary_table(report: dict[str, Any]) -> str:
             pct(s["subnet_accuracy_mean"]),
             pct(s["subnet_accuracy_min"]),
             pct(s["subnet_accuracy_max"]),
-            "n/a" if s["loafing_gap"] is None else f"{s['loafing_gap']:.3f}",
+            gap(s["loafing_gap"]),
         ]
-        if recal:
-            gap = s.get("loafing_gap_bn_recalibrated")
-            cells += [
-                pct(s.get("full_accuracy_bn_recalibrated")),
-                pct(s.get("subnet_accuracy_mean_bn_recalibrated")),
-                "n/a" if gap is None else f"{gap:.3f}",
-            ]
+        if both:
+            cells += [pct(s["subnet_accuracy_mean_inherited_bn"]), gap(s["loafing_gap_inherited_bn"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -776,15 +663,15 @@ def format_summary_table(report: dict[str, Any]) -> str:
 def format_network_table(report: dict[str, Any]) -> str:
     """A Markdown table with one row per network: depths, FLOP share, each checkpoint's accuracy (%).
 
-    With BatchNorm recalibration, each checkpoint gets a second column "(BN re-est.)".
+    With re-estimated BatchNorm statistics, each checkpoint gets a second column "(inherited BN)".
     """
     checkpoints = report["checkpoints"]
-    recal = any("accuracy_bn_recalibrated" in c["results"][0] for c in checkpoints)
+    both = _reestimated(report)
     header = ["network", "depths", "FLOPs (share)"]
     for checkpoint in checkpoints:
         header.append(checkpoint["label"])
-        if recal:
-            header.append(f"{checkpoint['label']} (BN re-est.)")
+        if both:
+            header.append(f"{checkpoint['label']} (inherited BN)")
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for index, network in enumerate(report["networks"]):
         cells = [
@@ -795,8 +682,8 @@ def format_network_table(report: dict[str, Any]) -> str:
         for checkpoint in checkpoints:
             result = checkpoint["results"][index]
             cells.append(f"{100 * result['accuracy']:.2f}")
-            if recal:
-                cells.append(f"{100 * result['accuracy_bn_recalibrated']:.2f}")
+            if both:
+                cells.append(f"{100 * result['accuracy_inherited_bn']:.2f}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -804,8 +691,15 @@ def format_network_table(report: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Entry point of ``stim-hf loafing``: parse, analyse, write the files, print the summary table."""
     args, data_args, checkpoints = parse_loafing_args(argv)
+    notes: list[str] = []  # said after the results, so that an error is the only line before them
+    args.recalibrate_bn = resolve_recalibration_samples(
+        args.recalibrate_bn, data_args, "--recalibrate-bn", notes.append
+    )
     report = analyze_checkpoints(checkpoints, data_args, args, labels=args.labels or None)
     paths = write_report(report, args.output_dir)
+    print(report["settings"]["bn_statistics"])
     print(format_summary_table(report))
     print("wrote " + ", ".join(str(p) for p in paths.values()), flush=True)
+    for note in notes:
+        print_notice("stim-hf loafing")(note)
     return report

@@ -5,7 +5,7 @@ transforms on it in the DataLoader workers, every epoch. That costs CPU time per
 accelerator does not wait for gladly (docs/benchmarks.md, data pipeline). This one:
 
 1. :func:`predecode` decodes each image once, converts it to RGB and brings it to its stored size
-   (``Resize`` + ``CenterCrop``, the same torchvision operations as the default pipeline), and
+   (``Resize`` + ``CenterCrop``, the same operations as the default pipeline), and
    keeps it as raw uint8 CHW bytes in an arrow column, cached by ``datasets`` like any ``map``;
 2. :class:`PredecodedBatchTransform` turns a batch of rows into one uint8 tensor and, for
    training, draws each image's random crop offsets and flip (so the draws follow the data
@@ -29,7 +29,7 @@ import torch
 from torchvision.transforms import v2
 
 from stim_hf.data import ROW_INDEX_COLUMN, check_predecoded_augmentation
-from stim_hf.transforms import decode_rgb, undecoded_images
+from stim_hf.transforms import CenterCrop, decode_rgb, undecoded_images
 
 if TYPE_CHECKING:
     from stim_hf.data import DataArguments
@@ -59,7 +59,7 @@ class DecodeToUint8:
         self.image_column = image_column
         self.resize, self.crop = resize, crop
         self.geometry = v2.Compose(
-            [v2.RGB(), v2.ToImage(), v2.Resize(resize, antialias=True), v2.CenterCrop(crop), v2.ToPureTensor()]
+            [v2.RGB(), v2.ToImage(), v2.Resize(resize, antialias=True), CenterCrop(crop), v2.ToPureTensor()]
         )
 
     def __call__(self, batch: dict[str, list]) -> dict[str, list]:

@@ -24,7 +24,7 @@ from stim_hf.modeling import build_model, check_saved_model_dir
 from stim_hf.parser import StimArgumentParser
 from stim_hf.predecoded import with_predecoded_transforms
 from stim_hf.trainer import StimulativeTrainer, method_structures
-from stim_hf.transforms import collate_image_batch, with_image_transforms
+from stim_hf.transforms import build_image_processor, collate_image_batch, with_image_transforms
 
 logger = logging.getLogger("stim_hf.train")
 
@@ -86,7 +86,8 @@ def run_training(
 ) -> dict[str, Any]:
     """Train, save and evaluate a model as configured; returns the metrics of ``all_results.json``.
 
-    Leaves in ``output_dir`` the model (safetensors), the Trainer's ``*_results.json``,
+    Leaves in ``output_dir`` the model (safetensors) with its image processor
+    (``preprocessor_config.json``, the evaluation's preprocessing), the Trainer's ``*_results.json``,
     ``trainer_state.json`` and, when ``report_to`` includes tensorboard, the event files.
     """
     _setup_logging(training_args)
@@ -107,9 +108,11 @@ def run_training(
     method_structures(model, training_args)  # a model / method misfit is reported before any decoding
     # Pre-decoding writes a datasets cache: the main process first, the others then read it.
     with training_args.main_process_first(desc="preparing the image pipeline"):
-        train_dataset = (
-            with_pipeline_transforms(splits["train"], data_args, train=True) if training_args.do_train else None
+        # Training images also re-estimate the evaluated sub-networks' BatchNorm statistics.
+        needs_train = training_args.do_train or (
+            training_args.num_eval_subnets and training_args.subnet_bn_recalibration_samples
         )
+        train_dataset = with_pipeline_transforms(splits["train"], data_args, train=True) if needs_train else None
         eval_dataset = with_pipeline_transforms(splits["validation"], data_args, train=False)
     trainer = StimulativeTrainer(
         model=model,
@@ -120,6 +123,8 @@ def run_training(
         data_collator=collate_image_batch,
         compute_metrics=build_compute_metrics(),
         preprocess_logits_for_metrics=top_k_indices,
+        # Saved beside every model it writes: pipeline("image-classification") preprocesses as evaluation does.
+        processing_class=build_image_processor(data_args),
     )
 
     metrics: dict[str, Any] = {}
@@ -137,10 +142,7 @@ def run_training(
     eval_metrics = trainer.evaluate()
     subnet_results = trainer.evaluate_subnets() if training_args.num_eval_subnets else []
     if subnet_results:
-        accuracies = [r["accuracy"] for r in subnet_results]
-        eval_metrics["eval_subnet_accuracy_mean"] = sum(accuracies) / len(accuracies)
-        eval_metrics["eval_subnet_accuracy_min"] = min(accuracies)
-        eval_metrics["eval_subnet_accuracy_max"] = max(accuracies)
+        eval_metrics.update(subnet_summary(subnet_results))
     eval_metrics["eval_samples"] = len(eval_dataset)
     trainer.log_metrics("eval", eval_metrics)
     trainer.save_metrics("eval", eval_metrics)
@@ -148,21 +150,46 @@ def run_training(
     if subnet_results:
         metrics["subnets"] = subnet_results
         if trainer.is_world_process_zero():
-            _print_subnet_table(eval_metrics, subnet_results)
+            print(format_subnet_table(eval_metrics, subnet_results), flush=True)
     return metrics
 
 
-def _print_subnet_table(eval_metrics: dict[str, Any], subnet_results: list[dict[str, Any]]) -> None:
+def subnet_summary(subnet_results: list[dict[str, Any]]) -> dict[str, Any]:
+    """``eval_subnet_accuracy_mean`` / ``_min`` / ``_max`` over ``evaluate_subnets`` results, and the same
+    with the full network's BatchNorm statistics (``..._inherited_bn``), plus the images they were re-estimated on."""
+    summary: dict[str, Any] = {}
+    for suffix in ("", "_inherited_bn"):
+        accuracies = [r[f"accuracy{suffix}"] for r in subnet_results]
+        summary[f"eval_subnet_accuracy_mean{suffix}"] = sum(accuracies) / len(accuracies)
+        summary[f"eval_subnet_accuracy_min{suffix}"] = min(accuracies)
+        summary[f"eval_subnet_accuracy_max{suffix}"] = max(accuracies)
+    summary["eval_subnet_bn_recalibration_samples"] = subnet_results[0]["bn_recalibration_samples"]
+    return summary
+
+
+def format_subnet_table(eval_metrics: dict[str, Any], subnet_results: list[dict[str, Any]]) -> str:
+    """The end-of-training printout: the full network, each sub-network and their mean (top-1)."""
+    samples = subnet_results[0]["bn_recalibration_samples"]
     lines = [f"full network: top-1 {100 * eval_metrics['eval_accuracy']:.2f}%"]
+    if samples:
+        lines.append(f"sub-networks, BatchNorm statistics re-estimated for each on {samples} training images")
+        lines.append("(inherited: with the full network's statistics, the papers' loafing measure):")
+    else:
+        lines.append("sub-networks, with the full network's BatchNorm statistics (inherited):")
+
+    def cells(accuracy: float, inherited: float) -> str:
+        return f"top-1 {100 * accuracy:.2f}%" + (f"   inherited {100 * inherited:.2f}%" if samples else "")
+
     for r in subnet_results:
         lines.append(
-            f"  sub-network depths={','.join(map(str, r['depths']))} ({100 * r['depth_fraction']:.0f}% of blocks): "
-            f"top-1 {100 * r['accuracy']:.2f}%"
+            f"  depths={','.join(map(str, r['depths']))} ({100 * r['depth_fraction']:.0f}% of blocks): "
+            + cells(r["accuracy"], r["accuracy_inherited_bn"])
         )
     lines.append(
-        f"mean of {len(subnet_results)} sub-networks: top-1 {100 * eval_metrics['eval_subnet_accuracy_mean']:.2f}%"
+        f"mean of {len(subnet_results)} sub-networks: "
+        + cells(eval_metrics["eval_subnet_accuracy_mean"], eval_metrics["eval_subnet_accuracy_mean_inherited_bn"])
     )
-    print("\n".join(lines), flush=True)
+    return "\n".join(lines)
 
 
 def _setup_logging(training_args: StimulativeTrainingArguments) -> None:

@@ -7,7 +7,7 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from typing import Any
 
 import numpy as np
@@ -15,9 +15,15 @@ import torch
 import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from stim_hf.batchnorm import frozen_running_stats, preserved_rng_state, recalibrate_batchnorm
+from stim_hf.batchnorm import (
+    frozen_running_stats,
+    preserved_rng_state,
+    recalibrate_batchnorm,
+    recalibration_indices,
+    subnet_batchnorm_statistics,
+)
 from stim_hf.collapse import CollapseMonitorCallback
 from stim_hf.config import StimulativeTrainingArguments
 from stim_hf.errors import ConfigError, ModelStructureError
@@ -73,16 +79,6 @@ def average_gradients(model: nn.Module) -> None:
     flat /= torch.distributed.get_world_size()
     for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
         grad.copy_(reduced)
-
-
-def recalibration_shard(order: np.ndarray, num_samples: int, rank: int, world_size: int) -> list[int]:
-    """Process ``rank``'s share of the first ``num_samples`` indices of ``order``, as many for every process.
-
-    Equal shares run equal numbers of forward passes, which SyncBatchNorm's collectives need: a
-    process with one batch more would wait for the others forever.
-    """
-    count = min(num_samples, len(order))
-    return order[rank : count - count % world_size : world_size].tolist()
 
 
 def prepare_model(model: nn.Module, args: StimulativeTrainingArguments) -> nn.Module:
@@ -202,6 +198,7 @@ class StimulativeTrainer(ReliableTrainer):
         self._stim_count = 0
         self._micro_step_key = (-1, 0)  # (global step, micro-batches seen in it)
         self._bn_recalibrated_at: int | None = None
+        self._warned_no_estimation_data = False
         self._update_steps_per_epoch: int | None = None
         self._subnet_backward_scale: float | None = None
         # (global step, depth fraction, input side) of every sub-network drawn since the last
@@ -611,33 +608,38 @@ class StimulativeTrainer(ReliableTrainer):
         """Re-estimate the full network's BatchNorm statistics on training images.
 
         Uses ``num_samples`` (default ``bn_recalibration_samples``) images drawn with a seed that
-        depends on the step, split across processes, and averages the result across processes.
-        Random states are restored afterwards so training continues unchanged.
+        depends on the step, as many on every process, and pools the statistics over the
+        processes exactly (:func:`~stim_hf.batchnorm.recalibrate_batchnorm`). Random states are
+        restored afterwards so training continues unchanged.
         """
         if self.train_dataset is None:
             raise ConfigError("bn_policy='recalibrate' needs a train_dataset to re-estimate BatchNorm statistics")
         num_samples = num_samples or self.args.bn_recalibration_samples
         model = self.accelerator.unwrap_model(self.model)
-        with preserved_rng_state():
-            order = np.random.default_rng([self.args.seed, self.state.global_step]).permutation(len(self.train_dataset))
-            shard = recalibration_shard(order, num_samples, self.args.process_index, self.args.world_size)
-            loader = DataLoader(
-                Subset(self.train_dataset, shard),
-                batch_size=self.args.per_device_train_batch_size,
-                collate_fn=self.data_collator,
-                num_workers=self.args.dataloader_num_workers,
-            )
-            batches = (self._prepare_inputs(batch) for batch in loader)
-            with self.compute_loss_context_manager():
-                seen = recalibrate_batchnorm(
-                    model,
-                    batches,
-                    len(shard),
-                    all_reduce_mean=lambda t: self.accelerator.reduce(t, reduction="mean"),
-                )
+        batches = self.bn_estimation_batches(num_samples, seed=[self.args.seed, self.state.global_step])
+        with preserved_rng_state(), self.compute_loss_context_manager():
+            seen = recalibrate_batchnorm(model, batches, batches.num_samples, all_reduce_sum=self._all_reduce_sum())
         self._bn_recalibrated_at = self.state.global_step
         logger.info("re-estimated BatchNorm statistics on %d images at step %d", seen, self.state.global_step)
         return seen
+
+    def bn_estimation_batches(self, num_samples: int, seed: int | list[int]) -> _EstimationBatches:
+        """This process's share of ``num_samples`` training images drawn with ``seed``, as prepared batches.
+
+        Re-iterable, and every pass yields the same images with the same augmentation (the data
+        loader runs under a fixed seed), so each sub-network is re-estimated on the same inputs.
+        The images are dealt out equally over the processes
+        (:func:`~stim_hf.batchnorm.recalibration_indices`); iterate inside ``preserved_rng_state``.
+        """
+        shard = recalibration_indices(
+            len(self.train_dataset), num_samples, seed, self.args.process_index, self.args.world_size
+        )
+        return _EstimationBatches(self, shard, int(np.random.default_rng(seed).integers(2**62)))
+
+    def _all_reduce_sum(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if self.accelerator.num_processes == 1:
+            return None
+        return lambda tensor: self.accelerator.reduce(tensor, reduction="sum")
 
     def _maybe_recalibrate_bn(self) -> None:
         if self.args.bn_policy == "recalibrate" and self._bn_recalibrated_at != self.state.global_step:
@@ -696,28 +698,108 @@ class StimulativeTrainer(ReliableTrainer):
         eval_dataset: Dataset | None = None,
         subnets: list[Subnet] | None = None,
         num_subnets: int | None = None,
+        bn_recalibration_samples: int | None = None,
     ) -> list[dict[str, Any]]:
-        """Evaluate sub-networks at full resolution with the full network's BatchNorm statistics.
+        """Evaluate sub-networks at full resolution, each with BatchNorm statistics re-estimated for it.
 
-        Returns one dict per sub-network: its depths, kept blocks, depth fraction and metrics
-        (``accuracy``, ``top5_accuracy``, ``loss``). This measures "loafing": how well the
-        sub-networks work on their own.
+        Each sub-network is scored with its BatchNorm statistics re-estimated on
+        ``bn_recalibration_samples`` training images (default ``subnet_bn_recalibration_samples``; the
+        same images for each, drawn with ``seed``; :meth:`subnet_bn_statistics`) and, beside it, with
+        the full network's statistics, the papers' measure of loafing. Returns one dict per
+        sub-network: its depths, kept blocks, depth fraction, ``accuracy``, ``top5_accuracy`` and
+        ``loss`` with re-estimated statistics, the same with the suffix ``_inherited_bn``, and
+        ``bn_recalibration_samples`` (0: the statistics are the full network's in both). The full
+        network's statistics are restored bit for bit after each sub-network.
         """
         if subnets is None:
             subnets = self.fixed_subnets(self.args.num_eval_subnets if num_subnets is None else num_subnets)
         eval_dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if bn_recalibration_samples is None:
+            bn_recalibration_samples = self.args.subnet_bn_recalibration_samples
+        batches = self._subnet_estimation_batches(bn_recalibration_samples)
+        used = batches.num_samples * self.args.world_size if batches is not None else 0
         results = []
         with self._accuracy_metrics():
             for subnet in subnets:
                 with use_subnet(self.stages, subnet):
-                    output = self.predict(eval_dataset, metric_key_prefix="subnet")
-                metrics = {k.removeprefix("subnet_"): v for k, v in output.metrics.items()}
+                    inherited = self._subnet_metrics(eval_dataset)
+                own = inherited
+                if batches is not None:
+                    with self.subnet_bn_statistics(subnet, batches), use_subnet(self.stages, subnet):
+                        own = self._subnet_metrics(eval_dataset)
                 results.append(
                     {
                         "depths": list(subnet.depths),
                         "kept": [list(k) for k in subnet.kept],
                         "depth_fraction": subnet.depth_fraction,
-                        **{k: v for k, v in metrics.items() if k in ("accuracy", "top5_accuracy", "loss")},
+                        **own,
+                        **{f"{key}_inherited_bn": value for key, value in inherited.items()},
+                        "bn_recalibration_samples": used,
                     }
                 )
         return results
+
+    def _subnet_metrics(self, eval_dataset: Dataset) -> dict[str, float]:
+        output = self.predict(eval_dataset, metric_key_prefix="subnet")
+        metrics = {k.removeprefix("subnet_"): v for k, v in output.metrics.items()}
+        return {k: v for k, v in metrics.items() if k in ("accuracy", "top5_accuracy", "loss")}
+
+    def _subnet_estimation_batches(self, num_samples: int) -> _EstimationBatches | None:
+        """The batches sub-networks are re-estimated on (``None`` for 0, or without usable training data)."""
+        if not num_samples or self.stages is None:
+            return None
+        if self.train_dataset is None or isinstance(self.train_dataset, IterableDataset):
+            if not self._warned_no_estimation_data:
+                self._warned_no_estimation_data = True
+                logger.warning(
+                    "sub-networks are scored with the full network's BatchNorm statistics: re-estimating them "
+                    "(subnet_bn_recalibration_samples=%d) needs a map-style train_dataset; pass one to the trainer, "
+                    "or set subnet_bn_recalibration_samples=0",
+                    num_samples,
+                )
+            return None
+        return self.bn_estimation_batches(num_samples, seed=self.args.seed)
+
+    @contextmanager
+    def subnet_bn_statistics(self, subnet: Subnet | None, batches: _EstimationBatches) -> Iterator[int]:
+        """Inside the block, the model's BatchNorm statistics are re-estimated for ``subnet`` on ``batches``.
+
+        ``batches`` come from :meth:`bn_estimation_batches`; every process runs its share and the
+        statistics are pooled over the processes exactly. The estimation runs under the training's
+        autocast and leaves the random states unchanged; the full network's statistics are put back
+        bit for bit on exit. Yields the number of images this process used.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        with ExitStack() as restore:
+            with preserved_rng_state(), self.compute_loss_context_manager():
+                seen = restore.enter_context(
+                    subnet_batchnorm_statistics(
+                        model,
+                        batches,
+                        batches.num_samples,
+                        self.stages,
+                        subnet,
+                        all_reduce_sum=self._all_reduce_sum(),
+                    )
+                )
+            yield seen
+
+
+class _EstimationBatches:
+    """The batches of :meth:`StimulativeTrainer.bn_estimation_batches`: re-read, the same, at every pass."""
+
+    def __init__(self, trainer: StimulativeTrainer, indices: list[int], seed: int) -> None:
+        self.trainer, self.indices, self.seed = trainer, indices, seed
+        self.num_samples = len(indices)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        trainer = self.trainer
+        loader = DataLoader(
+            Subset(trainer.train_dataset, self.indices),
+            batch_size=trainer.args.per_device_train_batch_size,
+            collate_fn=trainer.data_collator,
+            num_workers=trainer.args.dataloader_num_workers,
+        )
+        torch.manual_seed(self.seed)  # the augmentation, in this process and in the workers it starts
+        for batch in loader:
+            yield trainer._prepare_inputs(batch)

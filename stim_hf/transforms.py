@@ -20,6 +20,7 @@ import datasets
 import PIL.Image
 import torch
 from torchvision.transforms import v2
+from transformers import BitImageProcessor
 
 from stim_hf.data import ROW_INDEX_COLUMN
 from stim_hf.errors import DataError
@@ -37,7 +38,41 @@ if TYPE_CHECKING:
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError)
 
 
-def build_transforms(data_args: DataArguments, train: bool) -> v2.Compose:
+class CenterCrop:
+    """A centre crop of ``size`` x ``size`` placed as transformers' image processors place it.
+
+    The offsets round down (torchvision's ``CenterCrop`` rounds half to even, one pixel apart when
+    the excess is 3, 7, 11, ... pixels), so the image processor saved beside every model
+    (:func:`build_image_processor`) sees exactly the pixels the evaluation saw. The image is at
+    least ``size`` on both sides (``eval_resize`` >= the crop, checked by the data arguments).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        """Crop the (..., H, W) image (or tensor) to its centre ``size`` x ``size``."""
+        height, width = image.shape[-2:]
+        return v2.functional.crop(image, (height - self.size) // 2, (width - self.size) // 2, self.size, self.size)
+
+    def __repr__(self) -> str:
+        return f"CenterCrop(size={self.size}, offsets rounded down)"
+
+
+def eval_resize_and_crop(data_args: DataArguments, input_size: int | None = None) -> tuple[int, int]:
+    """(shorter side after the resize, side of the centre crop) of evaluation, at ``input_size`` if given.
+
+    By default the configured ``eval_resize`` and ``eval_image_size`` (or their presets). At another
+    ``input_size`` the crop is that size and the resize scales with it, so the crop keeps the same
+    share of the image: 256 / 224 at 224 becomes 183 / 160 at 160.
+    """
+    resize, crop = data_args.resolved_eval_resize(), data_args.resolved_eval_image_size()
+    if input_size is None or input_size == crop:
+        return resize, crop
+    return max(input_size, round(resize * input_size / crop)), input_size
+
+
+def build_transforms(data_args: DataArguments, train: bool, input_size: int | None = None) -> v2.Compose:
     """The preset transform for one PIL image -> float32 tensor (3, S, S), S = ``image_size``.
 
     Every preset converts the image to RGB (grayscale, CMYK, RGBA, palette...) and ends with
@@ -45,15 +80,18 @@ def build_transforms(data_args: DataArguments, train: bool) -> v2.Compose:
 
     - ``cifar``: train ``Resize(S)`` (a no-op when the shorter side is already S) +
       ``RandomCrop(S, padding=S // 8)`` + ``RandomHorizontalFlip``; eval ``Resize(eval_resize)``
-      (a no-op at the image's size) + ``CenterCrop(S)``.
+      (a no-op at the image's size) + :class:`CenterCrop` ``(S)``.
     - ``imagenet``: train ``RandomResizedCrop(S)`` + ``RandomHorizontalFlip`` +
       ``ColorJitter(0.4, 0.4, 0.4)``; eval ``Resize(eval_resize)`` + ``CenterCrop(S)``.
     - ``none``: ``Resize(eval_resize)`` + ``CenterCrop(S)`` for train and eval alike.
 
-    At evaluation the crop is ``eval_image_size`` when set (train at 200, test at 224).
+    (:class:`CenterCrop` places the crop as transformers' image processors do.)
+
+    At evaluation the crop is ``eval_image_size`` when set (train at 200, test at 224), or
+    ``input_size`` with a resize scaled to it (:func:`eval_resize_and_crop`).
     """
     size = data_args.image_size
-    resize = data_args.resolved_eval_resize()
+    resize, eval_crop = eval_resize_and_crop(data_args, None if train else input_size)
     mean, std = data_args.normalization()
     if data_args.augmentation == "cifar" and train:
         geometry = [
@@ -68,8 +106,8 @@ def build_transforms(data_args: DataArguments, train: bool) -> v2.Compose:
             v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4),
         ]
     else:
-        crop = size if train else data_args.resolved_eval_image_size()
-        geometry = [v2.Resize(resize, antialias=True), v2.CenterCrop(crop)]
+        crop = size if train else eval_crop
+        geometry = [v2.Resize(resize, antialias=True), CenterCrop(crop)]
     return v2.Compose(
         [
             v2.RGB(),
@@ -79,6 +117,33 @@ def build_transforms(data_args: DataArguments, train: bool) -> v2.Compose:
             v2.Normalize(mean=list(mean), std=list(std)),
             v2.ToPureTensor(),
         ]
+    )
+
+
+def build_image_processor(data_args: DataArguments, input_size: int | None = None) -> BitImageProcessor:
+    """A transformers image processor doing what evaluation does: RGB, resize, centre crop, normalise.
+
+    A ``BitImageProcessor`` (``AutoImageProcessor`` loads it from ``preprocessor_config.json``):
+    the shorter side resized to ``eval_resize`` (bilinear, antialiased, as torchvision's ``Resize``
+    on the decoded image), a centre crop of ``eval_image_size`` (at ``input_size`` if given, see
+    :func:`eval_resize_and_crop`), scaled to [0, 1] and normalised with the data's mean and std.
+    Saved beside a model, it lets ``pipeline("image-classification", model=DIR)`` preprocess images
+    as the evaluation did.
+    """
+    resize, crop = eval_resize_and_crop(data_args, input_size)
+    mean, std = data_args.normalization()
+    return BitImageProcessor(
+        do_convert_rgb=True,
+        do_resize=True,
+        size={"shortest_edge": resize},
+        resample=PIL.Image.Resampling.BILINEAR,
+        do_center_crop=True,
+        crop_size={"height": crop, "width": crop},
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=list(mean),
+        image_std=list(std),
     )
 
 
@@ -213,16 +278,18 @@ def undecoded_images(dataset: datasets.Dataset, data_args: DataArguments) -> dat
     return dataset
 
 
-def with_image_transforms(dataset: datasets.Dataset, data_args: DataArguments, train: bool) -> datasets.Dataset:
+def with_image_transforms(
+    dataset: datasets.Dataset, data_args: DataArguments, train: bool, input_size: int | None = None
+) -> datasets.Dataset:
     """A view of ``dataset`` whose rows are ``{"pixel_values": tensor, "labels": int}``, built on access.
 
     Uses ``dataset.with_transform`` with :func:`build_transforms`'s preset (training augmentation
-    when ``train``); images are decoded by :func:`decode_image` (the image column is cast to
-    ``Image(decode=False)``) so undecodable files raise a :class:`DataError` naming them.
-    The Trainer needs ``remove_unused_columns=False`` for this.
+    when ``train``; evaluation at ``input_size`` if given); images are decoded by
+    :func:`decode_image` (the image column is cast to ``Image(decode=False)``) so undecodable files
+    raise a :class:`DataError` naming them. The Trainer needs ``remove_unused_columns=False`` for this.
     """
     transform = BatchImageTransform(
-        build_transforms(data_args, train), data_args.image_column_name, data_args.label_column_name
+        build_transforms(data_args, train, input_size), data_args.image_column_name, data_args.label_column_name
     )
     return with_batch_image_transform(dataset, data_args, transform)
 

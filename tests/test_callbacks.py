@@ -13,6 +13,7 @@ from stim_hf.callbacks import SubnetMonitorCallback
 from stim_hf.metrics import build_compute_metrics, top_k_indices
 
 SCALARS = ("eval/subnet_accuracy_mean", "eval/subnet_accuracy_min", "eval/subnet_accuracy_max")
+INHERITED = tuple(f"{tag}_inherited_bn" for tag in SCALARS)  # beside them: the full network's BN statistics
 HISTOGRAMS = ("train/subnet_depth_fraction", "train/subnet_input_size")
 
 
@@ -69,6 +70,7 @@ def test_monitor_writes_tensorboard_events_and_log_history(tmp_path, tiny_cifar_
     metrics = trainer.evaluate()  # after training too (the TensorBoard callback closed its writer)
     for name in ("mean", "min", "max"):
         assert 0.0 <= metrics[f"eval_subnet_accuracy_{name}"] <= 1.0
+        assert 0.0 <= metrics[f"eval_subnet_accuracy_{name}_inherited_bn"] <= 1.0
     assert metrics["eval_subnet_accuracy_min"] <= metrics["eval_subnet_accuracy_mean"]
 
     evaluations = [e for e in trainer.state.log_history if "eval_loss" in e]
@@ -77,7 +79,7 @@ def test_monitor_writes_tensorboard_events_and_log_history(tmp_path, tiny_cifar_
 
     events = _events(trainer.args.output_dir)
     tags = events.Tags()
-    for tag in SCALARS:
+    for tag in SCALARS + INHERITED:
         assert [s.step for s in events.Scalars(tag)] == [2, 4, 4]
     mean = [s.value for s in events.Scalars(SCALARS[0])]
     assert mean == pytest.approx([e["eval_subnet_accuracy_mean"] for e in evaluations])
@@ -96,10 +98,31 @@ def test_monitor_writes_tensorboard_events_and_log_history(tmp_path, tiny_cifar_
 
 
 def test_monitor_every_second_evaluation_without_compute_metrics(tmp_path, tiny_cifar_resnet):
-    trainer = _train(tmp_path, tiny_cifar_resnet(), "none", with_metrics=False, subnet_monitor_every=2, num_subnets=1)
+    """Also without re-estimation (subnet_bn_recalibration_samples: 0): the inherited figures only, unsuffixed."""
+    trainer = _train(
+        tmp_path,
+        tiny_cifar_resnet(),
+        "none",
+        with_metrics=False,
+        subnet_monitor_every=2,
+        num_subnets=1,
+        subnet_bn_recalibration_samples=0,
+    )
     evaluations = [e for e in trainer.state.log_history if "eval_loss" in e]
     assert "eval_accuracy" not in evaluations[0]
     assert ["eval_subnet_accuracy_mean" in e for e in evaluations] == [False, True]
+    assert not any(key.endswith("_inherited_bn") for e in evaluations for key in e)
     events = _events(trainer.args.output_dir)
     assert [s.step for s in events.Scalars(SCALARS[0])] == [4]
+    assert INHERITED[0] not in events.Tags()["scalars"]
     assert [i.step for i in events.Images("eval/loafing")] == [4]  # full network measured for the plot
+
+
+def test_monitor_leaves_training_unchanged(tmp_path, tiny_cifar_resnet):
+    """Re-estimating the monitored sub-networks' statistics at every evaluation changes nothing in training."""
+    runs = {}
+    for count in (0, 3):
+        trainer = _train(tmp_path / str(count), tiny_cifar_resnet(), "none", subnet_monitor_count=count)
+        runs[count] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    for key, value in runs[0].items():
+        assert value.equal(runs[3][key]), key

@@ -103,6 +103,38 @@ def test_a_nonfinite_loss_on_one_rank_skips_the_step_on_every_rank(tmp_path):
         assert all(math.isfinite(log["loss"]) for log in record["logs"])
 
 
+@pytest.mark.parametrize("model", ["stem_bn", "cifar"])
+def test_sub_network_statistics_re_estimated_by_two_processes_are_those_of_one(tmp_path, model):
+    """Two processes re-estimate on 24 images each and pool: every rank scores the sub-networks alike.
+
+    With one BatchNorm whose input depends on no other (``stem_bn``) the pooled statistics are
+    exactly those one process computes on all 48 images, so the scores are one process's. With
+    BatchNorm throughout (``cifar``), deeper layers see activations normalised by other batches than
+    in one process (as in any train-mode estimate), so the scores are close, not equal. The models are
+    not trained (both runs start from the same weights), and the full network is left as it was.
+    """
+    multi, single = tmp_path / "multi", tmp_path / "single"
+    common = ["--model", model, "--no_train", "--evaluate_subnets", "48"]
+    run(accelerate_launch("--config_file", CPU_CONFIG, "--main_process_port", str(free_port()),
+                          WORKER, "--out", str(multi), *common), cwd=tmp_path)  # fmt: skip
+    run([sys.executable, WORKER, "--out", str(single), *common], cwd=tmp_path)
+    (rank0, record0), (rank1, record1) = load_rank(multi, 0), load_rank(multi, 1)
+    alone, record_alone = load_rank(single, 0)
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]) and torch.equal(rank0[key], alone[key]), key
+    assert record0["subnet_results"] == record1["subnet_results"]
+    for ours, theirs in zip(record0["subnet_results"], record_alone["subnet_results"], strict=True):
+        assert ours["bn_recalibration_samples"] == theirs["bn_recalibration_samples"] == 48
+        assert ours["accuracy_inherited_bn"] == theirs["accuracy_inherited_bn"]
+        assert ours["loss_inherited_bn"] == pytest.approx(theirs["loss_inherited_bn"], rel=1e-6)
+        assert ours["loss"] != ours["loss_inherited_bn"]
+        if model == "stem_bn":
+            assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-5)
+            assert ours["accuracy"] == theirs["accuracy"]
+        else:
+            assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-2)
+
+
 def single_process_accuracy(checkpoint) -> float:
     """Top-1 of a quickstart checkpoint on the quickstart's validation split, in this process."""
     from torch.utils.data import DataLoader

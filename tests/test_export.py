@@ -128,8 +128,12 @@ def test_export_errors_name_the_problem(tmp_path):
     model.save_pretrained(tmp_path / "run")
     with pytest.raises(ConfigError, match=r"is the checkpoint itself"):
         export_subnet(tmp_path / "run", [1, 1, 1], tmp_path / "run")
-    with pytest.raises(ConfigError, match=r"--recalibrate-bn needs data"):
+    with pytest.raises(ConfigError, match=r"--recalibrate-bn 10 re-estimates .* no training data was given; add"):
         export_subnet(model, [1, 1, 1], tmp_path / "a", recalibrate_bn=10)
+    with pytest.raises(ConfigError, match=r"--evaluate needs data: give the validation data"):
+        export_subnet(model, [1, 1, 1], tmp_path / "a", evaluate=True)
+    with pytest.raises(ConfigError, match=r"--input-size 4 must be an integer >= 8"):
+        export_subnet(model, [1, 1, 1], tmp_path / "a", input_size=4)
     # A Subnet that keeps prefixes is accepted, as are the full depths (a plain copy).
     same = build_subnet_model(model, subnet_from_depths(stages, [2, 1, 2]))
     assert [s.num_blocks for s in find_residual_stages(same)] == [2, 1, 2]
@@ -276,3 +280,60 @@ def test_cli_argument_errors_are_one_line_with_suggestions(tmp_path, capsys):
         assert re.search(message, _error_line(err)), err
         assert "usage:" not in err
     assert not (tmp_path / "out").exists()
+
+
+def test_export_at_an_input_size_works_with_a_transformers_pipeline(tmp_path):
+    """The export's processor crops at --input-size: pipeline() predicts what the export's evaluation did."""
+    from test_train_job import assert_pipeline_matches_evaluation
+
+    from stim_hf.data import EvaluationDataArguments
+
+    checkpoint, output = tmp_path / "run", tmp_path / "exported"
+    perturbed("cifar_resnet").save_pretrained(checkpoint)  # varied predictions, not one class for every image
+    data_args = EvaluationDataArguments(
+        dataset_name="sklearn:digits", train_val_split=0.2, image_size=16, max_eval_samples=300
+    )
+    export_subnet(
+        checkpoint, [1, 2, 1], output, recalibrate_bn=64, data_args=data_args, evaluate=True, input_size=12, seed=42
+    )
+    info = json.loads((output / "export_info.json").read_text())
+    assert info["input_size"] == 12 and info["image_processor"] and info["metrics"]["num_samples"] == 300
+    processor = json.loads((output / "preprocessor_config.json").read_text())
+    assert processor["crop_size"] == {"height": 12, "width": 12} and processor["size"] == {"shortest_edge": 12}
+    assert 'pipeline("image-classification"' in (output / "README.md").read_text()
+    assert_pipeline_matches_evaluation(output, info["metrics"]["accuracy"], input_size=12, max_eval_samples=300)
+
+
+def test_input_size_is_refused_where_a_standalone_model_cannot_take_it(tmp_path):
+    model = perturbed("hf_vit")
+    with pytest.raises(ConfigError, match=r"--input-size 16: a standalone .* leave --input-size unset"):
+        export_subnet(model, EXPORTS["hf_vit"], tmp_path / "a", input_size=16)
+    assert not (tmp_path / "a").exists()
+
+
+def test_evaluation_data_alone_exports_with_the_full_networks_statistics(tmp_path, capfd):
+    """--validation_file without training data: --evaluate works, BatchNorm is inherited, a line says so."""
+    from stim_hf.builtin_datasets import load_builtin_dataset
+
+    test_file = tmp_path / "test.parquet"
+    load_builtin_dataset("sklearn:digits")["train"].select(range(64)).to_parquet(str(test_file))
+    checkpoint, output = tmp_path / "run", tmp_path / "exported"
+    _saved_checkpoint(checkpoint)
+    argv = ["export", str(checkpoint), "--depths", "1,2,1", "--validation_file", str(test_file), "--image_size", "16"]
+    capfd.readouterr()  # the set-up's progress bars
+
+    assert cli.main([*argv, "--output", str(tmp_path / "refused"), "--recalibrate-bn", "10"]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("stim-hf: error: --recalibrate-bn 10 re-estimates BatchNorm statistics on training images")
+    assert err.count("\n") == 1 and err.endswith("--recalibrate-bn 0 to keep the full network's statistics\n"), err
+    assert not (tmp_path / "refused").exists()
+
+    assert cli.main([*argv, "--output", str(output), "--evaluate"]) == 0
+    captured = capfd.readouterr()
+    assert "exported depths=1,2,1" in captured.out and "top-1" in captured.out
+    notes = [line for line in captured.err.splitlines() if line.startswith("stim-hf export: no training images")]
+    assert len(notes) == 1 and "--train_file, --train_dir or --dataset_name" in notes[0], captured.err
+    info = json.loads((output / "export_info.json").read_text())
+    assert info["bn_recalibration_samples"] == 0 and info["metrics"]["num_samples"] == 64
+    assert json.loads((output / "preprocessor_config.json").read_text())["crop_size"] == {"height": 16, "width": 16}
+    assert "Inherited from the full network" in (output / "README.md").read_text()

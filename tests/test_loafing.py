@@ -154,8 +154,11 @@ def test_loafing_summary_definition():
 def test_loafing_command_writes_report(checkpoints, tmp_path, capsys):
     out = tmp_path / "report"
     argv = [*checkpoints, "--num-subnets", "3", "--seed", "5", "--sweep-stage", "2", "--output-dir", str(out)]
+    argv += ["--recalibrate-bn", "40"]
     assert cli_main(["loafing", *argv, *DATA_ARGS, "--labels", "CT", "ST++", "--no-progress"]) == 0
-    assert "| CT |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| CT |" in printed and "sub-net mean (inherited BN)" in printed
+    assert "re-estimated for each on 40 training images" in printed.splitlines()[0]
     report = json.loads((out / "loafing.json").read_text())
     assert (out / "loafing.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -165,18 +168,25 @@ def test_loafing_command_writes_report(checkpoints, tmp_path, capsys):
     assert all(0 < n["flop_share"] < 1 for n in networks[1:])
     assert networks[-1]["depths"] == [2, 2, 1]
     assert report["settings"]["num_eval_images"] == 64 and report["settings"]["num_classes"] == 10
+    assert report["settings"]["recalibrate_bn"] == 40
 
     assert [c["label"] for c in report["checkpoints"]] == ["CT", "ST++"]
     for checkpoint in report["checkpoints"]:
         assert [r["network"] for r in checkpoint["results"]] == [n["name"] for n in networks]
         summary = checkpoint["summary"]
-        sampled = [
-            r["accuracy"] for r, n in zip(checkpoint["results"], networks, strict=True) if n["kind"] == "sampled"
-        ]
-        assert summary["subnet_accuracy_mean"] == pytest.approx(np.mean(sampled))
-        assert summary["full_accuracy"] == checkpoint["results"][0]["accuracy"]
-        if summary["full_accuracy"] > 0:
-            assert summary["loafing_gap"] == pytest.approx(1 - np.mean(sampled) / summary["full_accuracy"])
+        full = checkpoint["results"][0]
+        assert full["accuracy"] == full["accuracy_inherited_bn"]  # the full network as trained
+        for suffix in ("", "_inherited_bn"):
+            sampled = [
+                r[f"accuracy{suffix}"]
+                for r, n in zip(checkpoint["results"], networks, strict=True)
+                if n["kind"] == "sampled"
+            ]
+            assert summary[f"subnet_accuracy_mean{suffix}"] == pytest.approx(np.mean(sampled))
+            assert summary[f"full_accuracy{suffix}"] == full["accuracy"]
+            if full["accuracy"] > 0:
+                gap = 1 - np.mean(sampled) / full["accuracy"]
+                assert summary[f"loafing_gap{suffix}"] == pytest.approx(gap)
 
     # The same sub-networks for both checkpoints, the ones of the trainer with that seed.
     rows = list(csv.DictReader((out / "loafing.csv").open()))
@@ -190,21 +200,23 @@ def test_loafing_command_writes_report(checkpoints, tmp_path, capsys):
     stages = find_residual_stages(load_checkpoint(checkpoints[0]))
     expected = fixed_eval_subnets(stages, 3, seed=5)
     assert [n["kept"] for n in networks[1:4]] == [[list(k) for k in s.kept] for s in expected]
-    assert rows[0]["accuracy_bn_recalibrated"] == ""
+    assert all(r["accuracy_inherited_bn"] != "" for r in rows)
 
 
-def test_loafing_recalibrate_bn(checkpoints, tmp_path):
-    out = tmp_path / "recal"
-    report = main(
-        [checkpoints[1], "--num-subnets", "2", "--recalibrate-bn", "48", "--output-dir", str(out), "--no-progress"]
-        + DATA_ARGS
-    )
-    checkpoint = report["checkpoints"][0]
-    for row in checkpoint["results"]:
-        assert 0.0 <= row["accuracy_bn_recalibrated"] <= 1.0 and np.isfinite(row["loss_bn_recalibrated"])
-    assert "loafing_gap_bn_recalibrated" in checkpoint["summary"]
-    rows = list(csv.DictReader((out / "loafing.csv").open()))
-    assert all(r["accuracy_bn_recalibrated"] != "" for r in rows)
+def test_recalibrate_bn_0_gives_the_inherited_figures(checkpoints, tmp_path, capsys):
+    """Opting out reports what the re-estimating run reports beside its figures: the full network's statistics."""
+    base = [checkpoints[1], "--num-subnets", "2", "--no-progress", *DATA_ARGS]
+    both = main([*base, "--recalibrate-bn", "48", "--output-dir", str(tmp_path / "both")])
+    capsys.readouterr()
+    inherited = main([*base, "--recalibrate-bn", "0", "--output-dir", str(tmp_path / "inherited")])
+    header = capsys.readouterr().out.splitlines()[1]
+    assert header.startswith("| checkpoint | full |") and "inherited BN" not in header  # one set of columns
+    assert inherited["settings"]["recalibrate_bn"] == 0
+    assert "full network's BatchNorm statistics" in inherited["settings"]["bn_statistics"]
+    for row, old in zip(both["checkpoints"][0]["results"], inherited["checkpoints"][0]["results"], strict=True):
+        assert old["accuracy"] == old["accuracy_inherited_bn"] == row["accuracy_inherited_bn"]
+        assert np.isfinite(row["loss"]) and 0.0 <= row["accuracy"] <= 1.0
+    assert both["checkpoints"][0]["results"][0]["accuracy"] == inherited["checkpoints"][0]["results"][0]["accuracy"]
 
 
 def test_loafing_arguments_errors(tmp_path):
@@ -262,3 +274,34 @@ def test_loafing_argument_errors_are_one_line(checkpoints, capsys):
         assert cli_main(["loafing", checkpoints[0], *extra, *DATA_ARGS]) == 2, extra
         err = capsys.readouterr().err
         assert err.startswith("stim-hf: error: ") and err.count("\n") == 1 and message in err, err
+
+
+@pytest.fixture(scope="module")
+def digits_parquet(tmp_path_factory):
+    """64 digits images as a parquet file with an Image and a ClassLabel column, as a user's test split."""
+    from stim_hf.builtin_datasets import load_builtin_dataset
+
+    path = tmp_path_factory.mktemp("data") / "test.parquet"
+    load_builtin_dataset("sklearn:digits")["train"].select(range(64)).to_parquet(str(path))
+    return str(path)
+
+
+def test_validation_data_alone_is_enough_without_re_estimation(checkpoints, digits_parquet, tmp_path, capfd):
+    """No training source: evaluated with the full network's statistics, and one line says how to re-estimate."""
+    argv = ["loafing", checkpoints[0], "--validation_file", digits_parquet, "--image_size", "16", "--num-subnets", "2"]
+    assert cli_main([*argv, "--output-dir", str(tmp_path / "a"), "--no-progress"]) == 0
+    captured = capfd.readouterr()
+    notes = [line for line in captured.err.splitlines() if "no training images given" in line]
+    assert len(notes) == 1 and "--train_file, --train_dir or --dataset_name" in notes[0], captured.err
+    report = json.loads((tmp_path / "a" / "loafing.json").read_text())
+    assert report["settings"]["recalibrate_bn"] == 0 and report["settings"]["num_eval_images"] == 64
+    assert all(r["accuracy"] == r["accuracy_inherited_bn"] for r in report["checkpoints"][0]["results"])
+
+    # Asking for re-estimation without training images: one line naming the fix, before any progress bar.
+    assert cli_main([*argv, "--recalibrate-bn", "100", "--output-dir", str(tmp_path / "b")]) == 2
+    err = capfd.readouterr().err
+    assert err.startswith("stim-hf: error: --recalibrate-bn 100 re-estimates BatchNorm statistics") and err.endswith(
+        "\n"
+    )
+    assert err.count("\n") == 1 and "--recalibrate-bn 0" in err, err
+    assert not (tmp_path / "b").exists()

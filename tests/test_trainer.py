@@ -10,7 +10,7 @@ from conftest import make_tensor_dataset
 from transformers import Trainer, TrainingArguments
 
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
-from stim_hf.batchnorm import batchnorm_layers
+from stim_hf.batchnorm import batchnorm_layers, recalibration_indices
 from stim_hf.errors import ConfigError, ModelStructureError
 from stim_hf.optimizers import with_fused_kernel
 
@@ -327,14 +327,13 @@ def test_recalibrate_sets_full_network_statistics(tmp_path, tiny_cifar_resnet):
 @pytest.mark.parametrize("num_samples, world_size", [(2000, 3), (2000, 1), (7, 2), (5, 8)])
 def test_recalibration_gives_every_process_as_many_images(num_samples, world_size):
     """Unequal shares (667, 667, 666 of 2,000 on 3 processes) hang SyncBatchNorm at batch 18."""
-    from stim_hf.trainer import recalibration_shard
-
     order = np.random.default_rng(0).permutation(5000)
-    shards = [recalibration_shard(order, num_samples, rank, world_size) for rank in range(world_size)]
+    shards = [recalibration_indices(5000, num_samples, 0, rank, world_size) for rank in range(world_size)]
     assert len({len(shard) for shard in shards}) == 1
     used = sorted(i for shard in shards for i in shard)
     assert len(used) == len(set(used)) == num_samples - num_samples % world_size
     assert set(used) <= set(order[:num_samples].tolist())
+    assert sorted(recalibration_indices(5, 100, seed=0)) == list(range(5))  # a smaller data set: every image
 
 
 def test_recalibration_keeps_training_random_stream(tmp_path, tiny_cifar_resnet):
@@ -384,6 +383,43 @@ def test_evaluate_subnets_reports_each(tmp_path, tiny_cifar_resnet):
         assert 0 <= r["accuracy"] <= 1 and r["depth_fraction"] < 1
     # Fixed: the same seed gives the same sub-networks.
     assert trainer.fixed_subnets(3) == trainer.fixed_subnets(3)
+
+
+def test_evaluate_subnets_re_estimates_each_and_leaves_the_full_network_as_trained(tmp_path, tiny_cifar_resnet):
+    """Each sub-network is scored with its own re-estimated statistics, the inherited figure beside it.
+
+    The full network comes back bit for bit (weights, statistics, batch counters, modes);
+    ``bn_recalibration_samples=0`` gives the inherited figures, the old ones.
+    """
+    from stim_hf.batchnorm import subnet_batchnorm_statistics
+    from stim_hf.evaluation import evaluate_model
+
+    data = make_dataset(n=64)
+    args = make_args(tmp_path, stim_method="stpp", num_eval_subnets=3, subnet_bn_recalibration_samples=48)
+    trainer = StimulativeTrainer(model=tiny_cifar_resnet(depth=20), args=args, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    model = trainer.model.eval()  # as Trainer.predict leaves it
+    before, modes = params(model), [m.training for m in model.modules()]
+    results = trainer.evaluate_subnets()
+    assert all(torch.equal(value, before[key]) for key, value in params(model).items())
+    assert [m.training for m in model.modules()] == modes
+
+    inherited = trainer.evaluate_subnets(bn_recalibration_samples=0)
+    for ours, old in zip(results, inherited, strict=True):
+        assert ours["bn_recalibration_samples"] == 48 and old["bn_recalibration_samples"] == 0
+        assert old["accuracy"] == old["accuracy_inherited_bn"] == ours["accuracy_inherited_bn"]
+        assert old["loss"] == ours["loss_inherited_bn"] != ours["loss"]
+
+    # The re-estimated figure is the sub-network's accuracy with statistics re-estimated on the trainer's images.
+    subnet = trainer.fixed_subnets(3)[0]
+    batches = trainer.bn_estimation_batches(48, seed=args.seed)
+    eval_batches = [
+        {"pixel_values": data[i : i + 32]["pixel_values"], "labels": data[i : i + 32]["labels"]} for i in (0, 32)
+    ]
+    with subnet_batchnorm_statistics(model, batches, 48, trainer.stages, subnet):
+        expected = evaluate_model(model, eval_batches, trainer.stages, subnet)
+    assert results[0]["accuracy"] == expected["accuracy"]
+    assert results[0]["loss"] == pytest.approx(expected["loss"], rel=1e-5)
 
 
 def test_a_model_from_model_init_is_the_one_the_sub_network_passes_shorten(tmp_path, tiny_cifar_resnet):

@@ -1,6 +1,6 @@
 """The sub-network engine: residual stages, sampling, running a model as a sub-network."""
 
-from stim_hf.subnets.running import resize_for_subnet, use_subnet
+from stim_hf.subnets.running import resize_for_subnet, resize_input, use_subnet
 from stim_hf.subnets.sampling import (
     EVAL_SUBNET_STREAM,
     SAMPLING_RULES,
@@ -35,6 +35,7 @@ __all__ = [
     "register_stage_finder",
     "registered_families",
     "resize_for_subnet",
+    "resize_input",
     "resolve_sample_space",
     "subnet_from_depths",
     "use_subnet",

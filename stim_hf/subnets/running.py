@@ -20,11 +20,17 @@ def resize_for_subnet(pixel_values: torch.Tensor, subnet: Subnet | None) -> torc
     A no-op when the sub-network has no input size of its own or the batch already has it. The
     trainer, the FLOP counter and the loafing analysis all resize through here.
     """
-    if subnet is None or subnet.input_size is None or subnet.input_size == pixel_values.shape[-2]:
+    return pixel_values if subnet is None else resize_input(pixel_values, subnet.input_size)
+
+
+def resize_input(pixel_values: torch.Tensor, size: int | None) -> torch.Tensor:
+    """A batch resized bilinearly to height ``size`` (width keeps the aspect ratio); a no-op for None or its size."""
+    if size is None or size == pixel_values.shape[-2]:
         return pixel_values
     height, width = pixel_values.shape[-2:]
-    size = (subnet.input_size, max(1, round(width * subnet.input_size / height)))
-    return F.interpolate(pixel_values, size=size, mode="bilinear", align_corners=False)
+    return F.interpolate(
+        pixel_values, size=(size, max(1, round(width * size / height))), mode="bilinear", align_corners=False
+    )
 
 
 @contextmanager

@@ -2,7 +2,8 @@
 
 Trains a tiny residual network with StimulativeTrainer on a fixed synthetic dataset, then every
 rank writes its parameters (``rank{R}.safetensors``) and the sub-networks it drew
-(``rank{R}_subnets.json``) into ``--out``.
+(``rank{R}_subnets.json``) into ``--out``. With ``--evaluate_subnets N`` it then evaluates two
+fixed sub-networks, BatchNorm statistics re-estimated on N training images, and records them.
 """
 
 import argparse
@@ -54,6 +55,20 @@ class NoNormResNet(nn.Module):
         return ImageClassifierOutput(logits=self.head(x.mean(dim=(2, 3))))
 
 
+class StemBatchNormResNet(NoNormResNet):
+    """One BatchNorm, after the stem: its input depends on no other BatchNorm, so statistics pooled
+    over any split of the images into batches and processes are exactly those of all the images."""
+
+    def __init__(self, num_labels: int = 10) -> None:
+        super().__init__(num_labels)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, pixel_values, labels=None):
+        x = self.stage1(torch.relu(self.bn(self.stem(pixel_values))))
+        x = self.stage2(torch.relu(self.down(x)))
+        return ImageClassifierOutput(logits=self.head(x.mean(dim=(2, 3))))
+
+
 def find_nonorm_stages(model):
     if not isinstance(model, NoNormResNet):
         return None
@@ -76,7 +91,7 @@ def dataset(n: int = 64, size: int = 16) -> Dataset:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--model", choices=["nonorm", "cifar"], default="nonorm")
+    parser.add_argument("--model", choices=["nonorm", "stem_bn", "cifar"], default="nonorm")
     parser.add_argument("--per_device_batch", type=int, default=8)
     parser.add_argument("--ga", type=int, default=2)
     parser.add_argument("--steps", type=int, default=3)
@@ -87,11 +102,15 @@ def main() -> None:
     parser.add_argument("--backward_strategy", default="summed")
     parser.add_argument("--on_nonfinite_loss", default="stop")
     parser.add_argument("--poison_step", type=int, default=0, help="the last rank's CE is inf at this step")
+    parser.add_argument("--no_train", action="store_true")
+    parser.add_argument("--evaluate_subnets", type=int, default=-1, help="re-estimation images (-1: do not evaluate)")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     if args.model == "nonorm":
         model = NoNormResNet()
+    elif args.model == "stem_bn":
+        model = StemBatchNormResNet()
     else:
         model = CifarResNetForImageClassification(CifarResNetConfig(depth=14, widths=[8, 16, 32], num_labels=10))
     training_args = StimulativeTrainingArguments(
@@ -130,7 +149,13 @@ def main() -> None:
             return ce * float("inf") if hit else ce
 
         trainer.main_loss = poisoned_main_loss
-    trainer.train()
+    if not args.no_train:
+        trainer.train()
+    subnet_results = None
+    if args.evaluate_subnets >= 0:
+        subnet_results = trainer.evaluate_subnets(
+            eval_dataset=dataset(), num_subnets=2, bn_recalibration_samples=args.evaluate_subnets
+        )
     rank = training_args.process_index
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -145,6 +170,7 @@ def main() -> None:
         "logs": logs,
         "world_size": training_args.world_size,
         "skipped_steps": trainer.nonfinite_skipped_steps,
+        "subnet_results": subnet_results,
     }
     (out / f"rank{rank}_subnets.json").write_text(json.dumps(record))
     end_distributed_run()  # as the training job ends
