@@ -1,4 +1,4 @@
-"""The ``stim-hf`` command line: ``stim-hf train RECIPE.yaml [--field value ...]``, ``export``, ``loafing``."""
+"""The ``stim-hf`` command line: ``stim-hf train RECIPE.yaml [--field value ...]``, ``export``, ``loafing``, ``search``."""
 
 from __future__ import annotations
 
@@ -33,6 +33,12 @@ def _loafing(argv: Sequence[str]) -> None:
     main(argv)
 
 
+def _search(argv: Sequence[str]) -> None:
+    from stim_hf.search import main
+
+    main(argv)
+
+
 # Subcommand name -> (runner taking the remaining arguments, one-line description).
 COMMANDS: dict[str, tuple[Callable[[Sequence[str]], object], str]] = {
     "train": (
@@ -41,6 +47,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], object], str]] = {
     ),
     "export": (_export, "write a sub-network of a checkpoint as a standalone model"),
     "loafing": (_loafing, "evaluate the full network and fixed sub-networks of checkpoints (loafing analysis)"),
+    "search": (_search, "find the best sub-networks under a FLOPs, parameter or latency budget (Pareto front)"),
 }
 
 

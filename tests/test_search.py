@@ -1,0 +1,294 @@
+"""``stim-hf search``: Pareto fronts, exact BatchNorm statistics, the shared walk, budgets, export, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_export import perturbed
+from test_families import build
+from transformers import AutoModelForImageClassification
+
+from stim_hf.batchnorm import batchnorm_layers
+from stim_hf.cli import main as cli_main
+from stim_hf.costs import CostModel
+from stim_hf.data import DataArguments
+from stim_hf.errors import ConfigError
+from stim_hf.flops import count_flops
+from stim_hf.pareto import pareto_front, pareto_layers
+from stim_hf.scoring import ScoreBatches, reestimate_batchnorm, score_subnets, tree_support
+from stim_hf.search import CandidateSpace, SearchArguments, SearchImages, parse_budget, search_subnets
+from stim_hf.subnets import find_residual_family, find_residual_stages, use_subnet
+
+DIGITS = ["--dataset_name", "sklearn:digits", "--image_size", "16"]
+# Small held-out and re-estimation sets, no latency: every search here takes a second or two.
+QUICK = dict(holdout_samples=96, recalibrate_bn=64, batch_size=32, latency="none", output_dir=None, progress=False)
+
+
+def digits() -> DataArguments:
+    return DataArguments(dataset_name="sklearn:digits", image_size=16)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A saved CIFAR ResNet-14 (2 blocks per stage) with random weights and BatchNorm statistics."""
+    path = tmp_path_factory.mktemp("search") / "resnet14"
+    perturbed("cifar_resnet").save_pretrained(path)
+    return str(path)
+
+
+# --------------------------------------------------------------------------------------------------
+# Pieces
+# --------------------------------------------------------------------------------------------------
+
+
+def test_pareto_front_of_a_synthetic_table():
+    costs = [1.0, 2.0, 3.0, 4.0, 5.0, 2.0, None, 0.5]
+    accuracies = [0.10, 0.50, 0.40, 0.70, 0.70, 0.50, 0.99, 0.05]
+    # 2 is beaten by 1 (cheaper, more accurate), 4 by 3 (as accurate, cheaper); 1 and 5 are the same
+    # point (both kept); 6 has no cost; 7 is the cheapest.
+    assert pareto_front(costs, accuracies) == [7, 0, 1, 5, 3]
+    assert pareto_front([], []) == []
+    # Whole layers until at least the count: the front (5 points), then the next layer (2, 4).
+    assert pareto_layers(costs, accuracies, 5) == [7, 0, 1, 5, 3]
+    assert sorted(pareto_layers(costs, accuracies, 6)) == [0, 1, 2, 3, 4, 5, 7]
+
+
+def test_budget_parsing():
+    flops, params, latency = parse_budget("flops=0.5, params=200K,latency_ms=2.5")
+    assert (flops.share, flops.value, flops.limit(1000)) == (True, 0.5, 500)
+    assert (params.share, params.value) == (False, 200e3)
+    assert (latency.share, latency.value) == (False, 2.5)
+    assert parse_budget("flops=12M")[0].limit(1e9) == 12e6
+    assert parse_budget("flops=50%")[0].limit(10) == 5
+    with pytest.raises(ConfigError, match=r"'flop' is not known \(did you mean 'flops'\?\)"):
+        parse_budget("flop=0.5")
+    with pytest.raises(ConfigError, match="latency_ms is milliseconds"):
+        parse_budget("latency_ms=50%")
+
+
+def test_reestimated_statistics_equal_full_batch_statistics():
+    model = perturbed("cifar_resnet")
+    images = torch.randn(24, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+
+    # One batch: torch's own running estimate after one train-mode batch (momentum None) is that
+    # batch's mean and unbiased variance, layer by layer.
+    reference = perturbed("cifar_resnet").train()
+    for layer in batchnorm_layers(reference):
+        layer.reset_running_stats()
+        layer.momentum = None
+    with torch.no_grad():
+        reference(pixel_values=images)
+    reestimate_batchnorm(model, [images])
+    for ours, theirs in zip(batchnorm_layers(model), batchnorm_layers(reference), strict=True):
+        torch.testing.assert_close(ours.running_mean, theirs.running_mean, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ours.running_var, theirs.running_var, rtol=1e-5, atol=1e-6)
+
+    # Three batches: the stem's statistics are still exactly those of all 24 images at once (pooled,
+    # not an average of per-batch variances, not a moving average).
+    reestimate_batchnorm(model, list(images.split(8)))
+    with torch.no_grad():
+        var, mean = torch.var_mean(model.resnet.stem.conv(images), dim=(0, 2, 3), correction=1)
+    torch.testing.assert_close(model.resnet.stem.bn.running_mean, mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.resnet.stem.bn.running_var, var, rtol=1e-5, atol=1e-6)
+
+
+def test_flops_and_parameters_add_up_per_block():
+    model = perturbed("cifar_resnet")
+    stages = find_residual_stages(model)
+    example = torch.zeros(1, 3, 16, 16)
+    costs = CostModel(model, stages, example)
+    for rule in ("prefix", "subset"):
+        for subnet in CandidateSpace(stages, rule, "full", [8, 16]).enumerate()[::5]:
+            assert costs.flops(subnet) == count_flops(model, example, stages, subnet)
+            assert costs.parameters(subnet) == sum(
+                p.numel()
+                for name, p in model.named_parameters()
+                if not any(
+                    f"stages.{s}.layers.{b}." in name for s in range(3) for b in range(2) if b not in subnet.kept[s]
+                )
+            )
+
+
+@pytest.mark.parametrize(
+    ("name", "rule"),
+    [("cifar_resnet", "prefix"), ("cifar_resnet", "subset"), ("hf_convnext", "prefix"), ("timm_resnet", "prefix")],
+)
+def test_tree_walk_scores_like_each_subnet_on_its_own(name, rule):
+    model = perturbed(name)
+    family, stages = find_residual_family(model)
+    generator = torch.Generator().manual_seed(0)
+    size = 16 if name == "cifar_resnet" else 32  # ConvNeXt needs its stride; timm ResNet's stem takes 4x
+    subnets = CandidateSpace(stages, rule, "full", [size]).enumerate()
+    batches = ScoreBatches(
+        [torch.randn(8, 3, size, size, generator=generator) for _ in range(3)],
+        [torch.randn(8, 3, size, size, generator=generator) for _ in range(2)],
+        [torch.randint(0, 10, (8,), generator=generator) for _ in range(2)],
+    )
+    assert tree_support(model, stages, batches.images[0][:1]).supported
+    state = [layer.running_mean.clone() for layer in batchnorm_layers(model)]
+    naive = score_subnets(model, stages, subnets, batches, "naive")
+    tree = score_subnets(model, stages, subnets, batches, "tree")
+    assert [s.correct for s in tree] == [s.correct for s in naive]
+    for ours, theirs in zip(tree, naive, strict=True):
+        assert ours.loss_sum == pytest.approx(theirs.loss_sum, rel=1e-6)
+    assert len({round(s.loss_sum, 4) for s in naive}) > len(subnets) // 2, "sub-networks should score differently"
+    for layer, before in zip(batchnorm_layers(model), state, strict=True):  # the model's statistics are restored
+        assert torch.equal(layer.running_mean, before)
+
+
+def test_shared_walk_is_refused_where_blocks_take_more_than_a_tensor():
+    model = build("hf_vit").eval()
+    stages = find_residual_stages(model)
+    support = tree_support(model, stages, torch.zeros(1, 3, 16, 16))
+    assert not support.supported and "called with other arguments" in support.reason
+
+
+# --------------------------------------------------------------------------------------------------
+# The search
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["cifar_resnet", "hf_resnet", "hf_regnet", "hf_convnext", "hf_vit", "hf_swin", "timm_resnet"]
+)
+def test_every_exportable_family_is_searched(name):
+    model = perturbed(name)
+    family, stages = find_residual_family(model)
+    sizes = "8,16" if family.supports_smaller_inputs and name != "hf_convnext" else "16"
+    result = search_subnets([model], digits(), SearchArguments(input_sizes=sizes, budget="flops=0.7", **QUICK))
+    (searched,) = result.checkpoints
+    space = CandidateSpace(stages, "prefix", "full", [int(s) for s in sizes.split(",")])
+    assert len(searched.candidates) == len(space) == searched.space_size
+    assert searched.sharing == ("naive" if name in ("hf_vit", "hf_swin") else "tree")
+    assert searched.pick is not None and searched.pick.flops <= 0.7 * searched.full_flops
+
+
+def test_budget_is_respected_and_the_pick_is_the_best_under_it(checkpoint, tmp_path):
+    args = SearchArguments(input_sizes="8,12,16", budget="flops=0.45,params=35K", **{**QUICK, "output_dir": tmp_path})
+    result = search_subnets([checkpoint], digits(), args)
+    (searched,) = result.checkpoints
+    limit_flops = 0.45 * searched.full_flops
+    inside = [c for c in searched.candidates if c.flops <= limit_flops and c.params <= 35e3]
+    assert 0 < len(inside) < len(searched.candidates)
+    assert {id(c) for c in searched.candidates if c.within_budget} == {id(c) for c in inside}
+    # Successive halving: every candidate scored on a few images, the last round on all 96.
+    final = [c for c in searched.candidates if c.scored_images == 96]
+    assert {c.scored_images for c in searched.candidates} == {6, 24, 96} and 0 < len(final) < len(searched.candidates)
+    assert searched.pick.scored_images == 96
+    assert searched.pick.accuracy == max(c.accuracy for c in inside if c.scored_images == 96)
+    assert searched.pick.flops <= limit_flops and searched.pick.params <= 35e3
+    # Fronts (among the fully scored): no candidate is as cheap and strictly more accurate.
+    for member in (c for c in final if c.pareto_flops):
+        assert not any(c.flops <= member.flops and c.accuracy > member.accuracy for c in final)
+    report = json.loads((tmp_path / "pareto.json").read_text())
+    assert report["pick"]["depths"] == list(searched.pick.depths)
+    rows = (tmp_path / "pareto.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(searched.candidates) and (tmp_path / "pareto.png").stat().st_size > 0
+
+
+def test_exported_pick_has_the_logits_of_the_subnet_inside_the_model(checkpoint, tmp_path):
+    args = SearchArguments(input_sizes="8,12", budget="flops=0.6", export=str(tmp_path / "pick"), **QUICK)
+    result = search_subnets([checkpoint], digits(), args)
+    _, pick = result.pick
+    exported = AutoModelForImageClassification.from_pretrained(tmp_path / "pick").eval()
+    assert [s.num_blocks for s in find_residual_stages(exported)] == list(pick.depths)
+
+    model = AutoModelForImageClassification.from_pretrained(checkpoint).eval()
+    stages = find_residual_stages(model)
+    images = SearchImages(digits(), args, torch.device("cpu")).at(pick.input_size)
+    reestimate_batchnorm(model, images.recalibration, stages, pick.subnet)
+    x = images.images[0]
+    with torch.no_grad(), use_subnet(stages, pick.subnet):
+        inside = model(pixel_values=x).logits
+    torch.testing.assert_close(exported(pixel_values=x).logits, inside, rtol=0, atol=1e-5)
+    correct = int((exported(pixel_values=torch.cat(images.images)).logits.argmax(-1) == torch.cat(images.labels)).sum())
+    assert correct / images.num_images == pick.accuracy
+
+    info = json.loads((tmp_path / "pick" / "export_info.json").read_text())
+    assert info["input_size"] == pick.input_size and info["search"]["depths"] == list(pick.depths)
+    card = (tmp_path / "pick" / "README.md").read_text()
+    assert f"{100 * pick.accuracy:.2f}%" in card and f"{pick.input_size} px" in card
+    assert "Re-estimated for this sub-network" in card and "Inherited from the full network" not in card
+
+
+@pytest.mark.parametrize("strategy", ["enumerate", "evolution"])
+def test_search_is_deterministic_for_a_seed(checkpoint, strategy):
+    evolution = dict(population=6, generations=2) if strategy == "evolution" else {}
+
+    def run(seed):
+        args = SearchArguments(
+            strategy=strategy, sampling="subset", input_sizes="8,16", budget="flops=0.8", seed=seed,
+            **evolution, **QUICK,
+        )  # fmt: skip
+        searched = search_subnets([checkpoint], digits(), args).checkpoints[0]
+        return [(c.subnet, c.accuracy, c.loss) for c in searched.candidates], searched.pick.subnet
+
+    first, again = run(3), run(3)
+    assert first == again
+    if strategy == "evolution":
+        assert len(first[0]) < 100, "evolution should score a part of the 9 x 4 x 4 x 2 candidates"
+        assert {c for c, _, _ in run(4)[0]} != {c for c, _, _ in first[0]}
+
+
+def test_recipe_gives_sampling_sizes_and_seed(checkpoint, tmp_path):
+    from stim_hf.search import parse_search_args
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("dataset_name: sklearn:digits\nimage_size: 16\nstim_method: st\nseed: 5\n")
+    args, data_args, checkpoints = parse_search_args([checkpoint, "--config", str(recipe)])
+    assert (args.sampling, args.min_input_scale, args.seed, data_args.image_size) == ("subset", 1.0, 5, 16)
+    with pytest.raises(ConfigError, match="--sampling prefix"):
+        parse_search_args([checkpoint, "--config", str(recipe), "--export", str(tmp_path / "x")])
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input: one line naming the fix, nothing written
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def mobilenet_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("search") / "mobilenet"
+    build("hf_mobilenet_v2").save_pretrained(path)
+    return str(path)
+
+
+BAD = {
+    "unknown budget key": (["--budget", "macs=0.5"], r"--budget key 'macs' is not known; use flops="),
+    "budget below the smallest": (
+        ["--budget", "flops=100K", "--input-sizes", "8,16"],
+        r"--budget flops=100K is below the smallest sub-network .*depths=1,1,1 at 8 px needs .*raise the budget",
+    ),
+    "missing device": (["--device", "cuda:7"], r"--device cuda:7 is not on this machine .*--device cpu"),
+    "held-out split too large": (
+        ["--holdout-samples", "5000"],
+        r"--holdout-samples 5000 plus --recalibrate-bn 64 need 5,064 training images, but the training data has "
+        r"1,527; lower --holdout-samples",
+    ),
+    "output folder exists": ([], r"--output-dir '.*out' already exists and is not empty; give a new folder"),
+    "family that cannot be exported": ([], r"cannot be searched: .*MobileNetV2's config has no per-stage depth"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_naming_the_fix_and_writes_nothing(case, checkpoint, mobilenet_checkpoint, tmp_path,
+                                                                  capsys):  # fmt: skip
+    if case == "missing device" and torch.cuda.device_count() > 7:
+        pytest.skip("this machine has a cuda:7")
+    extra, message = BAD[case]
+    out, export = tmp_path / "out", tmp_path / "export"
+    if case == "output folder exists":
+        out.mkdir()
+        (out / "notes.txt").write_text("keep me")
+    source = mobilenet_checkpoint if case == "family that cannot be exported" else checkpoint
+    argv = ["search", source, *DIGITS, "--output-dir", str(out), "--export", str(export), "--recalibrate-bn", "64"]
+    assert cli_main([*argv, "--holdout-samples", "64", "--latency", "none", "--progress", "false", *extra]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("stim-hf: error: "), err
+    assert __import__("re").search(message, err), err
+    assert not export.exists()
+    assert (
+        (not out.exists()) if case != "output folder exists" else sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    )
