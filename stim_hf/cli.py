@@ -52,13 +52,27 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], object], str]] = {
 
 
 def run_guarded(runner: Callable[[], object], prog: str = "stim-hf") -> int:
-    """Run ``runner``; report a :class:`StimError` as one clear line instead of a traceback."""
+    """Run ``runner``; report a :class:`StimError` as one clear line instead of a traceback.
+
+    The line starts on a line of its own and ends with a line break, also when the error stopped a
+    progress bar mid-line (a non-finite loss stops training with the Trainer's bar drawn).
+    """
     try:
         runner()
     except StimError as err:
-        print(f"{prog}: error: {err}", file=sys.stderr)
+        end_progress_bars()
+        sys.stderr.write(f"{prog}: error: {str(err).rstrip()}\n")
+        sys.stderr.flush()
         return 2
     return 0
+
+
+def end_progress_bars() -> None:
+    """Close the tqdm progress bars still open, each leaving its line finished (or cleared) as on a normal close."""
+    from tqdm import tqdm
+
+    for bar in list(tqdm._instances):  # every open bar, whichever tqdm class drew it (a WeakSet of tqdm's)
+        bar.close()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

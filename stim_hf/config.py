@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from transformers import TrainingArguments
 
 from stim_hf.batchnorm import DEFAULT_RECALIBRATION_SAMPLES
@@ -54,6 +55,14 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
         "min_input_scale": 0.43,
     },
 }
+
+
+def accelerator_available() -> bool:
+    """Whether torch sees an accelerator (CUDA, XPU, MPS, ...), the test its DataLoader pins memory by."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
 
 
 def parse_sample_space(value: Any) -> str | list[int]:
@@ -262,6 +271,14 @@ class StimulativeTrainingArguments(TrainingArguments):
             "backward_strategy 'summed' (refused); 'sequential' works with it."
         },
     )
+    dataloader_pin_memory: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Pin the batches' host memory, for copies to the accelerator that need not wait. Unset: on when "
+            "an accelerator trains (not with use_cpu), off on a CPU, where torch pins nothing and would warn at "
+            "every data loader."
+        },
+    )
     logging_nan_inf_filter: bool = field(
         default=False,
         metadata={
@@ -277,6 +294,8 @@ class StimulativeTrainingArguments(TrainingArguments):
         self._check_method_is_what_its_name_says(explicit)
         given = self.accelerator_config
         non_blocking_given = not (given is None or (isinstance(given, dict) and "non_blocking" not in given))
+        if self.dataloader_pin_memory is None:
+            self.dataloader_pin_memory = not self.use_cpu and accelerator_available()
         super().__post_init__()
         if not non_blocking_given:
             # A blocking copy of a batch to the GPU first waits for the previous step's backward;

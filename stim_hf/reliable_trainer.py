@@ -13,6 +13,8 @@ import os
 import pickle
 import shutil
 from collections import deque
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +26,7 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 from transformers.training_args import OptimizerNames
 from transformers.utils import SAFE_WEIGHTS_NAME, is_peft_available
+from transformers.utils import logging as hf_logging
 
 from stim_hf.checkpointing import (
     MODEL_STAGING_NAME,
@@ -355,7 +358,8 @@ class ReliableTrainer(Trainer):
             logger.info("saving model to %s", output_dir)
         unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if isinstance(unwrapped, _SAVE_PRETRAINED_CLASSES):
-            unwrapped.save_pretrained(output_dir, state_dict=state_dict, is_main_process=self.args.should_save)
+            with _without_transformers_progress_bars():
+                unwrapped.save_pretrained(output_dir, state_dict=state_dict, is_main_process=self.args.should_save)
         elif self.args.should_save:
             logger.info("the model is not a PreTrainedModel: saving its state dict only")
             safetensors.torch.save_file(
@@ -456,6 +460,22 @@ class ReliableTrainer(Trainer):
         if "loss" in logs and self.nonfinite_skipped_steps:
             logs["nonfinite_skipped_steps"] = float(self.nonfinite_skipped_steps)
         super().log(logs, start_time)
+
+
+@contextmanager
+def _without_transformers_progress_bars() -> Iterator[None]:
+    """transformers' own progress bars off for a while (their previous setting restored).
+
+    ``save_pretrained`` draws a "Writing model shards" bar (transformers 5) at every checkpoint,
+    inside the training bar: a bar for one file written in milliseconds, nothing to read.
+    """
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def describe_nonfinite_terms(records: list[LossTerms], step: int, epoch: float | None) -> str:

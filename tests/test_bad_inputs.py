@@ -107,7 +107,26 @@ def run_cli(capsys, *argv: str) -> str:
     assert "Traceback" not in captured.err
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("stim-hf: error: "), captured.err
+    assert captured.err.endswith("\n"), captured.err  # else the next output (a progress bar) goes on its line
     return lines[0].removeprefix("stim-hf: error: ")
+
+
+def test_an_error_that_stops_training_mid_progress_bar_gets_its_own_line(capsys, tmp_path, tiny_cifar_resnet):
+    """A non-finite loss stops training with the Trainer's progress bar drawn: the error must not be glued to it."""
+    from conftest import make_tensor_dataset
+
+    args = StimulativeTrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=8, max_steps=2, report_to="none", use_cpu=True,
+        save_strategy="no", disable_tqdm=False, stim_method="ct",
+    )  # fmt: skip
+    data = make_tensor_dataset(16, poisoned=3)
+    trainer = StimulativeTrainer(model=tiny_cifar_resnet(), args=args, train_dataset=data)
+    assert cli.run_guarded(trainer.train) == 2
+    err = capsys.readouterr().err
+    assert "0/2 [" in err  # the bar was drawn before the error
+    error_line = next(line for line in err.split("\n") if "stim-hf: error: " in line)
+    assert error_line.startswith("stim-hf: error: non-finite loss at training step 1"), err
+    assert err.endswith(error_line + "\n"), err  # the last line, ended: no bar is drawn after it
 
 
 def test_cli_wrong_type_is_one_line_not_the_usage(capsys, tmp_path):

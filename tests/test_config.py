@@ -53,8 +53,24 @@ def test_batch_copies_are_non_blocking_from_pinned_memory_unless_set():
     assert args().accelerator_config.non_blocking is False  # use_cpu: the Trainer turns pinning off
     given = accelerator_config(accelerator_config={"non_blocking": False, "split_batches": True})
     assert given.non_blocking is False and given.split_batches is True
-    other = accelerator_config(accelerator_config={"even_batches": False})
+    other = accelerator_config(accelerator_config={"even_batches": False}, dataloader_pin_memory=True)
     assert other.non_blocking is True and other.even_batches is False
+
+
+def test_pin_memory_follows_the_device_unless_set(monkeypatch):
+    """Unset, batches are pinned when an accelerator trains; on a CPU torch would pin nothing and warn."""
+    import stim_hf.config
+
+    def pinned(**kwargs):
+        made = StimulativeTrainingArguments(output_dir="unused", report_to="none", **kwargs)
+        assert made.accelerator_config.non_blocking is made.dataloader_pin_memory
+        return made.dataloader_pin_memory
+
+    monkeypatch.setattr(stim_hf.config, "accelerator_available", lambda: False)
+    assert pinned() is False and pinned(dataloader_pin_memory=True) is True
+    monkeypatch.setattr(stim_hf.config, "accelerator_available", lambda: True)
+    assert pinned() is True and pinned(dataloader_pin_memory=False) is False
+    assert pinned(use_cpu=True) is False
 
 
 @pytest.mark.parametrize(

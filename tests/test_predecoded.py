@@ -164,11 +164,16 @@ def test_cifar_decoding_is_cached(tmp_path):
 
 
 def test_quickstart_trains_with_the_predecoded_pipeline(tmp_path):
+    """Four epochs: 0.81-0.86 under every kernel path and thread count tried (docs/compatibility.md).
+
+    Two epochs gave 0.43-0.58 depending on the CPU's kernels: the middle of a fast climb, no place
+    for a threshold. A pipeline that mixed up images and labels would stay near chance (0.1).
+    """
     out = tmp_path / "q"
     metrics = main(
-        [str(REPO_ROOT / "configs" / "quickstart.yaml"), "--output_dir", str(out), "--num_train_epochs", "2",
+        [str(REPO_ROOT / "configs" / "quickstart.yaml"), "--output_dir", str(out), "--num_train_epochs", "4",
          "--image_pipeline", "predecoded", "--bn_policy", "recalibrate", "--bn_recalibration_samples", "128",
-         "--report_to", "none", "--disable_tqdm", "true"]
+         "--report_to", "none", "--disable_tqdm", "true", "--save_strategy", "no"]
     )  # fmt: skip
-    assert metrics["eval_accuracy"] > 0.5  # 10 classes: well above chance after two epochs
+    assert metrics["eval_accuracy"] > 0.5
     assert json.loads((out / "all_results.json").read_text())["eval_accuracy"] == metrics["eval_accuracy"]

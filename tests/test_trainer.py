@@ -2,6 +2,7 @@
 
 import copy
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from transformers import Trainer, TrainingArguments
 
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
 from stim_hf.batchnorm import batchnorm_layers, recalibration_indices
+from stim_hf.config import accelerator_available
 from stim_hf.errors import ConfigError, ModelStructureError
 from stim_hf.optimizers import with_fused_kernel
 
@@ -596,3 +598,22 @@ def test_samples_per_second_leaves_evaluation_out(tmp_path, tiny_cifar_resnet):
     assert len(logs) == 3
     # Counted, two steps of 8 images per interval would take over 3.2 s: below 5 images/s.
     assert all(entry["samples_per_second"] > 40 for entry in logs), logs
+
+
+@pytest.mark.skipif(accelerator_available(), reason="pinning is right with an accelerator")
+def test_no_pin_memory_warning_on_a_cpu_without_use_cpu(tmp_path, tiny_cifar_resnet):
+    """The CIFAR recipes leave use_cpu unset: on a CPU, evaluation must not warn about pinned memory.
+
+    Pinning asked for explicitly still warns (torch's warning is then one the user can act on).
+    """
+
+    def pin_memory_warnings(**kwargs) -> list[str]:
+        args = make_args(tmp_path, use_cpu=False, stim_method="ct", **kwargs)
+        trainer = StimulativeTrainer(model=tiny_cifar_resnet(), args=args, eval_dataset=make_dataset(n=16))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.evaluate()
+        return [str(w.message) for w in caught if "pin_memory" in str(w.message)]
+
+    assert pin_memory_warnings() == []
+    assert pin_memory_warnings(dataloader_pin_memory=True)
