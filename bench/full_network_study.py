@@ -116,6 +116,14 @@ class Run:
 
 
 CT = Setting("ct")
+# CT against ST++ at lambda 1 (the recipes' value, from step 0) and at 5 and 10, which collapse from step 0
+# in the pilot and are brought in with cosine_up.
+LAMBDA_SETTINGS = [
+    CT,
+    Setting("stpp", 1),
+    Setting("stpp", 5, intro="cosine_up"),
+    Setting("stpp", 10, intro="cosine_up"),
+]
 PLANS: dict[str, dict[str, Any]] = {
     # Stability first, at the issue's pilot scale: lambda 10 (collapsed from step 0 in the issue's pilot)
     # under each way of introducing it, and lambda 5.
@@ -135,19 +143,13 @@ PLANS: dict[str, dict[str, Any]] = {
             Setting("stpp", 1),
         ],
     },
-    # The CPU study: CT against ST++ at lambda 1 (the recipes' value, from step 0) and at 5 and 10, which
-    # collapse from step 0 in the pilot and are brought in with cosine_up; seed by seed.
+    # The CPU study, seed by seed.
     "cpu": {
         "depth": 20,
         "epochs": 100,
         "train_samples": 5000,
         "seeds": [1, 2, 3],
-        "settings": [
-            CT,
-            Setting("stpp", 1),
-            Setting("stpp", 5, intro="cosine_up"),
-            Setting("stpp", 10, intro="cosine_up"),
-        ],
+        "settings": LAMBDA_SETTINGS,
     },
     # A few seconds of training: the test suite's and a resume check's plan.
     "smoke": {"depth": 14, "epochs": 6, "train_samples": 256, "seeds": [1], "settings": [Setting("stpp", 1)]},
@@ -157,12 +159,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "epochs": 200,
         "train_samples": None,
         "seeds": [1, 2, 3],
-        "settings": [
-            CT,
-            Setting("stpp", 1),
-            Setting("stpp", 5, intro="cosine_up"),
-            Setting("stpp", 10, intro="cosine_up"),
-        ],
+        "settings": LAMBDA_SETTINGS,
     },
 }
 

@@ -57,7 +57,7 @@ from stim_hf.evaluation import (  # noqa: F401  (evaluate_model, BatchSource: al
 )
 from stim_hf.flops import count_flops
 from stim_hf.modeling import check_saved_model_dir, load_saved_classifier
-from stim_hf.parser import SubcommandArgumentParser, load_recipe
+from stim_hf.parser import SubcommandArgumentParser, as_parser_default, load_recipe
 from stim_hf.plotting import LoafingSeries, plot_loafing, save_figure
 from stim_hf.subnets import (
     EVAL_SUBNET_STREAM,
@@ -194,16 +194,6 @@ _RECIPE_KEYS = {
 }
 
 
-def _as_default(value: Any) -> Any:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value))
-    if isinstance(value, (int, float)):
-        return str(value)
-    return value
-
-
 def build_parser() -> SubcommandArgumentParser:
     """The ``stim-hf loafing`` parser: checkpoints, :class:`LoafingArguments`, :class:`~stim_hf.data.EvaluationDataArguments`."""
     parser = SubcommandArgumentParser((LoafingArguments, EvaluationDataArguments), prog="stim-hf loafing")
@@ -250,8 +240,10 @@ def _recipe_defaults(path: str) -> dict[str, Any]:
     values = load_recipe(path)
     values.update(recipe_sampling(values, path))
     data_fields = {f.name for f in fields(DataArguments) if f.init}
-    defaults = {k: _as_default(v) for k, v in values.items() if k in data_fields and v is not None}
-    defaults.update({_RECIPE_KEYS[k]: _as_default(v) for k, v in values.items() if k in _RECIPE_KEYS and v is not None})
+    defaults = {k: as_parser_default(v) for k, v in values.items() if k in data_fields and v is not None}
+    defaults.update(
+        {_RECIPE_KEYS[k]: as_parser_default(v) for k, v in values.items() if k in _RECIPE_KEYS and v is not None}
+    )
     return defaults
 
 

@@ -300,3 +300,14 @@ class SubcommandArgumentParser(StimArgumentParser):
 def _looks_like_value(arg: str, options: dict[str, Any]) -> bool:
     """A token starting with a single '-' that is no option of the parser (``-1,2,2``, ``-0.5``)."""
     return arg.startswith("-") and not arg.startswith("--") and arg.split("=", 1)[0] not in options
+
+
+def as_parser_default(value: Any) -> Any:
+    """A recipe value as a subcommand parser's default: the string its command line would give."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    if isinstance(value, (int, float)):
+        return str(value)
+    return value

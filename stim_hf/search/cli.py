@@ -12,7 +12,7 @@ from typing import Any
 from stim_hf.config import method_settings
 from stim_hf.data import DataArguments
 from stim_hf.loafing import recipe_sampling
-from stim_hf.parser import SubcommandArgumentParser, load_recipe
+from stim_hf.parser import SubcommandArgumentParser, as_parser_default, load_recipe
 from stim_hf.search.arguments import DEFAULT_METHOD, SearchArguments
 from stim_hf.search.results import REPORT_FILES, SearchResult
 from stim_hf.search.run import search_subnets
@@ -41,19 +41,11 @@ def _recipe_defaults(path: str) -> dict[str, Any]:
     method = values.get("stim_method") or DEFAULT_METHOD
     values["min_input_scale"] = method_settings(method, values)["min_input_scale"]
     data_fields = {f.name for f in fields(DataArguments) if f.init}
-    defaults = {k: _as_default(v) for k, v in values.items() if k in data_fields and v is not None}
-    defaults.update({_RECIPE_KEYS[k]: _as_default(v) for k, v in values.items() if k in _RECIPE_KEYS and v is not None})
+    defaults = {k: as_parser_default(v) for k, v in values.items() if k in data_fields and v is not None}
+    defaults.update(
+        {_RECIPE_KEYS[k]: as_parser_default(v) for k, v in values.items() if k in _RECIPE_KEYS and v is not None}
+    )
     return defaults
-
-
-def _as_default(value: Any) -> Any:
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (list, tuple)):
-        return ",".join(map(str, value))
-    if isinstance(value, (int, float)):
-        return str(value)
-    return value
 
 
 def parse_search_args(argv: Sequence[str] | None = None) -> tuple[SearchArguments, DataArguments, list[str]]:
