@@ -263,7 +263,8 @@ def _parquet(path: Path, images: list[bytes], labels: list[int], **columns) -> s
     for name, values in columns.items():
         features[name] = datasets.Value("string")
         data[name] = values
-    datasets.Dataset.from_dict(data, features=datasets.Features(features)).to_parquet(str(path))
+    # batch_size given: datasets < 5 divides by zero estimating the size of an empty split otherwise.
+    datasets.Dataset.from_dict(data, features=datasets.Features(features)).to_parquet(str(path), batch_size=100)
     return str(path)
 
 

@@ -249,7 +249,8 @@ def _write_parquet(path: Path, labels, label_feature=None) -> str:
     image = _png_bytes(Image.new("RGB", (8, 8), (200, 100, 50)))
     features = datasets.Features({"image": datasets.Image(), "label": label_feature or datasets.Value("int64")})
     data = {"image": [{"bytes": image, "path": None}] * len(labels), "label": list(labels)}
-    datasets.Dataset.from_dict(data, features=features).to_parquet(str(path))
+    # batch_size given: datasets < 5 divides by zero estimating the size of an empty split otherwise.
+    datasets.Dataset.from_dict(data, features=features).to_parquet(str(path), batch_size=100)
     return str(path)
 
 

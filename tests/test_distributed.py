@@ -184,6 +184,8 @@ def test_two_machines_on_localhost_then_resume_in_one_process(tmp_path):
     deadline = time.time() + 300
     outputs = [m.communicate(timeout=max(1, deadline - time.time())) for m in machines]
     for machine, (stdout, stderr) in zip(machines, outputs, strict=True):
+        if machine.returncode != 0:  # the whole output, in the report's captured output (the assertion is cut short)
+            print(f"$ {' '.join(map(str, machine.args))}\n--- stdout\n{stdout}\n--- stderr\n{stderr}")
         assert machine.returncode == 0, (stdout[-2000:], stderr[-4000:])
     checkpoint = out / "checkpoint-4"
     assert (checkpoint / "model.safetensors").is_file()

@@ -164,7 +164,7 @@ def test_cifar_decoding_is_cached(tmp_path):
 
 
 def test_quickstart_trains_with_the_predecoded_pipeline(tmp_path):
-    """Four epochs: 0.81-0.86 under every kernel path and thread count tried (docs/compatibility.md).
+    """Four epochs: 0.79-0.86 under every kernel path and thread count tried (docs/compatibility.md).
 
     Two epochs gave 0.43-0.58 depending on the CPU's kernels: the middle of a fast climb, no place
     for a threshold. A pipeline that mixed up images and labels would stay near chance (0.1).
