@@ -244,7 +244,9 @@ def test_several_checkpoints_share_one_report(checkpoint, tmp_path):
     overall, pick = result.pick
     assert pick.accuracy == max(c.pick.accuracy for c in result.checkpoints)
     report = json.loads((tmp_path / "pareto.json").read_text())
-    assert [c["label"] for c in report["checkpoints"]] == ["CT", "ST++"] and report["pick"]["checkpoint"] == overall.label
+    assert [c["label"] for c in report["checkpoints"]] == ["CT", "ST++"] and report["pick"][
+        "checkpoint"
+    ] == overall.label
     assert {row.split(",")[0] for row in (tmp_path / "pareto.csv").read_text().splitlines()[1:]} == {"CT", "ST++"}
 
 
