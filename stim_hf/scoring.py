@@ -45,18 +45,16 @@ SHARING_MODES = ("tree", "naive")
 
 
 class _PooledStatistics:
-    """Count, mean and sum of squared deviations of one layer's input per channel (float64)."""
+    """Count, mean and sum of squared deviations of one layer's input per channel, pooled in float64."""
 
     def __init__(self) -> None:
         self.count = 0
         self.mean: torch.Tensor | None = None
         self.m2: torch.Tensor | None = None
 
-    def add(self, x: torch.Tensor) -> None:
-        dims = [d for d in range(x.dim()) if d != 1]
-        n = x.numel() // x.shape[1]
-        var, mean = torch.var_mean(x.detach(), dim=dims, correction=0)
-        mean, m2 = mean.double(), var.double() * n
+    def add(self, n: int, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
+        """Add a batch of ``n`` values per channel with this mean and unbiased variance (Chan et al.)."""
+        mean, m2 = mean.double(), unbiased_var.double() * (n - 1)
         if self.mean is None:
             self.count, self.mean, self.m2 = n, mean, m2
             return
@@ -69,34 +67,38 @@ class _PooledStatistics:
 
 @contextmanager
 def estimating_batchnorm(layers: Sequence[_BatchNorm]) -> Iterator[None]:
-    """Inside the block, ``layers`` normalise with batch statistics and record their inputs.
+    """Inside the block, ``layers`` normalise with batch statistics, which are recorded batch by batch.
 
-    On exit every layer that saw at least two values per channel gets the pooled statistics of all
-    its inputs as running mean and (unbiased) running variance; a layer that saw nothing keeps its
-    own. The layers' mode and ``track_running_stats`` are restored; the rest of the model is left
-    as it is (call ``model.eval()`` first, so that dropout and drop-path stay off).
+    On exit every layer that ran gets the pooled statistics of all its inputs as running mean and
+    (unbiased) running variance: exactly what one batch of all of them would give. A layer that did
+    not run keeps its own. The layers' mode, momentum and batch counter are restored; the rest of
+    the model is left as it is (call ``model.eval()`` first, so that dropout and drop-path stay off).
     """
     stats = [_PooledStatistics() for _ in layers]
-    modes = [layer.training for layer in layers]
+    saved = [(layer.training, layer.momentum, layer.num_batches_tracked.clone()) for layer in layers]
+
+    def record(layer: _BatchNorm, args: tuple, _output: torch.Tensor, stat: _PooledStatistics) -> None:
+        # With momentum 1 the kernel leaves this batch's mean and unbiased variance in the buffers.
+        stat.add(args[0].numel() // args[0].shape[1], layer.running_mean, layer.running_var)
+
     handles = []
     try:
         for layer, stat in zip(layers, stats, strict=True):
             layer.train()
-            # Batch statistics without touching the running buffers (see batchnorm.frozen_running_stats).
-            object.__setattr__(layer, "track_running_stats", False)
-            handles.append(layer.register_forward_pre_hook(lambda _module, args, stat=stat: stat.add(args[0])))
+            layer.momentum = 1.0
+            handles.append(layer.register_forward_hook(lambda m, a, o, stat=stat: record(m, a, o, stat)))
         yield
     finally:
         for handle in handles:
             handle.remove()
-        for layer, mode in zip(layers, modes, strict=True):
-            object.__setattr__(layer, "track_running_stats", True)
-            layer.train(mode)
-    with torch.no_grad():
-        for layer, stat in zip(layers, stats, strict=True):
-            if stat.count > 1:
-                layer.running_mean.copy_(stat.mean.to(layer.running_mean.dtype))
-                layer.running_var.copy_((stat.m2 / (stat.count - 1)).to(layer.running_var.dtype))
+        with torch.no_grad():
+            for layer, stat, (mode, momentum, tracked) in zip(layers, stats, saved, strict=True):
+                layer.train(mode)
+                layer.momentum = momentum
+                layer.num_batches_tracked.copy_(tracked)
+                if stat.count > 1:
+                    layer.running_mean.copy_(stat.mean.to(layer.running_mean.dtype))
+                    layer.running_var.copy_((stat.m2 / (stat.count - 1)).to(layer.running_var.dtype))
 
 
 @torch.no_grad()

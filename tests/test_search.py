@@ -232,6 +232,32 @@ def test_search_is_deterministic_for_a_seed(checkpoint, strategy):
         assert {c for c, _, _ in run(4)[0]} != {c for c, _, _ in first[0]}
 
 
+def test_several_checkpoints_share_one_report(checkpoint, tmp_path):
+    other = perturbed("cifar_resnet")
+    with torch.no_grad():
+        for parameter in other.parameters():
+            parameter.mul_(1.5)
+    quick = {**QUICK, "halving_rounds": 1, "input_sizes": "8,16", "sample_space": "0,1,1", "output_dir": tmp_path}
+    result = search_subnets([checkpoint, other], digits(), SearchArguments(labels=["CT", "ST++"], **quick))
+    assert [c.label for c in result.checkpoints] == ["CT", "ST++"]
+    assert [len(c.candidates) for c in result.checkpoints] == [8, 8]
+    overall, pick = result.pick
+    assert pick.accuracy == max(c.pick.accuracy for c in result.checkpoints)
+    report = json.loads((tmp_path / "pareto.json").read_text())
+    assert [c["label"] for c in report["checkpoints"]] == ["CT", "ST++"] and report["pick"][
+        "checkpoint"
+    ] == overall.label
+    assert {row.split(",")[0] for row in (tmp_path / "pareto.csv").read_text().splitlines()[1:]} == {"CT", "ST++"}
+
+
+def test_scores_come_from_training_images_unless_the_validation_split_is_asked_for(checkpoint):
+    quick = {**QUICK, "halving_rounds": 1, "input_sizes": "16", "sampling": "prefix", "sample_space": "0,0,1"}
+    held_out = search_subnets([checkpoint], digits(), SearchArguments(**quick)).settings
+    assert held_out["scored_on"] == "96 held-out training images (seed 42)"
+    validation = search_subnets([checkpoint], digits(), SearchArguments(score_split="validation", **quick)).settings
+    assert validation["scored_on"] == "96 images of the validation split (--score-split validation)"
+
+
 def test_recipe_gives_sampling_sizes_and_seed(checkpoint, tmp_path):
     from stim_hf.search import parse_search_args
 

@@ -103,7 +103,7 @@ class CheckpointSearch:
     space_size: int
     candidates: list[Candidate]
     pick: Candidate | None
-    timing: dict[str, float] = field(default_factory=dict)
+    timing: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """The checkpoint's part of ``pareto.json``."""

@@ -399,7 +399,7 @@ def _search_one(item: SearchModel, images: SearchImages, args: SearchArguments, 
                 for subnet in everything:
                     make(subnet).latency_ms = _latency(item, subnet, 1, args, device)
                 timing["latency"] += time.perf_counter() - tick
-            _successive_halving(everything, score, make, args)
+            timing["rounds"] = _successive_halving(everything, score, make, args)
         else:
             rank = lambda s: (-make(s).accuracy, make(s).flops, make(s).loss, s.input_size, s.kept)  # noqa: E731
             evolve(
@@ -450,18 +450,23 @@ def _successive_halving(
     score: Callable[[Sequence[Subnet], float], None],
     make: Callable[[Subnet], Candidate],
     args: SearchArguments,
-) -> None:
+) -> list[dict[str, float]]:
     """Score all on a share of the images, keep whole Pareto layers, score those on more, ...
 
     Round ``r`` of ``R`` scores on ``keep^(R-1-r)`` of the scored and the re-estimation images, so
     the last round uses all of them. The kept layers are those of accuracy against FLOPs and
     against every budgeted cost, so the pick under any of them survives unless the fewer images
-    misjudged it by more than the layers kept allow.
+    misjudged it by more than the layers kept allow. Returns, per round, the candidates scored, the
+    share of the images and the seconds it took.
     """
     rounds = args.halving_rounds if args.halving_keep < 1.0 else 1
     survivors = subnets
+    report = []
     for r in range(rounds):
-        score(survivors, args.halving_keep ** (rounds - 1 - r))
+        fraction = args.halving_keep ** (rounds - 1 - r)
+        start = time.perf_counter()
+        score(survivors, fraction)
+        report.append({"candidates": len(survivors), "image_share": fraction, "seconds": time.perf_counter() - start})
         if r == rounds - 1:
             break
         count = math.ceil(args.halving_keep * len(survivors))
@@ -473,6 +478,7 @@ def _successive_halving(
             costs = [c.flops if key == "flops" else c.params if key == "params" else c.latency_ms for c in candidates]
             kept.update(pareto_layers(costs, accuracies, count))
         survivors = [s for i, s in enumerate(survivors) if i in kept]
+    return report
 
 
 def _mark_fronts(candidates: list[Candidate]) -> None:
