@@ -311,10 +311,11 @@ def export_subnet(
         "seed": seed,
         "command": command,
     }
+    num_recal = num_recal if info["has_batchnorm"] else 0  # nothing to re-estimate
     if num_recal or evaluate:
         splits = load_image_datasets(data_args, seed=seed)
         info["data"] = _describe_data(data_args, seed)
-        if num_recal and info["has_batchnorm"]:
+        if num_recal:
             batches = recalibration_batches(splits["train"], data_args, num_recal, seed, batch_size, input_size)
             with torch.no_grad():
                 moved = ({"pixel_values": b["pixel_values"].to(_device_of(exported))} for b in batches)

@@ -101,6 +101,12 @@ def test_pin_memory_follows_the_device_unless_set(monkeypatch):
             "bn_policy='freeze' is not valid; choose one of: main_only, recalibrate, none",
         ),
         ("bn_recalibration_samples", 0, "bn_recalibration_samples=0 is out of range"),
+        (
+            "subnet_bn_recalibration_samples",
+            -1,
+            r"subnet_bn_recalibration_samples=-1 is out of range; valid: \[0, inf\)",
+        ),
+        ("subnet_bn_recalibration_samples", 2.5, "subnet_bn_recalibration_samples=2.5 must be an integer"),
         ("stim_start_epoch", -1.0, "stim_start_epoch=-1.0 is out of range"),
         ("num_eval_subnets", -3, "num_eval_subnets=-3 is out of range"),
         ("sync_batchnorm", "yes please", "sync_batchnorm='yes please' must be true or false"),

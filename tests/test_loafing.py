@@ -222,6 +222,12 @@ def test_recalibrate_bn_0_gives_the_inherited_figures(checkpoints, tmp_path, cap
 def test_loafing_arguments_errors(tmp_path):
     with pytest.raises(ConfigError, match="one per checkpoint"):
         parse_loafing_args(["a", "b", "--labels", "x", *DATA_ARGS])
+    with pytest.raises(ConfigError, match=r"^no data was given; give the images to evaluate with validation_file"):
+        parse_loafing_args(["a"])
+    (tmp_path / "images").mkdir()
+    both = ["--validation_dir", str(tmp_path / "images"), "--validation_file", str(tmp_path / "x.parquet")]
+    with pytest.raises(ConfigError, match=r"^validation_file and validation_dir are both set; give the images"):
+        parse_loafing_args(["a", *both])
     with pytest.raises(ConfigError, match="sampling"):
         parse_loafing_args(["a", "--sampling", "random", *DATA_ARGS])
     with pytest.raises(ConfigError, match="not a model directory"):
