@@ -95,16 +95,25 @@ class _PooledMoments:
         self.mean = torch.zeros(layer.num_features, dtype=self.dtype, device=device)
         self.m2 = torch.zeros_like(self.mean)
 
-    def add(self, x: torch.Tensor) -> None:
-        """Merge the activations ``x`` (batch, channels, ...) of one forward pass."""
-        var, mean = torch.var_mean(x.float(), dim=[0, *range(2, x.dim())], correction=0)
-        n = x.numel() // x.shape[1]
+    def add(self, n: int, mean: torch.Tensor, m2: torch.Tensor) -> None:
+        """Merge a batch of ``n`` values per channel with this mean and sum of squared deviations."""
         total = self.count + n
         delta = mean.to(self.dtype) - self.mean
         self.mean += delta * (n / total)
-        self.m2 += var.to(self.dtype) * n + delta.square() * (self.count * n / total)
+        self.m2 += m2.to(self.dtype) + delta.square() * (self.count * n / total)
         self.count = total
         self.batches += 1
+
+    def add_activations(self, x: torch.Tensor) -> None:
+        """Merge the activations ``x`` (batch, channels, ...) of one forward pass."""
+        var, mean = torch.var_mean(x.float(), dim=[0, *range(2, x.dim())], correction=0)
+        n = x.numel() // x.shape[1]
+        self.add(n, mean, var * n)
+
+    def add_kernel_statistics(self, layer: _BatchNorm, x: torch.Tensor) -> None:
+        """Merge the batch statistics the BatchNorm kernel just left in ``layer``'s buffers (momentum 1)."""
+        n = x.numel() // x.shape[1]
+        self.add(n, layer.running_mean, layer.running_var * (n - 1))  # the kernel keeps the unbiased variance
 
 
 def _pool_across_processes(
@@ -124,6 +133,71 @@ def _pool_across_processes(
         m.count, m.mean, m.m2 = int(count), mean, deviations
 
 
+@contextmanager
+def estimating_batchnorm(
+    layers: Sequence[_BatchNorm], all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> Iterator[None]:
+    """Inside the block, ``layers`` normalise with batch statistics, which are pooled exactly.
+
+    On exit every layer that ran gets the mean and the (unbiased) variance of all the activations
+    it saw, pooled over the batches as if they had been one batch (Once-for-All's estimate, with
+    the variance between batches counted too), and a batch counter equal to the batches seen; a
+    layer that did not run (inside a dropped block) keeps its statistics. ``all_reduce_sum`` (a
+    function summing a tensor over processes; every process must run as many batches) pools across
+    processes, so every rank ends with the statistics of all the processes' images together. The
+    layers' mode and momentum are restored; the rest of the model is left as it is (call
+    ``model.eval()`` first, so that dropout and drop-path stay off).
+    """
+    moments = {layer: _PooledMoments(layer) for layer in layers}
+    saved = [
+        (
+            layer.training,
+            layer.momentum,
+            layer.running_mean.clone(),
+            layer.running_var.clone(),
+            layer.num_batches_tracked.clone(),
+        )
+        for layer in layers
+    ]
+    # Alone, the kernel's own batch statistics are read from the buffers (momentum 1): no second pass
+    # over each input. Across processes SyncBatchNorm's buffers hold every process's statistics, so
+    # each process pools its own inputs instead, and the processes' moments are merged on exit.
+    from_inputs = all_reduce_sum is not None
+    if from_inputs:
+        hook = lambda layer, inputs, _: moments[layer].add_activations(inputs[0])  # noqa: E731
+    else:
+        hook = lambda layer, inputs, _: moments[layer].add_kernel_statistics(layer, inputs[0])  # noqa: E731
+    handles = [layer.register_forward_hook(hook) for layer in layers]
+    try:
+        with torch.no_grad():
+            for layer in layers:
+                layer.train()
+                if not from_inputs:
+                    layer.momentum = 1.0
+                    layer.running_mean.zero_()  # 0 * a non-finite old value would still be NaN
+                    layer.running_var.fill_(1.0)
+        with frozen_running_stats(layers) if from_inputs else nullcontext():
+            yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        if from_inputs and layers:
+            _pool_across_processes(list(moments.values()), all_reduce_sum)
+        with torch.no_grad():
+            for layer, (training, momentum, mean, var, tracked) in zip(layers, saved, strict=True):
+                layer.train(training)
+                layer.momentum = momentum
+                pooled = moments[layer]
+                if pooled.count:
+                    layer.running_mean.copy_(pooled.mean)
+                    layer.running_var.copy_(pooled.m2 / max(pooled.count - 1, 1))  # unbiased, as BatchNorm keeps it
+                    layer.num_batches_tracked.fill_(pooled.batches)
+                else:
+                    layer.running_mean.copy_(mean)
+                    layer.running_var.copy_(var)
+                    layer.num_batches_tracked.copy_(tracked)
+
+
 @torch.no_grad()
 def recalibrate_batchnorm(
     model: nn.Module,
@@ -136,26 +210,18 @@ def recalibrate_batchnorm(
 
     Runs the model on ``batches`` (dicts with ``pixel_values``, cut to ``num_samples`` images) with
     its BatchNorm layers normalising by batch statistics and every other module in eval mode
-    (no dropout or stochastic depth), and records each layer's input. Each layer then gets the mean
-    and the (unbiased) variance of all the activations it saw, pooled over the batches exactly, as
-    if the images had been one batch, whatever the batch sizes: the estimate of Once-for-All's
-    ``set_running_statistics``, with the variance between batches counted too. A layer that saw
-    no image (inside a dropped block) keeps its statistics. ``all_reduce_sum`` (a function summing
-    a tensor over processes) pools across processes, so every rank ends with the statistics of all
-    the processes' images together. Modes are restored. Returns the images seen by this process.
+    (no dropout or stochastic depth), under :func:`estimating_batchnorm`: each layer gets the
+    exact statistics of all the activations it saw, whatever the batch sizes, pooled across
+    processes with ``all_reduce_sum``. Modes are restored. Returns the images seen by this process.
     """
     layers = batchnorm_layers(model)
     if not layers or num_samples <= 0:
         return 0
-    moments = {layer: _PooledMoments(layer) for layer in layers}
-    handles = [layer.register_forward_hook(lambda m, inputs, _: moments[m].add(inputs[0])) for layer in layers]
     modes = [(module, module.training) for module in model.modules()]
     seen = 0
     try:
         model.eval()
-        for layer in layers:
-            layer.train()  # batch statistics; frozen below, so no running buffer changes meanwhile
-        with frozen_running_stats(layers):
+        with estimating_batchnorm(layers, all_reduce_sum):
             for batch in batches:
                 if seen >= num_samples:
                     break
@@ -163,18 +229,8 @@ def recalibrate_batchnorm(
                 model(pixel_values=pixel_values, **(forward_kwargs or {}))
                 seen += pixel_values.shape[0]
     finally:
-        for handle in handles:
-            handle.remove()
         for module, training in modes:
             module.training = training
-    if all_reduce_sum is not None:
-        _pool_across_processes(list(moments.values()), all_reduce_sum)
-    for layer, pooled in moments.items():
-        if pooled.count:
-            layer.running_mean.copy_(pooled.mean)
-            layer.running_var.copy_(pooled.m2 / max(pooled.count - 1, 1))  # unbiased, as BatchNorm keeps it
-            if layer.num_batches_tracked is not None:
-                layer.num_batches_tracked.fill_(pooled.batches)
     return seen
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from stim_hf.batchnorm import batchnorm_layers
+from stim_hf.batchnorm import batchnorm_layers, batchnorm_state, estimating_batchnorm, restore_batchnorm_state
 from stim_hf.subnets import ResidualStage, Subnet, use_subnet
 
 SHARING_MODES = ("tree", "naive")
@@ -42,63 +42,6 @@ SHARING_MODES = ("tree", "naive")
 # --------------------------------------------------------------------------------------------------
 # Exact BatchNorm statistics
 # --------------------------------------------------------------------------------------------------
-
-
-class _PooledStatistics:
-    """Count, mean and sum of squared deviations of one layer's input per channel, pooled in float64."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.mean: torch.Tensor | None = None
-        self.m2: torch.Tensor | None = None
-
-    def add(self, n: int, mean: torch.Tensor, unbiased_var: torch.Tensor) -> None:
-        """Add a batch of ``n`` values per channel with this mean and unbiased variance (Chan et al.)."""
-        mean, m2 = mean.double(), unbiased_var.double() * (n - 1)
-        if self.mean is None:
-            self.count, self.mean, self.m2 = n, mean, m2
-            return
-        total = self.count + n
-        delta = mean - self.mean
-        self.mean = self.mean + delta * (n / total)
-        self.m2 = self.m2 + m2 + delta * delta * (self.count * n / total)
-        self.count = total
-
-
-@contextmanager
-def estimating_batchnorm(layers: Sequence[_BatchNorm]) -> Iterator[None]:
-    """Inside the block, ``layers`` normalise with batch statistics, which are recorded batch by batch.
-
-    On exit every layer that ran gets the pooled statistics of all its inputs as running mean and
-    (unbiased) running variance: exactly what one batch of all of them would give. A layer that did
-    not run keeps its own. The layers' mode, momentum and batch counter are restored; the rest of
-    the model is left as it is (call ``model.eval()`` first, so that dropout and drop-path stay off).
-    """
-    stats = [_PooledStatistics() for _ in layers]
-    saved = [(layer.training, layer.momentum, layer.num_batches_tracked.clone()) for layer in layers]
-
-    def record(layer: _BatchNorm, args: tuple, _output: torch.Tensor, stat: _PooledStatistics) -> None:
-        # With momentum 1 the kernel leaves this batch's mean and unbiased variance in the buffers.
-        stat.add(args[0].numel() // args[0].shape[1], layer.running_mean, layer.running_var)
-
-    handles = []
-    try:
-        for layer, stat in zip(layers, stats, strict=True):
-            layer.train()
-            layer.momentum = 1.0
-            handles.append(layer.register_forward_hook(lambda m, a, o, stat=stat: record(m, a, o, stat)))
-        yield
-    finally:
-        for handle in handles:
-            handle.remove()
-        with torch.no_grad():
-            for layer, stat, (mode, momentum, tracked) in zip(layers, stats, saved, strict=True):
-                layer.train(mode)
-                layer.momentum = momentum
-                layer.num_batches_tracked.copy_(tracked)
-                if stat.count > 1:
-                    layer.running_mean.copy_(stat.mean.to(layer.running_mean.dtype))
-                    layer.running_var.copy_((stat.m2 / (stat.count - 1)).to(layer.running_var.dtype))
 
 
 @torch.no_grad()
@@ -122,19 +65,6 @@ def reestimate_batchnorm(
             model(pixel_values=pixel_values, **(forward_kwargs or {}))
             seen += pixel_values.shape[0]
     return seen
-
-
-def batchnorm_state(model: nn.Module) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Copies of every BatchNorm layer's running mean and variance."""
-    return [(layer.running_mean.clone(), layer.running_var.clone()) for layer in batchnorm_layers(model)]
-
-
-@torch.no_grad()
-def restore_batchnorm_state(model: nn.Module, state: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Put back statistics saved by :func:`batchnorm_state`."""
-    for layer, (mean, var) in zip(batchnorm_layers(model), state, strict=True):
-        layer.running_mean.copy_(mean)
-        layer.running_var.copy_(var)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING
 
 from transformers import PreTrainedModel
 
+from stim_hf.batchnorm import batchnorm_state, restore_batchnorm_state
 from stim_hf.export import export_subnet
-from stim_hf.scoring import batchnorm_state, reestimate_batchnorm, restore_batchnorm_state
+from stim_hf.scoring import reestimate_batchnorm
 from stim_hf.search.results import Candidate, CheckpointSearch, SearchResult
 from stim_hf.subnets import ResidualStage, find_residual_family
 
