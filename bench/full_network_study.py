@@ -6,6 +6,8 @@
   python bench/full_network_study.py --plan cpu --out ~/stim_hf_study/cpu --parallel 2
   # 3. the same study at paper scale on a GPU (ResNet-56, all of CIFAR-10, 200 epochs)
   python bench/full_network_study.py --plan gpu --out outputs/full_network_study_gpu --parallel 4 --device cuda
+  # the from-scratch ResNet-14 that bench/subnet_payoff.py compares the sub-networks with
+  python bench/full_network_study.py --plan r14 --out ~/stim_hf_study/r14 --parallel 1
   # tables and plot from whatever has finished
   python bench/full_network_study.py --plan cpu --out ~/stim_hf_study/cpu --report-only
 
@@ -151,6 +153,9 @@ PLANS: dict[str, dict[str, Any]] = {
         "seeds": [1, 2, 3],
         "settings": LAMBDA_SETTINGS,
     },
+    # The from-scratch baseline of bench/subnet_payoff.py: a CIFAR ResNet-14 ([2, 2, 2], the shape of ResNet-20's
+    # sub-network that drops one block per stage) trained as the cpu plan's CT. Give it its own --out.
+    "r14": {"depth": 14, "epochs": 100, "train_samples": 5000, "seeds": [1, 2, 3], "settings": [CT]},
     # A few seconds of training: the test suite's and a resume check's plan.
     "smoke": {"depth": 14, "epochs": 6, "train_samples": 256, "seeds": [1], "settings": [Setting("stpp", 1)]},
     # Paper scale on a GPU: ResNet-56, all 50k images, 200 epochs.
