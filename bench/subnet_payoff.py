@@ -98,6 +98,22 @@ def test_top1(checkpoint: Path, depths, input_size: int, args: argparse.Namespac
     return round(100 * info["metrics"]["accuracy"], 2)
 
 
+def score_candidate(candidate, role: str, checkpoint, folder: Path, scored: dict, args: argparse.Namespace) -> dict:
+    """The test figure of one searched candidate (each depths-and-size scored once), with its roles."""
+    key = (tuple(candidate.depths), candidate.input_size)
+    if key not in scored:
+        scored[key] = {
+            "depths": list(candidate.depths),
+            "input_size": candidate.input_size,
+            "flop_share": round(candidate.flops / checkpoint.full_flops, 4),
+            "heldout_top1": round(100 * candidate.accuracy, 2),
+            "test_top1": test_top1(folder, candidate.depths, candidate.input_size, args),
+            "roles": [],
+        }
+    scored[key]["roles"].append(role)
+    return scored[key]
+
+
 def payoff_for_seed(seed: int, args: argparse.Namespace) -> dict[str, Any] | None:
     """Search, export and score one seed's checkpoints; None if one of its runs has not finished."""
     from stim_hf.search import SearchArguments, search_subnets
@@ -143,31 +159,17 @@ def payoff_for_seed(seed: int, args: argparse.Namespace) -> dict[str, Any] | Non
     }
     for checkpoint in search.checkpoints:
         folder = folders[checkpoint.label]
-        scored = {}
-
-        def score(candidate, role: str) -> dict[str, Any]:
-            key = (tuple(candidate.depths), candidate.input_size)
-            if key not in scored:
-                scored[key] = {
-                    "depths": list(candidate.depths),
-                    "input_size": candidate.input_size,
-                    "flop_share": round(candidate.flops / checkpoint.full_flops, 4),
-                    "heldout_top1": round(100 * candidate.accuracy, 2),
-                    "test_top1": test_top1(folder, candidate.depths, candidate.input_size, args),
-                    "roles": [],
-                }
-            scored[key]["roles"].append(role)
-            return scored[key]
-
+        scored: dict[tuple, dict[str, Any]] = {}
+        context = (checkpoint, folder, scored, args)
         front = [c for c in checkpoint.candidates if c.pareto_flops]
         for candidate in sorted(front, key=lambda c: c.flops):
-            score(candidate, "front")
-        pick = score(checkpoint.pick, "pick") if checkpoint.pick is not None else None
+            score_candidate(candidate, "front", *context)
+        pick = score_candidate(checkpoint.pick, "pick", *context) if checkpoint.pick is not None else None
         shape = next(c for c in checkpoint.candidates if tuple(c.depths) == SHAPE and c.input_size == 32)
         record["checkpoints"][checkpoint.label] = {
             "full_test_top1": results[checkpoint.label]["full_top1"],
             "pick": pick,
-            "shape_222_at_32": score(shape, "shape"),
+            "shape_222_at_32": score_candidate(shape, "shape", *context),
             "front": [v for v in scored.values() if "front" in v["roles"]],
         }
     record["seconds"] = round(time.perf_counter() - start, 1)
