@@ -3,7 +3,7 @@
 FLOPs and parameters of a sub-network are the full network's minus those of the blocks it drops.
 That holds exactly because a droppable block keeps its input's shape, so no other block's cost
 depends on whether it runs; :class:`CostModel` counts the full network once per input size with
-torch's FLOP counter (as :func:`stim_hf.flops.count_flops` does), reads each block's share off
+torch's FLOP counter (as :func:`stim_hf.analysis.flops.count_flops` does), reads each block's share off
 it, and sums. Latency is measured, never looked up: warm-up passes,
 then the median of timed passes, at batch 1 and at a serving batch.
 """
@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from stim_hf.analysis.flops import count_flops
 from stim_hf.errors import ConfigError
-from stim_hf.flops import count_flops
-from stim_hf.subnets import ResidualStage, Subnet, resize_for_subnet, use_subnet
+from stim_hf.method import ResidualStage, Subnet, resize_for_subnet, use_subnet
 
 
 def resolve_device(name: str) -> torch.device:

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from stim_hf.batchnorm import DEFAULT_RECALIBRATION_SAMPLES, recalibration_indices
-from stim_hf.data import DataArguments
+from stim_hf.data.image_datasets import DataArguments
+from stim_hf.data.transforms import collate_image_batch, with_image_transforms
 from stim_hf.errors import ConfigError, DataError
-from stim_hf.subnets import ResidualStage, Subnet, resize_for_subnet, resize_input, use_subnet
-from stim_hf.transforms import collate_image_batch, with_image_transforms
+from stim_hf.method import ResidualStage, Subnet, resize_for_subnet, resize_input, use_subnet
+from stim_hf.method.batchnorm import DEFAULT_RECALIBRATION_SAMPLES, recalibration_indices
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def evaluate_model(
     ``batches`` yield ``{"pixel_values", "labels"}`` (moved to ``device``, default the model's).
     The model runs in eval mode (its mode is restored), so BatchNorm uses its running statistics:
     those of the full network unless changed (see
-    :func:`~stim_hf.batchnorm.subnet_batchnorm_statistics`). A sub-network with an ``input_size``
+    :func:`~stim_hf.method.batchnorm.subnet_batchnorm_statistics`). A sub-network with an ``input_size``
     gets its batches resized to it. ``gather`` (e.g. ``accelerator.gather_for_metrics``) collects
     per-example results across processes in a distributed run. Returns ``{"accuracy",
     "top5_accuracy", "loss", "num_samples"}`` (top-5 is top-C with fewer than 5 classes).
@@ -139,7 +139,7 @@ def recalibration_batches(
     """The ``num_samples`` training images that BatchNorm statistics are re-estimated on, as collated batches.
 
     The first ``num_samples`` of a permutation seeded by ``seed`` (the images
-    :func:`~stim_hf.batchnorm.recalibration_indices` picks), with the training transforms drawn under
+    :func:`~stim_hf.method.batchnorm.recalibration_indices` picks), with the training transforms drawn under
     that seed too, so the same seed gives the same inputs for every network and every checkpoint;
     resized to ``input_size`` when given. The random states are left as they were.
     """

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from stim_hf.subnets import ResidualStage, Subnet, resize_for_subnet, use_subnet
+from stim_hf.method import ResidualStage, Subnet, resize_for_subnet, use_subnet
 
 
 @torch.no_grad()
@@ -29,7 +29,7 @@ def count_flops(
 
     ``example`` is a batch of pixel values ``(B, C, H, W)`` at the size to count at (the eval
     size); the count is divided by ``B``. With ``subnet`` (and the model's ``stages``, see
-    :func:`stim_hf.subnets.find_residual_stages`) the model runs as that sub-network, on the
+    :func:`stim_hf.method.find_residual_stages`) the model runs as that sub-network, on the
     example resized to ``subnet.input_size`` when it has one. The model runs in eval mode and its
     mode is restored afterwards; weights and BatchNorm statistics are not changed.
     """

@@ -1,6 +1,6 @@
 """Pareto fronts of accuracy against cost, and the search plot (accuracy against FLOPs and latency).
 
-Figures use matplotlib's object API on an Agg canvas, as :mod:`stim_hf.plotting` does.
+Figures use matplotlib's object API on an Agg canvas, as :mod:`stim_hf.analysis.plotting` does.
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from stim_hf.batchnorm import batchnorm_layers
-from stim_hf.subnets import ResidualStage, Subnet, use_subnet
+from stim_hf.method import ResidualStage, Subnet, use_subnet
+from stim_hf.method.batchnorm import batchnorm_layers
 
 SHARING_MODES = ("tree", "naive")
 

@@ -16,25 +16,25 @@ Run 'stim-hf COMMAND --help' for the arguments of a command."""
 
 
 def _train(argv: Sequence[str]) -> None:
-    from stim_hf.train import main
+    from stim_hf.cli.train import main
 
     main(argv)
 
 
 def _export(argv: Sequence[str]) -> None:
-    from stim_hf.export import main
+    from stim_hf.tools.export import main
 
     main(argv)
 
 
 def _loafing(argv: Sequence[str]) -> None:
-    from stim_hf.loafing import main
+    from stim_hf.tools.loafing import main
 
     main(argv)
 
 
 def _search(argv: Sequence[str]) -> None:
-    from stim_hf.search import main
+    from stim_hf.tools.search import main
 
     main(argv)
 

@@ -13,20 +13,20 @@ import transformers
 from accelerate import PartialState
 from transformers import set_seed
 
-from stim_hf.checkpointing import resolve_resume_checkpoint as resolve_checkpoint
-from stim_hf.config import ModelArguments, StimulativeTrainingArguments
-from stim_hf.data import DataArguments, get_label_names, load_image_datasets
-from stim_hf.device_augmentation import DeviceImageAugmentation
-from stim_hf.device_color import with_uint8_transforms
+from stim_hf.data.device_augmentation import DeviceImageAugmentation
+from stim_hf.data.device_color import with_uint8_transforms
+from stim_hf.data.image_datasets import DataArguments, get_label_names, load_image_datasets
+from stim_hf.data.predecoded import with_predecoded_transforms
+from stim_hf.data.transforms import build_image_processor, collate_image_batch, with_image_transforms
 from stim_hf.errors import ConfigError
-from stim_hf.metrics import build_compute_metrics, top_k_indices
-from stim_hf.modeling import build_model, check_saved_model_dir
-from stim_hf.parser import StimArgumentParser
-from stim_hf.predecoded import with_predecoded_transforms
-from stim_hf.trainer import StimulativeTrainer, method_structures
-from stim_hf.transforms import build_image_processor, collate_image_batch, with_image_transforms
+from stim_hf.training.checkpointing import resolve_resume_checkpoint as resolve_checkpoint
+from stim_hf.training.config import ModelArguments, StimulativeTrainingArguments
+from stim_hf.training.metrics import build_compute_metrics, top_k_indices
+from stim_hf.training.modeling import build_model, check_saved_model_dir
+from stim_hf.training.parser import StimArgumentParser
+from stim_hf.training.trainer import StimulativeTrainer, method_structures
 
-logger = logging.getLogger("stim_hf.train")
+logger = logging.getLogger("stim_hf.cli.train")
 
 
 def parse_train_args(
@@ -42,7 +42,7 @@ def resolve_resume_checkpoint(training_args: StimulativeTrainingArguments) -> st
 
     ``true`` takes the last *complete* checkpoint in ``output_dir`` (incomplete newer ones, left by
     a crash during a write, are skipped with a warning); a path must be a complete checkpoint.
-    See :func:`stim_hf.checkpointing.resolve_resume_checkpoint`.
+    See :func:`stim_hf.training.checkpointing.resolve_resume_checkpoint`.
     """
     output_dir = training_args.output_dir
     if os.path.exists(output_dir) and not os.path.isdir(output_dir):

@@ -5,7 +5,7 @@ dataset is named ``<package>:<name>`` in ``DataArguments.dataset_name`` (hub dat
 contain a colon).
 
 Every builder returns a :class:`datasets.DatasetDict` with a ``"train"`` split only; the
-validation split is carved off by :func:`stim_hf.data.load_image_datasets` (``train_val_split``,
+validation split is carved off by :func:`stim_hf.data.image_datasets.load_image_datasets` (``train_val_split``,
 stratified, seeded), exactly as for any other source without validation data.
 """
 

@@ -1,7 +1,7 @@
 """The trainer's ``batch_transform`` for the uint8 image pipelines: finish the augmentation and normalise on the device.
 
-Both ``image_pipeline: predecoded`` (:mod:`stim_hf.predecoded`: each image's crop and flip) and
-``image_pipeline: device_color`` (:mod:`stim_hf.device_color`: each image's colour jitter) send
+Both ``image_pipeline: predecoded`` (:mod:`stim_hf.data.predecoded`: each image's crop and flip) and
+``image_pipeline: device_color`` (:mod:`stim_hf.data.device_color`: each image's colour jitter) send
 uint8 batches with per-image augmentation parameters drawn in the workers; this finishes them
 once the batch is on the training device, in batch.
 """
@@ -12,19 +12,19 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from stim_hf.data import check_predecoded_augmentation
-from stim_hf.device_color import COLOR_JITTER_KEY, color_jitter
-from stim_hf.predecoded import CROP_FLIP_KEY, crop_and_flip
+from stim_hf.data.device_color import COLOR_JITTER_KEY, color_jitter
+from stim_hf.data.image_datasets import check_predecoded_augmentation
+from stim_hf.data.predecoded import CROP_FLIP_KEY, crop_and_flip
 
 if TYPE_CHECKING:
-    from stim_hf.data import DataArguments
+    from stim_hf.data.image_datasets import DataArguments
 
 
 class DeviceImageAugmentation:
     """The trainer's ``batch_transform`` for uint8 batches: finish the augmentation and normalise, on the device.
 
     Pre-decoded batches (``image_pipeline: predecoded``) carry each image's crop and flip;
-    ``device_color`` batches each image's colour jitter (:mod:`stim_hf.device_color`); evaluation
+    ``device_color`` batches each image's colour jitter (:mod:`stim_hf.data.device_color`); evaluation
     batches nothing, and are only normalised. Batches whose ``pixel_values`` are not uint8 pass
     through unchanged, so the same trainer can evaluate a default-pipeline dataset.
     """

@@ -1,13 +1,13 @@
 """The ``device_color`` image pipeline: decode and crop in the workers at uint8, colour and normalise on the device.
 
-The default pipeline (:mod:`stim_hf.transforms`) runs every step of a preset on each image in the
+The default pipeline (:mod:`stim_hf.data.transforms`) runs every step of a preset on each image in the
 DataLoader workers. For the ``imagenet`` preset, colour jitter and the conversion to float take
 about a third of a worker's time per image (``bench/jpeg_steps.py``), and the float image is 4x
 the bytes of a uint8 one through the worker queue, the collate and the copy to the device. This
 pipeline keeps decoding and the geometric steps in the workers, exactly as the default pipeline
 does them, and sends uint8 images with each image's colour-jitter parameters, drawn in the
 workers under the data loader's seeded random state (so resume stays exact) by torchvision's own
-``ColorJitter``. The trainer's ``batch_transform`` (:class:`stim_hf.device_augmentation.DeviceImageAugmentation`)
+``ColorJitter``. The trainer's ``batch_transform`` (:class:`stim_hf.data.device_augmentation.DeviceImageAugmentation`)
 then runs the jitter for the whole batch at once (:func:`color_jitter`) and normalises. On a GPU
 that costs little; on a CPU it runs in the training process and is slower end to end
 (docs/benchmarks.md, data pipeline).
@@ -25,10 +25,10 @@ import datasets
 import torch
 from torchvision.transforms import v2
 
-from stim_hf.transforms import BatchImageTransform, build_transforms, with_batch_image_transform
+from stim_hf.data.transforms import BatchImageTransform, build_transforms, with_batch_image_transform
 
 if TYPE_CHECKING:
-    from stim_hf.data import DataArguments
+    from stim_hf.data.image_datasets import DataArguments
 
 COLOR_JITTER_KEY = "color_jitter"
 """Batch key of each image's jitter: (brightness, contrast, saturation factors, then the 3 adjustments' order)."""
@@ -90,7 +90,7 @@ def with_uint8_transforms(dataset: datasets.Dataset, data_args: DataArguments, t
     Each image's parameters are drawn right after its geometric steps, the order in which the
     default pipeline's ``ColorJitter`` draws them: with the same random state both pipelines
     crop, flip and jitter every image alike. Pair it with
-    :class:`stim_hf.device_augmentation.DeviceImageAugmentation` as the trainer's ``batch_transform``,
+    :class:`stim_hf.data.device_augmentation.DeviceImageAugmentation` as the trainer's ``batch_transform``,
     which jitters and normalises on the device.
     """
     transform, jitter = uint8_transforms(data_args, train)

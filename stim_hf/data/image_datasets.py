@@ -5,7 +5,7 @@ folder, or parquet / arrow files) and how to preprocess them; :func:`load_image_
 that into a ``DatasetDict`` with a ``"train"`` and a ``"validation"`` split whose label column is a
 ``ClassLabel``; :func:`get_label_names` gives the class names for the model config.
 
-Image transforms are applied lazily afterwards (see :mod:`stim_hf.transforms`).
+Image transforms are applied lazily afterwards (see :mod:`stim_hf.data.transforms`).
 """
 
 import glob
@@ -19,7 +19,7 @@ from typing import ClassVar
 import datasets
 import numpy as np
 
-from stim_hf.builtin_datasets import check_builtin_dataset_name, is_builtin_dataset_name, load_builtin_dataset
+from stim_hf.data.builtin_datasets import check_builtin_dataset_name, is_builtin_dataset_name, load_builtin_dataset
 from stim_hf.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)

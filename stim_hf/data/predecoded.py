@@ -1,6 +1,6 @@
 """The pre-decoded image pipeline: decode once into uint8, crop / flip / normalise on the training device.
 
-The default pipeline (:mod:`stim_hf.transforms`) decodes every image and runs torchvision's
+The default pipeline (:mod:`stim_hf.data.transforms`) decodes every image and runs torchvision's
 transforms on it in the DataLoader workers, every epoch. That costs CPU time per image that a fast
 accelerator does not wait for gladly (docs/benchmarks.md, data pipeline). This one:
 
@@ -10,7 +10,7 @@ accelerator does not wait for gladly (docs/benchmarks.md, data pipeline). This o
 2. :class:`PredecodedBatchTransform` turns a batch of rows into one uint8 tensor and, for
    training, draws each image's random crop offsets and flip (so the draws follow the data
    loader's seeded random state: resume stays exact, see ``SeededBatchDataset``);
-3. :class:`stim_hf.device_augmentation.DeviceImageAugmentation`, applied by the trainer once the batch is on the device, pads,
+3. :class:`stim_hf.data.device_augmentation.DeviceImageAugmentation`, applied by the trainer once the batch is on the device, pads,
    crops and flips every image by its own parameters in one gather, then converts to float and
    normalises.
 
@@ -28,11 +28,11 @@ import datasets
 import torch
 from torchvision.transforms import v2
 
-from stim_hf.data import ROW_INDEX_COLUMN, check_predecoded_augmentation
-from stim_hf.transforms import CenterCrop, decode_rgb, undecoded_images
+from stim_hf.data.image_datasets import ROW_INDEX_COLUMN, check_predecoded_augmentation
+from stim_hf.data.transforms import CenterCrop, decode_rgb, undecoded_images
 
 if TYPE_CHECKING:
-    from stim_hf.data import DataArguments
+    from stim_hf.data.image_datasets import DataArguments
 
 PIXELS_COLUMN = "__pixels__"
 """Column of raw uint8 CHW image bytes written by :func:`predecode`."""
@@ -134,7 +134,7 @@ def with_predecoded_transforms(
 ) -> datasets.Dataset:
     """A view of ``dataset`` (decoded once, see :func:`predecode`) whose rows are uint8 images + labels.
 
-    Pair it with :class:`stim_hf.device_augmentation.DeviceImageAugmentation` (``StimulativeTrainer(batch_transform=...)``),
+    Pair it with :class:`stim_hf.data.device_augmentation.DeviceImageAugmentation` (``StimulativeTrainer(batch_transform=...)``),
     which finishes the augmentation and normalisation on the device.
     """
     label_column = data_args.label_column_name

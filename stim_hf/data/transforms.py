@@ -22,7 +22,7 @@ import torch
 from torchvision.transforms import v2
 from transformers import BitImageProcessor
 
-from stim_hf.data import ROW_INDEX_COLUMN
+from stim_hf.data.image_datasets import ROW_INDEX_COLUMN
 from stim_hf.errors import DataError
 
 try:  # optional (extra "fast-decode"); a build for another torch fails to load: PIL decodes then
@@ -33,7 +33,7 @@ except Exception:  # noqa: BLE001
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from stim_hf.data import DataArguments
+    from stim_hf.data.image_datasets import DataArguments
 
 _DECODE_ERRORS = (OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError)
 

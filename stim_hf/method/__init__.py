@@ -1,7 +1,11 @@
-"""The sub-network engine: residual stages, sampling, running a model as a sub-network."""
+"""The method, without the Trainer: residual stages and model families, sampling, running a sub-network.
 
-from stim_hf.subnets.running import resize_for_subnet, resize_input, use_subnet
-from stim_hf.subnets.sampling import (
+Also here: the distillation losses (:mod:`stim_hf.method.losses`) and the BatchNorm handling of
+sub-networks (:mod:`stim_hf.method.batchnorm`), imported from their modules.
+"""
+
+from stim_hf.method.running import resize_for_subnet, resize_input, use_subnet
+from stim_hf.method.sampling import (
     EVAL_SUBNET_STREAM,
     SAMPLING_RULES,
     Subnet,
@@ -9,7 +13,7 @@ from stim_hf.subnets.sampling import (
     resolve_sample_space,
     subnet_from_depths,
 )
-from stim_hf.subnets.stages import (
+from stim_hf.method.stages import (
     ResidualFamily,
     ResidualStage,
     find_residual_family,
@@ -20,7 +24,7 @@ from stim_hf.subnets.stages import (
 )
 
 # Registers the built-in model families (stage finders); after the names above, which it imports.
-from stim_hf.subnets import families  # noqa: E402,F401  isort: skip
+from stim_hf.method import families  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "EVAL_SUBNET_STREAM",

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from stim_hf.subnets import ResidualStage, Subnet, resize_for_subnet, use_subnet
+from stim_hf.method import ResidualStage, Subnet, resize_for_subnet, use_subnet
 
 DEFAULT_RECALIBRATION_SAMPLES = 1024
 """Training images a sub-network's BatchNorm statistics are re-estimated on, by default, before it is

@@ -1,12 +1,12 @@
 """The built-in model families: where each keeps its residual blocks, and how its config says depth.
 
-Every family is a *stage finder* registered with :func:`~stim_hf.subnets.stages.register_stage_finder`:
-it returns the :class:`~stim_hf.subnets.stages.ResidualStage` list of a model of its family (the
+Every family is a *stage finder* registered with :func:`~stim_hf.method.stages.register_stage_finder`:
+it returns the :class:`~stim_hf.method.stages.ResidualStage` list of a model of its family (the
 block containers that the model's forward iterates, and which blocks have an identity shortcut), or
 ``None`` for any other model. Families whose config can express a shallower network also register
-``config_for_depths``, which :mod:`stim_hf.export` uses to write a sub-network as a standalone model.
+``config_for_depths``, which :mod:`stim_hf.tools.export` uses to write a sub-network as a standalone model.
 
-docs/models.md has the table of families; this module is imported by ``stim_hf.subnets``, so the
+docs/models.md has the table of families; this module is imported by ``stim_hf.method``, so the
 finders are registered as soon as the package is.
 """
 
@@ -21,7 +21,7 @@ from torch import nn
 from transformers import PreTrainedConfig
 
 from stim_hf.errors import ModelStructureError
-from stim_hf.subnets.stages import ResidualStage, identity_shortcut_flags, register_stage_finder
+from stim_hf.method.stages import ResidualStage, identity_shortcut_flags, register_stage_finder
 
 # Forward keyword arguments that let position-embedding models run on a resized input.
 INTERPOLATE_POS_ENCODING = {"interpolate_pos_encoding": True}
@@ -119,7 +119,7 @@ class ContainerSlice(nn.Module):
     """A run of consecutive blocks of a flat container that other stages share.
 
     MobileNetV2 keeps all its blocks in one flat ``nn.ModuleList``. A slice behaves like a container
-    of its own run: :func:`~stim_hf.subnets.use_subnet` replaces a slice's ``_modules`` with the kept
+    of its own run: :func:`~stim_hf.method.use_subnet` replaces a slice's ``_modules`` with the kept
     blocks, and the slice then rewrites the flat container as the concatenation of every slice's
     current blocks, so several stages of one container can be shortened together and restored in
     any order. The slice is not registered in the model (the model's modules are unchanged).

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from stim_hf.errors import ModelStructureError
-from stim_hf.subnets.sampling import Subnet
-from stim_hf.subnets.stages import ResidualStage
+from stim_hf.method.sampling import Subnet
+from stim_hf.method.stages import ResidualStage
 
 
 def resize_for_subnet(pixel_values: torch.Tensor, subnet: Subnet | None) -> torch.Tensor:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stim_hf.errors import ConfigError
-from stim_hf.subnets.stages import ResidualStage
+from stim_hf.method.stages import ResidualStage
 
 SAMPLING_RULES = ("prefix", "subset")
 # Random stream of the fixed evaluation sub-networks (training draws use stream 0).

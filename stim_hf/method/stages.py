@@ -5,7 +5,7 @@ its input and output shapes match (identity shortcut). Model families keep their
 different places, so finding them is a registry of *stage finders*: a function that takes a
 model and returns its :class:`ResidualStage` list, or ``None`` when the model is not of its family.
 Users register their own families with :func:`register_stage_finder`; the built-in ones are in
-:mod:`stim_hf.subnets.families`.
+:mod:`stim_hf.method.families`.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ class ResidualFamily:
     training size (windowed attention). ``resized_forward_kwargs`` are extra keyword arguments for
     the model's forward when it runs on a resized input (ViT: ``interpolate_pos_encoding=True``).
     ``config_for_depths(config, depths)`` returns the model config of the prefix sub-network that
-    keeps ``depths[s]`` blocks of stage ``s`` (used by :mod:`stim_hf.export`); ``None`` when the
+    keeps ``depths[s]`` blocks of stage ``s`` (used by :mod:`stim_hf.tools.export`); ``None`` when the
     family's config cannot express it. ``min_input_size(model)`` is the smallest input side the
     model's forward accepts (ConvNeXt: its total stride); sampled input sizes never go below it.
     """
@@ -111,7 +111,7 @@ def register_stage_finder(
     registered first, so a user's finder takes precedence over the built-in ones.
     ``config_for_depths(config, depths)`` (optional) returns the config of the shallower model that
     keeps ``depths[s]`` leading blocks of each stage; it makes the family exportable with
-    :func:`stim_hf.export.export_subnet`. ``min_input_size(model)`` (optional) is the smallest
+    :func:`stim_hf.tools.export.export_subnet`. ``min_input_size(model)`` (optional) is the smallest
     input side the model accepts; smaller sampled inputs are raised to it.
     """
     if name in _FAMILIES and not overwrite:

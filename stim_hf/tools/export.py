@@ -1,7 +1,7 @@
 """Exporting a sub-network of a trained model as a standalone Hugging Face model.
 
 ``stim-hf export CHECKPOINT --depths 3,2,1 --output DIR`` keeps the first ``depths[s]`` residual
-blocks of every stage (the notation of :attr:`~stim_hf.subnets.Subnet.depths`), builds the
+blocks of every stage (the notation of :attr:`~stim_hf.method.Subnet.depths`), builds the
 shallower model from the family's config (``config_for_depths`` of its registered family), copies
 the kept blocks' weights to their new positions and everything else as is, optionally re-estimates
 BatchNorm statistics on training images and measures accuracy, and writes safetensors weights,
@@ -27,22 +27,22 @@ from torch import nn
 from transformers import AutoImageProcessor, PreTrainedModel
 from transformers.image_processing_utils import BaseImageProcessor
 
-from stim_hf.batchnorm import batchnorm_layers, recalibrate_batchnorm
-from stim_hf.builtin_datasets import is_builtin_dataset_name
-from stim_hf.checkpointing import MANIFEST_NAME, TRAINER_STATE_NAME
-from stim_hf.data import DataArguments, EvaluationDataArguments, load_image_datasets
-from stim_hf.errors import ConfigError, ModelStructureError
-from stim_hf.evaluation import (
+from stim_hf.analysis.evaluation import (
     BatchSource,
     evaluate_model,
     print_notice,
     recalibration_batches,
     resolve_recalibration_samples,
 )
-from stim_hf.modeling import load_saved_classifier
-from stim_hf.parser import SubcommandArgumentParser, load_recipe
-from stim_hf.subnets import ResidualFamily, ResidualStage, Subnet, find_residual_family, subnet_from_depths
-from stim_hf.transforms import build_image_processor, with_image_transforms
+from stim_hf.data.builtin_datasets import is_builtin_dataset_name
+from stim_hf.data.image_datasets import DataArguments, EvaluationDataArguments, load_image_datasets
+from stim_hf.data.transforms import build_image_processor, with_image_transforms
+from stim_hf.errors import ConfigError, ModelStructureError
+from stim_hf.method import ResidualFamily, ResidualStage, Subnet, find_residual_family, subnet_from_depths
+from stim_hf.method.batchnorm import batchnorm_layers, recalibrate_batchnorm
+from stim_hf.training.checkpointing import MANIFEST_NAME, TRAINER_STATE_NAME
+from stim_hf.training.modeling import load_saved_classifier
+from stim_hf.training.parser import SubcommandArgumentParser, load_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -364,7 +364,7 @@ def processor_at_input_size(processor: BaseImageProcessor, input_size: int) -> B
     """A copy of ``processor`` that gives ``input_size`` square inputs, the crop keeping its share of the image.
 
     A resize of the shorter side followed by a centre crop (``BitImageProcessor``, as
-    :func:`~stim_hf.transforms.build_image_processor` writes) scales its resize with the crop; a
+    :func:`~stim_hf.data.transforms.build_image_processor` writes) scales its resize with the crop; a
     processor that resizes to a fixed height and width gets ``input_size`` for both.
     """
     processor = copy.deepcopy(processor)
@@ -532,7 +532,7 @@ def model_card(info: dict[str, Any], stages: Sequence[ResidualStage], subnet: Su
 
 @dataclass
 class ExportArguments:
-    """Settings of ``stim-hf export`` (the data come from :class:`~stim_hf.data.DataArguments`)."""
+    """Settings of ``stim-hf export`` (the data come from :class:`~stim_hf.data.image_datasets.DataArguments`)."""
 
     depths: str = field(
         default=None,

@@ -6,7 +6,7 @@ checkpoint: ``N`` sub-networks drawn with the training sampling rule (the same o
 ``StimulativeTrainer.fixed_subnets(N)`` evaluates for that seed, rule and sample space) and,
 with ``--sweep-stage K``, every allowed depth of stage ``K`` with the other stages full. For each
 it reports the kept blocks, its share of the full network's FLOPs (counted, see
-:mod:`stim_hf.flops`) and its top-1 accuracy; per checkpoint the full network's accuracy, the
+:mod:`stim_hf.analysis.flops`) and its top-1 accuracy; per checkpoint the full network's accuracy, the
 mean / min / max sub-network accuracy and the loafing gap::
 
     relative_subnet_accuracy = mean_subnet_accuracy / full_accuracy
@@ -21,7 +21,7 @@ sub-network". ``--recalibrate-bn 0``, or no training data, keeps the inherited s
 Results go to ``loafing.json``, ``loafing.csv`` and ``loafing.png`` in ``--output-dir``.
 
 The building blocks (:func:`fixed_eval_subnets`, :func:`stage_sweep_subnets`,
-:func:`~stim_hf.evaluation.evaluate_model`, :func:`~stim_hf.batchnorm.subnet_batchnorm_statistics`,
+:func:`~stim_hf.analysis.evaluation.evaluate_model`, :func:`~stim_hf.method.batchnorm.subnet_batchnorm_statistics`,
 :func:`loafing_summary`, :func:`analyze_checkpoints`, :func:`write_report`) are reusable from Python.
 """
 
@@ -44,22 +44,19 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig
 from transformers.utils import logging as hf_logging
 
-from stim_hf.batchnorm import subnet_batchnorm_statistics
-from stim_hf.config import StimulativeTrainingArguments, method_settings, parse_sample_space
-from stim_hf.data import DataArguments, EvaluationDataArguments, get_label_names, load_image_datasets
-from stim_hf.errors import ConfigError, DataError
-from stim_hf.evaluation import (  # noqa: F401  (evaluate_model, BatchSource: also importable from here)
+from stim_hf.analysis.evaluation import (  # noqa: F401  (evaluate_model, BatchSource: also importable from here)
     BatchSource,
     evaluate_model,
     print_notice,
     recalibration_batches,
     resolve_recalibration_samples,
 )
-from stim_hf.flops import count_flops
-from stim_hf.modeling import check_saved_model_dir, load_saved_classifier
-from stim_hf.parser import SubcommandArgumentParser, as_parser_default, load_recipe
-from stim_hf.plotting import LoafingSeries, plot_loafing, save_figure
-from stim_hf.subnets import (
+from stim_hf.analysis.flops import count_flops
+from stim_hf.analysis.plotting import LoafingSeries, plot_loafing, save_figure
+from stim_hf.data.image_datasets import DataArguments, EvaluationDataArguments, get_label_names, load_image_datasets
+from stim_hf.data.transforms import with_image_transforms
+from stim_hf.errors import ConfigError, DataError
+from stim_hf.method import (
     EVAL_SUBNET_STREAM,
     SAMPLING_RULES,
     ResidualStage,
@@ -67,8 +64,11 @@ from stim_hf.subnets import (
     SubnetSampler,
     find_residual_family,
 )
-from stim_hf.subnets.sampling import resolve_sample_space, subnet_from_depths
-from stim_hf.transforms import with_image_transforms
+from stim_hf.method.batchnorm import subnet_batchnorm_statistics
+from stim_hf.method.sampling import resolve_sample_space, subnet_from_depths
+from stim_hf.training.config import StimulativeTrainingArguments, method_settings, parse_sample_space
+from stim_hf.training.modeling import check_saved_model_dir, load_saved_classifier
+from stim_hf.training.parser import SubcommandArgumentParser, as_parser_default, load_recipe
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ CSV_COLUMNS = (
 
 @dataclass
 class LoafingArguments:
-    """Settings of ``stim-hf loafing`` (the data come from :class:`~stim_hf.data.DataArguments`)."""
+    """Settings of ``stim-hf loafing`` (the data come from :class:`~stim_hf.data.image_datasets.DataArguments`)."""
 
     num_subnets: int = field(
         default=8,
@@ -195,7 +195,7 @@ _RECIPE_KEYS = {
 
 
 def build_parser() -> SubcommandArgumentParser:
-    """The ``stim-hf loafing`` parser: checkpoints, :class:`LoafingArguments`, :class:`~stim_hf.data.EvaluationDataArguments`."""
+    """The ``stim-hf loafing`` parser: checkpoints, :class:`LoafingArguments`, :class:`~stim_hf.data.image_datasets.EvaluationDataArguments`."""
     parser = SubcommandArgumentParser((LoafingArguments, EvaluationDataArguments), prog="stim-hf loafing")
     parser.add_argument(
         "checkpoints", nargs="+", metavar="CKPT", help="Model directories (config.json + model.safetensors)."
@@ -251,7 +251,7 @@ def recipe_sampling(recipe: dict[str, Any], path: str) -> dict[str, Any]:
     """The ``subnet_sampling`` and ``sample_space`` that training with ``recipe`` (read from ``path``) uses.
 
     Values the recipe sets win; the others come from its ``stim_method`` preset (``st``: subset
-    sampling), as :class:`~stim_hf.config.StimulativeTrainingArguments` fills them.
+    sampling), as :class:`~stim_hf.training.config.StimulativeTrainingArguments` fills them.
     """
     method = recipe.get("stim_method") or StimulativeTrainingArguments.__dataclass_fields__["stim_method"].default
     try:
@@ -275,7 +275,7 @@ def fixed_eval_subnets(
 ) -> list[Subnet]:
     """``num_subnets`` distinct sub-networks (never the full one), at full input size, from a seed.
 
-    Draws from :class:`~stim_hf.subnets.SubnetSampler` on its own random stream
+    Draws from :class:`~stim_hf.method.SubnetSampler` on its own random stream
     (the trainer's ``EVAL_SUBNET_STREAM``, independent of the training draws), exactly as
     ``StimulativeTrainer.fixed_subnets`` does: the same seed, rule and sample space give the same
     sub-networks for any checkpoint of the architecture. Fewer are returned when the sample space
@@ -393,7 +393,7 @@ def analyze_checkpoints(
     network's; the full network itself is scored as trained; and ``summary`` from
     :func:`loafing_summary` for both, over the sampled sub-networks, or over the sweep ones when
     none is sampled). All checkpoints must share one architecture. Without a training source, an
-    unset ``recalibrate_bn`` means 0 (:func:`~stim_hf.evaluation.resolve_recalibration_samples`).
+    unset ``recalibrate_bn`` means 0 (:func:`~stim_hf.analysis.evaluation.resolve_recalibration_samples`).
     """
     if not checkpoints:
         raise ConfigError("give at least one checkpoint directory")
@@ -584,7 +584,7 @@ def _reestimated(report: dict[str, Any]) -> bool:
 
 
 def loafing_series(report: dict[str, Any]) -> list[LoafingSeries]:
-    """One :class:`~stim_hf.plotting.LoafingSeries` per checkpoint of the report (for the plot)."""
+    """One :class:`~stim_hf.analysis.plotting.LoafingSeries` per checkpoint of the report (for the plot)."""
     networks = report["networks"]
     both = _reestimated(report)
     series = []

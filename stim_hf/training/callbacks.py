@@ -1,6 +1,6 @@
 """Monitoring stimulative training in TensorBoard: sub-network accuracy and the sampled sub-networks.
 
-:class:`SubnetMonitorCallback` is added by :class:`~stim_hf.trainer.StimulativeTrainer` when
+:class:`SubnetMonitorCallback` is added by :class:`~stim_hf.training.trainer.StimulativeTrainer` when
 ``subnet_monitor_count > 0``. At every ``subnet_monitor_every``-th evaluation it evaluates the
 trainer's fixed sub-networks (``trainer.fixed_subnets(subnet_monitor_count)``: the same ones at
 every evaluation and in ``stim-hf loafing`` with the same seed) on the evaluation data and logs
@@ -36,16 +36,16 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from transformers.integrations import TensorBoardCallback, rewrite_logs
 from transformers.integrations.integration_utils import default_logdir
 
-from stim_hf.batchnorm import preserved_rng_state
-from stim_hf.evaluation import evaluate_model
-from stim_hf.flops import count_flops
-from stim_hf.plotting import LoafingSeries, figure_to_array, plot_loafing
+from stim_hf.analysis.evaluation import evaluate_model
+from stim_hf.analysis.flops import count_flops
+from stim_hf.analysis.plotting import LoafingSeries, figure_to_array, plot_loafing
+from stim_hf.method.batchnorm import preserved_rng_state
 
 if TYPE_CHECKING:
     from torch.utils.tensorboard import SummaryWriter
 
-    from stim_hf.subnets import Subnet
-    from stim_hf.trainer import StimulativeTrainer
+    from stim_hf.method import Subnet
+    from stim_hf.training.trainer import StimulativeTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ re-estimated BatchNorm statistics also each of them with the suffix ``_inherited
 class SubnetMonitorCallback(TrainerCallback):
     """Log fixed sub-networks' accuracy and the sampled sub-networks to TensorBoard during training.
 
-    ``trainer`` is the :class:`~stim_hf.trainer.StimulativeTrainer` being monitored (its
+    ``trainer`` is the :class:`~stim_hf.training.trainer.StimulativeTrainer` being monitored (its
     ``fixed_subnets``, ``stages``, ``sampled_subnets`` and evaluation data are used). The settings
     are read from its arguments at each event: ``subnet_monitor_count`` sub-networks, at every
     ``subnet_monitor_every``-th evaluation.

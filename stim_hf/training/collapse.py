@@ -10,7 +10,7 @@ can still evaluate at chance after one epoch), each sign only once it persists:
 - the training cross-entropy stays at about ln C (at least ``CE_SHARE_OF_LN_C`` of it) for
   ``CE_PATIENCE_LOGS`` training logs in a row spanning at least ``CE_PATIENCE_EPOCHS``;
 - ``EVAL_PATIENCE`` evaluations in a row are at chance (top-1 at most 1/C + ``CHANCE_MARGIN``) or
-  nearly one class (``top1_prediction_share`` of :func:`stim_hf.metrics.build_compute_metrics` at
+  nearly one class (``top1_prediction_share`` of :func:`stim_hf.training.metrics.build_compute_metrics` at
   least ``CONSTANT_PREDICTION_SHARE``, with 3 or more classes).
 
 The first time one does, it logs a warning naming the step, the sign, lambda and its schedule, and the remedies, and

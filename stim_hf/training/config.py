@@ -11,12 +11,12 @@ from typing import Any
 import torch
 from transformers import TrainingArguments
 
-from stim_hf.batchnorm import DEFAULT_RECALIBRATION_SAMPLES
-from stim_hf.collapse import COLLAPSE_ACTIONS
 from stim_hf.errors import ConfigError
-from stim_hf.losses import KL_LOSSES, LOGIT_NORMALIZATIONS
-from stim_hf.profiling import parse_profile_steps
-from stim_hf.subnets.sampling import SAMPLING_RULES
+from stim_hf.method.batchnorm import DEFAULT_RECALIBRATION_SAMPLES
+from stim_hf.method.losses import KL_LOSSES, LOGIT_NORMALIZATIONS
+from stim_hf.method.sampling import SAMPLING_RULES
+from stim_hf.training.collapse import COLLAPSE_ACTIONS
+from stim_hf.training.profiling import parse_profile_steps
 
 logger = logging.getLogger(__name__)
 

@@ -60,7 +60,7 @@ def build_compute_metrics(ks: Sequence[int] = (1, 5)) -> Callable[[EvalPredictio
     """A Trainer ``compute_metrics``: ``accuracy`` (top-1) and ``top{k}_accuracy`` for each k in ``ks``.
 
     Also ``top1_prediction_share``: the share of examples whose top-1 prediction is the most often
-    predicted class (1.0: a constant predictor; :mod:`stim_hf.collapse` watches it).
+    predicted class (1.0: a constant predictor; :mod:`stim_hf.training.collapse` watches it).
 
     Takes predictions as ranked class ids (from :func:`top_k_indices`; keep its ``k`` >= max(ks),
     since a shorter list counts as "fewer classes than k") or as full float logits (ranked here).

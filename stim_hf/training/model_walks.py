@@ -16,7 +16,7 @@ from typing import Any
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from stim_hf.batchnorm import batchnorm_layers
+from stim_hf.method.batchnorm import batchnorm_layers
 
 # Marks the instance attributes shadow_once sets, so that only those are ever removed.
 _SHADOW_MARK = "_stim_hf_shadow"
@@ -27,7 +27,7 @@ class ModelWalks:
 
     Kept per model object (weakly: a replaced model, e.g. by ``model_init``, gets new lists). The
     lists assume the model's modules are not replaced during training; sub-network passes only
-    hide blocks for a while (:func:`~stim_hf.subnets.use_subnet`), which leaves them valid.
+    hide blocks for a while (:func:`~stim_hf.method.use_subnet`), which leaves them valid.
     """
 
     def __init__(self) -> None:

@@ -1,4 +1,4 @@
-"""Building the model to train from :class:`~stim_hf.config.ModelArguments`, and loading saved models."""
+"""Building the model to train from :class:`~stim_hf.training.config.ModelArguments`, and loading saved models."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from collections.abc import Sequence
 import torch
 from transformers import AutoConfig, AutoModelForImageClassification, PreTrainedModel
 
-from stim_hf.checkpointing import safetensors_problem
-from stim_hf.config import ModelArguments
 from stim_hf.errors import ConfigError
+from stim_hf.training.checkpointing import safetensors_problem
+from stim_hf.training.config import ModelArguments
 
 SAFETENSORS_WEIGHTS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"

@@ -1,6 +1,6 @@
 """A ``Trainer`` that never loses a checkpoint, resumes exactly and refuses non-finite losses.
 
-The reliability half of :class:`~stim_hf.trainer.StimulativeTrainer`, kept apart from the method.
+The reliability half of :class:`~stim_hf.training.trainer.StimulativeTrainer`, kept apart from the method.
 """
 
 from __future__ import annotations
@@ -28,7 +28,11 @@ from transformers.training_args import OptimizerNames
 from transformers.utils import SAFE_WEIGHTS_NAME, is_peft_available
 from transformers.utils import logging as hf_logging
 
-from stim_hf.checkpointing import (
+from stim_hf.errors import ConfigError, StimError
+from stim_hf.method import (
+    Subnet,
+)
+from stim_hf.training.checkpointing import (
     MODEL_STAGING_NAME,
     NONFINITE_PREFIX,
     TRAINER_STATE_NAME,
@@ -48,10 +52,6 @@ from stim_hf.checkpointing import (
     state_load_error,
     write_manifest,
     write_nonfinite_report,
-)
-from stim_hf.errors import ConfigError, StimError
-from stim_hf.subnets import (
-    Subnet,
 )
 
 logger = logging.getLogger(__name__)
@@ -133,7 +133,7 @@ class ReliableTrainer(Trainer):
       ``training_args.json`` replaces ``training_args.bin``.
     - ``train(resume_from_checkpoint=True)`` resumes from the last *complete* checkpoint, and a
       checkpoint path is checked (files, weight shapes) before anything is loaded.
-    - Training batches are fetched through :class:`~stim_hf.checkpointing.SeededBatchDataset`, so
+    - Training batches are fetched through :class:`~stim_hf.training.checkpointing.SeededBatchDataset`, so
       random augmentation is the same after a resume as in an uninterrupted run.
     - Each optimizer step's loss terms (recorded by subclasses with :meth:`note_loss_terms`) are
       checked once for NaN / inf before the optimizer step: ``on_nonfinite_loss: stop`` saves a

@@ -17,23 +17,8 @@ from accelerate.utils import DistributedType
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 
-from stim_hf.batchnorm import (
-    frozen_running_stats,
-    preserved_rng_state,
-    recalibrate_batchnorm,
-    recalibration_indices,
-    subnet_batchnorm_statistics,
-)
-from stim_hf.collapse import CollapseMonitorCallback
-from stim_hf.config import StimulativeTrainingArguments
 from stim_hf.errors import ConfigError, ModelStructureError
-from stim_hf.losses import distillation_loss, normalize_logits
-from stim_hf.model_walks import ModelWalks, fast_zero_grad_once, redundant_train_call_skipped, remove_pending_shadows
-from stim_hf.optimizers import with_fused_kernel
-from stim_hf.pace import PaceCallback, TrainingPace
-from stim_hf.profiling import StepProfilerCallback, left_out_of_window, parse_profile_steps, phase
-from stim_hf.reliable_trainer import ReliableTrainer
-from stim_hf.subnets import (
+from stim_hf.method import (
     EVAL_SUBNET_STREAM,
     ResidualFamily,
     ResidualStage,
@@ -43,6 +28,26 @@ from stim_hf.subnets import (
     resize_for_subnet,
     use_subnet,
 )
+from stim_hf.method.batchnorm import (
+    frozen_running_stats,
+    preserved_rng_state,
+    recalibrate_batchnorm,
+    recalibration_indices,
+    subnet_batchnorm_statistics,
+)
+from stim_hf.method.losses import distillation_loss, normalize_logits
+from stim_hf.training.collapse import CollapseMonitorCallback
+from stim_hf.training.config import StimulativeTrainingArguments
+from stim_hf.training.model_walks import (
+    ModelWalks,
+    fast_zero_grad_once,
+    redundant_train_call_skipped,
+    remove_pending_shadows,
+)
+from stim_hf.training.optimizers import with_fused_kernel
+from stim_hf.training.pace import PaceCallback, TrainingPace
+from stim_hf.training.profiling import StepProfilerCallback, left_out_of_window, parse_profile_steps, phase
+from stim_hf.training.reliable_trainer import ReliableTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -162,11 +167,11 @@ class StimulativeTrainer(ReliableTrainer):
     sub-networks sampled from ``(seed, step)``, a KL loss from the detached full network's logits
     to the sub-network's (each on its own randomly down-scaled copy of the batch); one backward
     of the sum. Evaluation and prediction run the full network only. Use it like ``Trainer``,
-    with :class:`~stim_hf.config.StimulativeTrainingArguments` as ``args``.
+    with :class:`~stim_hf.training.config.StimulativeTrainingArguments` as ``args``.
 
     ``batch_transform``, if given, finishes every batch once it is on the device (training,
     evaluation and BatchNorm recalibration alike), e.g. the pre-decoded pipeline's
-    :class:`~stim_hf.device_augmentation.DeviceImageAugmentation`.
+    :class:`~stim_hf.data.device_augmentation.DeviceImageAugmentation`.
     """
 
     # compute_loss returns a per-micro-batch mean: the Trainer must divide it by the number of
@@ -216,7 +221,7 @@ class StimulativeTrainer(ReliableTrainer):
         self.collapse_monitor = CollapseMonitorCallback(args.on_collapse)
         self.add_callback(self.collapse_monitor)
         if args.subnet_monitor_count and self.stages:
-            from stim_hf.callbacks import SubnetMonitorCallback
+            from stim_hf.training.callbacks import SubnetMonitorCallback
 
             self.add_callback(SubnetMonitorCallback(self))
 
@@ -385,7 +390,7 @@ class StimulativeTrainer(ReliableTrainer):
         once, on the micro-batch that ends the optimizer step.
 
         The Trainer's per-step ``model.train()`` and ``model.zero_grad()`` walks are replaced by
-        cheaper equivalents (:mod:`stim_hf.model_walks`).
+        cheaper equivalents (:mod:`stim_hf.training.model_walks`).
         """
         # One device or DDP only: DeepSpeed's and FSDP's wrappers keep their own train() / zero_grad().
         plain = self._plain_setup()
@@ -560,7 +565,7 @@ class StimulativeTrainer(ReliableTrainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the stimulative scalars (means since the last log, across processes) to training logs.
 
-        Also the pace since the last log (:class:`~stim_hf.pace.TrainingPace`):
+        Also the pace since the last log (:class:`~stim_hf.training.pace.TrainingPace`):
 
         - ``samples_per_second``: training images per second, all processes together, evaluation
           and checkpointing left out;
@@ -609,7 +614,7 @@ class StimulativeTrainer(ReliableTrainer):
 
         Uses ``num_samples`` (default ``bn_recalibration_samples``) images drawn with a seed that
         depends on the step, as many on every process, and pools the statistics over the
-        processes exactly (:func:`~stim_hf.batchnorm.recalibrate_batchnorm`). Random states are
+        processes exactly (:func:`~stim_hf.method.batchnorm.recalibrate_batchnorm`). Random states are
         restored afterwards so training continues unchanged.
         """
         if self.train_dataset is None:
@@ -629,7 +634,7 @@ class StimulativeTrainer(ReliableTrainer):
         Re-iterable, and every pass yields the same images with the same augmentation (the data
         loader runs under a fixed seed), so each sub-network is re-estimated on the same inputs.
         The images are dealt out equally over the processes
-        (:func:`~stim_hf.batchnorm.recalibration_indices`); iterate inside ``preserved_rng_state``.
+        (:func:`~stim_hf.method.batchnorm.recalibration_indices`); iterate inside ``preserved_rng_state``.
         """
         shard = recalibration_indices(
             len(self.train_dataset), num_samples, seed, self.args.process_index, self.args.world_size
@@ -685,7 +690,7 @@ class StimulativeTrainer(ReliableTrainer):
         if self.compute_metrics is not None:
             yield
             return
-        from stim_hf.metrics import build_compute_metrics, top_k_indices
+        from stim_hf.training.metrics import build_compute_metrics, top_k_indices
 
         self.compute_metrics, self.preprocess_logits_for_metrics = build_compute_metrics(), top_k_indices
         try:

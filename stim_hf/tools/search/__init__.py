@@ -18,12 +18,12 @@ Modules: ``arguments`` (settings, where the sampling rule comes from), ``budget`
 (candidates, evolution), ``run`` (the search), ``results`` (report files), ``exporting``, ``cli``.
 """
 
-from stim_hf.search.arguments import SearchArguments, training_sampling
-from stim_hf.search.budget import BudgetLimit, parse_budget
-from stim_hf.search.cli import main, parse_search_args
-from stim_hf.search.results import Candidate, CheckpointSearch, SearchResult
-from stim_hf.search.run import SearchImages, SearchModel, prepare_model, search_subnets
-from stim_hf.search.space import CandidateSpace, default_input_sizes, evolve
+from stim_hf.tools.search.arguments import SearchArguments, training_sampling
+from stim_hf.tools.search.budget import BudgetLimit, parse_budget
+from stim_hf.tools.search.cli import main, parse_search_args
+from stim_hf.tools.search.results import Candidate, CheckpointSearch, SearchResult
+from stim_hf.tools.search.run import SearchImages, SearchModel, prepare_model, search_subnets
+from stim_hf.tools.search.space import CandidateSpace, default_input_sizes, evolve
 
 __all__ = [
     "BudgetLimit",

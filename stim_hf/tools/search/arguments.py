@@ -8,12 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stim_hf.checkpointing import TRAINING_ARGS_JSON_NAME
-from stim_hf.config import method_settings, parse_sample_space
 from stim_hf.errors import ConfigError
-from stim_hf.search.budget import parse_budget
-from stim_hf.search.space import parse_input_sizes
-from stim_hf.subnets import SAMPLING_RULES
+from stim_hf.method import SAMPLING_RULES
+from stim_hf.tools.search.budget import parse_budget
+from stim_hf.tools.search.space import parse_input_sizes
+from stim_hf.training.checkpointing import TRAINING_ARGS_JSON_NAME
+from stim_hf.training.config import method_settings, parse_sample_space
 
 STRATEGIES = ("auto", "enumerate", "evolution")
 LATENCY_MODES = ("auto", "all", "front", "none")

@@ -9,13 +9,13 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from stim_hf.config import method_settings
-from stim_hf.data import DataArguments
-from stim_hf.loafing import recipe_sampling
-from stim_hf.parser import SubcommandArgumentParser, as_parser_default, load_recipe
-from stim_hf.search.arguments import DEFAULT_METHOD, SearchArguments
-from stim_hf.search.results import REPORT_FILES, SearchResult
-from stim_hf.search.run import search_subnets
+from stim_hf.data.image_datasets import DataArguments
+from stim_hf.tools.loafing import recipe_sampling
+from stim_hf.tools.search.arguments import DEFAULT_METHOD, SearchArguments
+from stim_hf.tools.search.results import REPORT_FILES, SearchResult
+from stim_hf.tools.search.run import search_subnets
+from stim_hf.training.config import method_settings
+from stim_hf.training.parser import SubcommandArgumentParser, as_parser_default, load_recipe
 
 # Training-recipe keys that --config maps onto SearchArguments fields.
 _RECIPE_KEYS = {

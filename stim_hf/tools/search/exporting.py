@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 
 from transformers import PreTrainedModel
 
-from stim_hf.export import export_subnet
-from stim_hf.scoring import batchnorm_state, reestimate_batchnorm, restore_batchnorm_state
-from stim_hf.search.results import Candidate, CheckpointSearch, SearchResult
-from stim_hf.subnets import ResidualStage, find_residual_family
+from stim_hf.analysis.scoring import batchnorm_state, reestimate_batchnorm, restore_batchnorm_state
+from stim_hf.method import ResidualStage, find_residual_family
+from stim_hf.tools.export import export_subnet
+from stim_hf.tools.search.results import Candidate, CheckpointSearch, SearchResult
 
 if TYPE_CHECKING:
-    from stim_hf.search.run import SearchImages
+    from stim_hf.tools.search.run import SearchImages
 
 
 def export_pick(

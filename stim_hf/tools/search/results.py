@@ -12,9 +12,9 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from stim_hf.pareto import SearchSeries, plot_search
-from stim_hf.plotting import save_figure
-from stim_hf.subnets import Subnet
+from stim_hf.analysis.pareto import SearchSeries, plot_search
+from stim_hf.analysis.plotting import save_figure
+from stim_hf.method import Subnet
 
 REPORT_FILES = {"json": "pareto.json", "csv": "pareto.csv", "png": "pareto.png"}
 """File names the search writes in its output directory."""

@@ -18,20 +18,20 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from stim_hf.batchnorm import preserved_rng_state
-from stim_hf.checkpointing import MANIFEST_NAME, TRAINER_STATE_NAME
-from stim_hf.costs import CostModel, measure_latency, resolve_device
-from stim_hf.data import DataArguments, get_label_names, load_image_datasets
+from stim_hf.analysis.costs import CostModel, measure_latency, resolve_device
+from stim_hf.analysis.pareto import pareto_front, pareto_layers
+from stim_hf.analysis.scoring import ScoreBatches, score_subnets, tree_support
+from stim_hf.data.image_datasets import DataArguments, get_label_names, load_image_datasets
+from stim_hf.data.transforms import collate_image_batch, with_image_transforms
 from stim_hf.errors import ConfigError, DataError, ModelStructureError
-from stim_hf.loafing import checkpoint_labels, load_checkpoint
-from stim_hf.pareto import pareto_front, pareto_layers
-from stim_hf.scoring import ScoreBatches, score_subnets, tree_support
-from stim_hf.search.arguments import SearchArguments, subset_export_error, training_sampling
-from stim_hf.search.budget import format_count
-from stim_hf.search.results import Candidate, CheckpointSearch, SearchResult
-from stim_hf.search.space import CandidateSpace, default_input_sizes, evolve
-from stim_hf.subnets import ResidualFamily, ResidualStage, Subnet, find_residual_family, resize_for_subnet
-from stim_hf.transforms import collate_image_batch, with_image_transforms
+from stim_hf.method import ResidualFamily, ResidualStage, Subnet, find_residual_family, resize_for_subnet
+from stim_hf.method.batchnorm import preserved_rng_state
+from stim_hf.tools.loafing import checkpoint_labels, load_checkpoint
+from stim_hf.tools.search.arguments import SearchArguments, subset_export_error, training_sampling
+from stim_hf.tools.search.budget import format_count
+from stim_hf.tools.search.results import Candidate, CheckpointSearch, SearchResult
+from stim_hf.tools.search.space import CandidateSpace, default_input_sizes, evolve
+from stim_hf.training.checkpointing import MANIFEST_NAME, TRAINER_STATE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +228,7 @@ def search_subnets(
     pick (``command`` goes into its model card). Every check (budget keys, device, folders,
     families, data size, a budget below the cheapest candidate) runs before anything is written.
     """
-    from stim_hf.search.exporting import export_pick
+    from stim_hf.tools.search.exporting import export_pick
 
     args = args or SearchArguments()
     if not checkpoints:

@@ -14,8 +14,8 @@ import numpy as np
 from torch import nn
 
 from stim_hf.errors import ConfigError
-from stim_hf.subnets import ResidualFamily, ResidualStage, Subnet, resolve_sample_space
-from stim_hf.subnets.sampling import smallest_input_side
+from stim_hf.method import ResidualFamily, ResidualStage, Subnet, resolve_sample_space
+from stim_hf.method.sampling import smallest_input_side
 
 # The smallest sub-network input side, as the trainer's MIN_SUBNET_INPUT_SIZE.
 MIN_INPUT_SIZE = 8

@@ -1,6 +1,6 @@
 """Top-k accuracy, an ``evaluate`` metric module shipped with stim_hf (loads offline).
 
-Load it with ``evaluate.load(<this directory>)`` or ``stim_hf.metrics.load_top_k_accuracy()``.
+Load it with ``evaluate.load(<this directory>)`` or ``stim_hf.training.metrics.load_top_k_accuracy()``.
 evaluate copies this file into its modules cache and imports it alone: keep one import per line
 and import nothing from stim_hf.
 """
@@ -29,7 +29,7 @@ Returns:
     `top{k}_accuracy` (`float`): top-k accuracy for every other k in `ks`.
 
 Examples:
-    >>> metric = evaluate.load("stim_hf/metric_modules/top_k_accuracy")
+    >>> metric = evaluate.load("stim_hf/training/metric_modules/top_k_accuracy")
     >>> metric.compute(predictions=[[0, 1], [2, 1]], references=[0, 1], ks=(1, 2))
     {'accuracy': 0.5, 'top2_accuracy': 1.0}
 """
