@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import TYPE_CHECKING, Any
+from collections import deque
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
@@ -42,16 +45,44 @@ from stim_hf.analysis.plotting import LoafingSeries, figure_to_array, plot_loafi
 from stim_hf.method.batchnorm import preserved_rng_state
 
 if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from torch import nn
     from torch.utils.tensorboard import SummaryWriter
 
-    from stim_hf.method import Subnet
-    from stim_hf.training.trainer import StimulativeTrainer
+    from stim_hf.method import ResidualStage, Subnet
 
 logger = logging.getLogger(__name__)
 
 SUBNET_METRICS = ("subnet_accuracy_mean", "subnet_accuracy_min", "subnet_accuracy_max")
 """Metric names the monitor adds, after the evaluation prefix (``eval_subnet_accuracy_mean``...); with
 re-estimated BatchNorm statistics also each of them with the suffix ``_inherited_bn``."""
+
+
+class MonitoredTrainer(Protocol):
+    """What :class:`SubnetMonitorCallback` uses of the trainer it watches.
+
+    :class:`~stim_hf.training.trainer.StimulativeTrainer` is one. Typed here instead of imported, so that
+    the trainer imports this module and not the other way round (``docs/architecture.md``).
+    """
+
+    args: TrainingArguments
+    model: nn.Module
+    accelerator: Accelerator
+    stages: list[ResidualStage] | None
+    eval_dataset: Any
+    data_collator: Any
+    callback_handler: Any
+    sampled_subnets: deque[tuple[int, float, int]]
+
+    def fixed_subnets(self, num_subnets: int, seed: int | None = None) -> list[Subnet]: ...
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Iterator[dict[str, Any]]: ...
+
+    def subnet_bn_statistics(self, subnet: Subnet | None, batches: Any) -> AbstractContextManager[int]: ...
+
+    def _subnet_estimation_batches(self, num_samples: int) -> Any: ...
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]: ...
 
 
 class SubnetMonitorCallback(TrainerCallback):
@@ -63,7 +94,7 @@ class SubnetMonitorCallback(TrainerCallback):
     ``subnet_monitor_every``-th evaluation.
     """
 
-    def __init__(self, trainer: StimulativeTrainer) -> None:
+    def __init__(self, trainer: MonitoredTrainer) -> None:
         self.trainer = trainer
         self.num_evaluations = 0
         self._flop_shares: dict[tuple, float] = {}
@@ -270,14 +301,14 @@ class _PreparedBatches:
     pipeline normalises there), exactly as ``Trainer.evaluate`` sees them.
     """
 
-    def __init__(self, trainer: StimulativeTrainer, loader) -> None:  # noqa: ANN001
+    def __init__(self, trainer: MonitoredTrainer, loader) -> None:  # noqa: ANN001
         self.trainer, self.loader = trainer, loader
 
     def __iter__(self):  # noqa: ANN204
         return (self.trainer._prepare_inputs(batch) for batch in self.loader)
 
 
-def _example_input(trainer: StimulativeTrainer, dataset, loader) -> torch.Tensor:
+def _example_input(trainer: MonitoredTrainer, dataset, loader) -> torch.Tensor:
     """One collated evaluation image ``(1, C, H, W)``, for counting FLOPs at the evaluation size."""
     try:
         return trainer.data_collator([dataset[0]])["pixel_values"][:1]
@@ -285,6 +316,6 @@ def _example_input(trainer: StimulativeTrainer, dataset, loader) -> torch.Tensor
         return next(iter(loader))["pixel_values"][:1]
 
 
-def _chance(trainer: StimulativeTrainer) -> float | None:
+def _chance(trainer: MonitoredTrainer) -> float | None:
     num_labels = getattr(getattr(trainer.model, "config", None), "num_labels", None)
     return 1.0 / num_labels if num_labels else None

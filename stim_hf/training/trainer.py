@@ -36,6 +36,7 @@ from stim_hf.method.batchnorm import (
     subnet_batchnorm_statistics,
 )
 from stim_hf.method.losses import distillation_loss, normalize_logits
+from stim_hf.training.callbacks import SubnetMonitorCallback
 from stim_hf.training.collapse import CollapseMonitorCallback
 from stim_hf.training.config import StimulativeTrainingArguments
 from stim_hf.training.model_walks import (
@@ -221,8 +222,6 @@ class StimulativeTrainer(ReliableTrainer):
         self.collapse_monitor = CollapseMonitorCallback(args.on_collapse)
         self.add_callback(self.collapse_monitor)
         if args.subnet_monitor_count and self.stages:
-            from stim_hf.training.callbacks import SubnetMonitorCallback
-
             self.add_callback(SubnetMonitorCallback(self))
 
     def call_model_init(self, trial: Any = None) -> nn.Module:
