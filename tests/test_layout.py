@@ -2,6 +2,8 @@
 
 import ast
 import importlib
+import importlib.util
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -149,3 +151,18 @@ def test_public_api():
     for name in stim_hf.__all__:
         assert getattr(stim_hf, name) is not None
     assert callable(importlib.import_module("stim_hf.cli").main)
+
+
+def test_the_training_step_figure_draws(tmp_path):
+    """docs/figures/training_step.py, which draws docs/figures/training_step.png for docs/architecture.md, runs."""
+    path = PACKAGE.parent / "docs" / "figures" / "training_step.py"
+    spec = importlib.util.spec_from_file_location("training_step_figure", path)
+    figure = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(figure)
+    output = figure.draw(tmp_path / "training_step.png")
+    assert output.stat().st_size > 10_000
+    owners = " ".join(owner for _, owner, _ in figure.STEPS) + " ".join(owner for _, _, owner, _ in figure.AROUND)
+    named = re.findall(r"\b((?:data|method|training|analysis|tools|cli)/\w+\.py)", owners)
+    assert len(named) >= 10
+    for name in named:
+        assert (PACKAGE / name).is_file(), f"the figure names {name}, which does not exist"
