@@ -457,7 +457,7 @@ def test_a_model_from_model_init_is_the_one_the_sub_network_passes_shorten(tmp_p
 
 
 def test_evaluate_subnets_reports_accuracy_without_compute_metrics(tmp_path, tiny_cifar_resnet):
-    """The README's snippet passes no metrics: the sub-networks' accuracies are reported anyway."""
+    """The Python API snippet (docs/training.md) passes no metrics: the sub-networks' accuracies are reported anyway."""
     data = make_dataset(n=32)
     trainer = StimulativeTrainer(
         model=tiny_cifar_resnet(depth=20), args=make_args(tmp_path, num_eval_subnets=2), eval_dataset=data

@@ -157,7 +157,7 @@ def find_residual_family(model: nn.Module) -> tuple[ResidualFamily, list[Residua
         f"no residual stages found in {type(model).__name__}: stimulative training needs a residual "
         f"network whose block containers stim_hf knows (registered families: "
         f"{', '.join(registered_families())}). Register your model's stages with "
-        "stim_hf.register_stage_finder(name, find_stages); see README, 'Your own model family'"
+        "stim_hf.register_stage_finder(name, find_stages); see docs/models.md, 'Your own family'"
     )
 
 

@@ -151,7 +151,7 @@ class StimulativeTrainingArguments(TrainingArguments):
         default=False,
         metadata={
             "help": "Also train the full network's cross-entropy on normalised logits, as the released ST++ code "
-            "does. Off by default: with few classes it caps the reachable confidence (README, 'KL- and the main loss')."
+            "does. Off by default: with few classes it caps the reachable confidence (docs/training.md, 'KL- and the main loss')."
         },
     )
     subnet_sampling: str | None = field(
