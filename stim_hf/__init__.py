@@ -1,6 +1,9 @@
 """stim_hf: stimulative training (ST, ST++) of residual networks for the Hugging Face Trainer."""
 
-from stim_hf import _moved, models  # noqa: F401  (registers the CIFAR ResNets with the Auto classes)
+from stim_hf import (
+    _moved,
+    models,  # noqa: F401  (registers the CIFAR ResNets with the Auto classes)
+)
 from stim_hf.errors import ConfigError, DataError, ModelStructureError, StimError
 from stim_hf.method import (
     ResidualStage,
