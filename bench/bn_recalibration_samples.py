@@ -11,7 +11,7 @@
 For one checkpoint, the fixed sub-networks its recipe evaluates (``num_eval_subnets``, ``seed`` and
 the sampling rule, as ``stim-hf loafing --config`` takes them) are scored on the validation split
 with the full network's BatchNorm statistics (inherited) and with statistics re-estimated for each
-(:func:`stim_hf.batchnorm.subnet_batchnorm_statistics`, exact pooling) on N training images, for
+(:func:`stim_hf.method.batchnorm.subnet_batchnorm_statistics`, exact pooling) on N training images, for
 every N of ``--sizes``, each with ``--repeats`` different draws of the images (seeds ``seed``,
 ``seed + 1``, ...). Prints a Markdown table: per N the mean sub-network top-1 of each draw, their
 mean and spread, the largest spread of one sub-network's top-1 over the draws, and the time of one
@@ -50,12 +50,12 @@ def main(argv: list[str] | None = None) -> dict:
 
     import torch
 
-    from stim_hf.batchnorm import subnet_batchnorm_statistics
-    from stim_hf.data import load_image_datasets
-    from stim_hf.evaluation import BatchSource, evaluate_model, recalibration_batches
-    from stim_hf.loafing import _resolve_device, fixed_eval_subnets, load_checkpoint, parse_loafing_args
-    from stim_hf.subnets import find_residual_stages
-    from stim_hf.transforms import with_image_transforms
+    from stim_hf.analysis.evaluation import BatchSource, evaluate_model, recalibration_batches
+    from stim_hf.data.image_datasets import load_image_datasets
+    from stim_hf.data.transforms import with_image_transforms
+    from stim_hf.method import find_residual_stages
+    from stim_hf.method.batchnorm import subnet_batchnorm_statistics
+    from stim_hf.tools.loafing import _resolve_device, fixed_eval_subnets, load_checkpoint, parse_loafing_args
 
     args, data_args, checkpoints = parse_loafing_args(rest)
     device = _resolve_device(args.device)

@@ -38,12 +38,12 @@ import PIL.Image
 import torch
 from torch.utils.data import Dataset
 
-import stim_hf.transforms as transforms_module
+import stim_hf.data.transforms as transforms_module
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
-from stim_hf.data import DataArguments, load_image_datasets
+from stim_hf.cli.train import pipeline_batch_transform, with_pipeline_transforms
+from stim_hf.data.image_datasets import DataArguments, load_image_datasets
+from stim_hf.data.transforms import collate_image_batch
 from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification
-from stim_hf.train import pipeline_batch_transform, with_pipeline_transforms
-from stim_hf.transforms import collate_image_batch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import framework_overhead  # noqa: E402  (bench/framework_overhead.py: in-memory tensors, the step timer)

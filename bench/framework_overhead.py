@@ -40,10 +40,10 @@ from torch.utils.data import Dataset
 from transformers import TrainerCallback
 
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
-from stim_hf.batchnorm import batchnorm_layers, frozen_running_stats
-from stim_hf.losses import distillation_loss
+from stim_hf.method import find_residual_stages, resize_for_subnet, use_subnet
+from stim_hf.method.batchnorm import batchnorm_layers, frozen_running_stats
+from stim_hf.method.losses import distillation_loss
 from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification
-from stim_hf.subnets import find_residual_stages, resize_for_subnet, use_subnet
 
 
 class InMemory(Dataset):
@@ -64,7 +64,7 @@ class InMemory(Dataset):
 class StepTimer(TrainerCallback):
     """Times the trainer's steps after ``warmup`` as the plain loop is timed: GPU work waited for at both ends only.
 
-    Given the trainer's ``pace`` (stim_hf.pace.TrainingPace), it also notes its clocks when the timing starts.
+    Given the trainer's ``pace`` (stim_hf.training.pace.TrainingPace), it also notes its clocks when the timing starts.
     """
 
     def __init__(self, warmup: int) -> None:

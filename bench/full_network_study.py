@@ -25,12 +25,12 @@ over several sessions gives the numbers of one run straight through. A finished 
 ``result.json`` in its folder, and the aggregate ``results.json`` in ``--report-dir`` counts as
 finished too, so a new machine with the committed results does not train them again.
 
-After training, each run is evaluated by the loafing analysis (:func:`stim_hf.loafing.analyze_checkpoints`)
+After training, each run is evaluated by the loafing analysis (:func:`stim_hf.tools.loafing.analyze_checkpoints`)
 on the whole test split: the full network's top-1, and ``--num-subnets`` fixed sub-networks (prefix rule,
 seed 42, full size) with their BatchNorm statistics re-estimated on ``--recalibrate-bn`` training images
 and with the full network's. During training the run evaluates ``--curve-samples`` test images every
 ``--curve-every`` epochs (the learning curves). A run whose full network collapses is flagged while
-it trains (``on_collapse``, stim_hf/collapse.py) and marked ``collapsed`` in the results.
+it trains (``on_collapse``, stim_hf/training/collapse.py) and marked ``collapsed`` in the results.
 
 ``--report-dir`` (default ``docs/measurements/full_network_study/<plan>``) receives ``results.json``
 (one entry per finished run: method, kl_coef, kl_loss, intro, seed, epochs, train_samples, depth,
@@ -328,8 +328,8 @@ def training_record(output_dir: Path) -> dict[str, Any]:
 
 def analyze_run(output_dir: Path, args: argparse.Namespace) -> None:
     """The loafing analysis of one finished run on the whole test split; writes ``analysis.json``."""
-    from stim_hf.data import DataArguments
-    from stim_hf.loafing import LoafingArguments, analyze_checkpoints
+    from stim_hf.data.image_datasets import DataArguments
+    from stim_hf.tools.loafing import LoafingArguments, analyze_checkpoints
 
     data_args = DataArguments(
         train_file=str(args.data_dir / "train.parquet"),

@@ -5,7 +5,7 @@
 
 Decodes every image as the pipelines do (``decode_rgb``: TorchCodec where installed, else PIL; PIL
 alone is timed too, for comparison), then runs the preset's own torchvision steps
-(``stim_hf.transforms.build_transforms``) one at a time, in the order the DataLoader workers run them, and prints milliseconds per image for
+(``stim_hf.data.transforms.build_transforms``) one at a time, in the order the DataLoader workers run them, and prints milliseconds per image for
 each (best of ``--repeats`` passes), then what the ``pil`` and ``device_color`` pipelines leave to
 the workers. One compute thread, as in a DataLoader worker. Last, the device part of
 ``device_color`` (batched jitter + normalisation, ``DeviceImageAugmentation``) on a batch, on the
@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 from torchvision.transforms import v2
 
-import stim_hf.transforms as transforms_module
-from stim_hf.data import DataArguments
-from stim_hf.device_augmentation import DeviceImageAugmentation
-from stim_hf.device_color import COLOR_JITTER_KEY, jitter_parameters
-from stim_hf.transforms import build_transforms, decode_image, decode_rgb
+import stim_hf.data.transforms as transforms_module
+from stim_hf.data.device_augmentation import DeviceImageAugmentation
+from stim_hf.data.device_color import COLOR_JITTER_KEY, jitter_parameters
+from stim_hf.data.image_datasets import DataArguments
+from stim_hf.data.transforms import build_transforms, decode_image, decode_rgb
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from data_pipeline import make_jpegs  # noqa: E402  (bench/data_pipeline.py: the same generated JPEGs)

@@ -6,7 +6,7 @@
 Trains a CIFAR ResNet-20 with common training (CT) and with ST++ through ``scripts/train.py``
 subprocesses (the CIFAR-10 recipes with ResNet-20 / short-budget overrides, the CIFAR-10 parquet
 files of ``../shared/data/cifar10``), then runs the loafing analysis
-(:func:`stim_hf.loafing.analyze_checkpoints`) on both checkpoints: the full network and the same
+(:func:`stim_hf.tools.loafing.analyze_checkpoints`) on both checkpoints: the full network and the same
 fixed sub-networks, on the test split, with and without BatchNorm statistics re-estimated per
 sub-network. Writes
 
@@ -127,8 +127,8 @@ def train(args: argparse.Namespace, root: Path) -> dict[str, dict]:
 
 def analyse(args: argparse.Namespace, root: Path) -> tuple[dict, dict, float]:
     """Run the loafing analysis on both runs; return the report, the written paths and the wall time."""
-    from stim_hf.data import DataArguments
-    from stim_hf.loafing import LoafingArguments, analyze_checkpoints, write_report
+    from stim_hf.data.image_datasets import DataArguments
+    from stim_hf.tools.loafing import LoafingArguments, analyze_checkpoints, write_report
 
     data_args = DataArguments(
         train_file=str(DATA_DIR / "train.parquet"),
@@ -158,7 +158,7 @@ def analyse(args: argparse.Namespace, root: Path) -> tuple[dict, dict, float]:
 
 def markdown(args: argparse.Namespace, report: dict, runs: dict[str, dict], analysis_s: float) -> str:
     """The measured block for docs/loafing.md: settings, command, summary and per-network tables."""
-    from stim_hf.loafing import format_network_table, format_summary_table
+    from stim_hf.tools.loafing import format_network_table, format_summary_table
 
     lines = [
         BEGIN,

@@ -1,4 +1,4 @@
-"""Host time of the per-step walks over a model: the Trainer's against stim_hf's (stim_hf/model_walks.py).
+"""Host time of the per-step walks over a model: the Trainer's against stim_hf's (stim_hf/training/model_walks.py).
 
   python bench/model_walks.py                 # CIFAR ResNet-56 (208 modules, 57 BatchNorm layers)
   python bench/model_walks.py --depth 110
@@ -19,9 +19,9 @@ from collections.abc import Callable
 
 import torch
 
-from stim_hf.batchnorm import batchnorm_layers, frozen_running_stats
-from stim_hf.model_walks import all_modules_training, fast_zero_grad_once, redundant_train_call_skipped
+from stim_hf.method.batchnorm import batchnorm_layers, frozen_running_stats
 from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification
+from stim_hf.training.model_walks import all_modules_training, fast_zero_grad_once, redundant_train_call_skipped
 
 
 def best_us(function: Callable[[], object], number: int, repeats: int) -> float:

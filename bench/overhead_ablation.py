@@ -46,14 +46,14 @@ def switch_off(parts: list[str]) -> None:
 
         accelerate.optimizer.is_lomo_available = functools.cache(accelerate.optimizer.is_lomo_available)
     if "pace" in parts:
-        import stim_hf.trainer
+        import stim_hf.training.trainer
 
-        class NoClocks(stim_hf.trainer.TrainingPace):
+        class NoClocks(stim_hf.training.trainer.TrainingPace):
             def start_fetch(self) -> None: ...
             def end_fetch(self, samples: int) -> None: ...
             def end_step(self) -> None: ...
 
-        stim_hf.trainer.TrainingPace = NoClocks
+        stim_hf.training.trainer.TrainingPace = NoClocks
     if "record" in parts:
         StimulativeTrainer._record = lambda self, *args, **kwargs: None
     if "flops" in parts:

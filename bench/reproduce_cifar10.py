@@ -24,7 +24,7 @@ study (probe and runs; the evaluation comes after it) in two simple ways:
   overstate per-image cost (start-up, first steps), so the estimate errs towards fewer epochs.
 
 After training, every finished run is evaluated by the same loafing analysis
-(:func:`stim_hf.loafing.analyze_checkpoints`): the full network and the same ``--num-subnets``
+(:func:`stim_hf.tools.loafing.analyze_checkpoints`): the full network and the same ``--num-subnets``
 fixed sub-networks (prefix rule, seed ``--subnet-seed``, full input size) on ``--eval-samples``
 test images, with the full network's BatchNorm statistics and with BatchNorm re-estimated per
 network on ``--recalibrate-bn`` training images. ``--out`` (default ``outputs/reproduce_cifar10``)
@@ -247,8 +247,8 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 
 def analyse(args: argparse.Namespace, out: Path, names: list[str], device: str) -> tuple[dict[str, Any], float]:
     """Loafing analysis of the finished runs (same sub-networks, same test images); returns report, wall time."""
-    from stim_hf.data import DataArguments
-    from stim_hf.loafing import LoafingArguments, analyze_checkpoints, write_report
+    from stim_hf.data.image_datasets import DataArguments
+    from stim_hf.tools.loafing import LoafingArguments, analyze_checkpoints, write_report
 
     data_args = DataArguments(
         train_file=str(Path(args.data_dir) / "train.parquet"),

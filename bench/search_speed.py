@@ -31,8 +31,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from stim_hf.scoring import score_subnets
-from stim_hf.search import SearchImages, parse_search_args, prepare_model, search_subnets
+from stim_hf.analysis.scoring import score_subnets
+from stim_hf.tools.search import SearchImages, parse_search_args, prepare_model, search_subnets
 
 
 def timed_search(checkpoint: str, data_args, args) -> tuple[tuple[float, float], object]:

@@ -29,8 +29,8 @@ import time
 import torch
 
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
-from stim_hf.flops import count_flops
-from stim_hf.subnets import find_residual_stages
+from stim_hf.analysis.flops import count_flops
+from stim_hf.method import find_residual_stages
 
 CONFIGS = {
     "CT": dict(stim_method="ct"),

@@ -57,7 +57,7 @@ def finished(folder: Path) -> dict[str, Any] | None:
 
 def data_arguments(args: argparse.Namespace, with_test: bool):
     """CIFAR-10 as the recipes load it; the test split only where a figure is meant to be a test figure."""
-    from stim_hf.data import DataArguments
+    from stim_hf.data.image_datasets import DataArguments
 
     return DataArguments(
         train_file=str(args.data_dir / "train.parquet"),
@@ -72,8 +72,8 @@ def model_flops(folder: Path, size: int = 32) -> int:
     """FLOPs of one image through the saved model at ``size`` px."""
     import torch
 
-    from stim_hf.export import load_checkpoint
-    from stim_hf.flops import count_flops
+    from stim_hf.tools.export import load_checkpoint
+    from stim_hf.analysis.flops import count_flops
 
     model = load_checkpoint(folder).eval()
     return int(count_flops(model, torch.zeros(1, 3, size, size)))
@@ -81,7 +81,7 @@ def model_flops(folder: Path, size: int = 32) -> int:
 
 def test_top1(checkpoint: Path, depths, input_size: int, args: argparse.Namespace) -> float:
     """Top-1 (%) on the test split of a sub-network, exported with re-estimated BatchNorm statistics."""
-    from stim_hf.export import export_subnet
+    from stim_hf.tools.export import export_subnet
 
     with tempfile.TemporaryDirectory() as out:
         export_subnet(
@@ -116,7 +116,7 @@ def score_candidate(candidate, role: str, checkpoint, folder: Path, scored: dict
 
 def payoff_for_seed(seed: int, args: argparse.Namespace) -> dict[str, Any] | None:
     """Search, export and score one seed's checkpoints; None if one of its runs has not finished."""
-    from stim_hf.search import SearchArguments, search_subnets
+    from stim_hf.tools.search import SearchArguments, search_subnets
 
     folders = {label: args.study / pattern.format(seed=seed) for label, pattern in RUNS.items()}
     baseline = args.baseline / BASELINE.format(seed=seed)

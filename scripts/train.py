@@ -8,7 +8,7 @@ The same job as ``stim-hf train`` (``--config RECIPE.yaml`` works too), with the
 import sys
 
 from stim_hf.cli import run_guarded
-from stim_hf.train import main
+from stim_hf.cli.train import main
 
 if __name__ == "__main__":
     sys.exit(run_guarded(lambda: main(sys.argv[1:])))

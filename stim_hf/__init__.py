@@ -1,9 +1,11 @@
 """stim_hf: stimulative training (ST, ST++) of residual networks for the Hugging Face Trainer."""
 
-from stim_hf import models  # noqa: F401  (registers the CIFAR ResNets with the Auto classes)
-from stim_hf.config import ModelArguments, StimulativeTrainingArguments
+from stim_hf import (
+    _moved,
+    models,  # noqa: F401  (registers the CIFAR ResNets with the Auto classes)
+)
 from stim_hf.errors import ConfigError, DataError, ModelStructureError, StimError
-from stim_hf.subnets import (
+from stim_hf.method import (
     ResidualStage,
     Subnet,
     SubnetSampler,
@@ -12,7 +14,10 @@ from stim_hf.subnets import (
     subnet_from_depths,
     use_subnet,
 )
-from stim_hf.trainer import StimulativeTrainer
+from stim_hf.training.config import ModelArguments, StimulativeTrainingArguments
+from stim_hf.training.trainer import StimulativeTrainer
+
+_moved.install()  # the module paths from before the subpackages (stim_hf.trainer, ...), with a warning
 
 __version__ = "0.1.0"
 

@@ -22,11 +22,11 @@ from PIL import Image
 from transformers import TrainingArguments
 
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments, cli
-from stim_hf.config import ModelArguments
-from stim_hf.data import DataArguments, load_image_datasets
+from stim_hf.cli.train import check_model_source, resolve_resume_checkpoint
+from stim_hf.data.image_datasets import DataArguments, load_image_datasets
+from stim_hf.data.transforms import collate_image_batch, with_image_transforms
 from stim_hf.errors import ConfigError, DataError
-from stim_hf.train import check_model_source, resolve_resume_checkpoint
-from stim_hf.transforms import collate_image_batch, with_image_transforms
+from stim_hf.training.config import ModelArguments
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO_ROOT / "configs" / "quickstart.yaml")

@@ -8,13 +8,13 @@ import threading
 import torch
 from conftest import make_tensor_dataset
 
-from stim_hf.batchnorm import (
+from stim_hf.method import find_residual_stages, subnet_from_depths
+from stim_hf.method.batchnorm import (
     batchnorm_layers,
     recalibrate_batchnorm,
     recalibration_indices,
     subnet_batchnorm_statistics,
 )
-from stim_hf.subnets import find_residual_stages, subnet_from_depths
 
 
 def _images(n=48, seed=0):

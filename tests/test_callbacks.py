@@ -9,8 +9,8 @@ from conftest import make_tensor_dataset
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
-from stim_hf.callbacks import SubnetMonitorCallback
-from stim_hf.metrics import build_compute_metrics, top_k_indices
+from stim_hf.training.callbacks import SubnetMonitorCallback
+from stim_hf.training.metrics import build_compute_metrics, top_k_indices
 
 SCALARS = ("eval/subnet_accuracy_mean", "eval/subnet_accuracy_min", "eval/subnet_accuracy_max")
 INHERITED = tuple(f"{tag}_inherited_bn" for tag in SCALARS)  # beside them: the full network's BN statistics

@@ -1,4 +1,4 @@
-"""A collapsed run says so while it trains (stim_hf.collapse), and a healthy one does not."""
+"""A collapsed run says so while it trains (stim_hf.training.collapse), and a healthy one does not."""
 
 import logging
 import math
@@ -7,9 +7,9 @@ import pytest
 from transformers import TrainerControl, TrainerState
 
 from stim_hf import StimulativeTrainingArguments
-from stim_hf.collapse import CollapseMonitorCallback, TrainingCollapseError
 from stim_hf.errors import ConfigError
-from stim_hf.metrics import build_compute_metrics, top1_prediction_share
+from stim_hf.training.collapse import CollapseMonitorCallback, TrainingCollapseError
+from stim_hf.training.metrics import build_compute_metrics, top1_prediction_share
 
 LN10 = math.log(10)
 
@@ -41,7 +41,7 @@ def _evaluation(monitor, args, state, control, epoch, accuracy, share=0.2):
 
 def test_training_cross_entropy_at_ln_c_is_reported_naming_lambda_and_the_remedy(tmp_path, caplog):
     monitor, args, state, control = _monitor(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="stim_hf.collapse"):
+    with caplog.at_level(logging.WARNING, logger="stim_hf.training.collapse"):
         for epoch in (0.25, 0.5, 0.75, 1.0, 1.25):
             _train_log(monitor, args, state, control, epoch, ce=2.45)
         assert not monitor.reports  # the first epoch does not count; 1.0 and 1.25 are two logs
@@ -132,8 +132,8 @@ def _train_synthetic(tmp_path, kl_coef):
     from conftest import make_tensor_dataset
 
     from stim_hf import StimulativeTrainer
-    from stim_hf.metrics import top_k_indices
     from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification
+    from stim_hf.training.metrics import top_k_indices
 
     torch.manual_seed(0)
     model = CifarResNetForImageClassification(CifarResNetConfig(depth=14, widths=[8, 16, 32], num_labels=10))
@@ -173,7 +173,7 @@ def _train_synthetic(tmp_path, kl_coef):
 def test_a_real_run_that_collapses_says_so_while_it_trains_and_a_healthy_one_does_not(tmp_path, caplog):
     # The tiny model needs a larger lambda than the pilot's ResNet-20 to collapse the same way: the first
     # steps blow the cross-entropy up to about 10, then it sits at ln 10 with the KL near 0.
-    with caplog.at_level(logging.WARNING, logger="stim_hf.collapse"):
+    with caplog.at_level(logging.WARNING, logger="stim_hf.training.collapse"):
         collapsed = _train_synthetic(tmp_path, kl_coef=50.0)
     assert len(collapsed.collapse_monitor.reports) == 1, [e for e in collapsed.state.log_history if "eval_loss" in e]
     report = collapsed.collapse_monitor.reports[0]

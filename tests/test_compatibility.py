@@ -17,7 +17,7 @@ from conftest import REPO_ROOT, make_tensor_dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
-from stim_hf.reliable_trainer import ReliableTrainer
+from stim_hf.training.reliable_trainer import ReliableTrainer
 
 COMPATIBILITY_DOC = REPO_ROOT / "docs" / "compatibility.md"
 OUR_TRAINERS = (ReliableTrainer, StimulativeTrainer)

@@ -5,10 +5,10 @@ import math
 import pytest
 import yaml
 
-from stim_hf.config import ModelArguments, StimulativeTrainingArguments
-from stim_hf.data import DataArguments
+from stim_hf.data.image_datasets import DataArguments
 from stim_hf.errors import ConfigError
-from stim_hf.parser import StimArgumentParser, load_recipe
+from stim_hf.training.config import ModelArguments, StimulativeTrainingArguments
+from stim_hf.training.parser import StimArgumentParser, load_recipe
 
 
 def args(**kwargs):
@@ -59,16 +59,16 @@ def test_batch_copies_are_non_blocking_from_pinned_memory_unless_set():
 
 def test_pin_memory_follows_the_device_unless_set(monkeypatch):
     """Unset, batches are pinned when an accelerator trains; on a CPU torch would pin nothing and warn."""
-    import stim_hf.config
+    import stim_hf.training.config
 
     def pinned(**kwargs):
         made = StimulativeTrainingArguments(output_dir="unused", report_to="none", **kwargs)
         assert made.accelerator_config.non_blocking is made.dataloader_pin_memory
         return made.dataloader_pin_memory
 
-    monkeypatch.setattr(stim_hf.config, "accelerator_available", lambda: False)
+    monkeypatch.setattr(stim_hf.training.config, "accelerator_available", lambda: False)
     assert pinned() is False and pinned(dataloader_pin_memory=True) is True
-    monkeypatch.setattr(stim_hf.config, "accelerator_available", lambda: True)
+    monkeypatch.setattr(stim_hf.training.config, "accelerator_available", lambda: True)
     assert pinned() is True and pinned(dataloader_pin_memory=False) is False
     assert pinned(use_cpu=True) is False
 

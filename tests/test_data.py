@@ -18,9 +18,9 @@ from PIL import Image  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 from transformers import HfArgumentParser  # noqa: E402
 
-import stim_hf.transforms as transforms_module  # noqa: E402
-from stim_hf.builtin_datasets import BUILTIN_DATASETS, load_builtin_dataset  # noqa: E402
-from stim_hf.data import (  # noqa: E402
+import stim_hf.data.transforms as transforms_module  # noqa: E402
+from stim_hf.data.builtin_datasets import BUILTIN_DATASETS, load_builtin_dataset  # noqa: E402
+from stim_hf.data.image_datasets import (  # noqa: E402
     CIFAR_MEAN,
     CIFAR_STD,
     IMAGENET_MEAN,
@@ -30,14 +30,14 @@ from stim_hf.data import (  # noqa: E402
     get_label_names,
     load_image_datasets,
 )
-from stim_hf.errors import ConfigError, DataError  # noqa: E402
-from stim_hf.transforms import (  # noqa: E402
+from stim_hf.data.transforms import (  # noqa: E402
     build_transforms,
     collate_image_batch,
     decode_image,
     decode_rgb,
     with_image_transforms,
 )
+from stim_hf.errors import ConfigError, DataError  # noqa: E402
 
 CIFAR_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10"
 needs_cifar = pytest.mark.skipif(

@@ -18,12 +18,12 @@ from torch.utils.data import DataLoader  # noqa: E402
 from torchvision.transforms import v2  # noqa: E402
 from torchvision.transforms.v2 import functional as TF  # noqa: E402
 
-from stim_hf.checkpointing import SeededBatchDataset  # noqa: E402
-from stim_hf.data import DataArguments, load_image_datasets  # noqa: E402
-from stim_hf.device_augmentation import DeviceImageAugmentation  # noqa: E402
-from stim_hf.device_color import COLOR_JITTER_KEY, color_jitter, jitter_parameters, with_uint8_transforms  # noqa: E402
-from stim_hf.train import main, pipeline_batch_transform  # noqa: E402
-from stim_hf.transforms import collate_image_batch, with_image_transforms  # noqa: E402
+from stim_hf.cli.train import main, pipeline_batch_transform  # noqa: E402
+from stim_hf.data.device_augmentation import DeviceImageAugmentation  # noqa: E402
+from stim_hf.data.device_color import COLOR_JITTER_KEY, color_jitter, jitter_parameters, with_uint8_transforms  # noqa: E402
+from stim_hf.data.image_datasets import DataArguments, load_image_datasets  # noqa: E402
+from stim_hf.data.transforms import collate_image_batch, with_image_transforms  # noqa: E402
+from stim_hf.training.checkpointing import SeededBatchDataset  # noqa: E402
 
 ADJUSTMENTS = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)
 

@@ -140,8 +140,8 @@ def single_process_accuracy(checkpoint) -> float:
     from torch.utils.data import DataLoader
     from transformers import AutoModelForImageClassification
 
-    from stim_hf.data import DataArguments, load_image_datasets
-    from stim_hf.transforms import collate_image_batch, with_image_transforms
+    from stim_hf.data.image_datasets import DataArguments, load_image_datasets
+    from stim_hf.data.transforms import collate_image_batch, with_image_transforms
 
     data_args = DataArguments(dataset_name="sklearn:digits", train_val_split=0.2, image_size=16)
     split = with_image_transforms(load_image_datasets(data_args, seed=42)["validation"], data_args, train=False)

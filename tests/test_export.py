@@ -12,11 +12,11 @@ from torch import nn
 from transformers import AutoModelForImageClassification
 
 from stim_hf import cli
-from stim_hf.batchnorm import batchnorm_layers
 from stim_hf.errors import ConfigError, ModelStructureError
-from stim_hf.export import build_subnet_model, export_subnet, parse_export_args
+from stim_hf.method import Subnet, find_residual_stages, subnet_from_depths, use_subnet
+from stim_hf.method.batchnorm import batchnorm_layers
 from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification
-from stim_hf.subnets import Subnet, find_residual_stages, subnet_from_depths, use_subnet
+from stim_hf.tools.export import build_subnet_model, export_subnet, parse_export_args
 
 # Family -> depths to export (shallower than the full model in every stage that can lose blocks).
 EXPORTS = {
@@ -286,7 +286,7 @@ def test_export_at_an_input_size_works_with_a_transformers_pipeline(tmp_path):
     """The export's processor crops at --input-size: pipeline() predicts what the export's evaluation did."""
     from test_train_job import assert_pipeline_matches_evaluation
 
-    from stim_hf.data import EvaluationDataArguments
+    from stim_hf.data.image_datasets import EvaluationDataArguments
 
     checkpoint, output = tmp_path / "run", tmp_path / "exported"
     perturbed("cifar_resnet").save_pretrained(checkpoint)  # varied predictions, not one class for every image
@@ -313,7 +313,7 @@ def test_input_size_is_refused_where_a_standalone_model_cannot_take_it(tmp_path)
 
 def test_evaluation_data_alone_exports_with_the_full_networks_statistics(tmp_path, capfd):
     """--validation_file without training data: --evaluate works, BatchNorm is inherited, a line says so."""
-    from stim_hf.builtin_datasets import load_builtin_dataset
+    from stim_hf.data.builtin_datasets import load_builtin_dataset
 
     test_file = tmp_path / "test.parquet"
     load_builtin_dataset("sklearn:digits")["train"].select(range(64)).to_parquet(str(test_file))

@@ -29,14 +29,14 @@ from transformers import (
 
 from stim_hf import StimulativeTrainer
 from stim_hf.errors import ConfigError, ModelStructureError
-from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification
-from stim_hf.subnets import (
+from stim_hf.method import (
     SubnetSampler,
     find_residual_family,
     find_residual_stages,
     subnet_from_depths,
     use_subnet,
 )
+from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification
 
 NUM_LABELS = 10
 IMAGE_SIZE = 16  # every tiny model below runs at 16 px, and at 8 px (the smallest sub-network input)

@@ -8,8 +8,8 @@ import pytest
 import torch
 from transformers import AutoImageProcessor
 
-from stim_hf.data import DataArguments
-from stim_hf.transforms import build_image_processor, build_transforms, eval_resize_and_crop
+from stim_hf.data.image_datasets import DataArguments
+from stim_hf.data.transforms import build_image_processor, build_transforms, eval_resize_and_crop
 
 
 @pytest.mark.parametrize(

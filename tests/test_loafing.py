@@ -11,11 +11,12 @@ import yaml
 from conftest import REPO_ROOT, make_tensor_dataset
 
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments, find_residual_stages, subnet_from_depths
-from stim_hf.batchnorm import batchnorm_layers
+from stim_hf.analysis.flops import count_flops, subnet_flop_shares
 from stim_hf.cli import main as cli_main
+from stim_hf.cli.train import parse_train_args
 from stim_hf.errors import ConfigError
-from stim_hf.flops import count_flops, subnet_flop_shares
-from stim_hf.loafing import (
+from stim_hf.method.batchnorm import batchnorm_layers
+from stim_hf.tools.loafing import (
     CSV_COLUMNS,
     evaluate_model,
     fixed_eval_subnets,
@@ -25,7 +26,6 @@ from stim_hf.loafing import (
     stage_sweep_subnets,
     subnet_batchnorm_statistics,
 )
-from stim_hf.train import parse_train_args
 
 DATA_ARGS = ["--dataset_name", "sklearn:digits", "--image_size", "16", "--max_eval_samples", "64"]
 
@@ -115,7 +115,7 @@ def test_evaluate_model_matches_manual_loop(tiny_cifar_resnet):
     result = evaluate_model(model, batches, stages, subnet)
     model.eval()
     with torch.no_grad():
-        from stim_hf.subnets import use_subnet
+        from stim_hf.method import use_subnet
 
         with use_subnet(stages, subnet):
             logits = model(pixel_values=data[:]["pixel_values"]).logits
@@ -195,7 +195,7 @@ def test_loafing_command_writes_report(checkpoints, tmp_path, capsys):
         label: [(r["network"], r["kept"]) for r in rows if r["checkpoint"] == label] for label in ("CT", "ST++")
     }
     assert per_checkpoint["CT"] == per_checkpoint["ST++"]
-    from stim_hf.loafing import load_checkpoint
+    from stim_hf.tools.loafing import load_checkpoint
 
     stages = find_residual_stages(load_checkpoint(checkpoints[0]))
     expected = fixed_eval_subnets(stages, 3, seed=5)
@@ -285,7 +285,7 @@ def test_loafing_argument_errors_are_one_line(checkpoints, capsys):
 @pytest.fixture(scope="module")
 def digits_parquet(tmp_path_factory):
     """64 digits images as a parquet file with an Image and a ClassLabel column, as a user's test split."""
-    from stim_hf.builtin_datasets import load_builtin_dataset
+    from stim_hf.data.builtin_datasets import load_builtin_dataset
 
     path = tmp_path_factory.mktemp("data") / "test.parquet"
     load_builtin_dataset("sklearn:digits")["train"].select(range(64)).to_parquet(str(path))

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from stim_hf.losses import direction_kl_divergence, distillation_loss, kl_divergence, normalize_logits
+from stim_hf.method.losses import direction_kl_divergence, distillation_loss, kl_divergence, normalize_logits
 
 
 def _softmax(row):

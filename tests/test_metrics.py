@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import EvalPrediction  # noqa: E402
 
-from stim_hf.metrics import TOP_K_ACCURACY_DIR, build_compute_metrics, load_top_k_accuracy, top_k_indices  # noqa: E402
+from stim_hf.training.metrics import TOP_K_ACCURACY_DIR, build_compute_metrics, load_top_k_accuracy, top_k_indices  # noqa: E402
 
 
 @pytest.fixture(scope="module")

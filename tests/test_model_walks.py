@@ -10,15 +10,15 @@ from conftest import make_tensor_dataset
 from torch import nn
 
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
-from stim_hf.batchnorm import batchnorm_layers, frozen_running_stats
-from stim_hf.model_walks import (
+from stim_hf.method.batchnorm import batchnorm_layers, frozen_running_stats
+from stim_hf.training.model_walks import (
     ModelWalks,
     all_modules_training,
     fast_zero_grad_once,
     redundant_train_call_skipped,
     remove_pending_shadows,
 )
-from stim_hf.reliable_trainer import HostScalar
+from stim_hf.training.reliable_trainer import HostScalar
 
 
 class CountingTrain(nn.Module):

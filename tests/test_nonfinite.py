@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
-from stim_hf.reliable_trainer import NonFiniteLossError
+from stim_hf.training.reliable_trainer import NonFiniteLossError
 
 make_dataset = functools.partial(make_tensor_dataset, n=16)
 
@@ -146,7 +146,7 @@ def test_skip_leaves_parameters_and_optimizer_state_untouched(tmp_path, tiny_cif
 
 def test_skip_stops_a_run_that_has_diverged(tmp_path, tiny_cifar_resnet):
     """Every step non-finite: skip drops 19 updates, then stops at the 20th in a row with the dump."""
-    from stim_hf.reliable_trainer import MAX_CONSECUTIVE_SKIPPED_STEPS
+    from stim_hf.training.reliable_trainer import MAX_CONSECUTIVE_SKIPPED_STEPS
 
     args = make_args(tmp_path, on_nonfinite_loss="skip", per_device_train_batch_size=4, max_steps=30)
     trainer = StimulativeTrainer(model=tiny_cifar_resnet(), args=args, train_dataset=make_dataset())

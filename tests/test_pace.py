@@ -2,8 +2,8 @@
 
 import pytest
 
-import stim_hf.pace as pace_module
-from stim_hf.pace import TrainingPace
+import stim_hf.training.pace as pace_module
+from stim_hf.training.pace import TrainingPace
 
 
 @pytest.fixture

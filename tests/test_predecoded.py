@@ -19,18 +19,18 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from torchvision.transforms.v2 import functional as TF  # noqa: E402
 
-from stim_hf.checkpointing import SeededBatchDataset  # noqa: E402
-from stim_hf.data import DataArguments, load_image_datasets  # noqa: E402
-from stim_hf.device_augmentation import DeviceImageAugmentation  # noqa: E402
-from stim_hf.errors import ConfigError, DataError  # noqa: E402
-from stim_hf.predecoded import (  # noqa: E402
+from stim_hf.cli.train import main  # noqa: E402
+from stim_hf.data.device_augmentation import DeviceImageAugmentation  # noqa: E402
+from stim_hf.data.image_datasets import DataArguments, load_image_datasets  # noqa: E402
+from stim_hf.data.predecoded import (  # noqa: E402
     CROP_FLIP_KEY,
     crop_and_flip,
     predecode,
     with_predecoded_transforms,
 )
-from stim_hf.train import main  # noqa: E402
-from stim_hf.transforms import collate_image_batch, with_image_transforms  # noqa: E402
+from stim_hf.data.transforms import collate_image_batch, with_image_transforms  # noqa: E402
+from stim_hf.errors import ConfigError, DataError  # noqa: E402
+from stim_hf.training.checkpointing import SeededBatchDataset  # noqa: E402
 
 needs_cifar = pytest.mark.skipif(
     not (CIFAR10_DIR / "train.parquet").is_file(), reason=f"CIFAR-10 parquet files not found in {CIFAR10_DIR}"

@@ -6,9 +6,9 @@ import pytest
 from conftest import REPO_ROOT, make_tensor_dataset
 
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
+from stim_hf.cli.train import parse_train_args
 from stim_hf.errors import ConfigError
-from stim_hf.profiling import parse_profile_steps
-from stim_hf.train import parse_train_args
+from stim_hf.training.profiling import parse_profile_steps
 
 
 def make_args(tmp_path, **kwargs):

@@ -20,15 +20,15 @@ from conftest import make_tensor_dataset
 from safetensors.torch import load_file
 
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments, cli
-from stim_hf.checkpointing import (
+from stim_hf.cli.train import main as train_main
+from stim_hf.errors import ConfigError
+from stim_hf.training.checkpointing import (
     MANIFEST_NAME,
     SeededBatchDataset,
     checkpoint_problems,
     find_last_complete_checkpoint,
     resolve_resume_checkpoint,
 )
-from stim_hf.errors import ConfigError
-from stim_hf.train import main as train_main
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO_ROOT / "configs" / "quickstart.yaml")
@@ -275,7 +275,7 @@ def test_a_checkpoint_without_the_state_of_an_exact_resume_is_refused(tmp_path, 
 
 def test_rotation_deletes_another_history_and_incomplete_checkpoints_first(tmp_path, tiny_cifar_resnet):
     """After a resume from checkpoint-4, the abandoned run's checkpoint-12 goes before the older, complete ones."""
-    from stim_hf.checkpointing import rotate_checkpoints
+    from stim_hf.training.checkpointing import rotate_checkpoints
 
     StimulativeTrainer(model=tiny_cifar_resnet(), args=make_args(tmp_path), train_dataset=make_dataset()).train()
     for step, broken in ((12, False), (5, True), (6, False)):  # written in this order: 6 is the newest
@@ -328,7 +328,7 @@ def test_resume_with_another_optimizer_is_refused_and_other_changes_are_named(tm
         resumed.train(resume_from_checkpoint=True)
     args = make_args(tmp_path, seed=8, max_steps=6)
     resumed = StimulativeTrainer(model=tiny_cifar_resnet(), args=args, train_dataset=make_dataset())
-    with caplog.at_level(logging.WARNING, logger="stim_hf.reliable_trainer"):
+    with caplog.at_level(logging.WARNING, logger="stim_hf.training.reliable_trainer"):
         resumed.train(resume_from_checkpoint=True)
     assert "with settings it was not trained with (seed 7 -> 8)" in caplog.text
     assert resumed.state.global_step == 6
@@ -347,7 +347,7 @@ def test_a_pickle_in_a_checkpoints_state_file_is_never_run(tmp_path, tiny_cifar_
 
     checkpoint = tmp_path / "checkpoint-4"
     torch.save({"state": Payload()}, checkpoint / "optimizer.pt", pickle_module=pickle)
-    from stim_hf.checkpointing import write_manifest
+    from stim_hf.training.checkpointing import write_manifest
 
     write_manifest(str(checkpoint), 4)
     resumed = StimulativeTrainer(

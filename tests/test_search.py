@@ -10,16 +10,16 @@ from test_export import perturbed
 from test_families import build
 from transformers import AutoModelForImageClassification
 
-from stim_hf.batchnorm import batchnorm_layers
+from stim_hf.analysis.costs import CostModel
+from stim_hf.analysis.flops import count_flops
+from stim_hf.analysis.pareto import pareto_front, pareto_layers
+from stim_hf.analysis.scoring import ScoreBatches, reestimate_batchnorm, score_subnets, tree_support
 from stim_hf.cli import main as cli_main
-from stim_hf.costs import CostModel
-from stim_hf.data import DataArguments
+from stim_hf.data.image_datasets import DataArguments
 from stim_hf.errors import ConfigError
-from stim_hf.flops import count_flops
-from stim_hf.pareto import pareto_front, pareto_layers
-from stim_hf.scoring import ScoreBatches, reestimate_batchnorm, score_subnets, tree_support
-from stim_hf.search import CandidateSpace, SearchArguments, SearchImages, parse_budget, search_subnets
-from stim_hf.subnets import find_residual_family, find_residual_stages, use_subnet
+from stim_hf.method import find_residual_family, find_residual_stages, use_subnet
+from stim_hf.method.batchnorm import batchnorm_layers
+from stim_hf.tools.search import CandidateSpace, SearchArguments, SearchImages, parse_budget, search_subnets
 
 DIGITS = ["--dataset_name", "sklearn:digits", "--image_size", "16"]
 # Small held-out and re-estimation sets, no latency: every search here takes a second or two.
@@ -259,7 +259,7 @@ def test_scores_come_from_training_images_unless_the_validation_split_is_asked_f
 
 
 def test_recipe_gives_sampling_sizes_and_seed(checkpoint, tmp_path):
-    from stim_hf.search import parse_search_args
+    from stim_hf.tools.search import parse_search_args
 
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("dataset_name: sklearn:digits\nimage_size: 16\nstim_method: st\nseed: 5\n")

@@ -11,8 +11,7 @@ from torch import nn
 from transformers import ResNetConfig, ResNetForImageClassification
 
 from stim_hf.errors import ConfigError, ModelStructureError
-from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification
-from stim_hf.subnets import (
+from stim_hf.method import (
     ResidualStage,
     Subnet,
     SubnetSampler,
@@ -21,6 +20,7 @@ from stim_hf.subnets import (
     subnet_from_depths,
     use_subnet,
 )
+from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification
 
 
 def hf_resnet(depths=(2, 3, 2), layer_type="basic", seed=0):
@@ -201,7 +201,7 @@ def test_sampling_bounds_and_coverage(rule, space):
 )
 def test_smallest_input_side_is_the_floor(scale, side, smallest):
     """DESIGN.md 1: r ~ UniformInt[floor(0.43 S), S]; 0.43 x 200 and 0.29 x 100 are exact up to float error."""
-    from stim_hf.subnets.sampling import smallest_input_side
+    from stim_hf.method.sampling import smallest_input_side
 
     assert smallest_input_side(scale, side) == smallest
 

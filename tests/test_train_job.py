@@ -11,11 +11,11 @@ import yaml
 from conftest import CIFAR10_DIR, REPO_ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from stim_hf.config import ModelArguments, StimulativeTrainingArguments
-from stim_hf.data import DataArguments
+from stim_hf.cli.train import main, run_training
+from stim_hf.data.image_datasets import DataArguments
 from stim_hf.errors import ConfigError
-from stim_hf.parser import StimArgumentParser
-from stim_hf.train import main, run_training
+from stim_hf.training.config import ModelArguments, StimulativeTrainingArguments
+from stim_hf.training.parser import StimArgumentParser
 
 QUICKSTART = str(REPO_ROOT / "configs" / "quickstart.yaml")
 RECIPES = sorted((REPO_ROOT / "configs").glob("*.yaml"))
@@ -75,8 +75,8 @@ def assert_pipeline_matches_evaluation(model_dir, accuracy, input_size=None, max
     import torch
     from transformers import AutoModelForImageClassification, pipeline
 
-    from stim_hf.data import DataArguments, load_image_datasets
-    from stim_hf.transforms import with_image_transforms
+    from stim_hf.data.image_datasets import DataArguments, load_image_datasets
+    from stim_hf.data.transforms import with_image_transforms
 
     data_args = DataArguments(
         dataset_name="sklearn:digits", train_val_split=0.2, image_size=16, max_eval_samples=max_eval_samples
@@ -164,13 +164,13 @@ def test_changing_only_the_method_of_a_recipe_that_pins_its_settings(tmp_path, c
     if not CIFAR10_DIR.is_dir():
         pytest.skip("shared CIFAR-10 data not present")
     monkeypatch.chdir(REPO_ROOT)  # the recipe's data paths are relative to the repository root
-    with caplog.at_level("WARNING", logger="stim_hf.config"):
+    with caplog.at_level("WARNING", logger="stim_hf.training.config"):
         parse([str(REPO_ROOT / "configs" / "cifar10_resnet56_stpp.yaml"), "--stim_method", "st"])
     assert "stim_method='st' with kl_loss='kl_direction', min_input_scale=0.43 set explicitly" in caplog.text
 
 
 def test_imagenet_recipe_is_the_released_one(tmp_path):
-    from stim_hf.subnets.sampling import smallest_input_side
+    from stim_hf.method.sampling import smallest_input_side
 
     values = yaml.safe_load((REPO_ROOT / "configs" / "imagenet_resnet50_stpp.yaml").read_text())
     assert values["model_config"]["depths"] == [3, 4, 6, 3]
@@ -214,7 +214,7 @@ def test_hf_resnet_from_config_trains(tmp_path):
 
 
 def test_unknown_model_type_and_config_key(tmp_path):
-    from stim_hf.modeling import build_model
+    from stim_hf.training.modeling import build_model
 
     with pytest.raises(ConfigError, match="model_type='resnett' is unknown"):
         build_model(ModelArguments(model_type="resnett"), ["a", "b"])

@@ -11,10 +11,10 @@ from conftest import make_tensor_dataset
 from transformers import Trainer, TrainingArguments
 
 from stim_hf import StimulativeTrainer, StimulativeTrainingArguments
-from stim_hf.batchnorm import batchnorm_layers, recalibration_indices
-from stim_hf.config import accelerator_available
 from stim_hf.errors import ConfigError, ModelStructureError
-from stim_hf.optimizers import with_fused_kernel
+from stim_hf.method.batchnorm import batchnorm_layers, recalibration_indices
+from stim_hf.training.config import accelerator_available
+from stim_hf.training.optimizers import with_fused_kernel
 
 make_dataset = make_tensor_dataset
 
@@ -232,7 +232,7 @@ def test_kl_coef_schedule_ends_at_max_steps(tmp_path, tiny_cifar_resnet):
 
     The Trainer rounds its epoch count up to 2; measured against that, cosine_down stopped at 0.31.
     """
-    from stim_hf.trainer import kl_coef_at
+    from stim_hf.training.trainer import kl_coef_at
 
     args = make_args(tmp_path, stim_method="st", kl_coef_schedule="cosine_down", max_steps=6)
     trainer = StimulativeTrainer(model=tiny_cifar_resnet(), args=args, train_dataset=make_dataset(n=64))
@@ -245,7 +245,7 @@ def test_kl_coef_schedule_ends_at_max_steps(tmp_path, tiny_cifar_resnet):
 def test_a_stim_start_epoch_after_the_run_is_named_in_a_warning(tmp_path, tiny_cifar_resnet, caplog):
     args = make_args(tmp_path, stim_start_epoch=100, max_steps=6)
     trainer = StimulativeTrainer(model=tiny_cifar_resnet(), args=args, train_dataset=make_dataset(n=64))
-    with caplog.at_level("WARNING", logger="stim_hf.trainer"):
+    with caplog.at_level("WARNING", logger="stim_hf.training.trainer"):
         trainer.train()
     assert "stim_start_epoch=100 is at or after the end of training (1.5 epochs)" in caplog.text
 
@@ -368,7 +368,7 @@ def test_evaluation_runs_full_network_only(tmp_path, tiny_cifar_resnet):
 
 
 def test_evaluate_subnets_reports_each(tmp_path, tiny_cifar_resnet):
-    from stim_hf.metrics import build_compute_metrics, top_k_indices
+    from stim_hf.training.metrics import build_compute_metrics, top_k_indices
 
     data = make_dataset(n=32)
     trainer = StimulativeTrainer(
@@ -393,8 +393,8 @@ def test_evaluate_subnets_re_estimates_each_and_leaves_the_full_network_as_train
     The full network comes back bit for bit (weights, statistics, batch counters, modes);
     ``bn_recalibration_samples=0`` gives the inherited figures, the old ones.
     """
-    from stim_hf.batchnorm import subnet_batchnorm_statistics
-    from stim_hf.evaluation import evaluate_model
+    from stim_hf.analysis.evaluation import evaluate_model
+    from stim_hf.method.batchnorm import subnet_batchnorm_statistics
 
     data = make_dataset(n=64)
     args = make_args(tmp_path, stim_method="stpp", num_eval_subnets=3, subnet_bn_recalibration_samples=48)
@@ -431,7 +431,7 @@ def test_a_model_from_model_init_is_the_one_the_sub_network_passes_shorten(tmp_p
     of the same run with the model given directly (with the first model's stages, every
     sub-network pass would run the whole fresh model).
     """
-    from stim_hf.subnets import find_residual_family
+    from stim_hf.method import find_residual_family
 
     def counting(calls):
         def build():
@@ -457,7 +457,7 @@ def test_a_model_from_model_init_is_the_one_the_sub_network_passes_shorten(tmp_p
 
 
 def test_evaluate_subnets_reports_accuracy_without_compute_metrics(tmp_path, tiny_cifar_resnet):
-    """The README's snippet passes no metrics: the sub-networks' accuracies are reported anyway."""
+    """The Python API snippet (docs/training.md) passes no metrics: the sub-networks' accuracies are reported anyway."""
     data = make_dataset(n=32)
     trainer = StimulativeTrainer(
         model=tiny_cifar_resnet(depth=20), args=make_args(tmp_path, num_eval_subnets=2), eval_dataset=data

@@ -129,7 +129,7 @@ def _shard_index(folder: Path, weight_map: dict[str, str]) -> None:
 def test_sharded_safetensors_model_loads(tmp_path, saved_model):
     import torch
 
-    from stim_hf.modeling import load_saved_classifier
+    from stim_hf.training.modeling import load_saved_classifier
 
     model, _ = saved_model
     folder = tmp_path / "sharded"
@@ -142,7 +142,7 @@ def test_sharded_safetensors_model_loads(tmp_path, saved_model):
 def test_shard_index_naming_pickled_or_missing_shards_is_refused(saved_model, monkeypatch):
     import torch
 
-    from stim_hf.modeling import load_saved_classifier
+    from stim_hf.training.modeling import load_saved_classifier
 
     model, folder = saved_model
     (folder / "model.safetensors").unlink()
@@ -165,7 +165,7 @@ def test_shard_index_naming_pickled_or_missing_shards_is_refused(saved_model, mo
 
 def test_truncated_safetensors_is_refused_by_name(saved_model, tmp_path, capsys):
     from stim_hf import cli
-    from stim_hf.modeling import load_saved_classifier
+    from stim_hf.training.modeling import load_saved_classifier
 
     _, folder = saved_model
     weights = folder / "model.safetensors"

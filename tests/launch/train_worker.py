@@ -21,8 +21,8 @@ from torch import nn  # noqa: E402
 from transformers.modeling_outputs import ImageClassifierOutput  # noqa: E402
 
 from stim_hf import ResidualStage, StimulativeTrainer, StimulativeTrainingArguments, register_stage_finder  # noqa: E402
+from stim_hf.cli.train import end_distributed_run  # noqa: E402
 from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification  # noqa: E402
-from stim_hf.train import end_distributed_run  # noqa: E402
 
 
 class ResidualBlock(nn.Module):

@@ -1,0 +1,223 @@
+"""The training job behind ``scripts/train.py`` and ``stim-hf train``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import datasets
+import transformers
+from accelerate import PartialState
+from transformers import set_seed
+
+from stim_hf.data.device_augmentation import DeviceImageAugmentation
+from stim_hf.data.device_color import with_uint8_transforms
+from stim_hf.data.image_datasets import DataArguments, get_label_names, load_image_datasets
+from stim_hf.data.predecoded import with_predecoded_transforms
+from stim_hf.data.transforms import build_image_processor, collate_image_batch, with_image_transforms
+from stim_hf.errors import ConfigError
+from stim_hf.training.checkpointing import resolve_resume_checkpoint as resolve_checkpoint
+from stim_hf.training.config import ModelArguments, StimulativeTrainingArguments
+from stim_hf.training.metrics import build_compute_metrics, top_k_indices
+from stim_hf.training.modeling import build_model, check_saved_model_dir
+from stim_hf.training.parser import StimArgumentParser
+from stim_hf.training.trainer import StimulativeTrainer, method_structures
+
+logger = logging.getLogger("stim_hf.cli.train")
+
+
+def parse_train_args(
+    argv: Sequence[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, StimulativeTrainingArguments]:
+    """Parse ``[CONFIG.yaml] [--field value ...]`` into the three argument dataclasses."""
+    parser = StimArgumentParser((ModelArguments, DataArguments, StimulativeTrainingArguments))
+    return parser.parse_args_and_config(argv)
+
+
+def resolve_resume_checkpoint(training_args: StimulativeTrainingArguments) -> str | None:
+    """Turn ``resume_from_checkpoint`` (``true``, a path, or unset) into a checkpoint path or None.
+
+    ``true`` takes the last *complete* checkpoint in ``output_dir`` (incomplete newer ones, left by
+    a crash during a write, are skipped with a warning); a path must be a complete checkpoint.
+    See :func:`stim_hf.training.checkpointing.resolve_resume_checkpoint`.
+    """
+    output_dir = training_args.output_dir
+    if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+        raise ConfigError(f"output_dir='{output_dir}' is a file, not a directory; give a directory for the run")
+    return resolve_checkpoint(training_args.resume_from_checkpoint, output_dir)
+
+
+def check_model_source(model_args: ModelArguments) -> None:
+    """Refuse a local ``model_name_or_path`` that cannot be loaded, before any data is loaded.
+
+    A path that does not exist, a folder without ``config.json``, or one whose weights are not
+    safetensors (``pytorch_model.bin`` is a pickle, and stim_hf never unpickles) is a
+    :class:`ConfigError`. Hub names are left to ``from_pretrained``.
+    """
+    source = model_args.model_name_or_path
+    if source is None:
+        return
+    path = os.path.expanduser(source)
+    looks_local = os.path.exists(path) or source.startswith((".", "/", "~")) or source.count("/") > 1
+    if not looks_local:
+        return
+    check_saved_model_dir(path, f"model_name_or_path='{source}'")
+
+
+def with_pipeline_transforms(dataset: datasets.Dataset, data_args: DataArguments, train: bool) -> datasets.Dataset:
+    """``dataset`` ready for the Trainer through ``data_args.image_pipeline`` ('pil', 'predecoded', 'device_color')."""
+    if data_args.image_pipeline == "predecoded":
+        return with_predecoded_transforms(dataset, data_args, train, num_proc=data_args.preprocessing_num_workers)
+    if data_args.image_pipeline == "device_color":
+        return with_uint8_transforms(dataset, data_args, train)
+    return with_image_transforms(dataset, data_args, train)
+
+
+def pipeline_batch_transform(data_args: DataArguments) -> DeviceImageAugmentation | None:
+    """The trainer's ``batch_transform`` that finishes the configured pipeline on the device (None for 'pil')."""
+    return DeviceImageAugmentation.from_data_args(data_args) if data_args.image_pipeline != "pil" else None
+
+
+def run_training(
+    model_args: ModelArguments, data_args: DataArguments, training_args: StimulativeTrainingArguments
+) -> dict[str, Any]:
+    """Train, save and evaluate a model as configured; returns the metrics of ``all_results.json``.
+
+    Leaves in ``output_dir`` the model (safetensors) with its image processor
+    (``preprocessor_config.json``, the evaluation's preprocessing), the Trainer's ``*_results.json``,
+    ``trainer_state.json`` and, when ``report_to`` includes tensorboard, the event files.
+    """
+    _setup_logging(training_args)
+    set_seed(training_args.seed)
+    resume = resolve_resume_checkpoint(training_args)
+    check_model_source(model_args)
+
+    splits = load_image_datasets(data_args, seed=training_args.seed)
+    label_names = get_label_names(splits["train"], data_args.label_column_name)
+    try:
+        model = build_model(model_args, label_names)
+    except OSError as error:  # transformers' "not a local folder and not a valid model identifier", offline, ...
+        raise ConfigError(
+            f"cannot load model_name_or_path='{model_args.model_name_or_path}': {error}; give a local directory "
+            "with config.json and model.safetensors, or a hub model name (in the HF cache when offline)"
+        ) from error
+
+    method_structures(model, training_args)  # a model / method misfit is reported before any decoding
+    # Pre-decoding writes a datasets cache: the main process first, the others then read it.
+    with training_args.main_process_first(desc="preparing the image pipeline"):
+        # Training images also re-estimate the evaluated sub-networks' BatchNorm statistics.
+        needs_train = training_args.do_train or (
+            training_args.num_eval_subnets and training_args.subnet_bn_recalibration_samples
+        )
+        train_dataset = with_pipeline_transforms(splits["train"], data_args, train=True) if needs_train else None
+        eval_dataset = with_pipeline_transforms(splits["validation"], data_args, train=False)
+    trainer = StimulativeTrainer(
+        model=model,
+        args=training_args,
+        batch_transform=pipeline_batch_transform(data_args),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collate_image_batch,
+        compute_metrics=build_compute_metrics(),
+        preprocess_logits_for_metrics=top_k_indices,
+        # Saved beside every model it writes: pipeline("image-classification") preprocesses as evaluation does.
+        processing_class=build_image_processor(data_args),
+    )
+
+    metrics: dict[str, Any] = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=resume)
+        trainer.save_model()
+        trainer.save_state()
+        train_metrics = dict(result.metrics, train_samples=len(train_dataset))
+        if trainer.collapse_monitor.reports:
+            train_metrics["collapse"] = trainer.collapse_monitor.reports[0]
+        trainer.log_metrics("train", train_metrics)
+        trainer.save_metrics("train", train_metrics)
+        metrics.update(train_metrics)
+
+    eval_metrics = trainer.evaluate()
+    subnet_results = trainer.evaluate_subnets() if training_args.num_eval_subnets else []
+    if subnet_results:
+        eval_metrics.update(subnet_summary(subnet_results))
+    eval_metrics["eval_samples"] = len(eval_dataset)
+    trainer.log_metrics("eval", eval_metrics)
+    trainer.save_metrics("eval", eval_metrics)
+    metrics.update(eval_metrics)
+    if subnet_results:
+        metrics["subnets"] = subnet_results
+        if trainer.is_world_process_zero():
+            print(format_subnet_table(eval_metrics, subnet_results), flush=True)
+    return metrics
+
+
+def subnet_summary(subnet_results: list[dict[str, Any]]) -> dict[str, Any]:
+    """``eval_subnet_accuracy_mean`` / ``_min`` / ``_max`` over ``evaluate_subnets`` results, and the same
+    with the full network's BatchNorm statistics (``..._inherited_bn``), plus the images they were re-estimated on."""
+    summary: dict[str, Any] = {}
+    for suffix in ("", "_inherited_bn"):
+        accuracies = [r[f"accuracy{suffix}"] for r in subnet_results]
+        summary[f"eval_subnet_accuracy_mean{suffix}"] = sum(accuracies) / len(accuracies)
+        summary[f"eval_subnet_accuracy_min{suffix}"] = min(accuracies)
+        summary[f"eval_subnet_accuracy_max{suffix}"] = max(accuracies)
+    summary["eval_subnet_bn_recalibration_samples"] = subnet_results[0]["bn_recalibration_samples"]
+    return summary
+
+
+def format_subnet_table(eval_metrics: dict[str, Any], subnet_results: list[dict[str, Any]]) -> str:
+    """The end-of-training printout: the full network, each sub-network and their mean (top-1)."""
+    samples = subnet_results[0]["bn_recalibration_samples"]
+    lines = [f"full network: top-1 {100 * eval_metrics['eval_accuracy']:.2f}%"]
+    if samples:
+        lines.append(f"sub-networks, BatchNorm statistics re-estimated for each on {samples} training images")
+        lines.append("(inherited: with the full network's statistics, the papers' loafing measure):")
+    else:
+        lines.append("sub-networks, with the full network's BatchNorm statistics (inherited):")
+
+    def cells(accuracy: float, inherited: float) -> str:
+        return f"top-1 {100 * accuracy:.2f}%" + (f"   inherited {100 * inherited:.2f}%" if samples else "")
+
+    for r in subnet_results:
+        lines.append(
+            f"  depths={','.join(map(str, r['depths']))} ({100 * r['depth_fraction']:.0f}% of blocks): "
+            + cells(r["accuracy"], r["accuracy_inherited_bn"])
+        )
+    lines.append(
+        f"mean of {len(subnet_results)} sub-networks: "
+        + cells(eval_metrics["eval_subnet_accuracy_mean"], eval_metrics["eval_subnet_accuracy_mean_inherited_bn"])
+    )
+    return "\n".join(lines)
+
+
+def _setup_logging(training_args: StimulativeTrainingArguments) -> None:
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    level = training_args.get_process_log_level()
+    logging.getLogger("stim_hf").setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parse arguments and run the training job (entry point of ``scripts/train.py``)."""
+    metrics = run_training(*parse_train_args(argv))
+    end_distributed_run()
+    return metrics
+
+
+def end_distributed_run() -> None:
+    """Once every process is done, destroy the process group (nothing to do in a single process).
+
+    A process that exits with its process group alive can abort in the communication library's
+    teardown or exit non-zero after a finished run (torch's documented advice is to destroy it).
+    """
+    state = PartialState()
+    if state.use_distributed:
+        state.wait_for_everyone()
+        state.destroy_process_group()

@@ -1,0 +1,5 @@
+"""Work on saved checkpoints: the loafing study, exporting a sub-network, searching sub-networks.
+
+Import from the modules: :mod:`~stim_hf.tools.loafing`, :mod:`~stim_hf.tools.export`,
+:mod:`stim_hf.tools.search`. Each has the ``main`` that ``stim-hf`` dispatches to.
+"""

@@ -1,0 +1,670 @@
+"""Exporting a sub-network of a trained model as a standalone Hugging Face model.
+
+``stim-hf export CHECKPOINT --depths 3,2,1 --output DIR`` keeps the first ``depths[s]`` residual
+blocks of every stage (the notation of :attr:`~stim_hf.method.Subnet.depths`), builds the
+shallower model from the family's config (``config_for_depths`` of its registered family), copies
+the kept blocks' weights to their new positions and everything else as is, optionally re-estimates
+BatchNorm statistics on training images and measures accuracy, and writes safetensors weights,
+``config.json``, a model card ``README.md`` and ``export_info.json``. The result loads with
+``AutoModelForImageClassification.from_pretrained(DIR)`` (after ``import stim_hf`` for the CIFAR
+ResNets). See docs/models.md for which families can be exported.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoImageProcessor, PreTrainedModel
+from transformers.image_processing_utils import BaseImageProcessor
+
+from stim_hf.analysis.evaluation import (
+    BatchSource,
+    evaluate_model,
+    print_notice,
+    recalibration_batches,
+    resolve_recalibration_samples,
+)
+from stim_hf.data.builtin_datasets import is_builtin_dataset_name
+from stim_hf.data.image_datasets import DataArguments, EvaluationDataArguments, load_image_datasets
+from stim_hf.data.transforms import build_image_processor, with_image_transforms
+from stim_hf.errors import ConfigError, ModelStructureError
+from stim_hf.method import ResidualFamily, ResidualStage, Subnet, find_residual_family, subnet_from_depths
+from stim_hf.method.batchnorm import batchnorm_layers, recalibrate_batchnorm
+from stim_hf.training.checkpointing import MANIFEST_NAME, TRAINER_STATE_NAME
+from stim_hf.training.modeling import load_saved_classifier
+from stim_hf.training.parser import SubcommandArgumentParser, load_recipe
+
+logger = logging.getLogger(__name__)
+
+# Files of a checkpoint directory that describe preprocessing; copied to the export unchanged.
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+# The data source fields of DataArguments: a data set is configured when one of them is set.
+_DATA_SOURCE_FIELDS = ("dataset_name", "train_dir", "train_file", "validation_file", "validation_dir")
+# The smallest --input-size (pixels), as the trainer's smallest sub-network input.
+MIN_INPUT_SIZE = 8
+# Files that make a folder a training checkpoint (resumable): stim_hf's manifest, or the
+# Trainer's state and optimizer state together (checkpoints written by other tools).
+_CHECKPOINT_MARKERS = ((MANIFEST_NAME,), (TRAINER_STATE_NAME, "optimizer.pt"))
+
+
+# --------------------------------------------------------------------------------------------------
+# Building the shallower model
+# --------------------------------------------------------------------------------------------------
+
+
+def load_checkpoint(path: str | os.PathLike) -> PreTrainedModel:
+    """Load a saved image classifier (a training run's ``output_dir`` or a ``checkpoint-*`` folder)."""
+    return load_saved_classifier(path, label=f"checkpoint directory '{path}'")
+
+
+def prefix_subnet(stages: Sequence[ResidualStage], depths: Sequence[int] | Subnet) -> Subnet:
+    """The prefix sub-network to export: from per-stage depths, or a :class:`Subnet` that keeps prefixes.
+
+    Raises :class:`ConfigError` when the depths do not fit the stages, and when a ``Subnet`` keeps
+    blocks other than a prefix of some stage (a standalone model's config states depths only).
+    """
+    if isinstance(depths, Subnet):
+        subnet = depths
+        if subnet.num_blocks != tuple(s.num_blocks for s in stages):
+            raise ConfigError(
+                f"sub-network {subnet.describe()} was drawn for a model with blocks per stage "
+                f"{list(subnet.num_blocks)}, this model has {[s.num_blocks for s in stages]}"
+            )
+        for s, kept in enumerate(subnet.kept):
+            if kept != tuple(range(len(kept))):
+                raise ConfigError(
+                    f"sub-network {subnet.describe()} keeps blocks {list(kept)} of stage {s}, not a prefix; export "
+                    f"writes the first depths[s] blocks of each stage: pass depths={list(subnet.depths)} to export "
+                    "that prefix sub-network instead"
+                )
+        depths = subnet.depths
+    return subnet_from_depths(stages, [int(d) for d in depths])
+
+
+def _container_paths(model: nn.Module, stages: Sequence[ResidualStage]) -> list[str]:
+    """Module path of each stage's container inside ``model`` (found by identity, not by name)."""
+    paths = {id(module): name for name, module in model.named_modules()}
+    result = []
+    for stage in stages:
+        path = paths.get(id(stage.container))
+        if path is None:
+            raise ModelStructureError(
+                f"stage '{stage.name}' is not a module of {type(model).__name__} (a view over shared blocks), so its "
+                "weights cannot be mapped to a standalone model; this family cannot be exported"
+            )
+        result.append(path)
+    return result
+
+
+def _block_key_map(
+    paths: Sequence[str], old_stages: Sequence[ResidualStage], new_stages: Sequence[ResidualStage], subnet: Subnet
+) -> dict[str, str | None]:
+    """``{old block prefix: new block prefix, or None when the block is dropped}`` for every block."""
+    mapping: dict[str, str | None] = {}
+    for path, old, new, kept in zip(paths, old_stages, new_stages, subnet.kept, strict=True):
+        old_keys, new_keys = list(old.container._modules), list(new.container._modules)
+        for old_key in old_keys:
+            mapping[f"{path}.{old_key}."] = None
+        for new_index, old_index in enumerate(kept):
+            mapping[f"{path}.{old_keys[old_index]}."] = f"{path}.{new_keys[new_index]}."
+    return mapping
+
+
+def subnet_state_dict(
+    model: nn.Module,
+    stages: Sequence[ResidualStage],
+    new_stages: Sequence[ResidualStage],
+    subnet: Subnet,
+) -> dict[str, torch.Tensor]:
+    """The full model's state dict with dropped blocks removed and kept blocks renumbered.
+
+    ``new_stages`` are the stages of the shallower model (they give the new blocks' names); every
+    tensor outside the stages keeps its key.
+    """
+    paths = _container_paths(model, stages)
+    mapping = _block_key_map(paths, stages, new_stages, subnet)
+    stage_prefixes = tuple(f"{path}." for path in paths)
+    state = {}
+    for key, tensor in model.state_dict().items():
+        if key.startswith(stage_prefixes):
+            path = next(p for p in paths if key.startswith(f"{p}."))
+            block = key[len(path) + 1 :].split(".", 1)[0]
+            target = mapping.get(f"{path}.{block}.")
+            if target is None:
+                continue  # a dropped block
+            key = target + key[len(path) + len(block) + 2 :]
+        state[key] = tensor
+    return state
+
+
+def build_subnet_model(
+    model: PreTrainedModel, depths: Sequence[int] | Subnet, family: ResidualFamily | None = None
+) -> PreTrainedModel:
+    """A standalone model of ``model``'s class holding only the kept blocks, with the same weights.
+
+    The config comes from the family's ``config_for_depths``; kept block ``i`` of stage ``s`` moves
+    to its position in the shallower stage, every other tensor is copied as is, and a missing or
+    unexpected key is an error. The result is in eval mode on ``model``'s device and dtype.
+    """
+    found_family, stages = find_residual_family(model)
+    family = family or found_family
+    subnet = prefix_subnet(stages, depths)
+    if family.config_for_depths is None:
+        raise ModelStructureError(
+            f"{type(model).__name__} ({family.name} family) cannot be exported: its family was registered without "
+            "config_for_depths, the function that writes a shallower config; pass "
+            "config_for_depths=... to stim_hf.register_stage_finder (see docs/models.md)"
+        )
+    config = family.config_for_depths(model.config, subnet.depths)
+    try:
+        new_model = type(model)(config)
+    except (TypeError, ValueError) as err:
+        raise ModelStructureError(
+            f"cannot build a {type(model).__name__} with depths {list(subnet.depths)} from the {family.name} config: "
+            f"{err}"
+        ) from err
+    new_family, new_stages = find_residual_family(new_model)
+    if new_family.name != family.name or tuple(s.num_blocks for s in new_stages) != subnet.depths:
+        raise ModelStructureError(
+            f"the {family.name} config for depths {list(subnet.depths)} built a model with blocks per stage "
+            f"{[s.num_blocks for s in new_stages]} ({new_family.name}); its config_for_depths is wrong"
+        )
+    state = subnet_state_dict(model, stages, new_stages, subnet)
+    expected = set(new_model.state_dict())
+    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ModelStructureError(
+            f"weights of {type(model).__name__} do not map onto the shallower model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}; the family's stages or config_for_depths do not match the model"
+        )
+    new_model.to(device=model.device, dtype=model.dtype)
+    new_model.load_state_dict(state, strict=True)
+    return new_model.eval()
+
+
+def dropped_parameter_count(stages: Sequence[ResidualStage], subnet: Subnet) -> int:
+    """Number of parameters in the blocks that ``subnet`` drops."""
+    total = 0
+    for stage, kept in zip(stages, subnet.kept, strict=True):
+        blocks = list(stage.container)
+        total += sum(p.numel() for i, block in enumerate(blocks) if i not in kept for p in block.parameters())
+    return total
+
+
+# --------------------------------------------------------------------------------------------------
+# Export
+# --------------------------------------------------------------------------------------------------
+
+
+def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    """Refuse an export folder whose contents would be lost: :class:`ConfigError` with the fix.
+
+    A missing or empty folder is fine; a non-empty one needs ``overwrite``; a training checkpoint
+    (it holds ``stim_hf_checkpoint.json``, or ``trainer_state.json`` and ``optimizer.pt``) is never
+    overwritten, as it could no longer be resumed.
+    """
+    path = Path(output_dir)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ConfigError(f"the output directory '{output_dir}' is a file; give a new folder as --output")
+    entries = set(os.listdir(path))
+    marker = next((names for names in _CHECKPOINT_MARKERS if entries.issuperset(names)), None)
+    if marker is not None:
+        raise ConfigError(
+            f"the output directory '{output_dir}' is a training checkpoint (it has {' and '.join(marker)}), which "
+            "export never overwrites, not even with --overwrite (its model would no longer match its optimizer "
+            "state, so it could not be resumed); give a new folder as --output"
+        )
+    if entries and not overwrite:
+        raise ConfigError(
+            f"the output directory '{output_dir}' already exists and is not empty; give a new folder as --output, "
+            "or pass --overwrite (overwrite=True in Python) to replace the model in it"
+        )
+
+
+def export_subnet(
+    model_or_checkpoint: PreTrainedModel | str | os.PathLike,
+    depths: Sequence[int] | Subnet,
+    output_dir: str | os.PathLike,
+    recalibrate_bn: int | None = None,
+    data_args: DataArguments | None = None,
+    evaluate: bool = False,
+    seed: int = 42,
+    batch_size: int = 128,
+    device: str | torch.device | None = None,
+    command: str | None = None,
+    overwrite: bool = False,
+    input_size: int | None = None,
+) -> PreTrainedModel:
+    """Write the prefix sub-network ``depths`` of a model to ``output_dir`` as a standalone model.
+
+    ``model_or_checkpoint`` is a model or a saved model directory. The exported model's BatchNorm
+    statistics are re-estimated for it on ``recalibrate_bn`` training images of ``data_args``
+    (default: 1024 when ``data_args`` has a training source, else 0, which keeps the full
+    network's; seeded by ``seed``, which must be the training run's seed when the validation split
+    is carved off the training data). ``input_size`` is the input side the sub-network is meant to
+    run at (default: the evaluation crop): the statistics are re-estimated at that size and the
+    saved image processor crops to it. ``evaluate`` measures the top-1 / top-5 accuracy of the
+    exported model (at ``input_size``) and the full model on the validation split. Writes
+    safetensors weights, ``config.json``, ``preprocessor_config.json`` (from ``data_args``, else
+    the checkpoint's own), a model card ``README.md`` and ``export_info.json``; returns the
+    exported model (eval mode). An existing, non-empty ``output_dir`` is refused unless
+    ``overwrite``, and a training checkpoint always (see :func:`check_output_dir`).
+    """
+    num_recal = resolve_recalibration_samples(recalibrate_bn, data_args, "--recalibrate-bn")
+    if evaluate and data_args is None:
+        raise ConfigError(
+            "--evaluate needs data: give the validation data (--validation_file or --validation_dir) or the data "
+            "arguments of the training run (--dataset_name, --train_file or --train_dir, ..., or --config RECIPE.yaml)"
+        )
+    if input_size is not None and (not isinstance(input_size, int) or input_size < MIN_INPUT_SIZE):
+        raise ConfigError(f"--input-size {input_size!r} must be an integer >= {MIN_INPUT_SIZE} (pixels)")
+    from_folder = isinstance(model_or_checkpoint, (str, os.PathLike))
+    if from_folder and Path(model_or_checkpoint).resolve() == Path(output_dir).resolve():
+        raise ConfigError(
+            f"the output directory '{output_dir}' is the checkpoint itself; give another --output so the full "
+            "model is not overwritten"
+        )
+    check_output_dir(output_dir, overwrite)
+    if from_folder:
+        source = str(model_or_checkpoint)
+        model = load_checkpoint(source)
+    else:
+        model = model_or_checkpoint
+        source = getattr(model.config, "_name_or_path", "") or f"an in-memory {type(model).__name__}"
+    if device is not None:
+        model.to(device)
+    family, stages = find_residual_family(model)
+    subnet = prefix_subnet(stages, depths)
+    processor = _export_processor(data_args, source if from_folder else None)
+    trained_size = _processor_crop(processor)
+    _check_input_size(input_size, trained_size, family, model)
+    exported = build_subnet_model(model, subnet, family)
+    if processor is not None and input_size is not None:
+        processor = processor_at_input_size(processor, input_size)
+
+    info: dict[str, Any] = {
+        "source": source,
+        "family": family.name,
+        "model_class": type(model).__name__,
+        "depths": list(subnet.depths),
+        "full_depths": list(subnet.num_blocks),
+        "stages": [s.name for s in stages],
+        "num_parameters": _num_parameters(exported),
+        "full_num_parameters": _num_parameters(model),
+        "dropped_block_parameters": dropped_parameter_count(stages, subnet),
+        "input_size": input_size or trained_size,
+        "image_processor": processor is not None,
+        "bn_recalibration_samples": 0,
+        "has_batchnorm": bool(batchnorm_layers(exported)),
+        "seed": seed,
+        "command": command,
+    }
+    num_recal = num_recal if info["has_batchnorm"] else 0  # nothing to re-estimate
+    if num_recal or evaluate:
+        splits = load_image_datasets(data_args, seed=seed)
+        info["data"] = _describe_data(data_args, seed)
+        if num_recal:
+            batches = recalibration_batches(splits["train"], data_args, num_recal, seed, batch_size, input_size)
+            with torch.no_grad():
+                moved = ({"pixel_values": b["pixel_values"].to(_device_of(exported))} for b in batches)
+                info["bn_recalibration_samples"] = recalibrate_batchnorm(exported, moved, num_recal)
+        if evaluate:
+            info["metrics"] = _evaluate(exported, splits["validation"], data_args, batch_size, input_size)
+            info["full_metrics"] = _evaluate(model, splits["validation"], data_args, batch_size)
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    exported.save_pretrained(output_dir)
+    for name in PROCESSOR_FILES:
+        if (output_dir / name).is_file():
+            (output_dir / name).unlink()  # left by an earlier export that --overwrite replaces
+    if processor is not None:
+        processor.save_pretrained(output_dir)
+    else:
+        logger.warning(
+            "no image processor written: the checkpoint has none and no data arguments were given; give those of "
+            "training (--config RECIPE.yaml) so that pipeline('image-classification') can load the export"
+        )
+    (output_dir / "export_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    (output_dir / "README.md").write_text(model_card(info, stages, subnet))
+    logger.info("exported %s to %s", subnet.describe(), output_dir)
+    return exported
+
+
+def _export_processor(data_args: DataArguments | None, source: str | None) -> BaseImageProcessor | None:
+    """The export's image processor: from the data arguments (evaluation's preprocessing), else the checkpoint's."""
+    if data_args is not None:
+        return build_image_processor(data_args)
+    if source is not None and os.path.isfile(os.path.join(source, PROCESSOR_FILES[0])):
+        return AutoImageProcessor.from_pretrained(source)
+    return None
+
+
+def _processor_crop(processor: BaseImageProcessor | None) -> int | None:
+    """The input side a processor produces (its crop, else its fixed size), or None when it does not say."""
+    if processor is None:
+        return None
+    size = processor.crop_size if getattr(processor, "do_center_crop", False) else processor.size
+    return size.get("height") if size is not None else None
+
+
+def processor_at_input_size(processor: BaseImageProcessor, input_size: int) -> BaseImageProcessor:
+    """A copy of ``processor`` that gives ``input_size`` square inputs, the crop keeping its share of the image.
+
+    A resize of the shorter side followed by a centre crop (``BitImageProcessor``, as
+    :func:`~stim_hf.data.transforms.build_image_processor` writes) scales its resize with the crop; a
+    processor that resizes to a fixed height and width gets ``input_size`` for both.
+    """
+    processor = copy.deepcopy(processor)
+    crop = _processor_crop(processor)
+    size = dict(processor.size.items()) if hasattr(processor.size, "items") else dict(processor.size)
+    size = {k: v for k, v in size.items() if v is not None}
+    if getattr(processor, "do_center_crop", False) and crop:
+        processor.crop_size = {"height": input_size, "width": input_size}
+        processor.size = {k: max(input_size, round(v * input_size / crop)) for k, v in size.items()}
+    else:
+        processor.size = {"height": input_size, "width": input_size}
+    return processor
+
+
+def _check_input_size(input_size: int | None, trained_size: int | None, family: ResidualFamily, model) -> None:
+    """Refuse an input size the exported model cannot run at on its own (ConfigError naming the fix)."""
+    if input_size is None or input_size == trained_size:
+        return
+    if not family.supports_smaller_inputs or family.resized_forward_kwargs:
+        what = "windowed attention" if not family.supports_smaller_inputs else "position embeddings for its size"
+        raise ConfigError(
+            f"--input-size {input_size}: a standalone {type(model).__name__} ({family.name}) has {what} and runs "
+            f"only at the size it was trained at{f' ({trained_size})' if trained_size else ''}; leave --input-size "
+            "unset"
+        )
+    smallest = family.min_input_size(model) if family.min_input_size else 0
+    if input_size < smallest:
+        raise ConfigError(f"--input-size {input_size} is below {type(model).__name__}'s smallest input side {smallest}")
+
+
+def _evaluate(
+    model: nn.Module, validation, data_args: DataArguments, batch_size: int, input_size: int | None = None
+) -> dict[str, float]:
+    """Top-1 / top-5 accuracy of ``model`` on the validation split, with the evaluation transforms at ``input_size``."""
+    dataset = with_image_transforms(validation, data_args, train=False, input_size=input_size)
+    metrics = evaluate_model(model, BatchSource(dataset, batch_size, cache=False))
+    return {
+        "accuracy": metrics["accuracy"],
+        "top5_accuracy": metrics["top5_accuracy"],
+        "num_samples": metrics["num_samples"],
+    }
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _num_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def _describe_data(data_args: DataArguments, seed: int) -> dict[str, Any]:
+    """Where the training and the validation images come from, for the model card."""
+    train = data_args.dataset_name or data_args.train_file or data_args.train_dir
+    carved = f"{data_args.train_val_split:.0%} of the training data carved off (seed {seed})"
+    if data_args.validation_file or data_args.validation_dir:
+        validation = data_args.validation_file or data_args.validation_dir
+    elif data_args.validation_split:
+        validation = f"{train}, split '{data_args.validation_split}'"
+    elif data_args.dataset_name and not is_builtin_dataset_name(data_args.dataset_name):
+        validation = f"{train}: its 'validation' or 'test' split if it has one, else {carved}"
+    else:
+        validation = f"{train}: {carved}"
+    return {"train": train, "validation": validation, "image_size": data_args.resolved_eval_image_size()}
+
+
+def model_card(info: dict[str, Any], stages: Sequence[ResidualStage], subnet: Subnet) -> str:
+    """The ``README.md`` of an export: kept blocks, source, parameters, BatchNorm, accuracy, usage."""
+    depths = ",".join(map(str, subnet.depths))
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: image-classification",
+        "tags:",
+        "- stim_hf",
+        "- stimulative-training",
+        "- sub-network",
+        "---",
+        "",
+        f"# Sub-network depths={depths} of {info['source']}",
+        "",
+        f"A standalone {info['model_class']} exported with stim_hf from `{info['source']}` "
+        f"({info['family']} family): it keeps the first `depths[s]` residual blocks of each stage of the "
+        "full model, with their trained weights; everything else is copied unchanged.",
+        "",
+        "## Kept blocks",
+        "",
+        "| stage | blocks kept | of |",
+        "| --- | --- | --- |",
+    ]
+    for stage, kept in zip(stages, subnet.kept, strict=True):
+        blocks = f"blocks {kept[0]}-{kept[-1]}" if len(kept) > 1 else f"block {kept[0]}"
+        lines.append(f"| `{stage.name}` | {len(kept)} ({blocks}) | {stage.num_blocks} |")
+    full, params = info["full_num_parameters"], info["num_parameters"]
+    lines += [
+        "",
+        "## Parameters",
+        "",
+        f"{params:,} parameters, {100 * params / full:.1f}% of the full model's {full:,} "
+        f"({info['dropped_block_parameters']:,} in the dropped blocks).",
+        "",
+        "## BatchNorm statistics",
+        "",
+    ]
+    if not info["has_batchnorm"]:
+        lines.append("The model has no BatchNorm layers: nothing to re-estimate.")
+    elif info["bn_recalibration_samples"]:
+        lines.append(
+            f"Re-estimated for this sub-network on {info['bn_recalibration_samples']:,} training images of "
+            f"{info['data']['train']}, drawn with seed {info['seed']}, with the training transforms."
+        )
+    else:
+        lines.append(
+            "Inherited from the full network (not re-estimated): a sub-network usually scores far lower with them. "
+            "Export with the training data (`--config RECIPE.yaml`) to re-estimate them for the sub-network "
+            "(docs/models.md)."
+        )
+    if "metrics" in info:
+        sub, ref = info["metrics"], info["full_metrics"]
+        lines += [
+            "",
+            "## Accuracy",
+            "",
+            f"On {sub['num_samples']:,} validation images ({info['data']['validation']}), this sub-network at "
+            f"{info['input_size']} px, the full model at {info['data']['image_size']} px:",
+            "",
+            "| model | top-1 | top-5 |",
+            "| --- | --- | --- |",
+            f"| this sub-network (depths={depths}) | {100 * sub['accuracy']:.2f}% | {100 * sub['top5_accuracy']:.2f}% |",
+            f"| full model | {100 * ref['accuracy']:.2f}% | {100 * ref['top5_accuracy']:.2f}% |",
+        ]
+    needs_stim = info["family"] == "cifar_resnet"
+    lines += ["", "## Usage", ""]
+    if info["image_processor"]:
+        lines += [
+            f"The folder's image processor resizes, crops to {info['input_size']} px and normalises images as the "
+            "evaluation did:",
+            "",
+            "```python",
+            *(["import stim_hf  # registers the CIFAR ResNets with the Auto classes"] if needs_stim else []),
+            "from transformers import pipeline",
+            "",
+            'classify = pipeline("image-classification", model="path/to/this/folder")',
+            'print(classify("image.png"))',
+            "```",
+        ]
+    else:
+        lines += [
+            "```python",
+            *(["import stim_hf  # registers the CIFAR ResNets with the Auto classes"] if needs_stim else []),
+            "from transformers import AutoModelForImageClassification",
+            "",
+            'model = AutoModelForImageClassification.from_pretrained("path/to/this/folder")',
+            "```",
+        ]
+    if info.get("command"):
+        lines += ["", "Exported with:", "", "```bash", info["command"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExportArguments:
+    """Settings of ``stim-hf export`` (the data come from :class:`~stim_hf.data.image_datasets.DataArguments`)."""
+
+    depths: str = field(
+        default=None,
+        metadata={"help": "Blocks to keep per stage, comma-separated (e.g. 3,2,1): the first depths[s] of stage s."},
+    )
+    output: str = field(default=None, metadata={"help": "Directory to write the exported model to."})
+    recalibrate_bn: int | None = field(
+        default=None,
+        metadata={
+            "help": "Re-estimate the export's BatchNorm statistics on this many training images (default: 1024 when "
+            "training data is given, else 0; 0 keeps the full network's)."
+        },
+    )
+    input_size: int | None = field(
+        default=None,
+        metadata={
+            "help": "Input side the sub-network is meant to run at (ST++ trains sub-networks on 0.43 S..S): its "
+            "BatchNorm statistics are re-estimated and its image processor crops at this size. Default: the "
+            "evaluation crop."
+        },
+    )
+    evaluate: bool = field(
+        default=False,
+        metadata={"help": "Measure top-1 / top-5 accuracy of the export (at --input-size) and of the full model."},
+    )
+    seed: int = field(
+        default=42,
+        metadata={
+            "help": "Seed of the recalibration images and of the validation split carved off the training data "
+            "(use the training run's seed)."
+        },
+    )
+    batch_size: int = field(default=128, metadata={"help": "Batch size for recalibration and evaluation."})
+    device: str | None = field(default=None, metadata={"help": "Device to run on (default: cuda if available)."})
+    config: str | None = field(
+        default=None,
+        metadata={"help": "A training recipe (YAML): its data fields and seed become defaults."},
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Replace the model in an --output folder that exists and is not empty (never a training "
+            "checkpoint)."
+        },
+    )
+
+
+def parse_depths(text: str | Sequence[int]) -> list[int]:
+    """Parse ``"3,2,1"`` (or a sequence) into a list of integers; :class:`ConfigError` otherwise."""
+    if not isinstance(text, str):
+        return [int(d) for d in text]
+    try:
+        return [int(part) for part in text.replace(" ", "").split(",") if part != ""]
+    except ValueError:
+        raise ConfigError(f"--depths '{text}' must be comma-separated integers, one per stage (e.g. 3,2,1)") from None
+
+
+def build_parser() -> SubcommandArgumentParser:
+    """The ``stim-hf export`` parser: a checkpoint, :class:`ExportArguments` and evaluation data arguments."""
+    parser = SubcommandArgumentParser((ExportArguments, EvaluationDataArguments), prog="stim-hf export")
+    parser.add_argument("checkpoint", metavar="CHECKPOINT", help="Model directory (config.json + model.safetensors).")
+    return parser
+
+
+def _recipe_defaults(path: str) -> dict[str, Any]:
+    """The data fields and the seed of a training recipe, as parser defaults."""
+    values = load_recipe(path)
+    wanted = {f.name for f in fields(DataArguments) if f.init} | {"seed"}
+    defaults = {key: value for key, value in values.items() if key in wanted and value is not None}
+    if values.get("subnet_bn_recalibration_samples") is not None:
+        defaults["recalibrate_bn"] = values["subnet_bn_recalibration_samples"]
+    return defaults
+
+
+def parse_export_args(
+    argv: Sequence[str] | None = None,
+) -> tuple[str, ExportArguments, DataArguments | None]:
+    """Parse ``CHECKPOINT --depths ... --output DIR [...]``; data arguments only when a source is given."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    namespace, remaining = parser.parse_known_args(argv)
+    if namespace.config:
+        parser.set_defaults(**_recipe_defaults(namespace.config))
+        namespace, remaining = parser.parse_known_args(argv)
+    parser.refuse_unknown(remaining)
+    values = vars(namespace)
+    export_args = ExportArguments(**{f.name: values[f.name] for f in fields(ExportArguments)})
+    if export_args.depths is None or export_args.output is None:
+        missing = [name for name in ("depths", "output") if getattr(export_args, name) is None]
+        raise ConfigError(
+            f"stim-hf export needs {' and '.join('--' + m for m in missing)}, e.g. "
+            "'stim-hf export outputs/run --depths 3,2,1 --output exported/'"
+        )
+    data_values = {f.name: values[f.name] for f in fields(DataArguments) if f.init}
+    given = any(data_values[k] is not None for k in _DATA_SOURCE_FIELDS)
+    data_args = EvaluationDataArguments(**data_values) if given else None
+    return namespace.checkpoint, export_args, data_args
+
+
+def main(argv: Sequence[str] | None = None) -> PreTrainedModel:
+    """Entry point of ``stim-hf export``; configuration errors propagate as :class:`StimError`."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    checkpoint, args, data_args = parse_export_args(argv)
+    notes: list[str] = []  # said after the summary, so that an error is the only line before it
+    recalibrate_bn = resolve_recalibration_samples(args.recalibrate_bn, data_args, "--recalibrate-bn", notes.append)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("stim_hf").setLevel(logging.INFO)
+    exported = export_subnet(
+        checkpoint,
+        parse_depths(args.depths),
+        args.output,
+        recalibrate_bn=recalibrate_bn,
+        data_args=data_args,
+        evaluate=args.evaluate,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        command="stim-hf export " + " ".join(argv),
+        overwrite=args.overwrite,
+        input_size=args.input_size,
+    )
+    info = json.loads((Path(args.output) / "export_info.json").read_text())
+    summary = (
+        f"exported depths={args.depths} of {checkpoint} to {args.output}: {info['num_parameters']:,} parameters "
+        f"({100 * info['num_parameters'] / info['full_num_parameters']:.1f}% of the full model)"
+    )
+    if "metrics" in info:
+        summary += (
+            f", top-1 {100 * info['metrics']['accuracy']:.2f}% (full model "
+            f"{100 * info['full_metrics']['accuracy']:.2f}%)"
+        )
+    print(summary, flush=True)
+    for note in notes:
+        print_notice("stim-hf export")(note)
+    return exported

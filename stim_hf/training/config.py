@@ -1,0 +1,443 @@
+"""Configuration of stimulative training: a ``TrainingArguments`` subclass, the way TRL does it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import TrainingArguments
+
+from stim_hf.errors import ConfigError
+from stim_hf.method.batchnorm import DEFAULT_RECALIBRATION_SAMPLES
+from stim_hf.method.losses import KL_LOSSES, LOGIT_NORMALIZATIONS
+from stim_hf.method.sampling import SAMPLING_RULES
+from stim_hf.training.collapse import COLLAPSE_ACTIONS
+from stim_hf.training.profiling import parse_profile_steps
+
+logger = logging.getLogger(__name__)
+
+STIM_METHODS = ("ct", "st", "stpp")
+KL_COEF_SCHEDULES = ("constant", "cosine_up", "cosine_down")
+BN_POLICIES = ("main_only", "recalibrate", "none")
+BACKWARD_STRATEGIES = ("summed", "sequential")
+NONFINITE_LOSS_ACTIONS = ("stop", "skip")
+
+# The fields a method preset fills; a value set explicitly (not None) wins over the preset.
+# The preset fields that make a method what it is (K and the sample space are its settings).
+METHOD_DEFINING_FIELDS = ("subnet_sampling", "kl_loss", "min_input_scale")
+METHOD_PRESETS: dict[str, dict[str, Any]] = {
+    # Common training: no sub-network passes at all.
+    "ct": {
+        "num_subnets": 0,
+        "subnet_sampling": "prefix",
+        "sample_space": "full",
+        "kl_loss": "kl",
+        "min_input_scale": 1.0,
+    },
+    # ST (NeurIPS 2022): a random subset of the skippable blocks, plain KL, full resolution.
+    "st": {
+        "num_subnets": 1,
+        "subnet_sampling": "subset",
+        "sample_space": "full",
+        "kl_loss": "kl",
+        "min_input_scale": 1.0,
+    },
+    # ST++: per-stage prefixes, direction-only KL ("KL-"), random smaller inputs (released: 0.43 S .. S).
+    "stpp": {
+        "num_subnets": 1,
+        "subnet_sampling": "prefix",
+        "sample_space": "full",
+        "kl_loss": "kl_direction",
+        "min_input_scale": 0.43,
+    },
+}
+
+
+def accelerator_available() -> bool:
+    """Whether torch sees an accelerator (CUDA, XPU, MPS, ...), the test its DataLoader pins memory by."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is not None and hasattr(accelerator, "is_available"):
+        return bool(accelerator.is_available())
+    return torch.cuda.is_available()
+
+
+def parse_sample_space(value: Any) -> str | list[int]:
+    """Read ``sample_space`` from YAML (a list) or the command line (``1,2,4,1``, ``[1, 2, 4, 1]``, ``full``)."""
+    original = value
+    if isinstance(value, str):
+        text = value.strip()
+        if text.lower() == "full":
+            return "full"
+        try:
+            value = json.loads(text) if text.startswith("[") else [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            value = None
+    if (
+        isinstance(value, (list, tuple))
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+    ):
+        return list(value)
+    raise ConfigError(
+        f"sample_space={original!r} is not valid: give 'full' or one non-negative integer per residual stage, "
+        "the most blocks sampling may drop from it (e.g. [0, 1, 3, 0] or '0,1,3,0')"
+    )
+
+
+# Every preset sets these fields (None in the arguments means "the preset's").
+METHOD_PRESET_FIELDS = tuple(METHOD_PRESETS["stpp"])
+
+
+def method_settings(stim_method: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """The preset fields of ``stim_method``: the values in ``given`` that are not None, else the preset's.
+
+    How :class:`StimulativeTrainingArguments` completes a method's settings; ConfigError for an
+    unknown method.
+    """
+    if not isinstance(stim_method, str) or stim_method not in METHOD_PRESETS:
+        raise ConfigError(f"stim_method={stim_method!r} is not a method; valid: {', '.join(STIM_METHODS)}")
+    return {
+        name: preset if given.get(name) is None else given[name] for name, preset in METHOD_PRESETS[stim_method].items()
+    }
+
+
+@dataclass
+class StimulativeTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` plus the settings of stimulative training (ST / ST++).
+
+    ``stim_method`` is a preset (``ct``, ``st``, ``stpp``) that fills ``num_subnets``,
+    ``subnet_sampling``, ``sample_space``, ``kl_loss`` and ``min_input_scale``; any of them set
+    explicitly overrides the preset. Every value is validated in ``__post_init__`` and a bad one
+    raises :class:`~stim_hf.errors.ConfigError` naming the field, the value and the valid range.
+    """
+
+    stim_method: str = field(
+        default="stpp",
+        metadata={"help": "Preset: 'ct' (common training), 'st' (ST, NeurIPS 2022) or 'stpp' (ST++)."},
+    )
+    kl_coef: float = field(default=1.0, metadata={"help": "Weight lambda of the sub-network KL loss (>= 0)."})
+    kl_coef_schedule: str = field(
+        default="constant",
+        metadata={"help": "How lambda evolves over training: 'constant', 'cosine_up' (0 -> lambda), 'cosine_down'."},
+    )
+    stim_start_epoch: float = field(
+        default=0.0, metadata={"help": "Epoch at which sub-network sampling begins (common training before)."}
+    )
+    num_subnets: int | None = field(
+        default=None, metadata={"help": "Sub-networks K per training step (>= 0). Preset: ct 0, st/stpp 1."}
+    )
+    kl_loss: str | None = field(
+        default=None,
+        metadata={
+            "help": "'kl' (plain KL) or 'kl_direction' (ST++ 'KL-': logits normalised). Preset: st kl, stpp kl_direction."
+        },
+    )
+    kl_temperature: float = field(
+        default=1.0, metadata={"help": "Distillation temperature T (> 0); the KL is scaled by T^2."}
+    )
+    logit_amplitude: float = field(
+        default=1.0,
+        metadata={"help": "Amplitude A of normalised logits for 'kl_direction' (> 0; released: 1)."},
+    )
+    logit_normalization: str = field(
+        default="layernorm",
+        metadata={"help": "How 'kl_direction' normalises logits: 'layernorm' (released) or 'l2'."},
+    )
+    normalize_main_logits: bool = field(
+        default=False,
+        metadata={
+            "help": "Also train the full network's cross-entropy on normalised logits, as the released ST++ code "
+            "does. Off by default: with few classes it caps the reachable confidence (docs/training.md, 'KL- and the main loss')."
+        },
+    )
+    subnet_sampling: str | None = field(
+        default=None,
+        metadata={
+            "help": "'prefix' (ST++: keep a prefix of every stage) or 'subset' (ST: any subset of skippable blocks)."
+        },
+    )
+    sample_space: str | None = field(
+        default=None,
+        metadata={
+            "help": "Per-stage maximum number of blocks sampling may drop, e.g. '0,1,3,0' or [0, 1, 3, 0], or 'full' "
+            "(every skippable block). Released ST++ 'space3' [1,2,4,1] (sample-space sizes) is [0,1,3,0] here."
+        },
+    )
+    min_input_scale: float | None = field(
+        default=None,
+        metadata={
+            "help": "Sub-network input side ~ UniformInt[floor(scale*S), S] for batch side S; 1.0 disables. Preset: stpp 0.43."
+        },
+    )
+    bn_policy: str = field(
+        default="main_only",
+        metadata={
+            "help": "'main_only': sub-network passes leave BatchNorm running statistics untouched; 'recalibrate': "
+            "re-estimate them on bn_recalibration_samples training images before every evaluation and save "
+            "(released code); 'none': sub-network passes update them too."
+        },
+    )
+    bn_recalibration_samples: int = field(
+        default=2000,
+        metadata={"help": "Training images used to re-estimate BatchNorm statistics ('recalibrate')."},
+    )
+    num_eval_subnets: int = field(
+        default=4,
+        metadata={"help": "Fixed random sub-networks evaluated at the end of training to report loafing (0: none)."},
+    )
+    subnet_bn_recalibration_samples: int = field(
+        default=DEFAULT_RECALIBRATION_SAMPLES,
+        metadata={
+            "help": "Training images each evaluated sub-network's BatchNorm statistics are re-estimated on before it "
+            "is scored (end-of-training report, evaluate_subnets, the sub-network monitor); the figures with the "
+            "full network's statistics (inherited, the papers' loafing measure) are reported beside them. 0: the "
+            "inherited figures only. The full network is never changed."
+        },
+    )
+    subnet_monitor_count: int = field(
+        default=0,
+        metadata={
+            "help": "Fixed sub-networks evaluated at every evaluation during training and logged to TensorBoard "
+            "(eval/subnet_accuracy_mean, _min, _max and a loafing plot); 0 disables."
+        },
+    )
+    subnet_monitor_every: int = field(
+        default=1, metadata={"help": "Run the sub-network monitor at every n-th evaluation (>= 1)."}
+    )
+    on_nonfinite_loss: str = field(
+        default="stop",
+        metadata={
+            "help": "What a NaN / inf loss does: 'stop' (save the weights, the batch labels and a report to "
+            "output_dir/nonfinite-step-N, then stop with a message naming the loss term) or 'skip' (drop that "
+            "optimizer step's update, log a warning and count it in nonfinite_skipped_steps)."
+        },
+    )
+    on_collapse: str = field(
+        default="warn",
+        metadata={
+            "help": "What a collapsed run does (after its first epoch: training cross-entropy at about ln C for 3 "
+            "logs in a row, evaluation accuracy at chance, or 90 percent of predictions one class): 'warn' (log a warning "
+            "naming lambda and the remedies, and record it in trainer_state.json), 'stop' (raise, the job exits "
+            "non-zero) or 'ignore'."
+        },
+    )
+    backward_strategy: str = field(
+        default="summed",
+        metadata={
+            "help": "'summed': one backward of CE + lambda * sum of KLs; 'sequential': backward of each "
+            "sub-network's KL right after its forward, then of the CE (the released code's way: the peak holds "
+            "one sub-network's activations instead of K). See docs/benchmarks.md for what each costs."
+        },
+    )
+    sync_batchnorm: bool = field(
+        default=False,
+        metadata={
+            "help": "Convert BatchNorm to SyncBatchNorm before wrapping (multi-GPU: statistics over the global "
+            "batch). Ignored with a single process; refused on CPU, where torch has no SyncBatchNorm kernel."
+        },
+    )
+    channels_last: bool = field(
+        default=False, metadata={"help": "Run convolutional models in channels_last memory format (faster on GPUs)."}
+    )
+    fused_optimizer: bool = field(
+        default=True,
+        metadata={
+            "help": "Give optim sgd / adamw_torch torch's fused kernel (one pass over all parameters instead of one "
+            "per tensor) on one device or DDP, where every parameter is on a device torch has fused kernels for. "
+            "The update is the same up to rounding; false keeps the Trainer's optimizer as it builds it."
+        },
+    )
+    profile_steps: str | None = field(
+        default=None,
+        metadata={
+            "help": "Record optimizer steps FIRST-LAST (e.g. '20-25', counted from 1) with torch.profiler: a trace "
+            "(Perfetto, chrome://tracing, TensorBoard) and a summary of where each step's time goes, written to "
+            "OUTPUT_DIR/profile/. Unset: no profiling."
+        },
+    )
+    # Defaults that differ from TrainingArguments' (DESIGN.md section 3).
+    do_train: bool = field(default=True, metadata={"help": "Train (default); false only evaluates the model."})
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Must stay False with on-the-fly image transforms."}
+    )
+    ddp_find_unused_parameters: bool | None = field(
+        default=False,
+        metadata={
+            "help": "False: the main pass uses every parameter. True breaks the two forwards and one backward of "
+            "backward_strategy 'summed' (refused); 'sequential' works with it."
+        },
+    )
+    dataloader_pin_memory: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Pin the batches' host memory, for copies to the accelerator that need not wait. Unset: on when "
+            "an accelerator trains (not with use_cpu), off on a CPU, where torch pins nothing and would warn at "
+            "every data loader."
+        },
+    )
+    logging_nan_inf_filter: bool = field(
+        default=False,
+        metadata={
+            "help": "The Trainer's NaN/inf filter of the logged loss. Off: on_nonfinite_loss handles non-finite "
+            "losses (a skipped step counts in the logged loss as the filter would), and the filter's check waits "
+            "for every step's backward on a GPU."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        explicit = self._apply_method_preset()
+        self._validate_stimulative_fields()
+        self._check_method_is_what_its_name_says(explicit)
+        given = self.accelerator_config
+        non_blocking_given = not (given is None or (isinstance(given, dict) and "non_blocking" not in given))
+        if self.dataloader_pin_memory is None:
+            self.dataloader_pin_memory = not self.use_cpu and accelerator_available()
+        super().__post_init__()
+        if not non_blocking_given:
+            # A blocking copy of a batch to the GPU first waits for the previous step's backward;
+            # from pinned memory (dataloader_pin_memory, off on CPUs) it can be queued instead.
+            self.accelerator_config.non_blocking = self.dataloader_pin_memory
+
+    def _apply_method_preset(self) -> dict[str, Any]:
+        """Fill the preset fields left unset; return those that were set explicitly."""
+        given = {name: getattr(self, name) for name in METHOD_PRESET_FIELDS}
+        for name, value in method_settings(self.stim_method, given).items():
+            setattr(self, name, value)
+        return {name: value for name, value in given.items() if value is not None}
+
+    def _check_method_is_what_its_name_says(self, explicit: dict[str, Any]) -> None:
+        """Refuse ``ct`` with sub-network passes; name the fields that make ``st`` / ``stpp`` differ from their preset.
+
+        A recipe pins preset fields (``num_subnets: 1``): changing only ``stim_method`` on the
+        command line would otherwise leave the pinned method running under the new name.
+        """
+        if self.stim_method == "ct" and self.uses_subnets:
+            raise ConfigError(
+                f"stim_method='ct' (common training) runs no sub-networks, but num_subnets={self.num_subnets} and "
+                f"kl_coef={self.kl_coef} (from the recipe or the command line) would train them; set num_subnets: 0 "
+                "as well, or choose stim_method st or stpp"
+            )
+        preset = METHOD_PRESETS[self.stim_method]
+        differing = {
+            name: value for name, value in explicit.items() if name in METHOD_DEFINING_FIELDS and value != preset[name]
+        }
+        if differing:
+            logger.warning(
+                "stim_method='%s' with %s set explicitly, where its preset has %s",
+                self.stim_method,
+                ", ".join(f"{name}={value!r}" for name, value in differing.items()),
+                ", ".join(f"{name}={preset[name]!r}" for name in differing),
+            )
+
+    def _validate_stimulative_fields(self) -> None:
+        def choice(name: str, valid: tuple[str, ...]) -> None:
+            value = getattr(self, name)
+            if value not in valid:
+                raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(valid)}")
+
+        def number(
+            name: str, low: float, high: float = math.inf, low_open: bool = False, integer: bool = False
+        ) -> None:
+            value = getattr(self, name)
+            kind = "an integer" if integer else "a number"
+            ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+            # A float field must be a finite float (a huge int overflows); an int field any int.
+            if isinstance(value, bool) or not ok_type or (not integer and not _finite_float(value)):
+                shown = f"{value!r}" if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
+                raise ConfigError(f"{name}={shown} must be {kind} in {_interval(low, high, low_open)}")
+            if value < low or (low_open and value == low) or value > high:
+                raise ConfigError(f"{name}={value!r} is out of range; valid: {_interval(low, high, low_open)}")
+
+        choice("kl_coef_schedule", KL_COEF_SCHEDULES)
+        choice("kl_loss", KL_LOSSES)
+        choice("logit_normalization", LOGIT_NORMALIZATIONS)
+        choice("subnet_sampling", SAMPLING_RULES)
+        choice("bn_policy", BN_POLICIES)
+        choice("backward_strategy", BACKWARD_STRATEGIES)
+        choice("on_nonfinite_loss", NONFINITE_LOSS_ACTIONS)
+        choice("on_collapse", COLLAPSE_ACTIONS)
+        number("kl_coef", 0.0)
+        number("stim_start_epoch", 0.0)
+        number("num_subnets", 0, integer=True)
+        number("kl_temperature", 0.0, low_open=True)
+        number("logit_amplitude", 0.0, low_open=True)
+        number("min_input_scale", 0.0, 1.0, low_open=True)
+        number("bn_recalibration_samples", 1, integer=True)
+        number("num_eval_subnets", 0, integer=True)
+        number("subnet_bn_recalibration_samples", 0, integer=True)
+        number("subnet_monitor_count", 0, integer=True)
+        number("subnet_monitor_every", 1, integer=True)
+        self.sample_space = parse_sample_space(self.sample_space)
+        parse_profile_steps(self.profile_steps)
+        for name in ("normalize_main_logits", "sync_batchnorm", "channels_last", "fused_optimizer"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
+        if self.ddp_find_unused_parameters and self.uses_subnets and self.backward_strategy == "summed":
+            raise ConfigError(
+                "ddp_find_unused_parameters=true breaks DDP training with sub-network passes and "
+                "backward_strategy='summed' (two forwards, one backward: 'Expected to mark a variable ready only "
+                "once'); leave it false (the full network's pass uses every parameter), or, for a model whose "
+                "forward leaves parameters unused, set backward_strategy: sequential"
+            )
+
+    @property
+    def uses_subnets(self) -> bool:
+        """Whether training runs sub-network passes at all (K > 0 and lambda > 0)."""
+        return self.num_subnets > 0 and self.kl_coef > 0
+
+
+def _finite_float(value: int | float) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _interval(low: float, high: float, low_open: bool) -> str:
+    left = "(" if low_open else "["
+    right = "]" if math.isfinite(high) else ")"
+    return f"{left}{low}, {high if math.isfinite(high) else 'inf'}{right}"
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train: a pretrained checkpoint, or a model type built from a config."""
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A local directory or hub name of a pretrained image classifier (safetensors weights)."},
+    )
+    model_type: str | None = field(
+        default=None,
+        metadata={"help": "Build a new model of this type from a config, e.g. 'cifar_resnet' or 'resnet'."},
+    )
+    model_config: dict | str | None = field(
+        default=None,
+        metadata={"help": 'Config fields for model_type (YAML mapping or JSON), e.g. {"depth": 56}.'},
+    )
+    model_revision: str = field(default="main", metadata={"help": "Hub revision (branch, tag or commit)."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache hub downloads."})
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={"help": "Allow a classifier head of another size (fine-tuning on new classes)."},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model_config, str):
+            try:
+                self.model_config = json.loads(self.model_config)
+            except json.JSONDecodeError as err:
+                raise ConfigError(
+                    f"model_config={self.model_config!r} is not valid JSON ({err.msg}); write e.g. '{{\"depth\": 56}}'"
+                ) from None
+        if self.model_config is not None and not isinstance(self.model_config, dict):
+            raise ConfigError(f"model_config={self.model_config!r} must be a mapping of config fields")
+        if (self.model_name_or_path is None) == (self.model_type is None):
+            raise ConfigError(
+                "give exactly one of model_name_or_path (a pretrained model) and model_type (a new model from a "
+                f"config); got model_name_or_path={self.model_name_or_path!r}, model_type={self.model_type!r}"
+            )

@@ -1,0 +1,809 @@
+"""The stimulative ``Trainer``: full-network cross-entropy plus KL towards sampled sub-networks."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.utils import DistributedType
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+
+from stim_hf.errors import ConfigError, ModelStructureError
+from stim_hf.method import (
+    EVAL_SUBNET_STREAM,
+    ResidualFamily,
+    ResidualStage,
+    Subnet,
+    SubnetSampler,
+    find_residual_family,
+    resize_for_subnet,
+    use_subnet,
+)
+from stim_hf.method.batchnorm import (
+    frozen_running_stats,
+    preserved_rng_state,
+    recalibrate_batchnorm,
+    recalibration_indices,
+    subnet_batchnorm_statistics,
+)
+from stim_hf.method.losses import distillation_loss, normalize_logits
+from stim_hf.training.callbacks import SubnetMonitorCallback
+from stim_hf.training.collapse import CollapseMonitorCallback
+from stim_hf.training.config import StimulativeTrainingArguments
+from stim_hf.training.model_walks import (
+    ModelWalks,
+    fast_zero_grad_once,
+    redundant_train_call_skipped,
+    remove_pending_shadows,
+)
+from stim_hf.training.optimizers import with_fused_kernel
+from stim_hf.training.pace import PaceCallback, TrainingPace
+from stim_hf.training.profiling import StepProfilerCallback, left_out_of_window, parse_profile_steps, phase
+from stim_hf.training.reliable_trainer import ReliableTrainer
+
+logger = logging.getLogger(__name__)
+
+# Logged training scalars (means over the logging interval, reduced across processes).
+_LOG_KEYS = ("ce_loss", "kl_loss", "kl_coef", "subnet_depth_fraction", "subnet_input_size")
+# Setups whose gradients are plain tensors on the process's device (not FSDP / DeepSpeed / XLA shards).
+_PLAIN_GRADS = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
+# Optimizer parameter-group keys that choose how the update runs, not what it computes.
+_KERNEL_CHOICES = ("fused", "foreach")
+# Sub-network inputs are never resized below this side, whatever min_input_scale says.
+MIN_SUBNET_INPUT_SIZE = 8
+
+
+def kl_coef_at(base: float, schedule: str, progress: float) -> float:
+    """The KL weight lambda at a training ``progress`` in [0, 1] of the stimulative phase."""
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "constant":
+        return base
+    if schedule == "cosine_up":
+        return base * (1.0 - math.cos(math.pi * progress)) / 2.0
+    if schedule == "cosine_down":
+        return base * (1.0 + math.cos(math.pi * progress)) / 2.0
+    raise ConfigError(f"kl_coef_schedule='{schedule}' is not valid; choose constant, cosine_up or cosine_down")
+
+
+@torch.no_grad()
+def average_gradients(model: nn.Module) -> None:
+    """Average the gradients of ``model`` across processes in one flat all-reduce."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch._utils._flatten_dense_tensors(grads)
+    torch.distributed.all_reduce(flat)
+    flat /= torch.distributed.get_world_size()
+    for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+        grad.copy_(reduced)
+
+
+def prepare_model(model: nn.Module, args: StimulativeTrainingArguments) -> nn.Module:
+    """Apply ``sync_batchnorm`` and ``channels_last`` before the Trainer wraps the model.
+
+    SyncBatchNorm only matters with several processes, and torch implements it for accelerators
+    only: with several CPU processes it is refused before training starts.
+    """
+    if args.sync_batchnorm and args.world_size > 1:
+        if args.use_cpu or not torch.cuda.is_available():
+            raise ConfigError(
+                "sync_batchnorm=true needs GPUs: torch has no SyncBatchNorm for CPU processes; "
+                "set sync_batchnorm: false for CPU runs"
+            )
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif args.sync_batchnorm:
+        logger.info("sync_batchnorm: a single process, so BatchNorm is left as is")
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_subnet_sampler(
+    model: nn.Module,
+    family: ResidualFamily,
+    stages: list[ResidualStage],
+    args: StimulativeTrainingArguments,
+    seed: int,
+    min_input_scale: float,
+    stream: int = 0,
+) -> SubnetSampler:
+    """The sub-network sampler of ``model`` under ``args``; ConfigError if the settings cannot work for it."""
+    if min_input_scale < 1.0 and not family.supports_smaller_inputs:
+        raise ConfigError(
+            f"min_input_scale={min_input_scale}: {type(model).__name__} ({family.name}) cannot run "
+            "on inputs smaller than its training size; set min_input_scale: 1.0 (depth sampling only)"
+        )
+    sampler = SubnetSampler(
+        stages,
+        rule=args.subnet_sampling,
+        sample_space=args.sample_space,
+        min_input_scale=min_input_scale,
+        seed=seed,
+        min_input_size=max(MIN_SUBNET_INPUT_SIZE, family.min_input_size(model) if family.min_input_size else 0),
+        stream=stream,
+    )
+    if stream == 0 and args.uses_subnets and not any(sampler.space) and min_input_scale >= 1.0:
+        raise ConfigError(
+            f"sample_space={args.sample_space!r} lets sampling drop no block of "
+            f"{type(model).__name__} (at most {[s.max_droppable(args.subnet_sampling) for s in stages]} "
+            "per stage: a stage keeps its first block and blocks that change shape), and min_input_scale=1.0 keeps "
+            "the full input size, so every sub-network would be the full network; use a deeper model, a larger "
+            "sample_space, min_input_scale < 1, or stim_method: ct"
+        )
+    return sampler
+
+
+def method_structures(
+    model: nn.Module, args: StimulativeTrainingArguments
+) -> tuple[ResidualFamily | None, list[ResidualStage] | None, SubnetSampler | None]:
+    """``model``'s residual family, stages and training sampler; the errors a misfit of model and method raises.
+
+    :class:`StimulativeTrainer` calls it when built; the training job calls it first, so that a
+    model without residual stages or a ``sample_space`` that does not fit is reported before any
+    data is loaded or decoded.
+    """
+    try:
+        family, stages = find_residual_family(model)
+    except ModelStructureError:
+        if args.uses_subnets:
+            raise
+        logger.info("no residual stages found: sub-network evaluation is disabled for this model")
+        return None, None, None
+    return family, stages, build_subnet_sampler(model, family, stages, args, args.seed, args.min_input_scale)
+
+
+class StimulativeTrainer(ReliableTrainer):
+    """A ``transformers.Trainer`` that trains a residual network stimulatively (ST / ST++).
+
+    Each training step computes the full network's cross-entropy and, for ``num_subnets``
+    sub-networks sampled from ``(seed, step)``, a KL loss from the detached full network's logits
+    to the sub-network's (each on its own randomly down-scaled copy of the batch); one backward
+    of the sum. Evaluation and prediction run the full network only. Use it like ``Trainer``,
+    with :class:`~stim_hf.training.config.StimulativeTrainingArguments` as ``args``.
+
+    ``batch_transform``, if given, finishes every batch once it is on the device (training,
+    evaluation and BatchNorm recalibration alike), e.g. the pre-decoded pipeline's
+    :class:`~stim_hf.data.device_augmentation.DeviceImageAugmentation`.
+    """
+
+    # compute_loss returns a per-micro-batch mean: the Trainer must divide it by the number of
+    # gradient accumulation steps (DESIGN.md 3: it guesses wrong for models taking **kwargs).
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        args: StimulativeTrainingArguments | None = None,
+        batch_transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        **kwargs,
+    ):
+        if args is None:
+            args = StimulativeTrainingArguments(output_dir="trainer_output")
+        if not isinstance(args, StimulativeTrainingArguments):
+            raise ConfigError(
+                f"StimulativeTrainer needs StimulativeTrainingArguments, got {type(args).__name__}; "
+                "build them with StimulativeTrainingArguments(output_dir=..., stim_method=...)"
+            )
+        model = prepare_model(model, args) if model is not None else None
+        super().__init__(model=model, args=args, **kwargs)
+        self.model_accepts_loss_kwargs = False
+        self.batch_transform = batch_transform
+        self._num_parameters: int | None = None
+        self._walks = ModelWalks()
+        self.family, self.stages, self.subnet_sampler = method_structures(self.model, args)
+        self._stim_sums: dict[str, Any] = {}
+        self._stim_count = 0
+        self._micro_step_key = (-1, 0)  # (global step, micro-batches seen in it)
+        self._bn_recalibrated_at: int | None = None
+        self._warned_no_estimation_data = False
+        self._update_steps_per_epoch: int | None = None
+        self._subnet_backward_scale: float | None = None
+        # (global step, depth fraction, input side) of every sub-network drawn since the last
+        # drain; read by monitoring callbacks (histograms), bounded so it never grows unread.
+        self.sampled_subnets: deque[tuple[int, float, int]] = deque(maxlen=100_000)
+        # Step and interval clocks since the last training log: data_wait_fraction, samples_per_second.
+        self.pace = TrainingPace()
+        self.add_callback(PaceCallback(self.pace))
+        # True while a profile_steps window is recorded: stim_hf's phase labels are on.
+        self.profiling = False
+        self.profiled_time_left_out_s = 0.0  # evaluations and checkpoints inside profiling windows
+        window = parse_profile_steps(args.profile_steps)
+        if window is not None:
+            self.add_callback(StepProfilerCallback(self, *window))
+        self.collapse_monitor = CollapseMonitorCallback(args.on_collapse)
+        self.add_callback(self.collapse_monitor)
+        if args.subnet_monitor_count and self.stages:
+            self.add_callback(SubnetMonitorCallback(self))
+
+    def call_model_init(self, trial: Any = None) -> nn.Module:
+        """``Trainer.call_model_init``, prepared like a given model, its stages and sampler found anew.
+
+        ``Trainer.train()`` builds a fresh model from ``model_init``; the sub-network passes must
+        shorten that model's blocks, not those of the model built with the trainer.
+        """
+        model = prepare_model(super().call_model_init(trial), self.args)
+        if hasattr(self, "stages"):  # called by train(), after __init__ found the first model's
+            self.family, self.stages, self.subnet_sampler = method_structures(model, self.args)
+        return model
+
+    def _build_sampler(self, seed: int, min_input_scale: float, stream: int = 0) -> SubnetSampler:
+        return build_subnet_sampler(self.model, self.family, self.stages, self.args, seed, min_input_scale, stream)
+
+    def get_batch_samples(
+        self, epoch_iterator: Iterator, num_batches: int, device: torch.device
+    ) -> tuple[list, torch.Tensor | int | None]:
+        """``Trainer.get_batch_samples``, timed: the wait for batches and the images fetched make the logged pace."""
+        self.pace.start_fetch()
+        batches: list = []
+        try:
+            with phase(self.profiling, "stim_hf/wait_for_batches"):
+                batches, num_items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            return batches, num_items
+        finally:
+            self.pace.end_fetch(sum(self._batch_size(batch) for batch in batches))
+
+    def _main_input_name(self) -> str:
+        return getattr(self.model, "main_input_name", "pixel_values")
+
+    def _batch_size(self, batch: Any) -> int:
+        values = batch.get(self._main_input_name()) if isinstance(batch, dict) else None
+        return int(values.shape[0]) if isinstance(values, torch.Tensor) and values.dim() > 0 else 0
+
+    @contextmanager
+    def _not_training_time(self, name: str) -> Iterator[None]:
+        """An evaluation or a checkpoint: left out of the logged pace and of a profiling window's time per step."""
+        started = time.perf_counter()
+        try:
+            with left_out_of_window(self, name):
+                yield
+        finally:
+            self.pace.exclude_since(started)
+
+    def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """``Trainer._prepare_inputs`` (to the device), then ``batch_transform`` if one was given."""
+        inputs = super()._prepare_inputs(inputs)
+        return self.batch_transform(inputs) if self.batch_transform is not None else inputs
+
+    # ----------------------------------------------------------------------------------------------
+    # Loss
+    # ----------------------------------------------------------------------------------------------
+
+    def set_initial_training_values(self, args: StimulativeTrainingArguments, dataloader: DataLoader) -> tuple:
+        """``Trainer.set_initial_training_values``; keeps the update steps per epoch for the lambda schedule.
+
+        Warns when ``stim_start_epoch`` leaves no stimulative phase in the run.
+        """
+        values = super().set_initial_training_values(args, dataloader)
+        self._update_steps_per_epoch = values[1]
+        epochs = values[6] / values[1]
+        if args.uses_subnets and args.stim_start_epoch >= epochs:
+            logger.warning(
+                "stim_start_epoch=%s is at or after the end of training (%.4g epochs): the whole run is common "
+                "training, without sub-networks",
+                args.stim_start_epoch,
+                epochs,
+            )
+        return values
+
+    def current_kl_coef(self) -> float:
+        """lambda at the current step: 0 before ``stim_start_epoch``, then the configured schedule.
+
+        The schedule runs from ``stim_start_epoch`` to the run's last step, ``max_steps`` or a
+        fractional ``num_train_epochs`` included.
+        """
+        args = self.args
+        epoch = self.state.epoch or 0.0
+        if not args.uses_subnets or self.subnet_sampler is None or epoch < args.stim_start_epoch:
+            return 0.0
+        # The run's length in epochs, fractional: the Trainer's num_train_epochs is rounded up.
+        steps_per_epoch = self._update_steps_per_epoch
+        total = self.state.max_steps / steps_per_epoch if steps_per_epoch else (self.state.num_train_epochs or 0)
+        span = total - args.stim_start_epoch
+        progress = (epoch - args.stim_start_epoch) / span if span > 0 else 1.0
+        return kl_coef_at(args.kl_coef, args.kl_coef_schedule, progress)
+
+    def _next_micro_step(self) -> tuple[int, int]:
+        step, seen = self._micro_step_key
+        if step != self.state.global_step:
+            step, seen = self.state.global_step, 0
+        self._micro_step_key = (step, seen + 1)
+        return step, seen
+
+    def main_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the full network (in float32), on normalised logits if configured."""
+        args = self.args
+        logits = (
+            normalize_logits(logits, args.logit_normalization, args.logit_amplitude)
+            if args.normalize_main_logits
+            else logits.float()
+        )
+        return F.cross_entropy(logits, labels, label_smoothing=args.label_smoothing_factor)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, torch.Tensor],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        """Full-network CE plus ``kl_coef(t) * sum_k KL(full || subnet_k)`` in training mode.
+
+        Outside training (evaluation, prediction) only the full network runs and its outputs
+        are returned, so predictions come from the full network alone.
+        """
+        pixel_values, labels = inputs["pixel_values"], inputs["labels"]
+        if self.args.channels_last and pixel_values.dim() == 4:
+            pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        with phase(self.profiling and model.training, "stim_hf/full_forward"):
+            outputs = model(pixel_values=pixel_values)
+            logits = outputs.logits
+            ce = self.main_loss(logits, labels)
+        if not model.training:
+            return (ce, outputs) if return_outputs else ce
+
+        step, micro_step = self._next_micro_step()
+        coef = self.current_kl_coef()
+        loss = ce
+        terms: list[tuple[str, torch.Tensor, Subnet | None]] = [("ce_loss", ce, None)]
+        kl_sum = ce.new_zeros(())
+        depth_sum = size_sum = 0.0
+        num_subnets = self.args.num_subnets if coef > 0 else 0
+        for index in range(num_subnets):
+            subnet = self.subnet_sampler.sample(step, micro_step, index, image_size=pixel_values.shape[-2])
+            with phase(self.profiling, "stim_hf/subnet_forward"):
+                kl = self.subnet_kl(model, pixel_values, logits, subnet)
+            if self._subnet_backward_scale is not None:
+                # Sequential strategy: free this sub-network's graph now; the CE's backward follows.
+                self.accelerator.backward(coef * self._subnet_backward_scale * kl)
+                kl = kl.detach()
+            kl_sum = kl_sum + kl
+            terms.append((f"kl_loss_{index}", kl, subnet))
+            size = subnet.input_size or pixel_values.shape[-2]
+            depth_sum += subnet.depth_fraction
+            size_sum += size
+            self.sampled_subnets.append((step, subnet.depth_fraction, size))
+        if num_subnets:
+            loss = loss + coef * kl_sum
+        self.note_loss_terms(step, micro_step, terms, labels)
+        self._record(ce, kl_sum / max(num_subnets, 1), coef, depth_sum, size_sum, num_subnets)
+        return (loss, outputs) if return_outputs else loss
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """``Trainer.training_step``; with ``backward_strategy='sequential'``, one backward per loss term.
+
+        Each sub-network's KL is back-propagated right after its forward (``compute_loss``), then
+        the CE through the Trainer as usual, so at most one sub-network's activations are alive.
+        Under DDP all of these backwards run without gradient synchronisation (a sub-network's
+        backward does not reach every parameter), and the gradients are averaged across processes
+        once, on the micro-batch that ends the optimizer step.
+
+        The Trainer's per-step ``model.train()`` and ``model.zero_grad()`` walks are replaced by
+        cheaper equivalents (:mod:`stim_hf.training.model_walks`).
+        """
+        # One device or DDP only: DeepSpeed's and FSDP's wrappers keep their own train() / zero_grad().
+        plain = self._plain_setup()
+        with (
+            redundant_train_call_skipped(model) if plain else nullcontext(),
+            phase(self.profiling, "stim_hf/training_step"),
+        ):
+            loss = self._forward_backward(model, inputs, num_items_in_batch)
+        # Asked after the backward: the Trainer's tensor-parallel check caches what the first gradients show.
+        parameters = self._plain_parameters(model) if plain and self.accelerator.sync_gradients else None
+        if parameters is not None:
+            fast_zero_grad_once(model, parameters)  # the Trainer's zero_grad after this optimizer step
+        return loss
+
+    def train(self, *args: Any, **kwargs: Any) -> Any:
+        """``Trainer.train``; a run that stops early (an error, a non-finite loss) leaves no step shortcut on the model."""
+        self.pace.reset()
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            for model in (self.model, self.model_wrapped):
+                if isinstance(model, nn.Module):
+                    remove_pending_shadows(model)
+
+    def _forward_backward(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], num_items_in_batch: torch.Tensor | int | None
+    ) -> torch.Tensor:
+        if self.args.backward_strategy != "sequential" or not self.args.uses_subnets:
+            return super().training_step(model, inputs, num_items_in_batch)
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            raise ConfigError("backward_strategy='sequential' supports DDP only; use 'summed' with FSDP or DeepSpeed")
+        distributed = self.accelerator.num_processes > 1 and model is not self.accelerator.unwrap_model(model)
+        self._subnet_backward_scale = 1.0 / self.current_gradient_accumulation_steps
+        try:
+            with self.accelerator.no_sync(model) if distributed else nullcontext():
+                loss = super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._subnet_backward_scale = None
+        if distributed and self.accelerator.sync_gradients:
+            average_gradients(model)
+        return loss
+
+    def subnet_kl(
+        self, model: nn.Module, pixel_values: torch.Tensor, teacher_logits: torch.Tensor, subnet: Subnet
+    ) -> torch.Tensor:
+        """Run ``subnet`` on its (resized) copy of the batch and return its KL to the teacher."""
+        args = self.args
+        resized = resize_for_subnet(pixel_values, subnet)
+        forward_kwargs = self.family.resized_forward_kwargs if resized is not pixel_values else {}
+        pixel_values = resized
+        # The layers are listed outside use_subnet, which hides the dropped blocks' layers.
+        bn_context = (
+            frozen_running_stats(self._walks.batchnorm_layers(model))
+            if args.bn_policy == "main_only"
+            else nullcontext()
+        )
+        with use_subnet(self.stages, subnet), bn_context:
+            student_logits = model(pixel_values=pixel_values, **forward_kwargs).logits
+        return distillation_loss(
+            args.kl_loss,
+            teacher_logits.detach(),
+            student_logits,
+            temperature=args.kl_temperature,
+            amplitude=args.logit_amplitude,
+            normalization=args.logit_normalization,
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # Per-step bookkeeping of the Trainer, made cheap (docs/benchmarks.md, framework overhead)
+    # ----------------------------------------------------------------------------------------------
+
+    def floating_point_ops(self, inputs: dict[str, Any]) -> int:
+        """``Trainer.floating_point_ops`` (6 x input elements x parameters) with the parameter count taken once.
+
+        The Trainer recounts the parameters, walking every module, on every step.
+        """
+        main_input = self._main_input_name()
+        if main_input not in inputs or not hasattr(self.model, "num_parameters"):
+            return 0
+        if self._num_parameters is None:
+            self._num_parameters = self.model.num_parameters(exclude_embeddings=True)
+        return 6 * inputs[main_input].numel() * self._num_parameters
+
+    @staticmethod
+    def get_optimizer_cls_and_kwargs(args: Any, model: nn.Module | None = None) -> tuple[Any, Any]:
+        """``Trainer.get_optimizer_cls_and_kwargs``, with torch's fused kernel where ``fused_optimizer`` asks for it.
+
+        One device or DDP only (FSDP and DeepSpeed build their optimizers over their own shards).
+        """
+        optimizer_cls, optimizer_kwargs = ReliableTrainer.get_optimizer_cls_and_kwargs(args, model)
+        if getattr(args, "fused_optimizer", False) and model is not None and not (args.deepspeed or args.fsdp):
+            optimizer_kwargs = with_fused_kernel(optimizer_cls, optimizer_kwargs, model.parameters())
+        return optimizer_cls, optimizer_kwargs
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """``Trainer._load_optimizer_and_scheduler``, keeping the update kernels this run chose.
+
+        A saved optimizer state carries its ``fused`` / ``foreach`` choice in each parameter group and
+        would put it back: a checkpoint from before ``fused_optimizer``, or written with another setting,
+        would silently change this run's kernels. They are an implementation choice, not training state.
+        """
+        if self.optimizer is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        built = [{key: group[key] for key in _KERNEL_CHOICES if key in group} for group in self.optimizer.param_groups]
+        super()._load_optimizer_and_scheduler(checkpoint)
+        for group, choice in zip(self.optimizer.param_groups, built, strict=True):
+            group.update(choice)
+
+    def _plain_setup(self) -> bool:
+        """One device or DDP: no FSDP, DeepSpeed or XLA wrapper owns the parameters."""
+        return not (self.is_fsdp_enabled or self.is_deepspeed_enabled) and (
+            self.accelerator.distributed_type in _PLAIN_GRADS
+        )
+
+    def _plain_parameters(self, model: nn.Module) -> list[nn.Parameter] | None:
+        """The model's parameters, listed once, where their gradients are plain tensors (one device, or DDP)."""
+        if not self._plain_setup():
+            return None
+        has_mixed_mesh = getattr(self, "_has_mixed_mesh_grads", None)
+        if has_mixed_mesh is not None and has_mixed_mesh(model):
+            return None
+        return self._walks.parameters(model)
+
+    def _clip_grad_norm(self, model: nn.Module) -> torch.Tensor:
+        """Clip to ``max_grad_norm`` as accelerate does (unscale, then torch's clip), over a parameter list kept once."""
+        parameters = self._plain_parameters(model)
+        if parameters is None:
+            return super()._clip_grad_norm(model)
+        self.accelerator.unscale_gradients()
+        return torch.nn.utils.clip_grad_norm_(parameters, self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm: torch.Tensor | float | None = None) -> Any:
+        """The gradient norm the Trainer logs; without clipping, one fused norm over the kept parameter list."""
+        parameters = self._plain_parameters(model) if grad_norm is None else None
+        if parameters is None:
+            return super()._get_grad_norm(model, grad_norm)
+        # As accelerate's clip_grad_norm_: fp16 gradients carry the GradScaler's loss scale until unscaled.
+        self.accelerator.unscale_gradients()
+        grads = [p.grad for p in parameters if p.grad is not None]
+        return torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.args.device)
+
+    # ----------------------------------------------------------------------------------------------
+    # Logging
+    # ----------------------------------------------------------------------------------------------
+
+    def _log_accumulators(self) -> Any:
+        return dict(self._stim_sums), self._stim_count
+
+    def _restore_log_accumulators(self, saved: Any) -> None:
+        if saved is not None:
+            self._stim_sums, self._stim_count = saved
+
+    def _record(
+        self,
+        ce: torch.Tensor,
+        kl: torch.Tensor,
+        coef: float,
+        depth_sum: float,
+        size_sum: float,
+        num_subnets: int,
+    ) -> None:
+        # Device tensors are summed without .item(): no host-device sync inside the step.
+        sums = self._stim_sums
+        sums["ce_loss"] = sums.get("ce_loss", 0.0) + ce.detach()
+        sums["kl_loss"] = sums.get("kl_loss", 0.0) + kl.detach()
+        sums["kl_coef"] = sums.get("kl_coef", 0.0) + coef
+        sums["subnet_depth_fraction"] = sums.get("subnet_depth_fraction", 0.0) + depth_sum
+        sums["subnet_input_size"] = sums.get("subnet_input_size", 0.0) + size_sum
+        sums["subnets"] = sums.get("subnets", 0) + num_subnets
+        self._stim_count += 1
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Add the stimulative scalars (means since the last log, across processes) to training logs.
+
+        Also the pace since the last log (:class:`~stim_hf.training.pace.TrainingPace`):
+
+        - ``samples_per_second``: training images per second, all processes together, evaluation
+          and checkpointing left out;
+        - ``data_wait_fraction``: the share of step time (from fetching a step's batches to the end
+          of its optimizer step) spent waiting for the batches, the largest over processes. Near 0
+          the data pipeline keeps up; a large value means the accelerator waits for data (more
+          ``dataloader_num_workers``, ``image_pipeline: predecoded``).
+        """
+        if "loss" in logs:
+            fraction, samples, seconds = self.pace.take_interval()
+            if self.accelerator.num_processes > 1:
+                # The most data-starved process holds the others back; images add up.
+                per_process = self.accelerator.gather(torch.tensor([[fraction, samples]], device=self.args.device))
+                fraction, samples = per_process[:, 0].max().item(), int(per_process[:, 1].sum().item())
+            logs["data_wait_fraction"] = fraction
+            if seconds > 0:
+                logs["samples_per_second"] = samples / seconds
+        if "loss" in logs and self._stim_count:
+            sums = self._stim_sums
+            device = self.args.device
+            values = torch.stack(
+                [torch.as_tensor(sums[k], dtype=torch.float32, device=device) for k in _LOG_KEYS]
+                + [
+                    torch.tensor(float(sums["subnets"]), device=device),
+                    torch.tensor(float(self._stim_count), device=device),
+                ]
+            )
+            values = self.accelerator.reduce(values, reduction="sum") if self.accelerator.num_processes > 1 else values
+            values = values.tolist()
+            steps, subnets = values[-1], values[-2]
+            logs["ce_loss"] = values[0] / steps
+            logs["kl_loss"] = values[1] / steps
+            logs["kl_coef"] = values[2] / steps
+            if subnets:
+                logs["subnet_depth_fraction"] = values[3] / subnets
+                logs["subnet_input_size"] = values[4] / subnets
+            self._stim_sums, self._stim_count = {}, 0
+        super().log(logs, start_time)
+
+    # ----------------------------------------------------------------------------------------------
+    # BatchNorm recalibration
+    # ----------------------------------------------------------------------------------------------
+
+    def recalibrate_bn(self, num_samples: int | None = None) -> int:
+        """Re-estimate the full network's BatchNorm statistics on training images.
+
+        Uses ``num_samples`` (default ``bn_recalibration_samples``) images drawn with a seed that
+        depends on the step, as many on every process, and pools the statistics over the
+        processes exactly (:func:`~stim_hf.method.batchnorm.recalibrate_batchnorm`). Random states are
+        restored afterwards so training continues unchanged.
+        """
+        if self.train_dataset is None:
+            raise ConfigError("bn_policy='recalibrate' needs a train_dataset to re-estimate BatchNorm statistics")
+        num_samples = num_samples or self.args.bn_recalibration_samples
+        model = self.accelerator.unwrap_model(self.model)
+        batches = self.bn_estimation_batches(num_samples, seed=[self.args.seed, self.state.global_step])
+        with preserved_rng_state(), self.compute_loss_context_manager():
+            seen = recalibrate_batchnorm(model, batches, batches.num_samples, all_reduce_sum=self._all_reduce_sum())
+        self._bn_recalibrated_at = self.state.global_step
+        logger.info("re-estimated BatchNorm statistics on %d images at step %d", seen, self.state.global_step)
+        return seen
+
+    def bn_estimation_batches(self, num_samples: int, seed: int | list[int]) -> _EstimationBatches:
+        """This process's share of ``num_samples`` training images drawn with ``seed``, as prepared batches.
+
+        Re-iterable, and every pass yields the same images with the same augmentation (the data
+        loader runs under a fixed seed), so each sub-network is re-estimated on the same inputs.
+        The images are dealt out equally over the processes
+        (:func:`~stim_hf.method.batchnorm.recalibration_indices`); iterate inside ``preserved_rng_state``.
+        """
+        shard = recalibration_indices(
+            len(self.train_dataset), num_samples, seed, self.args.process_index, self.args.world_size
+        )
+        return _EstimationBatches(self, shard, int(np.random.default_rng(seed).integers(2**62)))
+
+    def _all_reduce_sum(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
+        if self.accelerator.num_processes == 1:
+            return None
+        return lambda tensor: self.accelerator.reduce(tensor, reduction="sum")
+
+    def _maybe_recalibrate_bn(self) -> None:
+        if self.args.bn_policy == "recalibrate" and self._bn_recalibrated_at != self.state.global_step:
+            self.recalibrate_bn()
+
+    def evaluate(self, *args, **kwargs) -> dict[str, float]:
+        """``Trainer.evaluate`` after BatchNorm recalibration when ``bn_policy='recalibrate'``.
+
+        Its time is not training time: left out of the logged pace and of a profiling window.
+        """
+        with self._not_training_time("stim_hf/evaluate"):
+            self._maybe_recalibrate_bn()
+            return super().evaluate(*args, **kwargs)
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """``ReliableTrainer._save_checkpoint``; its time is left out of the logged pace and of a profiling window."""
+        with self._not_training_time("stim_hf/save_checkpoint"):
+            super()._save_checkpoint(model, trial)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """``Trainer.save_model`` after BatchNorm recalibration when ``bn_policy='recalibrate'``."""
+        self._maybe_recalibrate_bn()
+        super().save_model(output_dir, _internal_call)
+
+    # ----------------------------------------------------------------------------------------------
+    # Sub-network evaluation
+    # ----------------------------------------------------------------------------------------------
+
+    def fixed_subnets(self, num_subnets: int, seed: int | None = None) -> list[Subnet]:
+        """``num_subnets`` distinct sub-networks (never the full one) from the training sampling rule.
+
+        The same seed gives the same sub-networks for any checkpoint of the same architecture,
+        which makes runs (CT against ST++, epochs of one run) comparable.
+        """
+        if self.stages is None:
+            return []
+        sampler = self._build_sampler(self.args.seed if seed is None else seed, 1.0, stream=EVAL_SUBNET_STREAM)
+        return sampler.distinct_subnets(num_subnets)
+
+    @contextmanager
+    def _accuracy_metrics(self) -> Iterator[None]:
+        """Top-1 / top-5 accuracy for the predictions made inside, where the trainer was given no metrics."""
+        if self.compute_metrics is not None:
+            yield
+            return
+        from stim_hf.training.metrics import build_compute_metrics, top_k_indices
+
+        self.compute_metrics, self.preprocess_logits_for_metrics = build_compute_metrics(), top_k_indices
+        try:
+            yield
+        finally:
+            self.compute_metrics, self.preprocess_logits_for_metrics = None, None
+
+    def evaluate_subnets(
+        self,
+        eval_dataset: Dataset | None = None,
+        subnets: list[Subnet] | None = None,
+        num_subnets: int | None = None,
+        bn_recalibration_samples: int | None = None,
+    ) -> list[dict[str, Any]]:
+        """Evaluate sub-networks at full resolution, each with BatchNorm statistics re-estimated for it.
+
+        Each sub-network is scored with its BatchNorm statistics re-estimated on
+        ``bn_recalibration_samples`` training images (default ``subnet_bn_recalibration_samples``; the
+        same images for each, drawn with ``seed``; :meth:`subnet_bn_statistics`) and, beside it, with
+        the full network's statistics, the papers' measure of loafing. Returns one dict per
+        sub-network: its depths, kept blocks, depth fraction, ``accuracy``, ``top5_accuracy`` and
+        ``loss`` with re-estimated statistics, the same with the suffix ``_inherited_bn``, and
+        ``bn_recalibration_samples`` (0: the statistics are the full network's in both). The full
+        network's statistics are restored bit for bit after each sub-network.
+        """
+        if subnets is None:
+            subnets = self.fixed_subnets(self.args.num_eval_subnets if num_subnets is None else num_subnets)
+        eval_dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if bn_recalibration_samples is None:
+            bn_recalibration_samples = self.args.subnet_bn_recalibration_samples
+        batches = self._subnet_estimation_batches(bn_recalibration_samples)
+        used = batches.num_samples * self.args.world_size if batches is not None else 0
+        results = []
+        with self._accuracy_metrics():
+            for subnet in subnets:
+                with use_subnet(self.stages, subnet):
+                    inherited = self._subnet_metrics(eval_dataset)
+                own = inherited
+                if batches is not None:
+                    with self.subnet_bn_statistics(subnet, batches), use_subnet(self.stages, subnet):
+                        own = self._subnet_metrics(eval_dataset)
+                results.append(
+                    {
+                        "depths": list(subnet.depths),
+                        "kept": [list(k) for k in subnet.kept],
+                        "depth_fraction": subnet.depth_fraction,
+                        **own,
+                        **{f"{key}_inherited_bn": value for key, value in inherited.items()},
+                        "bn_recalibration_samples": used,
+                    }
+                )
+        return results
+
+    def _subnet_metrics(self, eval_dataset: Dataset) -> dict[str, float]:
+        output = self.predict(eval_dataset, metric_key_prefix="subnet")
+        metrics = {k.removeprefix("subnet_"): v for k, v in output.metrics.items()}
+        return {k: v for k, v in metrics.items() if k in ("accuracy", "top5_accuracy", "loss")}
+
+    def _subnet_estimation_batches(self, num_samples: int) -> _EstimationBatches | None:
+        """The batches sub-networks are re-estimated on (``None`` for 0, or without usable training data)."""
+        if not num_samples or self.stages is None:
+            return None
+        if self.train_dataset is None or isinstance(self.train_dataset, IterableDataset):
+            if not self._warned_no_estimation_data:
+                self._warned_no_estimation_data = True
+                logger.warning(
+                    "sub-networks are scored with the full network's BatchNorm statistics: re-estimating them "
+                    "(subnet_bn_recalibration_samples=%d) needs a map-style train_dataset; pass one to the trainer, "
+                    "or set subnet_bn_recalibration_samples=0",
+                    num_samples,
+                )
+            return None
+        return self.bn_estimation_batches(num_samples, seed=self.args.seed)
+
+    @contextmanager
+    def subnet_bn_statistics(self, subnet: Subnet | None, batches: _EstimationBatches) -> Iterator[int]:
+        """Inside the block, the model's BatchNorm statistics are re-estimated for ``subnet`` on ``batches``.
+
+        ``batches`` come from :meth:`bn_estimation_batches`; every process runs its share and the
+        statistics are pooled over the processes exactly. The estimation runs under the training's
+        autocast and leaves the random states unchanged; the full network's statistics are put back
+        bit for bit on exit. Yields the number of images this process used.
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        with ExitStack() as restore:
+            with preserved_rng_state(), self.compute_loss_context_manager():
+                seen = restore.enter_context(
+                    subnet_batchnorm_statistics(
+                        model,
+                        batches,
+                        batches.num_samples,
+                        self.stages,
+                        subnet,
+                        all_reduce_sum=self._all_reduce_sum(),
+                    )
+                )
+            yield seen
+
+
+class _EstimationBatches:
+    """The batches of :meth:`StimulativeTrainer.bn_estimation_batches`: re-read, the same, at every pass."""
+
+    def __init__(self, trainer: StimulativeTrainer, indices: list[int], seed: int) -> None:
+        self.trainer, self.indices, self.seed = trainer, indices, seed
+        self.num_samples = len(indices)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        trainer = self.trainer
+        loader = DataLoader(
+            Subset(trainer.train_dataset, self.indices),
+            batch_size=trainer.args.per_device_train_batch_size,
+            collate_fn=trainer.data_collator,
+            num_workers=trainer.args.dataloader_num_workers,
+        )
+        torch.manual_seed(self.seed)  # the augmentation, in this process and in the workers it starts
+        for batch in loader:
+            yield trainer._prepare_inputs(batch)
