@@ -9,14 +9,14 @@
 For each seed, with the CT and the ST++ ResNet-20 of that seed (same data, epochs, schedule and seed) and
 the ResNet-14 trained from scratch the same way:
 
-1. ``stim_hf.search.search_subnets`` over both ResNet-20s at once: every prefix sub-network (27 depth
+1. ``stim_hf.tools.search.search_subnets`` over both ResNet-20s at once: every prefix sub-network (27 depth
    combinations) at ``--input-sizes`` (the sizes ST++ trains on), each with its BatchNorm statistics
    re-estimated on training images, scored on 2,000 held-out **training** images (never the test split),
    under a FLOPs budget equal to the ResNet-14's FLOPs (about 68 % of the ResNet-20's). Its
    ``pareto.json`` / ``pareto.csv`` / ``pareto.png`` go to ``--report-dir/seed<N>/search``.
 2. Every sub-network on either accuracy-FLOPs front, each checkpoint's pick under the budget, and the
    ``[2, 2, 2]`` sub-network at 32 px (the ResNet-14's shape) of each, exported with
-   ``stim_hf.export.export_subnet`` (BatchNorm re-estimated on ``--recalibrate-bn`` training images) and
+   ``stim_hf.tools.export.export_subnet`` (BatchNorm re-estimated on ``--recalibrate-bn`` training images) and
    scored on the whole test split.
 3. The ResNet-14's and the ResNet-20s' full-network test top-1 from the study's own analysis
    (``result.json``: the whole test split).
@@ -72,8 +72,8 @@ def model_flops(folder: Path, size: int = 32) -> int:
     """FLOPs of one image through the saved model at ``size`` px."""
     import torch
 
-    from stim_hf.tools.export import load_checkpoint
     from stim_hf.analysis.flops import count_flops
+    from stim_hf.tools.export import load_checkpoint
 
     model = load_checkpoint(folder).eval()
     return int(count_flops(model, torch.zeros(1, 3, size, size)))
