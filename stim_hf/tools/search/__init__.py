@@ -3,10 +3,10 @@
 ``stim-hf search CKPT [CKPT ...] --budget flops=0.5 --config RECIPE.yaml --output-dir DIR`` scores
 the sub-networks of the training sampling rule (every combination of per-stage depths for the
 prefix rule, drawn ones for the subset rule) at a few input sizes, each with its own BatchNorm
-statistics (:mod:`stim_hf.scoring`), reports what each costs (FLOPs counted, parameters, latency
-measured on ``--device``: :mod:`stim_hf.costs`), the Pareto fronts of accuracy against FLOPs and
-against latency (:mod:`stim_hf.pareto`) and the most accurate sub-network under the budget;
-``--export DIR`` writes that one as a standalone model through :func:`stim_hf.export.export_subnet`.
+statistics (:mod:`stim_hf.analysis.scoring`), reports what each costs (FLOPs counted, parameters, latency
+measured on ``--device``: :mod:`stim_hf.analysis.costs`), the Pareto fronts of accuracy against FLOPs and
+against latency (:mod:`stim_hf.analysis.pareto`) and the most accurate sub-network under the budget;
+``--export DIR`` writes that one as a standalone model through :func:`stim_hf.tools.export.export_subnet`.
 
 Scores are top-1 accuracies on held-out *training* images (seeded, ``--holdout-samples``), each
 sub-network's BatchNorm statistics re-estimated on other training images (``--recalibrate-bn``);

@@ -1,4 +1,4 @@
-"""``stim-hf search``: the command line of :func:`stim_hf.search.search_subnets`."""
+"""``stim-hf search``: the command line of :func:`stim_hf.tools.search.search_subnets`."""
 
 from __future__ import annotations
 

@@ -34,7 +34,7 @@ def export_pick(
     """Export ``candidate`` with the BatchNorm statistics it was scored with, and describe the search in its card.
 
     Re-estimates the statistics of ``model`` run as the candidate, on the search's re-estimation
-    images at its input size, exports through :func:`stim_hf.export.export_subnet` and restores
+    images at its input size, exports through :func:`stim_hf.tools.export.export_subnet` and restores
     ``model``'s statistics. The card and ``export_info.json`` get the accuracy, FLOPs, parameters,
     latency, input size and depths.
     """

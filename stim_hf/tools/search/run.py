@@ -223,7 +223,7 @@ def search_subnets(
 ) -> SearchResult:
     """Search the sub-networks of ``checkpoints`` (folders or models) under ``args.budget``.
 
-    Returns a :class:`~stim_hf.search.SearchResult`. With ``args.output_dir`` it writes
+    Returns a :class:`~stim_hf.tools.search.SearchResult`. With ``args.output_dir`` it writes
     ``pareto.json``, ``pareto.csv`` and ``pareto.png`` there; with ``args.export`` it exports the
     pick (``command`` goes into its model card). Every check (budget keys, device, folders,
     families, data size, a budget below the cheapest candidate) runs before anything is written.

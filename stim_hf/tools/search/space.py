@@ -26,7 +26,7 @@ class CandidateSpace:
 
     Per stage, the prefix rule keeps the first ``n - d`` blocks for ``d = 0..space[s]``; the subset
     rule keeps any subset of the blocks that drops at most ``space[s]`` skippable ones (as
-    :class:`~stim_hf.subnets.SubnetSampler` draws them in training).
+    :class:`~stim_hf.method.SubnetSampler` draws them in training).
     """
 
     def __init__(
