@@ -48,7 +48,9 @@ def _env() -> dict[str, str]:
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
         HF_EVALUATE_OFFLINE="1",
-        OMP_NUM_THREADS="1",  # the same kernels in every run, and two runs side by side on 2 cores
+        # The thread count of this process (1 unless OMP_NUM_THREADS says otherwise, tests/conftest.py), which runs
+        # the reference and the resumed run: the same floating-point path in every run of the test.
+        OMP_NUM_THREADS=str(torch.get_num_threads()),
         PYTHONUNBUFFERED="1",
     )
 
@@ -84,7 +86,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, caplog, monkeypatc
     watcher = threading.Thread(target=_kill_after, args=(victim, run_dir / "checkpoint-4"), daemon=True)
     watcher.start()
     try:
-        # Meanwhile, the uninterrupted reference run, in this process (one thread, like the others).
+        # Meanwhile, the uninterrupted reference run, in this process (as many threads as the others).
         train_main([QUICKSTART, *reduced, "--output_dir", str(reference_dir)])
         watcher.join(timeout=240)
         status = victim.wait(timeout=60)
@@ -102,7 +104,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_exact(tmp_path, caplog, monkeypatc
     (half_written / "model.safetensors").unlink()
     (half_written / MANIFEST_NAME).unlink()
 
-    # `stim-hf train`, in this process (saves a third interpreter start-up; one thread, like the others).
+    # `stim-hf train`, in this process (saves a third interpreter start-up; as many threads as the others).
     with caplog.at_level(logging.INFO, logger="stim_hf"):
         status = cli.main(
             ["train", QUICKSTART, *reduced, "--output_dir", str(run_dir), "--resume_from_checkpoint", "true"]

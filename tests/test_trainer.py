@@ -541,7 +541,10 @@ class _TensorDataset(torch.utils.data.Dataset):
 
 
 def test_data_wait_fraction_shows_a_pipeline_that_cannot_keep_up(tmp_path, tiny_cifar_resnet):
-    """Logged with every training loss: near 0 with pre-made tensors, near 1 when every sample takes 10 ms."""
+    """Logged with every training loss: near 0 with pre-made tensors, near 1 when every sample takes 30 ms.
+
+    30 ms per sample (240 ms per batch) outweighs a tiny model's step by far even on a loaded machine
+    with more threads than cores, where 10 ms per sample gave 0.5-0.6 once."""
 
     def fractions(dataset) -> list[float]:
         args = StimulativeTrainingArguments(
@@ -552,10 +555,11 @@ def test_data_wait_fraction_shows_a_pipeline_that_cannot_keep_up(tmp_path, tiny_
         trainer.train()
         return [entry["data_wait_fraction"] for entry in trainer.state.log_history if "loss" in entry]
 
-    fast, slow = fractions(_TensorDataset(64)), fractions(_TensorDataset(64, seconds=0.01))
+    fast, slow = fractions(_TensorDataset(64)), fractions(_TensorDataset(64, seconds=0.03))
     assert len(fast) == len(slow) == 2
     assert all(0 <= f < 0.3 for f in fast), fast
     assert all(f > 0.6 for f in slow), slow
+    assert min(slow) > max(fast) + 0.3, (fast, slow)
 
 
 def _pace_logs(tmp_path, model, train, evaluation=None, **kwargs) -> list[dict]:
