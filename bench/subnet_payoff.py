@@ -189,7 +189,8 @@ def _mean_std(values: list[float]) -> str:
 def report_markdown(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
     """Per-seed and aggregate tables."""
     lines = [
-        "Test top-1 (%) on the whole CIFAR-10 test split; sub-networks with BatchNorm statistics re-estimated on "
+        f"Test top-1 (%) on {f'{args.test_samples} CIFAR-10 test images' if args.test_samples else 'the whole CIFAR-10 test split'} "
+        "(the ResNet-14's and the full networks': the whole split); sub-networks with BatchNorm statistics re-estimated on "
         f"{args.recalibrate_bn} training images; picks chosen on 2,000 held-out training images under the ResNet-14's "
         "FLOPs.",
         "",
