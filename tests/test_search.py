@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from stim_hf.analysis.flops import count_flops
 from stim_hf.analysis.pareto import pareto_front, pareto_layers
 from stim_hf.analysis.scoring import ScoreBatches, reestimate_batchnorm, score_subnets, tree_support
 from stim_hf.cli import main as cli_main
+from stim_hf.data.builtin_datasets import load_builtin_dataset
 from stim_hf.data.image_datasets import DataArguments
 from stim_hf.errors import ConfigError
 from stim_hf.method import find_residual_family, find_residual_stages, use_subnet
@@ -318,3 +320,48 @@ def test_bad_input_is_one_line_naming_the_fix_and_writes_nothing(case, checkpoin
     assert (
         (not out.exists()) if case != "output folder exists" else sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Only the data a search uses
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def validation_parquet(tmp_path_factory):
+    """200 digits as a parquet file: validation data without any training source."""
+    path = tmp_path_factory.mktemp("search") / "validation.parquet"
+    load_builtin_dataset("sklearn:digits")["train"].select(range(200)).to_parquet(str(path))
+    return str(path)
+
+
+NEEDS_TRAINING_DATA = {
+    "held-out training images (the default)": ([], r"scores on held-out training images .*no training data was given; "
+                                                   r"add --train_file.*--score-split validation --recalibrate-bn 0$"),
+    "re-estimation": (["--score-split", "validation", "--recalibrate-bn", "64"],
+                      r"--recalibrate-bn 64 re-estimates BatchNorm statistics on training images, but no training "
+                      r"data was given; add --train_file.*or pass --recalibrate-bn 0"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(NEEDS_TRAINING_DATA))
+def test_training_data_is_asked_for_only_where_the_search_uses_it(case, checkpoint, validation_parquet, tmp_path,
+                                                                   capsys):  # fmt: skip
+    extra, message = NEEDS_TRAINING_DATA[case]
+    argv = ["search", checkpoint, "--validation_file", validation_parquet, "--image_size", "16",
+            "--output-dir", str(tmp_path / "out"), "--latency", "none", "--progress", "false", *extra]  # fmt: skip
+    assert cli_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("stim-hf: error: "), err
+    assert re.search(message, err), err
+    assert not (tmp_path / "out").exists()
+
+
+def test_validation_data_alone_is_enough_to_search_on_the_validation_split(checkpoint, validation_parquet, tmp_path):
+    argv = ["search", checkpoint, "--validation_file", validation_parquet, "--image_size", "16", "--input-sizes", "16",
+            "--score-split", "validation", "--recalibrate-bn", "0", "--holdout-samples", "150",
+            "--output-dir", str(tmp_path / "out"), "--latency", "none", "--progress", "false"]  # fmt: skip
+    assert cli_main(argv) == 0
+    report = json.loads((tmp_path / "out" / "pareto.json").read_text())
+    assert report["settings"]["scored_on"] == "150 images of the validation split (--score-split validation)"
+    assert len(report["checkpoints"][0]["pareto_flops"]) >= 1

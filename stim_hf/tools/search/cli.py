@@ -9,7 +9,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from stim_hf.data.image_datasets import DataArguments
+from stim_hf.data.image_datasets import DataArguments, EvaluationDataArguments
 from stim_hf.tools.loafing import recipe_sampling
 from stim_hf.tools.search.arguments import DEFAULT_METHOD, SearchArguments
 from stim_hf.tools.search.results import REPORT_FILES, SearchResult
@@ -29,8 +29,12 @@ _RECIPE_KEYS = {
 
 
 def build_parser() -> SubcommandArgumentParser:
-    """The ``stim-hf search`` parser: checkpoints, :class:`SearchArguments` and :class:`DataArguments`."""
-    parser = SubcommandArgumentParser((SearchArguments, DataArguments), prog="stim-hf search")
+    """The ``stim-hf search`` parser: checkpoints, :class:`SearchArguments` and :class:`EvaluationDataArguments`.
+
+    Training data are optional on the command line: they are needed only to score on held-out
+    training images or to re-estimate BatchNorm statistics, which :func:`search_subnets` checks.
+    """
+    parser = SubcommandArgumentParser((SearchArguments, EvaluationDataArguments), prog="stim-hf search")
     parser.add_argument("checkpoints", nargs="+", metavar="CKPT", help="Model directories to search.")
     return parser
 

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from stim_hf.analysis.costs import CostModel, measure_latency, resolve_device
+from stim_hf.analysis.evaluation import TRAINING_SOURCE_FLAGS
 from stim_hf.analysis.pareto import pareto_front, pareto_layers
 from stim_hf.analysis.scoring import ScoreBatches, score_subnets, tree_support
 from stim_hf.data.image_datasets import DataArguments, get_label_names, load_image_datasets
@@ -92,17 +93,19 @@ class SearchImages:
 
     def __init__(self, data_args: DataArguments, args: SearchArguments, device: torch.device) -> None:
         splits = load_image_datasets(data_args, seed=args.seed)
-        self.label_names = get_label_names(splits["train"], data_args.label_column_name)
-        train = splits["train"]
+        train = splits.get("train")  # None: validation data only (check_search_data)
+        self.label_names = get_label_names(
+            train if train is not None else splits["validation"], data_args.label_column_name
+        )
         on_train = args.score_split == "train"
         needed = args.recalibrate_bn + (args.holdout_samples if on_train else 0)
-        if needed > len(train):
+        if needed and needed > len(train):
             held = f"--holdout-samples {args.holdout_samples} plus " if on_train else ""
             raise ConfigError(
                 f"{held}--recalibrate-bn {args.recalibrate_bn} need {needed:,} training images, but the training "
                 f"data has {len(train):,}; lower --holdout-samples or --recalibrate-bn so they fit"
             )
-        order = np.random.default_rng(args.seed).permutation(len(train)).tolist()
+        order = np.random.default_rng(args.seed).permutation(len(train)).tolist() if train is not None else []
         if on_train:
             scored, rows = train, order[args.recalibrate_bn : needed]
             self.scored_from = f"{len(rows):,} held-out training images (seed {args.seed})"
@@ -237,6 +240,7 @@ def search_subnets(
     if len(labels) != len(checkpoints):
         raise ConfigError(f"--labels gives {len(labels)} names for {len(checkpoints)} checkpoints; give one each")
     device = resolve_device(args.device)
+    check_search_data(data_args, args)
     for folder, flag in ((args.output_dir, "--output-dir"), (args.export, "--export")):
         if folder is not None:
             check_new_folder(folder, flag, args.overwrite)
@@ -268,6 +272,28 @@ def search_subnets(
     if args.output_dir is not None:
         result.write(args.output_dir)
     return result
+
+
+def check_search_data(data_args: DataArguments, args: SearchArguments) -> None:
+    """Refuse a search whose images are not there: training images are needed to score on held-out ones
+    (``score_split="train"``) or to re-estimate BatchNorm statistics, validation images for ``"validation"``."""
+    has_validation = data_args.validation_file is not None or data_args.validation_dir is not None
+    if data_args.has_training_source:
+        return
+    if args.score_split == "train":
+        raise ConfigError(
+            "the search scores on held-out training images (--score-split train, the default), but no training "
+            f"data was given; add {TRAINING_SOURCE_FLAGS}, or score on the validation split with "
+            "--score-split validation --recalibrate-bn 0"
+        )
+    if args.recalibrate_bn:
+        raise ConfigError(
+            f"--recalibrate-bn {args.recalibrate_bn} re-estimates BatchNorm statistics on training images, but no "
+            f"training data was given; add {TRAINING_SOURCE_FLAGS}, or pass --recalibrate-bn 0 to keep the full "
+            "network's statistics"
+        )
+    if not has_validation:
+        raise ConfigError("no data was given; add --validation_file or --validation_dir (and training data)")
 
 
 def _same(a: str | os.PathLike, b: str | os.PathLike) -> bool:
