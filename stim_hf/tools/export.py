@@ -40,7 +40,7 @@ from stim_hf.data.transforms import build_image_processor, with_image_transforms
 from stim_hf.errors import ConfigError, ModelStructureError
 from stim_hf.method import ResidualFamily, ResidualStage, Subnet, find_residual_family, subnet_from_depths
 from stim_hf.method.batchnorm import batchnorm_layers, recalibrate_batchnorm
-from stim_hf.training.checkpointing import MANIFEST_NAME, TRAINER_STATE_NAME
+from stim_hf.tools.output_folders import check_new_folder
 from stim_hf.training.modeling import load_saved_classifier
 from stim_hf.training.parser import SubcommandArgumentParser, load_recipe
 
@@ -54,9 +54,6 @@ _DATA_SOURCE_FIELDS = ("dataset_name", "train_dir", "train_file", "validation_fi
 MIN_INPUT_SIZE = 8
 # Files that make a folder a training checkpoint (resumable): stim_hf's manifest, or the
 # Trainer's state and optimizer state together (checkpoints written by other tools).
-_CHECKPOINT_MARKERS = ((MANIFEST_NAME,), (TRAINER_STATE_NAME, "optimizer.pt"))
-
-
 # --------------------------------------------------------------------------------------------------
 # Building the shallower model
 # --------------------------------------------------------------------------------------------------
@@ -207,30 +204,8 @@ def dropped_parameter_count(stages: Sequence[ResidualStage], subnet: Subnet) -> 
 
 
 def check_output_dir(output_dir: str | os.PathLike, overwrite: bool = False) -> None:
-    """Refuse an export folder whose contents would be lost: :class:`ConfigError` with the fix.
-
-    A missing or empty folder is fine; a non-empty one needs ``overwrite``; a training checkpoint
-    (it holds ``stim_hf_checkpoint.json``, or ``trainer_state.json`` and ``optimizer.pt``) is never
-    overwritten, as it could no longer be resumed.
-    """
-    path = Path(output_dir)
-    if not path.exists():
-        return
-    if not path.is_dir():
-        raise ConfigError(f"the output directory '{output_dir}' is a file; give a new folder as --output")
-    entries = set(os.listdir(path))
-    marker = next((names for names in _CHECKPOINT_MARKERS if entries.issuperset(names)), None)
-    if marker is not None:
-        raise ConfigError(
-            f"the output directory '{output_dir}' is a training checkpoint (it has {' and '.join(marker)}), which "
-            "export never overwrites, not even with --overwrite (its model would no longer match its optimizer "
-            "state, so it could not be resumed); give a new folder as --output"
-        )
-    if entries and not overwrite:
-        raise ConfigError(
-            f"the output directory '{output_dir}' already exists and is not empty; give a new folder as --output, "
-            "or pass --overwrite (overwrite=True in Python) to replace the model in it"
-        )
+    """Refuse an export folder whose contents would be lost (:func:`~stim_hf.tools.output_folders.check_new_folder`)."""
+    check_new_folder(output_dir, "--output", overwrite, replaced="the model in it")
 
 
 def export_subnet(

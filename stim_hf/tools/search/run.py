@@ -28,11 +28,11 @@ from stim_hf.errors import ConfigError, DataError, ModelStructureError
 from stim_hf.method import ResidualFamily, ResidualStage, Subnet, find_residual_family, resize_for_subnet
 from stim_hf.method.batchnorm import preserved_rng_state
 from stim_hf.tools.loafing import checkpoint_labels, load_checkpoint
+from stim_hf.tools.output_folders import check_new_folder
 from stim_hf.tools.search.arguments import SearchArguments, subset_export_error, training_sampling
 from stim_hf.tools.search.budget import format_count
 from stim_hf.tools.search.results import Candidate, CheckpointSearch, SearchResult
 from stim_hf.tools.search.space import CandidateSpace, default_input_sizes, evolve
-from stim_hf.training.checkpointing import MANIFEST_NAME, TRAINER_STATE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -40,23 +40,6 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------------------------------
 # Checks before anything is computed
 # --------------------------------------------------------------------------------------------------
-
-
-def check_new_folder(path: str | os.PathLike, flag: str, overwrite: bool) -> None:
-    """Refuse a folder whose contents would be replaced: a file, a non-empty folder without ``overwrite``, a checkpoint."""
-    folder = Path(path)
-    if not folder.exists():
-        return
-    if not folder.is_dir():
-        raise ConfigError(f"{flag} '{path}' is a file; give a new folder as {flag}")
-    entries = set(os.listdir(folder))
-    if MANIFEST_NAME in entries or {TRAINER_STATE_NAME, "optimizer.pt"} <= entries:
-        raise ConfigError(f"{flag} '{path}' is a training checkpoint, never written into; give a new folder as {flag}")
-    if entries and not overwrite:
-        raise ConfigError(
-            f"{flag} '{path}' already exists and is not empty; give a new folder as {flag}, or pass --overwrite "
-            "(overwrite=True in Python) to replace what the search writes there"
-        )
 
 
 def check_exportable(model: nn.Module, family: ResidualFamily, stages: Sequence[ResidualStage], path: str) -> None:
@@ -243,7 +226,7 @@ def search_subnets(
     check_search_data(data_args, args)
     for folder, flag in ((args.output_dir, "--output-dir"), (args.export, "--export")):
         if folder is not None:
-            check_new_folder(folder, flag, args.overwrite)
+            check_new_folder(folder, flag, args.overwrite, replaced="what the search writes there")
             if any(isinstance(c, (str, os.PathLike)) and _same(folder, c) for c in checkpoints):
                 raise ConfigError(f"{flag} '{folder}' is one of the checkpoints; give another folder")
     if args.output_dir is not None and args.export is not None and _same(args.output_dir, args.export):
