@@ -571,11 +571,13 @@ def _pace_logs(tmp_path, model, train, evaluation=None, **kwargs) -> list[dict]:
 
 
 def test_samples_per_second_is_logged_with_every_training_loss_and_bounded_by_the_data(tmp_path, tiny_cifar_resnet):
-    """Images per second of each logging interval; 10 ms per sample in the training process caps it at 100."""
+    """Images per second of each logging interval; 50 ms per sample in the training process caps it at 20.
+
+    (10 ms, a cap of 100, was too close: with 2 threads on a loaded machine the fast run gave 39.)"""
     fast = _pace_logs(tmp_path, tiny_cifar_resnet(), _TensorDataset(64))
-    slow = _pace_logs(tmp_path, tiny_cifar_resnet(), _TensorDataset(64, seconds=0.01))
+    slow = _pace_logs(tmp_path, tiny_cifar_resnet(), _TensorDataset(64, seconds=0.05))
     assert len(fast) == len(slow) == 3
-    assert all(0 < entry["samples_per_second"] <= 100 for entry in slow), slow
+    assert all(0 < entry["samples_per_second"] <= 20 for entry in slow), slow
     assert min(e["samples_per_second"] for e in fast) > max(e["samples_per_second"] for e in slow), (fast, slow)
 
 
@@ -600,8 +602,9 @@ def test_samples_per_second_leaves_evaluation_out(tmp_path, tiny_cifar_resnet):
         eval_strategy="steps", eval_steps=1,
     )  # fmt: skip
     assert len(logs) == 3
-    # Counted, two steps of 8 images per interval would take over 3.2 s: below 5 images/s.
-    assert all(entry["samples_per_second"] > 40 for entry in logs), logs
+    # Counted, two steps of 8 images per interval would take over 3.2 s: below 5 images/s. Left out, a loaded
+    # machine with more threads than cores still gave the tiny model 39 images/s or more.
+    assert all(entry["samples_per_second"] > 10 for entry in logs), logs
 
 
 @pytest.mark.skipif(accelerator_available(), reason="pinning is right with an accelerator")
