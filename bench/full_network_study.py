@@ -254,6 +254,23 @@ def _environment(threads: int) -> dict[str, str]:
     return env
 
 
+def check_environment(args: argparse.Namespace) -> None:
+    """Exit naming the fix when the runs' interpreter cannot import stim_hf (every run would fail at once)."""
+    probe = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"), "--help"],  # the runs' own entry point and sys.path
+        cwd=REPO,
+        env=_environment(args.threads),
+        capture_output=True,
+        text=True,
+    )
+    if probe.returncode != 0:
+        last = (probe.stderr.strip().splitlines() or ["(no output)"])[-1]
+        sys.exit(
+            f"the training runs cannot import stim_hf with {sys.executable} ({last}); install this checkout "
+            f"(pip install -e {REPO}) and run the study again: nothing was started"
+        )
+
+
 def train_and_analyze(run: Run, args: argparse.Namespace) -> dict[str, Any] | None:
     """Train ``run`` (resuming it if it has a checkpoint), analyse it, and write its ``result.json``."""
     output_dir = args.out / run.name
@@ -510,6 +527,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {run.key(): carried[run.key()] for run in runs if run.key() in carried}
     pending = [run for run in runs if run.key() not in results]
     if not args.report_only and pending:
+        check_environment(args)
         print(f"{len(results)} runs finished before, {len(pending)} to train or resume", flush=True)
         lock = threading.Lock()
 
