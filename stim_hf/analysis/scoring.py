@@ -34,7 +34,13 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from stim_hf.method import ResidualStage, Subnet, use_subnet
-from stim_hf.method.batchnorm import batchnorm_layers, batchnorm_state, estimating_batchnorm, restore_batchnorm_state
+from stim_hf.method.batchnorm import (
+    batchnorm_layers,
+    batchnorm_state,
+    estimating_batchnorm,
+    recalibrate_batchnorm,
+    restore_batchnorm_state,
+)
 
 SHARING_MODES = ("tree", "naive")
 
@@ -59,12 +65,10 @@ def reestimate_batchnorm(
     in eval mode; returns the number of images used.
     """
     model.eval()
-    seen = 0
-    with _maybe_subnet(stages, subnet), estimating_batchnorm(batchnorm_layers(model)):
-        for pixel_values in batches:
-            model(pixel_values=pixel_values, **(forward_kwargs or {}))
-            seen += pixel_values.shape[0]
-    return seen
+    with _maybe_subnet(stages, subnet):
+        return recalibrate_batchnorm(
+            model, ({"pixel_values": x} for x in batches), sum(x.shape[0] for x in batches), None, forward_kwargs
+        )
 
 
 # --------------------------------------------------------------------------------------------------
