@@ -35,7 +35,9 @@ it trains (``on_collapse``, stim_hf/training/collapse.py) and marked ``collapsed
 ``--report-dir`` (default ``docs/measurements/full_network_study/<plan>``) receives ``results.json``
 (one entry per finished run: method, kl_coef, kl_loss, intro, seed, epochs, train_samples, depth,
 full_top1, subnet_top1_recalibrated, subnet_top1_inherited, collapsed, ...), ``results.md`` (mean ±
-std per setting, paired difference against CT seed by seed) and ``learning_curves.png``.
+std per setting, paired difference against CT seed by seed) and ``learning_curves.png``; at the
+default place, ``docs/measurements/full_network_study/results.json`` then lists the finished runs of
+every plan, each with its ``plan``.
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "data" / "cifar10"
+MEASUREMENTS = REPO / "docs" / "measurements" / "full_network_study"
 BATCH_SIZE = 128
 
 
@@ -466,6 +469,14 @@ def write_report(results: list[dict[str, Any]], report_dir: Path, plan: str) -> 
     print(report_markdown(results, plan), flush=True)
 
 
+def write_combined_results(measurements: Path) -> None:
+    """``results.json`` beside the plans' folders: every finished run of every plan, each with its ``plan``."""
+    combined = []
+    for path in sorted(measurements.glob("*/results.json")):
+        combined += [{"plan": path.parent.name, **r} for r in json.loads(path.read_text())]
+    (measurements / "results.json").write_text(json.dumps(combined, indent=2) + "\n")
+
+
 def carried_results(report_dir: Path) -> dict[tuple, dict[str, Any]]:
     """Finished runs recorded in ``report_dir/results.json`` (e.g. committed by an earlier session)."""
     path = report_dir / "results.json"
@@ -509,7 +520,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--analyze-run", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.out = args.out.expanduser().resolve()
-    args.report_dir = (args.report_dir or REPO / "docs" / "measurements" / "full_network_study" / args.plan).resolve()
+    args.report_dir = (args.report_dir or MEASUREMENTS / args.plan).resolve()
     return args
 
 
@@ -519,12 +530,24 @@ def main(argv: list[str] | None = None) -> None:
     if args.analyze_run is not None:
         analyze_run(args.analyze_run, args)
         return
-    runs = plan_runs(args.plan)
+    plan = plan_runs(args.plan)
+    carried = carried_results(args.report_dir)
+    # The report covers every finished run of the plan, also those an --only call does not train.
+    results = {run.key(): carried[run.key()] for run in plan if run.key() in carried}
+    for run in plan:
+        path = args.out / run.name / "result.json"
+        if run.key() not in results and path.exists():
+            results[run.key()] = json.loads(path.read_text())
+    runs = plan
     if args.only:
         wanted = set(args.only.split(","))
-        runs = [run for run in runs if run.name in wanted]
-    carried = carried_results(args.report_dir)
-    results = {run.key(): carried[run.key()] for run in runs if run.key() in carried}
+        unknown = wanted - {run.name for run in plan}
+        if unknown:
+            sys.exit(
+                f"--only {','.join(sorted(unknown))}: not a run of plan {args.plan!r}; its runs are "
+                f"{', '.join(run.name for run in plan)}"
+            )
+        runs = [run for run in plan if run.name in wanted]
     pending = [run for run in runs if run.key() not in results]
     if not args.report_only and pending:
         check_environment(args)
@@ -540,11 +563,9 @@ def main(argv: list[str] | None = None) -> None:
 
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
             list(pool.map(work, pending))
-    for run in pending:
-        path = args.out / run.name / "result.json"
-        if run.key() not in results and path.exists():
-            results[run.key()] = json.loads(path.read_text())
     write_report(list(results.values()), args.report_dir, args.plan)
+    if args.report_dir.parent == MEASUREMENTS:
+        write_combined_results(MEASUREMENTS)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,36 @@ def test_results_carried_in_the_report_are_not_trained_again(tmp_path, capsys):
     assert (report_dir / "learning_curves.png").stat().st_size > 0
 
 
+def _finished_record(study, run, full_top1: float) -> dict:
+    record = {**study.run_fields(run), "full_top1": full_top1, "subnet_top1_recalibrated": 40.0}
+    record |= {"subnet_top1_inherited": 20.0, "collapsed": False, "curve_eval_top1": [[1.0, 30.0]]}
+    return record | {"curve_train_ce": [[1.0, 2.0]], "wall_minutes": 1.0, "images_per_second": 100.0}
+
+
+def test_a_partial_call_reports_every_finished_run_and_the_combined_list(tmp_path, monkeypatch):
+    # An --only call (one queue of a study split over processes) must not shrink the plan's report to
+    # its own runs; the default place also gets every plan's runs in one list, each with its plan.
+    study = load_study()
+    monkeypatch.setattr(study, "MEASUREMENTS", tmp_path / "measurements")
+    first, second = study.plan_runs("pilot")[:2]
+    (tmp_path / "runs" / first.name).mkdir(parents=True)
+    (tmp_path / "runs" / first.name / "result.json").write_text(json.dumps(_finished_record(study, first, 50.0)))
+    report_dir = tmp_path / "measurements" / "pilot"
+    report_dir.mkdir(parents=True)
+    (report_dir / "results.json").write_text(json.dumps([_finished_record(study, second, 45.0)]))
+    (tmp_path / "measurements" / "r14").mkdir()
+    (tmp_path / "measurements" / "r14" / "results.json").write_text(json.dumps([{"name": "ct_seed1"}]))
+    argv = ["--plan", "pilot", "--out", str(tmp_path / "runs"), "--report-dir", str(report_dir)]
+    study.main([*argv, "--only", second.name, "--report-only"])
+    assert {r["name"] for r in json.loads((report_dir / "results.json").read_text())} == {first.name, second.name}
+    combined = json.loads((tmp_path / "measurements" / "results.json").read_text())
+    assert sorted((r["plan"], r["name"]) for r in combined) == sorted(
+        [("pilot", first.name), ("pilot", second.name), ("r14", "ct_seed1")]
+    )
+    with pytest.raises(SystemExit, match="ct_seed9: not a run of plan 'pilot'"):
+        study.main([*argv, "--only", "ct_seed9", "--report-only"])
+
+
 @pytest.mark.skipif(not (CIFAR10_DIR / "train.parquet").is_file(), reason="shared CIFAR-10 parquet files not present")
 def test_a_tiny_study_trains_analyses_and_reports(tmp_path):
     study = load_study()
