@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from transformers import AutoModelForImageClassification
 
 from stim_hf.analysis.costs import CostModel
 from stim_hf.analysis.flops import count_flops
-from stim_hf.analysis.pareto import pareto_front, pareto_layers
+from stim_hf.analysis.pareto import near_front, pareto_front, pareto_layers
 from stim_hf.analysis.scoring import ScoreBatches, reestimate_batchnorm, score_subnets, tree_support
 from stim_hf.cli import main as cli_main
 from stim_hf.data.builtin_datasets import load_builtin_dataset
@@ -55,6 +56,24 @@ def test_pareto_front_of_a_synthetic_table():
     # Whole layers until at least the count: the front (5 points), then the next layer (2, 4).
     assert pareto_layers(costs, accuracies, 5) == [7, 0, 1, 5, 3]
     assert sorted(pareto_layers(costs, accuracies, 6)) == [0, 1, 2, 3, 4, 5, 7]
+
+
+def test_near_front_judges_a_lead_by_the_paired_standard_error():
+    # 400 images. A (cost 1) gets 0..199 right; B (cost 2) those and 200..219 (55 %); C (cost 3) is B
+    # with 6 of its images wrong (53.5 %, behind B on the same images: 2.5 paired standard errors);
+    # D (cost 4) is 53 % on other images (100..311): 2 points behind B, but only 0.6 standard errors
+    # of a difference that noisy. E has no cost.
+    def right(*ranges):
+        hits = torch.zeros(400, dtype=torch.bool)
+        for start, stop in ranges:
+            hits[start:stop] = True
+        return hits
+
+    hits = [right((0, 200)), right((0, 220)), right((6, 220)), right((100, 312)), right((0, 400))]
+    costs = [1.0, 2.0, 3.0, 4.0, None]
+    assert near_front(costs, hits, 2.0) == [0, 1, 3]
+    assert near_front(costs, hits, 0.0) == [0, 1]  # the front
+    assert near_front(costs, hits, 3.0) == [0, 1, 2, 3]
 
 
 def test_budget_parsing():
@@ -168,7 +187,11 @@ def test_every_exportable_family_is_searched(name):
 
 
 def test_budget_is_respected_and_the_pick_is_the_best_under_it(checkpoint, tmp_path):
-    args = SearchArguments(input_sizes="8,12,16", budget="flops=0.45,params=35K", **{**QUICK, "output_dir": tmp_path})
+    # The Pareto layers alone (halving_margin 0): on 6 images no lead is significant, so the default
+    # margin would keep every candidate to the last round (checked at the end).
+    args = SearchArguments(
+        input_sizes="8,12,16", budget="flops=0.45,params=35K", halving_margin=0.0, **{**QUICK, "output_dir": tmp_path}
+    )
     result = search_subnets([checkpoint], digits(), args)
     (searched,) = result.checkpoints
     limit_flops = 0.45 * searched.full_flops
@@ -188,6 +211,10 @@ def test_budget_is_respected_and_the_pick_is_the_best_under_it(checkpoint, tmp_p
     assert report["pick"]["depths"] == list(searched.pick.depths)
     rows = (tmp_path / "pareto.csv").read_text().splitlines()
     assert len(rows) == 1 + len(searched.candidates) and (tmp_path / "pareto.png").stat().st_size > 0
+    # The margin only adds survivors: all that reached the last round above reach it again.
+    wide = search_subnets([checkpoint], digits(), replace(args, halving_margin=2.0, output_dir=None)).checkpoints[0]
+    last = {c.subnet for c in wide.candidates if c.scored_images == 96}
+    assert {c.subnet for c in final} <= last and len(last) > len(final)
 
 
 def test_exported_pick_has_the_logits_of_the_subnet_inside_the_model(checkpoint, tmp_path):
@@ -365,3 +392,15 @@ def test_validation_data_alone_is_enough_to_search_on_the_validation_split(check
     report = json.loads((tmp_path / "out" / "pareto.json").read_text())
     assert report["settings"]["scored_on"] == "150 images of the validation split (--score-split validation)"
     assert len(report["checkpoints"][0]["pareto_flops"]) >= 1
+
+
+def test_early_halving_rounds_score_a_uniform_sample_of_a_class_sorted_file(tmp_path):
+    # CIFAR-10's parquet files are sorted by class. Held-out images kept in the file's order gave
+    # round 1 of successive halving (the first 1/16) a single class, and its pick missed the
+    # exhaustive one by 1.7 points on a ResNet-56 (docs/search.md, "Speed").
+    path = tmp_path / "sorted.parquet"
+    load_builtin_dataset("sklearn:digits")["train"].sort("label").to_parquet(str(path))
+    data = DataArguments(train_file=str(path), image_size=16)
+    images = SearchImages(data, SearchArguments(**{**QUICK, "holdout_samples": 640}), torch.device("cpu"))
+    first = torch.cat(images.at(16).head(40, 0).labels)  # round 1's share of 640: 1/16
+    assert len(first) == 40 and len(first.unique()) >= 6

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
@@ -49,6 +50,38 @@ def pareto_layers(costs: Sequence[float | None], accuracies: Sequence[float], co
         kept += layer
         taken = set(layer)
         remaining = [i for i in remaining if i not in taken]
+    return kept
+
+
+def near_front(costs: Sequence[float | None], hits: Sequence[torch.Tensor], margin: float) -> list[int]:
+    """Points that no point of lower or equal cost beats by more than ``margin`` paired standard errors.
+
+    ``hits[i]`` says which of the same images point ``i`` classified correctly. Two points' accuracy
+    difference on those images has the standard error of the mean per-image difference, which is far
+    smaller than either accuracy's own when the points are sub-networks of one network (they err on
+    the same images). Successive halving keeps these points beside its Pareto layers: a round on
+    few images cannot tell them from the front, so dropping them would make its noise the
+    decision. ``margin=0`` keeps the front (and points tied with it). Points without a cost are never
+    kept.
+    """
+    valid = [i for i, cost in enumerate(costs) if cost is not None and not math.isnan(float(cost))]
+    if not valid:
+        return []
+    x = torch.stack([hits[i].double() for i in valid])  # points x images
+    n = x.shape[1]
+    mean = x.mean(dim=1)
+    centred = x - mean[:, None]
+    variance = (centred**2).sum(dim=1) / max(n - 1, 1)
+    cost = torch.tensor([float(costs[i]) for i in valid], dtype=torch.float64)
+    kept = []
+    for start in range(0, len(valid), 256):  # chunks keep the pairwise tables small on large spaces
+        rows = slice(start, start + 256)
+        covariance = centred[rows] @ centred.T / max(n - 1, 1)  # rows: the judged points, columns: the others
+        stderr = ((variance[rows, None] + variance[None, :] - 2 * covariance).clamp(min=0) / n).sqrt()
+        lead = mean[None, :] - mean[rows, None]
+        cheaper = cost[None, :] <= cost[rows, None]
+        beaten = (cheaper & (lead > margin * stderr) & (lead > 0)).any(dim=1)
+        kept += [valid[start + j] for j in torch.nonzero(~beaten).flatten().tolist()]
     return kept
 
 

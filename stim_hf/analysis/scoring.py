@@ -112,6 +112,9 @@ class SubnetScore:
     correct: int
     loss_sum: float
     num_images: int
+    # Which images it got right, in order (a CPU bool tensor): comparisons between candidates scored
+    # on the same images are paired, so their noise is that of the difference, not of each alone.
+    hits: torch.Tensor | None = field(default=None, compare=False, repr=False)
 
     @property
     def accuracy(self) -> float:
@@ -191,12 +194,13 @@ def _naive_scores(model, stages, subnets, batches, forward_kwargs, on_scored, cl
 
 
 def _score(logits: Sequence[torch.Tensor], batches: ScoreBatches) -> SubnetScore:
-    correct, loss = 0, 0.0
+    hits, loss = [], 0.0
     for batch_logits, labels in zip(logits, batches.labels, strict=True):
         batch_logits = batch_logits.float()
-        correct += int((batch_logits.argmax(dim=-1) == labels).sum())
+        hits.append((batch_logits.argmax(dim=-1) == labels).cpu())
         loss += float(F.cross_entropy(batch_logits, labels, reduction="sum"))
-    return SubnetScore(correct, loss, batches.num_images)
+    hits = torch.cat(hits) if hits else torch.zeros(0, dtype=torch.bool)
+    return SubnetScore(int(hits.sum()), loss, batches.num_images, hits)
 
 
 @contextmanager

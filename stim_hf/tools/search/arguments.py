@@ -19,6 +19,8 @@ STRATEGIES = ("auto", "enumerate", "evolution")
 LATENCY_MODES = ("auto", "all", "front", "none")
 SCORE_SPLITS = ("train", "validation")
 SHARING = ("auto", "tree", "naive")
+# Chosen with bench/halving_fidelity.py (docs/search.md, "Speed").
+HALVING_MARGIN = 2.0
 # Without a recipe or a training_args.json, candidates follow the preset of training's default stim_method.
 DEFAULT_METHOD = "stpp"
 
@@ -102,6 +104,13 @@ class SearchArguments:
             "budgeted costs); each round scores 1/halving_keep times more images."
         },
     )
+    halving_margin: float = field(
+        default=HALVING_MARGIN,
+        metadata={
+            "help": "Also keep every candidate that no cheaper one beats by more than this many paired standard "
+            "errors on the round's images (0: the Pareto layers alone)."
+        },
+    )
     # Strategy
     strategy: str = field(
         default="auto",
@@ -173,6 +182,8 @@ class SearchArguments:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not valid; choose one of: {', '.join(choices)}")
         if self.sampling is not None and self.sampling not in SAMPLING_RULES:
             raise ConfigError(f"sampling={self.sampling!r} is not valid; choose one of: {', '.join(SAMPLING_RULES)}")
+        if not self.halving_margin >= 0.0:
+            raise ConfigError(f"halving_margin={self.halving_margin} must be 0 or more (paired standard errors)")
         if not 0.0 < self.halving_keep <= 1.0:
             raise ConfigError(f"halving_keep={self.halving_keep} must lie in (0, 1]")
         for name in ("mutation_prob", "parent_ratio", "mutation_ratio"):

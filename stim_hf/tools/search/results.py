@@ -55,6 +55,7 @@ class Candidate:
     within_budget: bool = True
     pareto_flops: bool = False
     pareto_latency: bool = False
+    hits: Any = field(default=None, repr=False)  # which scored images it got right (successive halving's margin)
 
     @property
     def depths(self) -> tuple[int, ...]:

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from stim_hf.analysis.costs import CostModel, measure_latency, resolve_device
 from stim_hf.analysis.evaluation import TRAINING_SOURCE_FLAGS
-from stim_hf.analysis.pareto import pareto_front, pareto_layers
+from stim_hf.analysis.pareto import near_front, pareto_front, pareto_layers
 from stim_hf.analysis.scoring import ScoreBatches, score_subnets, tree_support
 from stim_hf.data.image_datasets import DataArguments, get_label_names, load_image_datasets
 from stim_hf.data.transforms import collate_image_batch, with_image_transforms
@@ -99,7 +99,9 @@ class SearchImages:
         self.device = device
         self.full_size = data_args.resolved_eval_image_size()
         view = with_image_transforms(scored, data_args, train=False)
-        self.images, labels = self._load(Subset(view, sorted(rows)), args)
+        # In the seeded order, not the file's: successive halving scores its early rounds on the first
+        # images, which must be a uniform sample (CIFAR-10's files are sorted by class).
+        self.images, labels = self._load(Subset(view, rows), args)
         self.labels = [y.to(device) for y in labels]
         self.recalibration: list[torch.Tensor] = []
         if args.recalibrate_bn:
@@ -399,6 +401,7 @@ def _search_one(item: SearchModel, images: SearchImages, args: SearchArguments, 
             for subnet, result in zip(group, results, strict=True):
                 candidate = make(subnet)
                 candidate.accuracy, candidate.loss, candidate.scored_images = result.accuracy, result.loss, counts[0]
+                candidate.hits = result.hits
 
     try:
         if strategy == "enumerate":
@@ -465,8 +468,10 @@ def _successive_halving(
     Round ``r`` of ``R`` scores on ``keep^(R-1-r)`` of the scored and the re-estimation images, so
     the last round uses all of them. The kept layers are those of accuracy against FLOPs and
     against every budgeted cost, so the pick under any of them survives unless the fewer images
-    misjudged it by more than the layers kept allow. Returns, per round, the candidates scored, the
-    share of the images and the seconds it took.
+    misjudged it by more than the layers kept allow; beside them, every candidate that no cheaper
+    one beats by more than ``halving_margin`` paired standard errors on the round's images
+    (:func:`~stim_hf.analysis.pareto.near_front`): those the round cannot tell from the front.
+    Returns, per round, the candidates scored, the share of the images and the seconds it took.
     """
     rounds = args.halving_rounds if args.halving_keep < 1.0 else 1
     survivors = subnets
@@ -486,6 +491,8 @@ def _successive_halving(
         for key in keys:
             costs = [c.flops if key == "flops" else c.params if key == "params" else c.latency_ms for c in candidates]
             kept.update(pareto_layers(costs, accuracies, count))
+            if args.halving_margin > 0:
+                kept.update(near_front(costs, [c.hits for c in candidates], args.halving_margin))
         survivors = [s for i, s in enumerate(survivors) if i in kept]
     return report
 
