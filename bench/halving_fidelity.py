@@ -16,8 +16,8 @@
 
 3. **Resampled replays** (``--resample K``): the same rules on K seeded uniform draws of the held-out
    images, each round scoring the first share of the draw, read from the all-image column (so
-   BatchNorm is re-estimated on all the re-estimation images: on the table's own columns that
-   changes the candidates' ranking little, Spearman 0.95-0.98 on the ResNet-56), under each FLOPs
+   BatchNorm is re-estimated on all the re-estimation images, which leaves out that noise of the
+   early rounds; the table's own columns include it), under each FLOPs
    share of ``--resample-budgets``. Per rule: the mean and the largest number of points behind the
    exhaustive pick, how often more than 0.5, and the mean cost share.
 
@@ -42,12 +42,7 @@ import torch
 from stim_hf.analysis.scoring import score_subnets
 from stim_hf.tools.search import SearchImages, parse_search_args, prepare_model
 from stim_hf.tools.search.results import Candidate
-from stim_hf.tools.search.run import _best, _successive_halving, _within
-
-
-def image_shares(rounds: int, keep: float) -> list[float]:
-    """The share of the images each halving round scores on (the last: all of them)."""
-    return [keep ** (rounds - 1 - r) for r in range(rounds)]
+from stim_hf.tools.search.run import _best, _successive_halving, _within, halving_image_shares
 
 
 def build_table(checkpoint: str, data_args, args, shares: list[float]) -> dict:
@@ -110,8 +105,7 @@ def replay(table: dict, subnets: list, args, item_budget) -> dict:
             i, candidate = index[subnet], make(subnet)
             candidate.accuracy, candidate.loss = column["accuracy"][i], column["loss"][i]
             candidate.scored_images = column["images"][0]
-            bits = np.unpackbits(np.frombuffer(bytes.fromhex(column["hits"][i]), dtype=np.uint8))
-            candidate.hits = torch.from_numpy(bits[: column["images"][0]].astype(bool))
+            candidate.hits = torch.from_numpy(column["hits"][i])
 
     rounds = _successive_halving(subnets, score, make, args)
     final = [c for c in candidates.values() if c.scored_images == table["columns"][-1]["images"][0]]
@@ -120,20 +114,24 @@ def replay(table: dict, subnets: list, args, item_budget) -> dict:
     return {"pick": pick, "rounds": [r["candidates"] for r in rounds], "cost_share": cost}
 
 
-def _hits(column: dict) -> np.ndarray:
-    count = column["images"][0]
-    rows = [np.unpackbits(np.frombuffer(bytes.fromhex(h), dtype=np.uint8))[:count] for h in column["hits"]]
-    return np.array(rows, dtype=bool)
+def unpack_hits(table: dict) -> dict:
+    """``table`` with each column's hits as a (candidates x images) bool array (hex strings on disk)."""
+    columns = []
+    for column in table["columns"]:
+        count = column["images"][0]
+        rows = [np.unpackbits(np.frombuffer(bytes.fromhex(h), dtype=np.uint8))[:count] for h in column["hits"]]
+        columns.append({**column, "hits": np.array(rows, dtype=bool)})
+    return {**table, "columns": columns}
 
 
 def resampled_replays(table: dict, subnets: list, args, rules, draws: int, budgets: list[float]) -> list[dict]:
     """Each rule on ``draws`` uniform draws of the held-out images, under each FLOPs share of ``budgets``."""
-    hits = _hits(table["columns"][-1])
+    hits = table["columns"][-1]["hits"]
     images = hits.shape[1]
     outcomes = []
     for keep, margin in rules:
         rounds = args.halving_rounds
-        shares = image_shares(rounds, keep)
+        shares = halving_image_shares(rounds, keep)
         behind, costs = [], []
         for draw in range(draws):
             order = np.random.default_rng([draw, 17]).permutation(images)
@@ -142,7 +140,7 @@ def resampled_replays(table: dict, subnets: list, args, rules, draws: int, budge
                 first = hits[:, order[: math.ceil(share * images)]]
                 columns.append({"share": share, "images": [first.shape[1], 0], "accuracy": first.mean(axis=1).tolist(),
                                 "loss": (1.0 - first.mean(axis=1)).tolist(),  # a tie-break only: no per-image loss
-                                "hits": [np.packbits(row).tobytes().hex() for row in first]})  # fmt: skip
+                                "hits": first})  # fmt: skip
             drawn = {**table, "columns": columns}
             rule = replace(args, halving_keep=keep, halving_margin=margin)
             for budget in budgets:
@@ -174,7 +172,7 @@ def main() -> None:
     args, data_args, checkpoints = parse_search_args(rest)
     if len(checkpoints) != 1:
         sys.exit("give one checkpoint")
-    shares = image_shares(args.halving_rounds, args.halving_keep)
+    shares = halving_image_shares(args.halving_rounds, args.halving_keep)
     path = Path(own.table)
     if path.exists():
         table = json.loads(gzip.decompress(path.read_bytes()))
@@ -183,11 +181,12 @@ def main() -> None:
         table = build_table(checkpoints[0], data_args, args, shares)
         table["build_s"] = time.perf_counter() - start
         path.write_bytes(gzip.compress(json.dumps(table).encode()))
+    table = unpack_hits(table)
     item = prepare_model(checkpoints[0], "checkpoint", data_args, args, torch.device("cpu"))
     subnets = item.space.enumerate()
     if [[list(k) for k in s.kept] for s in subnets] != [s["kept"] for s in table["space"]]:
         sys.exit(f"{path} was built for another search space; give a new --table")
-    if any(limit.key != "flops" for limit in args.budget_limits):
+    if any(limit.key not in ("flops", "params") for limit in args.budget_limits):
         sys.exit("the replay knows FLOPs and parameters only; give a flops= or params= budget")
     device = torch.device("cpu")
 
@@ -205,7 +204,7 @@ def main() -> None:
     figures = {"checkpoint": checkpoints[0], "budget": args.budget, "exhaustive": exhaustive.record(1, 1), "rules": []}
     print("keep  margin  scored per round        cost    pick                  behind (points)")
     for keep, margin in rules:
-        if image_shares(args.halving_rounds, keep) != shares:
+        if halving_image_shares(args.halving_rounds, keep) != shares:
             print(f"{keep:<5} {margin:<7} skipped: its image shares are not the table's")
             continue
         outcome = replay(table, subnets, replace(args, halving_keep=keep, halving_margin=margin), within)

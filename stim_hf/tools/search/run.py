@@ -457,6 +457,11 @@ def _search_one(item: SearchModel, images: SearchImages, args: SearchArguments, 
     )
 
 
+def halving_image_shares(rounds: int, keep: float) -> list[float]:
+    """The share of the images each successive-halving round scores on (the last: all of them)."""
+    return [keep ** (rounds - 1 - r) for r in range(rounds)]
+
+
 def _successive_halving(
     subnets: list[Subnet],
     score: Callable[[Sequence[Subnet], float], None],
@@ -476,8 +481,7 @@ def _successive_halving(
     rounds = args.halving_rounds if args.halving_keep < 1.0 else 1
     survivors = subnets
     report = []
-    for r in range(rounds):
-        fraction = args.halving_keep ** (rounds - 1 - r)
+    for r, fraction in enumerate(halving_image_shares(rounds, args.halving_keep)):
         start = time.perf_counter()
         score(survivors, fraction)
         report.append({"candidates": len(survivors), "image_share": fraction, "seconds": time.perf_counter() - start})
