@@ -129,6 +129,8 @@ LAMBDA_SETTINGS = [
     Setting("stpp", 5, intro="cosine_up"),
     Setting("stpp", 10, intro="cosine_up"),
 ]
+# Plain KL (ST's loss) against KL- at the same lambda and introduction.
+PLAIN_KL_SETTING = Setting("stpp", 5, kl_loss="kl", intro="cosine_up")
 PLANS: dict[str, dict[str, Any]] = {
     # Stability first, at the issue's pilot scale: lambda 10 (collapsed from step 0 in the issue's pilot)
     # under each way of introducing it, and lambda 5.
@@ -148,13 +150,14 @@ PLANS: dict[str, dict[str, Any]] = {
             Setting("stpp", 1),
         ],
     },
-    # The CPU study, seed by seed.
+    # The CPU study, seed by seed; then plain KL against KL- at lambda 5, seed by seed.
     "cpu": {
         "depth": 20,
         "epochs": 100,
         "train_samples": 5000,
         "seeds": [1, 2, 3],
         "settings": LAMBDA_SETTINGS,
+        "then": [PLAIN_KL_SETTING],
     },
     # The from-scratch baseline of bench/subnet_payoff.py: a CIFAR ResNet-14 ([2, 2, 2], the shape of ResNet-20's
     # sub-network that drops one block per stage) trained as the cpu plan's CT. Give it its own --out.
@@ -168,6 +171,7 @@ PLANS: dict[str, dict[str, Any]] = {
         "train_samples": None,
         "seeds": [1, 2, 3],
         "settings": LAMBDA_SETTINGS,
+        "then": [PLAIN_KL_SETTING],
     },
 }
 

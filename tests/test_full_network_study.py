@@ -28,6 +28,8 @@ def test_plans_run_seed_by_seed_and_each_setting_becomes_its_overrides():
     runs = study.plan_runs("cpu")
     main = [run for run in runs if run.setting.kl_loss == "kl_direction" or run.setting.method == "ct"]
     assert runs[: len(main)] == main and len(main) == 12  # CT and KL- first, plain KL after them
+    plain = runs[len(main) :]
+    assert [(run.setting.kl_loss, run.setting.kl_coef, run.seed) for run in plain] == [("kl", 5, s) for s in (1, 2, 3)]
     assert [run.seed for run in main] == sorted(run.seed for run in main)  # a study cut short stays balanced
     assert len({run.name for run in runs}) == len(runs)
     assert {run.epochs for run in runs} == {100} and {run.depth for run in runs} == {20}
