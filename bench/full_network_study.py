@@ -120,6 +120,7 @@ class Run:
         return (s.method, s.kl_coef, s.kl_loss, s.intro, self.seed, self.depth, self.epochs, self.train_samples)
 
 
+WALL_CLOCK_EVERY_S = 30
 CT = Setting("ct")
 # CT against ST++ at lambda 1 (the recipes' value, from step 0) and at 5 and 10, which collapse from step 0
 # in the pilot and are brought in with cosine_up.
@@ -288,12 +289,7 @@ def train_and_analyze(run: Run, args: argparse.Namespace) -> dict[str, Any] | No
     if not (output_dir / "all_results.json").exists():
         command = train_command(run, output_dir, args)
         print(f"[{run.name}] {shlex.join(command)}", flush=True)
-        started = time.perf_counter()
-        with open(output_dir / "train.log", "a") as log:
-            code = subprocess.run(command, cwd=REPO, env=_environment(args.threads), stdout=log, stderr=log).returncode
-        elapsed = time.perf_counter() - started
-        with open(output_dir / "wall_seconds.txt", "a") as wall:  # one line per session that trained it
-            wall.write(f"{elapsed:.1f}\n")
+        code = train_keeping_wall_time(command, output_dir, args.threads)
         if code != 0:
             print(f"[{run.name}] training exited with {code}; see {output_dir / 'train.log'}", flush=True)
             return None
@@ -314,6 +310,30 @@ def train_and_analyze(run: Run, args: argparse.Namespace) -> dict[str, Any] | No
     result_path.write_text(json.dumps(result, indent=2) + "\n")
     print(f"[{run.name}] full {result['full_top1']}%, sub-networks {result['subnet_top1_recalibrated']}%", flush=True)
     return result
+
+
+def train_keeping_wall_time(command: list[str], output_dir: Path, threads: int) -> int:
+    """Run the training ``command`` (output to ``train.log``) and return its exit code.
+
+    ``wall_seconds.txt`` holds one line per session that trained the run; this session's line is
+    rewritten (atomically) every ``WALL_CLOCK_EVERY_S`` seconds while it trains, so a session that ends
+    with the run killed still counts, to within that interval.
+    """
+    wall_file = output_dir / "wall_seconds.txt"
+    earlier = wall_file.read_text().split() if wall_file.exists() else []
+    started = time.perf_counter()
+    with open(output_dir / "train.log", "a") as log:
+        process = subprocess.Popen(command, cwd=REPO, env=_environment(threads), stdout=log, stderr=log)
+        while True:
+            try:
+                code = process.wait(timeout=WALL_CLOCK_EVERY_S)
+            except subprocess.TimeoutExpired:
+                code = None
+            partial = wall_file.with_name(wall_file.name + ".partial")
+            partial.write_text("\n".join([*earlier, f"{time.perf_counter() - started:.1f}"]) + "\n")
+            os.replace(partial, wall_file)
+            if code is not None:
+                return code
 
 
 def run_fields(run: Run) -> dict[str, Any]:
@@ -340,14 +360,28 @@ def training_record(output_dir: Path) -> dict[str, Any]:
     walls = [float(x) for x in wall_file.read_text().split()] if wall_file.exists() else []
     speeds = [e["samples_per_second"] for e in history if "samples_per_second" in e]
     return {
+        **training_minutes(output_dir, state),
         "collapsed": bool(collapse),
         "collapse_message": collapse[0] if collapse else None,
         "curve_eval_top1": [[round(epoch, 3), round(100 * acc, 2)] for epoch, acc in curve],
         "curve_train_ce": [[round(epoch, 3), round(value, 4)] for epoch, value in ce],
-        "wall_minutes": round(sum(walls) / 60, 1),
+        "wall_minutes": round(sum(walls) / 60, 1),  # sessions before the heartbeat lost a killed session's time
         "sessions": len(walls),
         "images_per_second": round(statistics.median(speeds), 1) if speeds else None,
     }
+
+
+def training_minutes(output_dir: Path, state: dict[str, Any]) -> dict[str, float]:
+    """Training time from the logged pace (``samples_per_second`` over each logging interval): every
+    session counts, killed ones too; evaluation and checkpoint writing are left out."""
+    train_samples = json.loads((output_dir / "train_results.json").read_text())["train_samples"]
+    images_per_step = train_samples * state["num_train_epochs"] / state["max_steps"]
+    seconds, previous_step = 0.0, 0
+    for entry in state["log_history"]:
+        if entry.get("samples_per_second"):
+            seconds += (entry["step"] - previous_step) * images_per_step / entry["samples_per_second"]
+            previous_step = entry["step"]
+    return {"train_minutes": round(seconds / 60, 1)}
 
 
 def analyze_run(output_dir: Path, args: argparse.Namespace) -> None:
@@ -425,12 +459,15 @@ def report_markdown(results: list[dict[str, Any]], plan: str) -> str:
             f"| {_mean_std(diffs)} | {better} | {_mean_std([r['subnet_top1_recalibrated'] for r in runs])} "
             f"| {_mean_std([r['subnet_top1_inherited'] for r in runs])} |"
         )
-    lines += ["", "| run | full top-1 | sub-nets BN re-est. | sub-nets inherited | collapsed | wall min | images/s |"]
-    lines.append("| --- | --- | --- | --- | --- | --- | --- |")
+    lines += [
+        "",
+        "| run | full top-1 | sub-nets BN re-est. | sub-nets inherited | collapsed | train min | wall min | images/s |",
+    ]
+    lines.append("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in sorted(results, key=lambda r: (r["seed"], r["setting"])):
         lines.append(
             f"| {r['name']} | {r['full_top1']:.2f} | {_mean_std([r['subnet_top1_recalibrated']])} | "
-            f"{_mean_std([r['subnet_top1_inherited']])} | {'yes' if r['collapsed'] else 'no'} | {r['wall_minutes']} | "
+            f"{_mean_std([r['subnet_top1_inherited']])} | {'yes' if r['collapsed'] else 'no'} | {r.get('train_minutes', '-')} | {r['wall_minutes']} | "
             f"{r['images_per_second']} |"
         )
     return "\n".join(lines) + "\n"
@@ -542,6 +579,10 @@ def main(argv: list[str] | None = None) -> None:
         path = args.out / run.name / "result.json"
         if run.key() not in results and path.exists():
             results[run.key()] = json.loads(path.read_text())
+        state = args.out / run.name / "trainer_state.json"
+        if run.key() in results and "train_minutes" not in results[run.key()] and state.exists():
+            # Records written before train_minutes existed get it from their run's own log.
+            results[run.key()] |= training_minutes(state.parent, json.loads(state.read_text()))
     runs = plan
     if args.only:
         wanted = set(args.only.split(","))

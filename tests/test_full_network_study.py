@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import sys
+import threading
+import time
 from types import ModuleType
 
 import pytest
@@ -55,6 +57,32 @@ def test_an_unfinished_run_resumes_with_the_exact_resume(tmp_path):
     assert command[command.index("--resume_from_checkpoint") + 1] == "true"
     assert command[command.index("--save_steps") + 1] == "40"  # an atomic checkpoint every epoch (5k / 128)
     assert command[command.index("--seed") + 1] == str(run.seed)
+
+
+def test_a_session_killed_mid_run_keeps_its_wall_time_and_training_minutes_count_every_session(tmp_path, monkeypatch):
+    study = load_study()
+    monkeypatch.setattr(study, "WALL_CLOCK_EVERY_S", 0.1)
+    (tmp_path / "wall_seconds.txt").write_text("600.0\n")  # an earlier session
+    stop = tmp_path / "stop"
+    waiter = f"import pathlib, time\nwhile not pathlib.Path({str(stop)!r}).exists(): time.sleep(0.02)"
+    finished = threading.Thread(
+        target=study.train_keeping_wall_time, args=([sys.executable, "-c", waiter], tmp_path, 1)
+    )
+    finished.start()
+    deadline = time.monotonic() + 60
+    while len((tmp_path / "wall_seconds.txt").read_text().split()) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    running = (tmp_path / "wall_seconds.txt").read_text().split()  # written while the command still runs
+    stop.touch()
+    finished.join()
+    assert running[0] == "600.0" and len(running) == 2 and float(running[1]) > 0
+    final = (tmp_path / "wall_seconds.txt").read_text().split()
+    assert len(final) == 2 and float(final[1]) >= float(running[1])
+    # 2 logs of 40 steps at 125 images a step: 5,000 images at 100/s, then 5,000 at 50/s (after a resume).
+    (tmp_path / "train_results.json").write_text(json.dumps({"train_samples": 5000}))
+    state = {"num_train_epochs": 2, "max_steps": 80, "log_history": [{"step": 40, "samples_per_second": 100.0}]}
+    state["log_history"] += [{"step": 40, "eval_accuracy": 0.5}, {"step": 80, "samples_per_second": 50.0}]
+    assert study.training_minutes(tmp_path, state) == {"train_minutes": round(150 / 60, 1)}
 
 
 def test_results_carried_in_the_report_are_not_trained_again(tmp_path, capsys):
@@ -117,3 +145,4 @@ def test_a_tiny_study_trains_analyses_and_reports(tmp_path):
     assert [epoch for epoch, _ in result["curve_eval_top1"]] == [2.0, 4.0, 6.0]
     assert 0 <= result["full_top1"] <= 100 and 0 <= result["subnet_top1_recalibrated"] <= 100
     assert result == json.loads((tmp_path / "runs" / result["name"] / "result.json").read_text())
+    assert result["train_minutes"] > 0 and result["sessions"] == 1
