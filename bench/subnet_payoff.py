@@ -110,6 +110,10 @@ def score_candidate(candidate, role: str, checkpoint, folder: Path, scored: dict
             "test_top1": test_top1(folder, candidate.depths, candidate.input_size, args),
             "roles": [],
         }
+        depths = ",".join(map(str, candidate.depths))
+        print(
+            f"  {checkpoint.label} {depths} @{candidate.input_size}: test top-1 {scored[key]['test_top1']}", flush=True
+        )
     scored[key]["roles"].append(role)
     return scored[key]
 
