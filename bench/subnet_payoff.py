@@ -11,7 +11,7 @@ the ResNet-14 trained from scratch the same way:
 
 1. ``stim_hf.tools.search.search_subnets`` over both ResNet-20s at once: every prefix sub-network (27 depth
    combinations) at ``--input-sizes`` (the sizes ST++ trains on), each with its BatchNorm statistics
-   re-estimated on training images, scored on 2,000 held-out **training** images (never the test split),
+   re-estimated on ``--search-recalibrate-bn`` (2,000) training images, scored on ``--holdout-samples`` (2,000) held-out **training** images (never the test split),
    under a FLOPs budget equal to the ResNet-14's FLOPs (about 68 % of the ResNet-20's). Its
    ``pareto.json`` / ``pareto.csv`` / ``pareto.png`` go to ``--report-dir/seed<N>/search``.
 2. Every sub-network on either accuracy-FLOPs front, each checkpoint's pick under the budget, and the
@@ -145,6 +145,8 @@ def payoff_for_seed(seed: int, args: argparse.Namespace) -> dict[str, Any] | Non
             sample_space="full",
             input_sizes=args.input_sizes,
             labels=list(RUNS),
+            holdout_samples=args.holdout_samples,
+            recalibrate_bn=args.search_recalibrate_bn,
             halving_rounds=1,  # 108 candidates per checkpoint: every one on all the held-out images
             latency="none",  # a shared CPU's latencies say little; FLOPs are the budget here
             device="cpu",
@@ -195,7 +197,7 @@ def report_markdown(records: list[dict[str, Any]], args: argparse.Namespace) -> 
     lines = [
         f"Test top-1 (%) on {f'{args.test_samples} CIFAR-10 test images' if args.test_samples else 'the whole CIFAR-10 test split'} "
         "(the ResNet-14's and the full networks': the whole split); sub-networks with BatchNorm statistics re-estimated on "
-        f"{args.recalibrate_bn} training images; picks chosen on 2,000 held-out training images under the ResNet-14's "
+        f"{args.recalibrate_bn} training images; picks chosen on {args.holdout_samples:,} held-out training images under the ResNet-14's "
         "FLOPs.",
         "",
         "| seed | budget (share of ResNet-20) | CT pick | ST++ pick | CT [2,2,2] @32 | ST++ [2,2,2] @32 | ResNet-14 "
@@ -295,6 +297,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--report-dir", type=Path, default=REPO / "docs" / "measurements" / "subnet_payoff")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder with CIFAR-10 train/test.parquet")
     parser.add_argument("--input-sizes", default="13,19,26,32", help="input sizes searched (ST++ trains on 13..32)")
+    parser.add_argument(
+        "--holdout-samples", type=int, default=2000, help="held-out training images the search scores on"
+    )
+    parser.add_argument(
+        "--search-recalibrate-bn", type=int, default=2000, help="training images for each candidate's BatchNorm"
+    )
     parser.add_argument("--recalibrate-bn", type=int, default=1024, help="images for each export's BatchNorm")
     parser.add_argument("--test-samples", type=int, default=0, help="test images (0: all 10,000)")
     parser.add_argument("--redo", action="store_true", help="search and score seeds done before again")
