@@ -467,8 +467,8 @@ def report_markdown(results: list[dict[str, Any]], plan: str) -> str:
     for r in sorted(results, key=lambda r: (r["seed"], r["setting"])):
         lines.append(
             f"| {r['name']} | {r['full_top1']:.2f} | {_mean_std([r['subnet_top1_recalibrated']])} | "
-            f"{_mean_std([r['subnet_top1_inherited']])} | {'yes' if r['collapsed'] else 'no'} | {r.get('train_minutes', '-')} | {r['wall_minutes']} | "
-            f"{r['images_per_second']} |"
+            f"{_mean_std([r['subnet_top1_inherited']])} | {'yes' if r['collapsed'] else 'no'} | "
+            f"{r.get('train_minutes', '-')} | {r['wall_minutes']} | {r['images_per_second']} |"
         )
     return "\n".join(lines) + "\n"
 
