@@ -45,11 +45,10 @@ from stim_hf.tools.search.results import Candidate
 from stim_hf.tools.search.run import _best, _successive_halving, _within, halving_image_shares
 
 
-def build_table(checkpoint: str, data_args, args, shares: list[float]) -> dict:
-    """Score every candidate on the images of each share; the table the replay reads."""
-    device = torch.device("cpu")
-    item = prepare_model(checkpoint, "checkpoint", data_args, args, device)
-    images = SearchImages(data_args, args, device)
+def build_table(checkpoint: str, item, data_args, args, shares: list[float]) -> dict:
+    """Score every candidate of ``item`` (the loaded ``checkpoint``) on the images of each share; the table
+    the replay reads."""
+    images = SearchImages(data_args, args, torch.device("cpu"))
     subnets = item.space.enumerate()
     columns, timing = [], []
     for share in shares:
@@ -173,22 +172,22 @@ def main() -> None:
     if len(checkpoints) != 1:
         sys.exit("give one checkpoint")
     shares = halving_image_shares(args.halving_rounds, args.halving_keep)
+    device = torch.device("cpu")
+    item = prepare_model(checkpoints[0], "checkpoint", data_args, args, device)
     path = Path(own.table)
     if path.exists():
         table = json.loads(gzip.decompress(path.read_bytes()))
     else:
         start = time.perf_counter()
-        table = build_table(checkpoints[0], data_args, args, shares)
+        table = build_table(checkpoints[0], item, data_args, args, shares)
         table["build_s"] = time.perf_counter() - start
         path.write_bytes(gzip.compress(json.dumps(table).encode()))
     table = unpack_hits(table)
-    item = prepare_model(checkpoints[0], "checkpoint", data_args, args, torch.device("cpu"))
     subnets = item.space.enumerate()
     if [[list(k) for k in s.kept] for s in subnets] != [s["kept"] for s in table["space"]]:
         sys.exit(f"{path} was built for another search space; give a new --table")
     if any(limit.key not in ("flops", "params") for limit in args.budget_limits):
         sys.exit("the replay knows FLOPs and parameters only; give a flops= or params= budget")
-    device = torch.device("cpu")
 
     def within(candidate: Candidate) -> bool:
         return _within(item, candidate, args, device)

@@ -11,9 +11,10 @@ the ResNet-14 trained from scratch the same way:
 
 1. ``stim_hf.tools.search.search_subnets`` over both ResNet-20s at once: every prefix sub-network (27 depth
    combinations) at ``--input-sizes`` (the sizes ST++ trains on), each with its BatchNorm statistics
-   re-estimated on ``--search-recalibrate-bn`` (2,000) training images, scored on ``--holdout-samples`` (2,000) held-out **training** images (never the test split),
-   under a FLOPs budget equal to the ResNet-14's FLOPs (about 68 % of the ResNet-20's). Its
-   ``pareto.json`` / ``pareto.csv`` / ``pareto.png`` go to ``--report-dir/seed<N>/search``.
+   re-estimated on ``--search-recalibrate-bn`` (2,000) training images, scored on ``--holdout-samples``
+   (2,000) held-out **training** images (never the test split), under a FLOPs budget equal to the
+   ResNet-14's FLOPs (65 % of the ResNet-20's). Its ``pareto.json`` / ``pareto.csv`` / ``pareto.png`` go
+   to ``--report-dir/seed<N>/search``.
 2. Every sub-network on either accuracy-FLOPs front, each checkpoint's pick under the budget, and the
    ``[2, 2, 2]`` sub-network at 32 px (the ResNet-14's shape) of each, exported with
    ``stim_hf.tools.export.export_subnet`` (BatchNorm re-estimated on ``--recalibrate-bn`` training images) and

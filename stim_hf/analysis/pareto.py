@@ -69,14 +69,15 @@ def near_front(costs: Sequence[float | None], hits: Sequence[torch.Tensor], marg
         return []
     x = torch.stack([hits[i].double() for i in valid])  # points x images
     n = x.shape[1]
+    dof = max(n - 1, 1)
     mean = x.mean(dim=1)
     centred = x - mean[:, None]
-    variance = (centred**2).sum(dim=1) / max(n - 1, 1)
+    variance = (centred**2).sum(dim=1) / dof
     cost = torch.tensor([float(costs[i]) for i in valid], dtype=torch.float64)
     kept = []
     for start in range(0, len(valid), 256):  # chunks keep the pairwise tables small on large spaces
         rows = slice(start, start + 256)
-        covariance = centred[rows] @ centred.T / max(n - 1, 1)  # rows: the judged points, columns: the others
+        covariance = centred[rows] @ centred.T / dof  # rows: the judged points, columns: the others
         stderr = ((variance[rows, None] + variance[None, :] - 2 * covariance).clamp(min=0) / n).sqrt()
         lead = mean[None, :] - mean[rows, None]
         cheaper = cost[None, :] <= cost[rows, None]
