@@ -35,7 +35,8 @@ it trains (``on_collapse``, stim_hf/training/collapse.py) and marked ``collapsed
 ``--report-dir`` (default ``docs/measurements/full_network_study/<plan>``) receives ``results.json``
 (one entry per finished run: method, kl_coef, kl_loss, intro, seed, epochs, train_samples, depth,
 full_top1, subnet_top1_recalibrated, subnet_top1_inherited, collapsed, ...), ``results.md`` (mean ±
-std per setting, paired difference against CT seed by seed) and ``learning_curves.png``; at the
+std per setting, paired differences seed by seed against CT and between the ST settings, with the
+paired t statistic) and ``learning_curves.png``; at the
 default place, ``docs/measurements/full_network_study/results.json`` then lists the finished runs of
 every plan, each with its ``plan``.
 """
@@ -438,27 +439,85 @@ def _mean_std(values: list[float | None]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def paired_t(diffs: list[float]) -> str:
+    """The paired t statistic of seed-by-seed differences and its two-sided p (Student's t, n - 1 dof)."""
+    if len(diffs) < 2:
+        return "-"
+    spread = statistics.stdev(diffs)
+    if spread == 0:
+        return "-"
+    from scipy.stats import t as student_t
+
+    t = statistics.mean(diffs) / (spread / math.sqrt(len(diffs)))
+    return f"{t:.2f} (p {2 * student_t.sf(abs(t), len(diffs) - 1):.3f})"
+
+
+def _by_seed(runs: list[dict[str, Any]], key: str) -> dict[int, float]:
+    return {r["seed"]: r[key] for r in runs if r.get(key) is not None}
+
+
+def setting_order(names, plan: str) -> list[str]:
+    """``names`` in the order the plan first runs them (settings the plan does not know last)."""
+    order = [run.setting.name for run in plan_runs(plan)] if plan in PLANS else []
+    return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
+
+
+def setting_comparisons(by_setting: dict[str, list[dict[str, Any]]], plan: str) -> list[str]:
+    """Every two ST settings that share at least two seeds: the later setting of the plan minus the
+    earlier one, seed by seed (full network and sub-networks), so that one factor at a time (lambda,
+    plain KL against KL-) is read off paired rather than against the seed spread."""
+    names = setting_order((n for n in by_setting if n != "ct"), plan)
+    lines = []
+    for i, earlier in enumerate(names):
+        for later in names[i + 1 :]:
+            full_a, full_b = _by_seed(by_setting[later], "full_top1"), _by_seed(by_setting[earlier], "full_top1")
+            seeds = sorted(full_a.keys() & full_b.keys())
+            if len(seeds) < 2:
+                continue
+            diffs = [full_a[s] - full_b[s] for s in seeds]
+            sub_a = _by_seed(by_setting[later], "subnet_top1_recalibrated")
+            sub_b = _by_seed(by_setting[earlier], "subnet_top1_recalibrated")
+            sub_diffs = [sub_a[s] - sub_b[s] for s in seeds if s in sub_a and s in sub_b]
+            lines.append(
+                f"| {later} − {earlier} | {', '.join(map(str, seeds))} | {_mean_std(diffs)} | {paired_t(diffs)} "
+                f"| {sum(d > 0 for d in diffs)} of {len(diffs)} | {_mean_std(sub_diffs)} |"
+            )
+    if not lines:
+        return []
+    return [
+        "",
+        "Paired between ST settings (same seeds; Δ in points; t: paired t statistic, p two-sided):",
+        "",
+        "| comparison | seeds | full top-1 Δ | t (p) | seeds with Δ > 0 | sub-net Δ, BN re-est. |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *lines,
+    ]
+
+
 def report_markdown(results: list[dict[str, Any]], plan: str) -> str:
-    """Mean ± std per setting and the paired difference against CT, seed by seed."""
+    """Mean ± std per setting, the paired difference against CT and between ST settings, seed by seed."""
     by_setting: dict[str, list[dict[str, Any]]] = {}
     for r in results:
         by_setting.setdefault(r["setting"], []).append(r)
+    by_setting = {name: by_setting[name] for name in setting_order(by_setting, plan)}
     ct = {r["seed"]: r["full_top1"] for r in by_setting.get("ct", [])}
     lines = [
         f"Plan `{plan}`: {len(results)} finished runs. Accuracies in %, on the whole test split.",
         "",
-        "| setting | runs | collapsed | full top-1 | paired Δ vs CT (same seed) | seeds better than CT "
+        "| setting | runs | collapsed | full top-1 | paired Δ vs CT (same seed) | t (p) | seeds better than CT "
         "| sub-net mean, BN re-est. | sub-net mean, BN inherited |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, runs in by_setting.items():
         diffs = [r["full_top1"] - ct[r["seed"]] for r in runs if name != "ct" and r["seed"] in ct]
         better = f"{sum(d > 0 for d in diffs)} of {len(diffs)}" if diffs else "-"
         lines.append(
             f"| {name} | {len(runs)} | {sum(r['collapsed'] for r in runs)} | {_mean_std([r['full_top1'] for r in runs])} "
-            f"| {_mean_std(diffs)} | {better} | {_mean_std([r['subnet_top1_recalibrated'] for r in runs])} "
+            f"| {_mean_std(diffs)} | {paired_t(diffs)} | {better} "
+            f"| {_mean_std([r['subnet_top1_recalibrated'] for r in runs])} "
             f"| {_mean_std([r['subnet_top1_inherited'] for r in runs])} |"
         )
+    lines += setting_comparisons(by_setting, plan)
     lines += [
         "",
         "| run | full top-1 | sub-nets BN re-est. | sub-nets inherited | collapsed | train min | wall min | images/s |",

@@ -130,6 +130,38 @@ def test_a_partial_call_reports_every_finished_run_and_the_combined_list(tmp_pat
         study.main([*argv, "--only", "ct_seed9", "--report-only"])
 
 
+def test_the_report_pairs_settings_by_seed_in_plan_order_with_the_paired_t():
+    from scipy.stats import ttest_rel
+
+    study = load_study()
+    runs = {(run.setting.name, run.seed): run for run in study.plan_runs("cpu")}
+    top1 = {
+        "ct": [70.0, 71.0, 72.0],
+        "stpp_l1_kl-_step0": [70.5, 71.5, 72.0],
+        "stpp_l5_kl-_cosine_up": [72.0, 73.0, 74.0],
+        "stpp_l5_kl_cosine_up": [71.0, 73.5, 73.0],
+    }
+    results = [
+        _finished_record(study, runs[name, seed], value)
+        for name, values in top1.items()
+        for seed, value in zip((1, 2, 3), values, strict=True)
+    ]
+    for r in results:
+        r["subnet_top1_recalibrated"] = 60.0 + (r["kl_coef"] or 0) + (r["kl_loss"] == "kl")
+    lines = study.report_markdown(sorted(results, key=lambda r: r["setting"]), "cpu").splitlines()
+    settings = [line.split(" | ")[0][2:] for line in lines[4:8]]
+    assert settings == list(top1)  # the plan's order, not the alphabet's
+    assert "| 2.00 ± 0.00 | - |" in lines[6]  # the same gain on every seed: no t to divide by
+    expected = ttest_rel(top1["stpp_l5_kl-_cosine_up"], top1["stpp_l1_kl-_step0"])
+    row = next(line for line in lines if line.startswith("| stpp_l5_kl-_cosine_up − stpp_l1_kl-_step0 |"))
+    assert f"| 1.67 ± 0.29 | {expected.statistic:.2f} (p {expected.pvalue:.3f}) | 3 of 3 | 4.00 ± 0.00 |" in row
+    row = next(line for line in lines if line.startswith("| stpp_l5_kl_cosine_up − stpp_l5_kl-_cosine_up |"))
+    assert (
+        "| 1, 2, 3 | -0.50 ± 0.87 |" in row and "| 1 of 3 | 1.00 ± 0.00 |" in row
+    )  # the later setting minus the earlier
+    assert not any(line.startswith("| stpp_l10") for line in lines)  # no runs, no row
+
+
 @pytest.mark.skipif(not (CIFAR10_DIR / "train.parquet").is_file(), reason="shared CIFAR-10 parquet files not present")
 def test_a_tiny_study_trains_analyses_and_reports(tmp_path):
     study = load_study()
