@@ -82,17 +82,19 @@ class Setting:
         return f"stpp_l{self.kl_coef:g}_{kl}_{self.intro}"
 
     def overrides(self) -> list[str]:
-        """The training command-line overrides of this setting (beyond the recipe)."""
+        """The training command-line overrides of this setting (beyond the recipe). Lambda, the KL and
+        how lambda comes in are always given, so that the study keeps meaning the same runs when the
+        recipes' own values change."""
         if self.method == "ct":
             return []
-        args = ["--kl_coef", f"{self.kl_coef:g}", "--kl_loss", self.kl_loss]
-        if self.intro.startswith("start"):
-            args += ["--stim_start_epoch", self.intro.removeprefix("start")]
-        elif self.intro == "cosine_up":
-            args += ["--kl_coef_schedule", "cosine_up"]
-        elif self.intro != "step0" and not self.intro.startswith("warmup"):
+        if self.intro not in ("step0", "cosine_up") and not self.intro.startswith(("start", "warmup")):
             raise ValueError(f"unknown intro {self.intro!r}")
-        return args
+        schedule = "cosine_up" if self.intro == "cosine_up" else "constant"
+        start = self.intro.removeprefix("start") if self.intro.startswith("start") else "0"
+        return [
+            "--kl_coef", f"{self.kl_coef:g}", "--kl_loss", self.kl_loss,
+            "--kl_coef_schedule", schedule, "--stim_start_epoch", start,
+        ]  # fmt: skip
 
     @property
     def warmup(self) -> str:

@@ -35,11 +35,17 @@ def test_plans_run_seed_by_seed_and_each_setting_becomes_its_overrides():
     assert [run.seed for run in main] == sorted(run.seed for run in main)  # a study cut short stays balanced
     assert len({run.name for run in runs}) == len(runs)
     assert {run.epochs for run in runs} == {100} and {run.depth for run in runs} == {20}
+    # Every ST setting names its lambda, KL and introduction: a recipe that changes them changes no run.
     setting = study.Setting("stpp", 5, kl_loss="kl", intro="start3")
-    assert setting.overrides() == ["--kl_coef", "5", "--kl_loss", "kl", "--stim_start_epoch", "3"]
-    assert study.Setting("stpp", 5, intro="cosine_up").overrides()[-2:] == ["--kl_coef_schedule", "cosine_up"]
+    assert setting.overrides() == [
+        "--kl_coef", "5", "--kl_loss", "kl", "--kl_coef_schedule", "constant", "--stim_start_epoch", "3",
+    ]  # fmt: skip
+    assert study.Setting("stpp", 5, intro="cosine_up").overrides()[-4:] == [
+        "--kl_coef_schedule", "cosine_up", "--stim_start_epoch", "0",
+    ]  # fmt: skip
     warm = study.Setting("stpp", 5, intro="warmup0.1")
-    assert warm.overrides() == ["--kl_coef", "5", "--kl_loss", "kl_direction"] and warm.warmup == "0.1"
+    assert warm.overrides()[-4:] == ["--kl_coef_schedule", "constant", "--stim_start_epoch", "0"]
+    assert warm.warmup == "0.1"
     assert study.Setting("ct").overrides() == []
     with pytest.raises(ValueError, match="unknown intro"):
         study.Setting("stpp", 5, intro="someday").overrides()
