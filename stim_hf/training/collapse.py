@@ -173,11 +173,14 @@ def _remedy(args: TrainingArguments) -> str:
     lr = getattr(args, "learning_rate", None)
     if getattr(args, "uses_subnets", False):
         start = f", from epoch {args.stim_start_epoch:g}" if args.stim_start_epoch else ""
+        # Ordered by what the pilot of docs/results.md measured: cosine_up kept lambda 5 and 10 training;
+        # one epoch of common training first and a 20 % learning-rate warm-up did not.
         return (
             f"Settings: kl_coef={args.kl_coef:g} (kl_coef_schedule={args.kl_coef_schedule}{start}, "
-            f"kl_loss={args.kl_loss}), learning_rate={lr:g}. Remedies: a smaller kl_coef, or bring it in gradually "
-            "(kl_coef_schedule: cosine_up, or stim_start_epoch: a few epochs of common training first), "
-            "or a lower learning_rate / a learning-rate warm-up (warmup_steps: 0.1)"
+            f"kl_loss={args.kl_loss}), learning_rate={lr:g}. Remedies: bring lambda in with kl_coef_schedule: "
+            "cosine_up (it kept lambda 5 and 10 training where they collapsed from step 0, docs/results.md), or a "
+            "smaller kl_coef; a few epochs of common training first (stim_start_epoch) or a learning-rate warm-up "
+            "did not prevent it there"
         )
     return (
         f"Settings: common training (no sub-network passes), learning_rate={lr:g}. Remedies: a lower learning_rate, "
