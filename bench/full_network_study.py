@@ -442,20 +442,23 @@ def _mean_std(values: list[float | None]) -> str:
 
 
 def paired_t(diffs: list[float]) -> str:
-    """The paired t statistic of seed-by-seed differences and its two-sided p (Student's t, n - 1 dof)."""
-    if len(diffs) < 2:
+    """The paired t statistic of seed-by-seed differences and its two-sided p (one-sample t test against 0)."""
+    if len(diffs) < 2 or statistics.stdev(diffs) == 0:
         return "-"
-    spread = statistics.stdev(diffs)
-    if spread == 0:
-        return "-"
-    from scipy.stats import t as student_t
+    from scipy.stats import ttest_1samp
 
-    t = statistics.mean(diffs) / (spread / math.sqrt(len(diffs)))
-    return f"{t:.2f} (p {2 * student_t.sf(abs(t), len(diffs) - 1):.3f})"
+    test = ttest_1samp(diffs, 0.0)
+    return f"{test.statistic:.2f} (p {test.pvalue:.3f})"
 
 
-def _by_seed(runs: list[dict[str, Any]], key: str) -> dict[int, float]:
-    return {r["seed"]: r[key] for r in runs if r.get(key) is not None}
+def paired_differences(runs: list[dict[str, Any]], baseline: list[dict[str, Any]], key: str) -> dict[int, float]:
+    """``key`` of ``runs`` minus that of ``baseline``, seed by seed, for the seeds both have a value at."""
+    base = {r["seed"]: r[key] for r in baseline if r.get(key) is not None}
+    return {
+        r["seed"]: r[key] - base[r["seed"]]
+        for r in sorted(runs, key=lambda r: r["seed"])
+        if r.get(key) is not None and r["seed"] in base
+    }
 
 
 def setting_order(names, plan: str) -> list[str]:
@@ -472,14 +475,12 @@ def setting_comparisons(by_setting: dict[str, list[dict[str, Any]]], plan: str) 
     lines = []
     for i, earlier in enumerate(names):
         for later in names[i + 1 :]:
-            full_a, full_b = _by_seed(by_setting[later], "full_top1"), _by_seed(by_setting[earlier], "full_top1")
-            seeds = sorted(full_a.keys() & full_b.keys())
-            if len(seeds) < 2:
+            full = paired_differences(by_setting[later], by_setting[earlier], "full_top1")
+            if len(full) < 2:
                 continue
-            diffs = [full_a[s] - full_b[s] for s in seeds]
-            sub_a = _by_seed(by_setting[later], "subnet_top1_recalibrated")
-            sub_b = _by_seed(by_setting[earlier], "subnet_top1_recalibrated")
-            sub_diffs = [sub_a[s] - sub_b[s] for s in seeds if s in sub_a and s in sub_b]
+            seeds, diffs = list(full), list(full.values())
+            sub = paired_differences(by_setting[later], by_setting[earlier], "subnet_top1_recalibrated")
+            sub_diffs = [sub[s] for s in seeds if s in sub]
             lines.append(
                 f"| {later} − {earlier} | {', '.join(map(str, seeds))} | {_mean_std(diffs)} | {paired_t(diffs)} "
                 f"| {sum(d > 0 for d in diffs)} of {len(diffs)} | {_mean_std(sub_diffs)} |"
@@ -502,7 +503,6 @@ def report_markdown(results: list[dict[str, Any]], plan: str) -> str:
     for r in results:
         by_setting.setdefault(r["setting"], []).append(r)
     by_setting = {name: by_setting[name] for name in setting_order(by_setting, plan)}
-    ct = {r["seed"]: r["full_top1"] for r in by_setting.get("ct", [])}
     lines = [
         f"Plan `{plan}`: {len(results)} finished runs. Accuracies in %, on the whole test split.",
         "",
@@ -511,7 +511,7 @@ def report_markdown(results: list[dict[str, Any]], plan: str) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for name, runs in by_setting.items():
-        diffs = [r["full_top1"] - ct[r["seed"]] for r in runs if name != "ct" and r["seed"] in ct]
+        diffs = list(paired_differences(runs, by_setting.get("ct", []), "full_top1").values()) if name != "ct" else []
         better = f"{sum(d > 0 for d in diffs)} of {len(diffs)}" if diffs else "-"
         lines.append(
             f"| {name} | {len(runs)} | {sum(r['collapsed'] for r in runs)} | {_mean_std([r['full_top1'] for r in runs])} "
