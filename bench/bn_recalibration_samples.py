@@ -4,7 +4,8 @@
   python bench/bn_recalibration_samples.py outputs/quickstart --config configs/quickstart.yaml
   # CIFAR-10: a short ResNet-20 ST++ run (python scripts/train.py configs/cifar10_resnet56_stpp.yaml
   #   --model_config '{"depth": 20}' --max_train_samples 5000 --max_eval_samples 2000 --num_train_epochs 3
-  #   --dataloader_num_workers 0 --output_dir /tmp/c20)
+  #   --dataloader_num_workers 0 --kl_coef 1 --kl_coef_schedule constant --kl_loss kl_direction
+  #   --output_dir /tmp/c20)
   python bench/bn_recalibration_samples.py /tmp/c20 --config configs/cifar10_resnet56_stpp.yaml \\
       --max_eval_samples 2000
 

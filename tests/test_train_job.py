@@ -149,8 +149,8 @@ def test_every_recipe_parses(recipe, tmp_path):
 def test_changing_only_the_method_of_a_recipe_that_pins_its_settings(tmp_path, caplog, monkeypatch):
     """The quickstart pins num_subnets: 1, so --stim_method ct alone would still train sub-networks: refused.
 
-    The ST++ CIFAR recipe pins KL- and smaller inputs: --stim_method st alone runs them under ST's
-    name, and a warning says so.
+    The ST++ CIFAR recipe pins plain KL and smaller inputs: --stim_method st alone runs the smaller
+    inputs under ST's name, and a warning says so; the recipe's own plain KL is named too.
     """
 
     def parse(argv):
@@ -165,9 +165,21 @@ def test_changing_only_the_method_of_a_recipe_that_pins_its_settings(tmp_path, c
     if not CIFAR10_DIR.is_dir():
         pytest.skip("shared CIFAR-10 data not present")
     monkeypatch.chdir(REPO_ROOT)  # the recipe's data paths are relative to the repository root
+    recipe = str(REPO_ROOT / "configs" / "cifar10_resnet56_stpp.yaml")
     with caplog.at_level("WARNING", logger="stim_hf.training.config"):
-        parse([str(REPO_ROOT / "configs" / "cifar10_resnet56_stpp.yaml"), "--stim_method", "st"])
-    assert "stim_method='st' with kl_loss='kl_direction', min_input_scale=0.43 set explicitly" in caplog.text
+        parse([recipe, "--stim_method", "st"])
+    assert "stim_method='st' with min_input_scale=0.43 set explicitly, where its preset has min_input_scale=1.0" in (
+        caplog.text
+    )
+    # The recipe itself departs from ST++ only by its deliberate plain KL (the study's pick), and says so.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stim_hf.training.config"):
+        args = parse([recipe])
+    assert (args.stim_method, args.kl_loss, args.kl_coef, args.kl_coef_schedule) == ("stpp", "kl", 5.0, "cosine_up")
+    assert "stim_method='stpp' with kl_loss='kl' set explicitly, where its preset has kl_loss='kl_direction'" in (
+        caplog.text
+    )
+    assert "min_input_scale" not in caplog.text and "subnet_sampling" not in caplog.text
 
 
 def test_imagenet_recipe_is_the_released_one(tmp_path):

@@ -327,7 +327,8 @@ class StimulativeTrainingArguments(TrainingArguments):
         }
         if differing:
             logger.warning(
-                "stim_method='%s' with %s set explicitly, where its preset has %s",
+                "stim_method='%s' with %s set explicitly, where its preset has %s: the values set are used; "
+                "if that is not intended, drop them from the recipe or the command line to run the preset",
                 self.stim_method,
                 ", ".join(f"{name}={value!r}" for name, value in differing.items()),
                 ", ".join(f"{name}={preset[name]!r}" for name in differing),
