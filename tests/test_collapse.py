@@ -102,6 +102,50 @@ def test_stop_raises_and_ignore_says_nothing(tmp_path):
     assert not monitor.reports
 
 
+def test_the_remedy_follows_the_lambda_in_effect(tmp_path):
+    # lambda still small (cosine_up early on): the learning rate, not the KL term, is the likely cause.
+    args = StimulativeTrainingArguments(
+        output_dir=str(tmp_path), kl_coef=5.0, kl_coef_schedule="cosine_up", report_to="none"
+    )
+    monitor, state, control = (
+        CollapseMonitorCallback("warn", kl_coef_now=lambda: 0.25),
+        TrainerState(),
+        TrainerControl(),
+    )
+    monitor.on_train_begin(args, state, control, model=_Model())
+    _evaluation(monitor, args, state, control, 1.0, accuracy=0.1)
+    _evaluation(monitor, args, state, control, 2.0, accuracy=0.1)
+    message = monitor.reports[0]
+    assert "kl_coef=5 (kl_coef_schedule=cosine_up" in message and "0.25 in effect at this step" in message
+    assert "Lambda is still below 1" in message and "warmup_steps" in message
+    assert "bring lambda in" not in message  # cosine_up is already set
+    # lambda large under cosine_up: a smaller kl_coef, and no advice to use the schedule it already has.
+    monitor, state, control = CollapseMonitorCallback("warn", kl_coef_now=lambda: 4.0), TrainerState(), TrainerControl()
+    monitor.on_train_begin(args, state, control, model=_Model())
+    _evaluation(monitor, args, state, control, 1.0, accuracy=0.1)
+    _evaluation(monitor, args, state, control, 2.0, accuracy=0.1)
+    message = monitor.reports[0]
+    assert "4 in effect" in message and "a smaller kl_coef" in message and "bring lambda in" not in message
+
+
+def test_a_run_that_recovers_after_the_warning_says_so_once(tmp_path, caplog):
+    monitor, args, state, control = _monitor(tmp_path)
+    _evaluation(monitor, args, state, control, 1.0, accuracy=0.1)
+    _evaluation(monitor, args, state, control, 2.0, accuracy=0.1)
+    assert len(monitor.reports) == 1 and monitor.recovery is None
+    _evaluation(monitor, args, state, control, 3.0, accuracy=0.18)  # above chance, not yet clearly
+    _evaluation(monitor, args, state, control, 4.0, accuracy=0.3, share=0.95)  # one class for nearly everything
+    assert monitor.recovery is None
+    state.global_step = 200
+    with caplog.at_level(logging.WARNING, logger="stim_hf.training.collapse"):
+        _evaluation(monitor, args, state, control, 5.0, accuracy=0.31)
+        _evaluation(monitor, args, state, control, 6.0, accuracy=0.35)
+    assert "recovered from the collapse reported at step" in monitor.recovery and "top-1 31.00%" in monitor.recovery
+    assert caplog.text.count("has recovered") == 1
+    assert [e["collapse_recovered"] for e in state.log_history if "collapse_recovered" in e] == [monitor.recovery]
+    assert len(monitor.reports) == 1
+
+
 def test_common_training_gets_its_own_remedy(tmp_path):
     args = StimulativeTrainingArguments(output_dir=str(tmp_path), stim_method="ct", report_to="none")
     monitor, state, control = CollapseMonitorCallback("warn"), TrainerState(), TrainerControl()
@@ -178,6 +222,7 @@ def test_a_real_run_that_collapses_says_so_while_it_trains_and_a_healthy_one_doe
     assert len(collapsed.collapse_monitor.reports) == 1, [e for e in collapsed.state.log_history if "eval_loss" in e]
     report = collapsed.collapse_monitor.reports[0]
     assert "kl_coef=50" in report and "training has collapsed" in caplog.text
+    assert "50 in effect at this step" in report  # the trainer's schedule (constant) feeds the monitor
     step = next(e["step"] for e in collapsed.state.log_history if "collapse" in e)
     assert step < collapsed.state.max_steps  # said while training, not after
     healthy = _train_synthetic(tmp_path, kl_coef=1.0)

@@ -135,6 +135,8 @@ def run_training(
         train_metrics = dict(result.metrics, train_samples=len(train_dataset))
         if trainer.collapse_monitor.reports:
             train_metrics["collapse"] = trainer.collapse_monitor.reports[0]
+        if trainer.collapse_monitor.recovery:
+            train_metrics["collapse_recovered"] = trainer.collapse_monitor.recovery
         trainer.log_metrics("train", train_metrics)
         trainer.save_metrics("train", train_metrics)
         metrics.update(train_metrics)

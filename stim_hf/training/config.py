@@ -221,8 +221,8 @@ class StimulativeTrainingArguments(TrainingArguments):
         metadata={
             "help": "What a collapsed run does (after its first epoch: training cross-entropy at about ln C for 3 "
             "logs in a row, evaluation accuracy at chance, or 90 percent of predictions one class): 'warn' (log a warning "
-            "naming lambda and the remedies, and record it in trainer_state.json), 'stop' (raise, the job exits "
-            "non-zero) or 'ignore'."
+            "naming lambda, the lambda in effect and the remedies for it, and record it in trainer_state.json; a "
+            "later recovery is logged too), 'stop' (raise, the job exits non-zero) or 'ignore'."
         },
     )
     backward_strategy: str = field(

@@ -219,7 +219,7 @@ class StimulativeTrainer(ReliableTrainer):
         window = parse_profile_steps(args.profile_steps)
         if window is not None:
             self.add_callback(StepProfilerCallback(self, *window))
-        self.collapse_monitor = CollapseMonitorCallback(args.on_collapse)
+        self.collapse_monitor = CollapseMonitorCallback(args.on_collapse, kl_coef_now=self.current_kl_coef)
         self.add_callback(self.collapse_monitor)
         if args.subnet_monitor_count and self.stages:
             self.add_callback(SubnetMonitorCallback(self))
