@@ -86,6 +86,7 @@ class CollapseMonitorCallback(TrainerCallback):
         self.kl_coef_now = kl_coef_now
         self.reports: list[str] = []
         self.recovery: str | None = None
+        self._report_step = 0  # the step of the first report, named by the recovery
 
     @property
     def ln_c(self) -> float:
@@ -175,9 +176,8 @@ class CollapseMonitorCallback(TrainerCallback):
             return
         if share is not None and self.num_classes >= 3 and share >= CONSTANT_PREDICTION_SHARE:
             return
-        first = next(e for e in reversed(state.log_history) if "collapse" in e)
         self.recovery = (
-            f"training has recovered from the collapse reported at step {first['step']}: top-1 {100 * accuracy:.2f}% "
+            f"training has recovered from the collapse reported at step {self._report_step}: top-1 {100 * accuracy:.2f}% "
             f"at step {state.global_step} (epoch {state.epoch or 0.0:.2f}), chance {100 * chance:.2f}%"
         )
         state.log_history.append({"collapse_recovered": self.recovery, "epoch": state.epoch, "step": state.global_step})
@@ -189,6 +189,7 @@ class CollapseMonitorCallback(TrainerCallback):
             f"{_remedy(args, self.kl_coef_now() if self.kl_coef_now is not None else None)}"
         )
         self.reports.append(message)
+        self._report_step = state.global_step
         state.log_history.append({"collapse": message, "epoch": state.epoch, "step": state.global_step})
         if self.action == "stop":
             raise TrainingCollapseError(message + " (on_collapse=stop; 'warn' only reports it)")
