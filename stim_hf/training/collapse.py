@@ -156,7 +156,7 @@ class CollapseMonitorCallback(TrainerCallback):
             return
         if accuracy is not None and accuracy <= chance + CHANCE_MARGIN:
             sign = f"top-1 {100 * accuracy:.2f}%, chance for {self.num_classes} classes"
-        elif share is not None and self.num_classes >= 3 and share >= CONSTANT_PREDICTION_SHARE:
+        elif self._near_constant(share):
             sign = f"{100 * share:.1f}% of the images predicted as one class"
         else:
             self._eval_streak = []
@@ -170,11 +170,15 @@ class CollapseMonitorCallback(TrainerCallback):
                 f"({'; '.join(self._eval_streak)})",
             )
 
+    def _near_constant(self, share: float | None) -> bool:
+        """Whether an evaluation's top-1 prediction share makes a near-constant predictor (3 or more classes)."""
+        return share is not None and self.num_classes >= 3 and share >= CONSTANT_PREDICTION_SHARE
+
     def _check_recovery(self, state: TrainerState, accuracy: float | None, share: float | None, chance: float) -> None:
         """Log, once, an evaluation after the warning that is clearly above chance and not near-constant."""
         if self.recovery is not None or accuracy is None or accuracy < chance + RECOVERY_MARGIN:
             return
-        if share is not None and self.num_classes >= 3 and share >= CONSTANT_PREDICTION_SHARE:
+        if self._near_constant(share):
             return
         self.recovery = (
             f"training has recovered from the collapse reported at step {self._report_step}: top-1 {100 * accuracy:.2f}% "
@@ -225,16 +229,13 @@ def _remedy(args: TrainingArguments, kl_coef_now: float | None = None) -> str:
         )
     # Ordered by what the pilot of docs/results.md measured: cosine_up kept lambda 5 and 10 training;
     # one epoch of common training first and a 20 % learning-rate warm-up did not.
-    remedies = (
-        []
-        if args.kl_coef_schedule == "cosine_up"
-        else [
+    remedies = "a smaller kl_coef"
+    if args.kl_coef_schedule != "cosine_up":
+        remedies = (
             "bring lambda in with kl_coef_schedule: cosine_up (it kept lambda 5 and 10 training where they collapsed "
-            "from step 0, docs/results.md)"
-        ]
-    )
-    remedies.append("a smaller kl_coef")
+            f"from step 0, docs/results.md), or {remedies}"
+        )
     return (
-        f"{settings} Remedies: {', or '.join(remedies)}; a few epochs of common training first (stim_start_epoch) or "
+        f"{settings} Remedies: {remedies}; a few epochs of common training first (stim_start_epoch) or "
         "a learning-rate warm-up did not prevent a collapse driven by lambda there"
     )
