@@ -406,3 +406,59 @@ def test_early_halving_rounds_score_a_uniform_sample_of_a_class_sorted_file(tmp_
     images = SearchImages(data, SearchArguments(**{**QUICK, "holdout_samples": 640}), torch.device("cpu"))
     first = torch.cat(images.at(16).head(40, 0).labels)  # round 1's share of 640: 1/16
     assert len(first) == 40 and len(first.unique()) >= 6
+
+
+# --------------------------------------------------------------------------------------------------
+# Held-out and re-estimation counts fitted to a small training split
+# --------------------------------------------------------------------------------------------------
+
+
+def _counts(num_train: int, **given) -> tuple[int, int]:
+    from stim_hf.tools.search.run import fit_sample_counts
+
+    return fit_sample_counts(SearchArguments(**given), num_train)
+
+
+def test_default_counts_shrink_to_half_the_split_each_and_say_so(caplog):
+    assert _counts(50_000) == (2000, 2000)
+    assert _counts(4000) == (2000, 2000)
+    with caplog.at_level("WARNING", logger="stim_hf.tools.search.run"):
+        assert _counts(1437) == (718, 719)
+    assert "1,437 images, too few for the default 2,000 held-out and 2,000 re-estimation images: using 718 held-out " \
+           "and 719 re-estimation images" in caplog.text  # fmt: skip
+    # One count given: the other takes what it leaves; validation scoring fits the re-estimation images alone.
+    assert _counts(1500, holdout_samples=1000) == (1000, 500)
+    assert _counts(1500, recalibrate_bn=300) == (1200, 300)
+    assert _counts(1500, score_split="validation") == (2000, 1500)
+    assert _counts(1500, recalibrate_bn=0, holdout_samples=1500) == (1500, 0)
+
+
+@pytest.mark.parametrize(
+    ("num_train", "given", "message"),
+    [
+        (511, {}, r"511 images, too few to score sub-networks honestly: a search fits at least 256 images to each of "
+                  r"--holdout-samples and --recalibrate-bn .*set both counts yourself"),
+        (1200, {"holdout_samples": 1000}, r"--holdout-samples 1000 leaves 200 of the 1,200 training images for "
+                                          r"--recalibrate-bn, fewer than the 256 .*; lower --holdout-samples, or set "
+                                          r"--recalibrate-bn yourself"),
+        (3000, {"holdout_samples": 2000, "recalibrate_bn": 2000},
+         r"--holdout-samples 2000 plus --recalibrate-bn 2000 need 4,000 training images, but the training data has "
+         r"3,000; .*or leave them unset"),
+    ],
+)  # fmt: skip
+def test_counts_that_cannot_fit_are_refused_naming_the_minimum_or_the_fix(num_train, given, message):
+    with pytest.raises(ConfigError, match=message):
+        _counts(num_train, **given)
+    # Counts given explicitly are the user's: any that fit are used, however small.
+    assert _counts(200, holdout_samples=96, recalibrate_bn=64) == (96, 64)
+
+
+def test_a_search_with_default_counts_runs_on_a_small_split_and_records_them(checkpoint, tmp_path):
+    argv = ["search", checkpoint, *DIGITS, "--input-sizes", "16", "--output-dir", str(tmp_path / "out"),
+            "--latency", "none", "--progress", "false"]  # fmt: skip
+    assert cli_main(argv) == 0
+    settings = json.loads((tmp_path / "out" / "pareto.json").read_text())["settings"]
+    half = settings["num_scored_images"]
+    assert (settings["holdout_samples"], settings["recalibrate_bn"]) == (half, settings["num_recalibration_images"])
+    assert settings["sample_counts_fitted"] == ["holdout_samples", "recalibrate_bn"]
+    assert 0 <= settings["num_recalibration_images"] - half <= 1 and half > 700

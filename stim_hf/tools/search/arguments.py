@@ -23,6 +23,11 @@ SHARING = ("auto", "tree", "naive")
 HALVING_MARGIN = 2.0
 # Without a recipe or a training_args.json, candidates follow the preset of training's default stim_method.
 DEFAULT_METHOD = "stpp"
+# Held-out and re-estimation images when neither is given; a training split too small for both gets half each, down
+# to FIT_MINIMUM each (docs/search.md, "Scoring": why 256).
+DEFAULT_HOLDOUT_SAMPLES = 2000
+DEFAULT_RECALIBRATE_BN = 2000
+FIT_MINIMUM = 256
 
 
 @dataclass
@@ -61,14 +66,18 @@ class SearchArguments:
         metadata={"help": "Smallest input as a share of S (default: as sampling; without either, stpp's 0.43)."},
     )
     # Scoring
-    holdout_samples: int = field(
-        default=2000, metadata={"help": "Training images held out (seeded) to score the sub-networks on."}
-    )
-    recalibrate_bn: int = field(
-        default=2000,
+    holdout_samples: int | None = field(
+        default=None,
         metadata={
-            "help": "Other training images each sub-network's BatchNorm statistics are re-estimated on "
-            "(0: keep the full network's)."
+            "help": f"Training images held out (seeded) to score the sub-networks on. Default: {DEFAULT_HOLDOUT_SAMPLES:,}, "
+            "or half the training split where it cannot hold both defaults (docs/search.md, Scoring)."
+        },
+    )
+    recalibrate_bn: int | None = field(
+        default=None,
+        metadata={
+            "help": "Other training images each sub-network's BatchNorm statistics are re-estimated on (0: keep the "
+            f"full network's). Default: {DEFAULT_RECALIBRATE_BN:,}, or what the training split leaves (as above)."
         },
     )
     score_split: str = field(
@@ -157,6 +166,14 @@ class SearchArguments:
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
     def __post_init__(self) -> None:
+        # Counts left unset are fitted to the training split once it is loaded (search.run.fit_sample_counts).
+        self.fitted_counts = tuple(
+            name for name in ("holdout_samples", "recalibrate_bn") if getattr(self, name) is None
+        )
+        if self.holdout_samples is None:
+            self.holdout_samples = DEFAULT_HOLDOUT_SAMPLES
+        if self.recalibrate_bn is None:
+            self.recalibrate_bn = DEFAULT_RECALIBRATE_BN
         for name in (
             "holdout_samples",
             "batch_size",

@@ -29,7 +29,7 @@ from stim_hf.method import ResidualFamily, ResidualStage, Subnet, find_residual_
 from stim_hf.method.batchnorm import preserved_rng_state
 from stim_hf.tools.loafing import checkpoint_labels, load_checkpoint
 from stim_hf.tools.output_folders import check_new_folder
-from stim_hf.tools.search.arguments import SearchArguments, subset_export_error, training_sampling
+from stim_hf.tools.search.arguments import FIT_MINIMUM, SearchArguments, subset_export_error, training_sampling
 from stim_hf.tools.search.budget import format_count
 from stim_hf.tools.search.results import Candidate, CheckpointSearch, SearchResult
 from stim_hf.tools.search.space import CandidateSpace, default_input_sizes, evolve
@@ -65,6 +65,60 @@ def check_exportable(model: nn.Module, family: ResidualFamily, stages: Sequence[
 # --------------------------------------------------------------------------------------------------
 
 
+def fit_sample_counts(args: SearchArguments, num_train: int) -> tuple[int, int]:
+    """The held-out and re-estimation image counts for a training split of ``num_train`` images.
+
+    Counts given explicitly are used as given, and refused when the split cannot hold them. Counts left
+    unset shrink to fit a small split (both unset: half of it each, the defaults' 1:1; one unset: what
+    the other leaves), announced in one line. Below ``FIT_MINIMUM`` images for a fitted count, too
+    few remain to rank candidates honestly, and the search is refused before any scoring.
+    """
+    on_train = args.score_split == "train"
+    holdout, recal = (args.holdout_samples if on_train else 0), args.recalibrate_bn
+    if holdout + recal <= num_train:
+        return args.holdout_samples, recal
+    fitted = [name for name in args.fitted_counts if on_train or name == "recalibrate_bn"]
+    if not fitted:
+        held = f"--holdout-samples {holdout} plus " if on_train else ""
+        raise ConfigError(
+            f"{held}--recalibrate-bn {recal} need {holdout + recal:,} training images, but the training data has "
+            f"{num_train:,}; lower --holdout-samples or --recalibrate-bn so they fit, or leave them unset to fit "
+            "them to the data"
+        )
+    before = (
+        f"{holdout:,} held-out and {recal:,} re-estimation images" if on_train else f"{recal:,} re-estimation images"
+    )
+    if len(fitted) == 2:
+        holdout, recal = num_train // 2, num_train - num_train // 2
+    elif fitted == ["holdout_samples"]:
+        holdout = num_train - recal
+    else:
+        recal = num_train - holdout
+    counts = {"holdout_samples": holdout, "recalibrate_bn": recal}
+    if len(fitted) == 1 and counts[fitted[0]] < FIT_MINIMUM:
+        given = "recalibrate_bn" if fitted == ["holdout_samples"] else "holdout_samples"
+        flag, other = f"--{given.replace('_', '-')}", f"--{fitted[0].replace('_', '-')}"
+        raise ConfigError(
+            f"{flag} {getattr(args, given)} leaves {max(counts[fitted[0]], 0):,} of the {num_train:,} training images "
+            f"for {other}, fewer than the {FIT_MINIMUM} a search needs to score honestly (docs/search.md, Scoring); "
+            f"lower {flag}, or set {other} yourself"
+        )
+    if any(counts[name] < FIT_MINIMUM for name in fitted):
+        raise ConfigError(
+            f"the training data has {num_train:,} images, too few to score sub-networks honestly: a search fits "
+            f"at least {FIT_MINIMUM} images to each of "
+            + " and ".join(f"--{n.replace('_', '-')}" for n in fitted)
+            + " (docs/search.md, Scoring); give more training data, or set both counts yourself to search on fewer"
+        )
+    after = (
+        f"{holdout:,} held-out and {recal:,} re-estimation images" if on_train else f"{recal:,} re-estimation images"
+    )
+    logger.warning(
+        "the training data has %s images, too few for the default %s: using %s", f"{num_train:,}", before, after
+    )
+    return (holdout if on_train else args.holdout_samples), recal
+
+
 class SearchImages:
     """The scored and the re-estimation images, decoded once, resized once per input size.
 
@@ -81,20 +135,15 @@ class SearchImages:
             train if train is not None else splits["validation"], data_args.label_column_name
         )
         on_train = args.score_split == "train"
-        needed = args.recalibrate_bn + (args.holdout_samples if on_train else 0)
-        if needed and needed > len(train):
-            held = f"--holdout-samples {args.holdout_samples} plus " if on_train else ""
-            raise ConfigError(
-                f"{held}--recalibrate-bn {args.recalibrate_bn} need {needed:,} training images, but the training "
-                f"data has {len(train):,}; lower --holdout-samples or --recalibrate-bn so they fit"
-            )
+        self.holdout_samples, self.recalibrate_bn = fit_sample_counts(args, len(train) if train is not None else 0)
+        needed = self.recalibrate_bn + (self.holdout_samples if on_train else 0)
         order = np.random.default_rng(args.seed).permutation(len(train)).tolist() if train is not None else []
         if on_train:
-            scored, rows = train, order[args.recalibrate_bn : needed]
+            scored, rows = train, order[self.recalibrate_bn : needed]
             self.scored_from = f"{len(rows):,} held-out training images (seed {args.seed})"
         else:
             scored = splits["validation"]
-            rows = np.random.default_rng(args.seed).permutation(len(scored))[: args.holdout_samples].tolist()
+            rows = np.random.default_rng(args.seed).permutation(len(scored))[: self.holdout_samples].tolist()
             self.scored_from = f"{len(rows):,} images of the validation split (--score-split validation)"
         self.device = device
         self.full_size = data_args.resolved_eval_image_size()
@@ -104,11 +153,11 @@ class SearchImages:
         self.images, labels = self._load(Subset(view, rows), args)
         self.labels = [y.to(device) for y in labels]
         self.recalibration: list[torch.Tensor] = []
-        if args.recalibrate_bn:
+        if self.recalibrate_bn:
             with preserved_rng_state():
                 torch.manual_seed(args.seed)
                 view = with_image_transforms(train, data_args, train=True)
-                self.recalibration = self._load(Subset(view, order[: args.recalibrate_bn]), args)[0]
+                self.recalibration = self._load(Subset(view, order[: self.recalibrate_bn]), args)[0]
         self.num_scored = sum(int(x.shape[0]) for x in self.images)
         self.num_recalibration = sum(int(x.shape[0]) for x in self.recalibration)
         self._at: dict[int, ScoreBatches] = {}
@@ -531,6 +580,9 @@ def _settings(args, data_args, device, images: SearchImages, models: Sequence[Se
             },
             "eval_image_size": images.full_size,
             "scored_on": images.scored_from,
+            "holdout_samples": images.holdout_samples,
+            "recalibrate_bn": images.recalibrate_bn,
+            "sample_counts_fitted": list(args.fitted_counts),
             "num_scored_images": images.num_scored,
             "num_recalibration_images": images.num_recalibration,
             "recalibration": "exact statistics pooled over all re-estimation images, training transforms"
