@@ -6,8 +6,10 @@
   python bench/full_network_study.py --plan cpu --out ~/stim_hf_study/cpu --parallel 2
   # 3. the same study at paper scale on a GPU (ResNet-56, all of CIFAR-10, 200 epochs)
   python bench/full_network_study.py --plan gpu --out outputs/full_network_study_gpu --parallel 4 --device cuda
-  # the from-scratch ResNet-14 that bench/subnet_payoff.py compares the sub-networks with
-  python bench/full_network_study.py --plan r14 --out ~/stim_hf_study/r14 --parallel 1
+  # the checkpoints of bench/subnet_payoff.py: the recipe's ST++ and CT ResNet-20, ResNet-14 and ResNet-8 from scratch
+  python bench/full_network_study.py --plan payoff --out ~/stim_hf_study/payoff --parallel 2
+  # the recipe against CT on all 50,000 CIFAR-10 training images (ResNet-20, 50 epochs)
+  python bench/full_network_study.py --plan full --out ~/stim_hf_study/full --parallel 2
   # tables and plot from whatever has finished
   python bench/full_network_study.py --plan cpu --out ~/stim_hf_study/cpu --report-only
 
@@ -111,11 +113,17 @@ class Run:
     depth: int
     epochs: int
     train_samples: int | None  # None: the whole training split
+    depth_in_name: bool = False  # plans that train one setting at several depths name each run's depth
+
+    @property
+    def setting_label(self) -> str:
+        """The setting as the report groups it: ``ct``, or ``ct_r14`` for a run of a plan's other depths."""
+        return f"{self.setting.name}_r{self.depth}" if self.depth_in_name else self.setting.name
 
     @property
     def name(self) -> str:
         """The run's folder name."""
-        return f"{self.setting.name}_seed{self.seed}"
+        return f"{self.setting_label}_seed{self.seed}"
 
     def key(self) -> tuple:
         """What makes two runs the same run (for results carried over from an earlier session)."""
@@ -166,6 +174,20 @@ PLANS: dict[str, dict[str, Any]] = {
     # The from-scratch baseline of bench/subnet_payoff.py: a CIFAR ResNet-14 ([2, 2, 2], the shape of ResNet-20's
     # sub-network that drops one block per stage) trained as the cpu plan's CT. Give it its own --out.
     "r14": {"depth": 14, "epochs": 100, "train_samples": 5000, "seeds": [1, 2, 3], "settings": [CT]},
+    # bench/subnet_payoff.py (issue 30): per seed, the recipe's ST++ and CT ResNet-20 side by side (their wall times
+    # compared), then the from-scratch ResNet-14 and ResNet-8 ([1, 1, 1]) trained as CT. ST++ first and the two short
+    # runs last keep two workers busy to the end of each seed.
+    "payoff": {
+        "depth": 20,
+        "epochs": 100,
+        "train_samples": 5000,
+        "seeds": [1, 2, 3],
+        "settings": [PLAIN_KL_SETTING, CT],
+        "other_depths": [14, 8],
+    },
+    # Issue 27: the recipe's ST++ against CT on all 50,000 training images (ResNet-20, 50 epochs: a pair takes about
+    # 3 hours on 2 cores, two runs at once), seed by seed; the decision rule is in docs/results.md.
+    "full": {"depth": 20, "epochs": 50, "train_samples": None, "seeds": [1, 2, 3], "settings": [PLAIN_KL_SETTING, CT]},
     # A few seconds of training: the test suite's and a resume check's plan.
     "smoke": {"depth": 14, "epochs": 6, "train_samples": 256, "seeds": [1], "settings": [Setting("stpp", 1)]},
     # Paper scale on a GPU: ResNet-56, all 50k images, 200 epochs. Plain KL (the CIFAR recipes' setting since
@@ -184,12 +206,16 @@ def plan_runs(plan: str) -> list[Run]:
     """The runs of ``plan`` in launch order: every setting of seed 1, then of seed 2, ..., then the same
     for the plan's second tier of settings (``then``)."""
     spec = PLANS[plan]
-    return [
-        Run(setting, seed, spec["depth"], spec["epochs"], spec["train_samples"])
-        for tier in (spec["settings"], spec.get("then", []))
-        for seed in spec["seeds"]
-        for setting in tier
-    ]
+    runs = []
+    for tier in (spec["settings"], spec.get("then", [])):
+        for seed in spec["seeds"]:
+            runs += [Run(setting, seed, spec["depth"], spec["epochs"], spec["train_samples"]) for setting in tier]
+            if tier is spec["settings"]:  # CT at the plan's other depths, after the first tier's runs of the seed
+                runs += [
+                    Run(CT, seed, depth, spec["epochs"], spec["train_samples"], depth_in_name=True)
+                    for depth in spec.get("other_depths", [])
+                ]
+    return runs
 
 
 def steps_per_epoch(run: Run) -> int:
@@ -343,7 +369,7 @@ def run_fields(run: Run) -> dict[str, Any]:
     """The identifying fields of ``run`` as results.json holds them."""
     return {
         "name": run.name,
-        "setting": run.setting.name,
+        "setting": run.setting_label,
         **asdict(run.setting),
         "seed": run.seed,
         "epochs": run.epochs,
@@ -463,7 +489,7 @@ def paired_differences(runs: list[dict[str, Any]], baseline: list[dict[str, Any]
 
 def setting_order(names, plan: str) -> list[str]:
     """``names`` in the order the plan first runs them (settings the plan does not know last)."""
-    order = [run.setting.name for run in plan_runs(plan)] if plan in PLANS else []
+    order = [run.setting_label for run in plan_runs(plan)] if plan in PLANS else []
     return sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
 
 

@@ -1,31 +1,33 @@
-"""The payoff of ST++ for deployment: its searched sub-networks against CT's and a network trained from scratch.
+"""The payoff of ST++ for deployment: one training's searched sub-networks against networks trained alone (issue 30).
 
-  # the checkpoints: the full-network study's CT and ST++ (lambda 1) ResNet-20s, and a ResNet-14 trained as CT
-  python bench/full_network_study.py --plan cpu --out ~/stim_hf_study/cpu --parallel 2
-  python bench/full_network_study.py --plan r14 --out ~/stim_hf_study/r14
-  # the benchmark (every seed whose three runs have finished; run it again as more finish)
-  python bench/subnet_payoff.py --study ~/stim_hf_study/cpu --baseline ~/stim_hf_study/r14
+  # the checkpoints, per seed: the recipe's ST++ and CT ResNet-20 side by side, then ResNet-14 and ResNet-8 as CT
+  python bench/full_network_study.py --plan payoff --out ~/stim_hf_study/payoff --parallel 2
+  # the benchmark (every seed whose four runs have finished; run it again as more finish)
+  python bench/subnet_payoff.py --study ~/stim_hf_study/payoff
 
-For each seed, with the CT and the ST++ ResNet-20 of that seed (same data, epochs, schedule and seed) and
-the ResNet-14 trained from scratch the same way:
+Per seed, all checkpoints trained on the same 5,000 CIFAR-10 images for the same epochs and schedule:
 
-1. ``stim_hf.tools.search.search_subnets`` over both ResNet-20s at once: every prefix sub-network (27 depth
-   combinations) at ``--input-sizes`` (the sizes ST++ trains on), each with its BatchNorm statistics
-   re-estimated on ``--search-recalibrate-bn`` (2,000) training images, scored on ``--holdout-samples``
-   (2,000) held-out **training** images (never the test split), under a FLOPs budget equal to the
-   ResNet-14's FLOPs (65 % of the ResNet-20's). Its ``pareto.json`` / ``pareto.csv`` / ``pareto.png`` go
-   to ``--report-dir/seed<N>/search``.
-2. Every sub-network on either accuracy-FLOPs front, each checkpoint's pick under the budget, and the
-   ``[2, 2, 2]`` sub-network at 32 px (the ResNet-14's shape) of each, exported with
-   ``stim_hf.tools.export.export_subnet`` (BatchNorm re-estimated on ``--recalibrate-bn`` training images) and
-   scored on the whole test split.
-3. The ResNet-14's and the ResNet-20s' full-network test top-1 from the study's own analysis
-   (``result.json``: the whole test split).
+1. **The trained-once fronts.** One ``stim_hf.tools.search.search_subnets`` over the CT and the ST++ ResNet-20:
+   every prefix sub-network (27 depth combinations) at each of ``--input-sizes`` (the sizes ST++ trains on), each
+   with its BatchNorm statistics re-estimated at its size on ``--search-recalibrate-bn`` (2,000) training images
+   and scored on ``--holdout-samples`` (2,000) held-out **training** images (never the test split). No budget:
+   the search enumerates every candidate once, and each budget's pick is read off that table.
+2. **The from-scratch front.** The same search over the ResNet-20 (CT), ResNet-14 and ResNet-8 trained from
+   scratch, each as a whole network (sample space 0,0,0) at the same input sizes with BatchNorm re-estimated at
+   each size: the knob ST++'s candidates get. The front is the union over the three trainings.
+3. **The picks.** At each of ``--budgets`` (shares of the ResNet-20's FLOPs at 32 px), the most accurate
+   candidate on the held-out images within the budget, for ST++, for CT and for the from-scratch union (ties: the
+   cheaper). Each pick, every member of each accuracy-FLOPs front and every from-scratch point is exported with
+   ``stim_hf.tools.export.export_subnet`` (BatchNorm re-estimated on ``--recalibrate-bn`` training images at its
+   input size) and scored on the whole test split.
+4. **The cost.** Each training's minutes (from the study's ``result.json``: the logged pace, and the wall clock
+   of the runs, two at a time) and each search's seconds: one ST++ training plus its search against the three
+   dedicated trainings plus theirs.
 
-Writes ``results.json`` (every figure), ``results.md`` (per seed, then mean and std over seeds, with the
-paired difference ST++ pick minus ResNet-14 per seed) and ``payoff.png`` (test top-1 against FLOPs:
-both fronts, the picks, the ResNet-14 and the full networks) to ``--report-dir``
-(default ``docs/measurements/subnet_payoff``).
+Writes ``results.json`` (every figure; checkpoints keyed by their study setting, the recipe's marked), ``results.md``
+(the budget table over seeds with the paired difference, per-seed tables, fronts, cost) and ``payoff.png`` (per
+seed: the fronts on the test split and the picks; last panel: the picks against the budget, mean and std over
+seeds) to ``--report-dir`` (default ``docs/measurements/subnet_payoff``).
 """
 
 from __future__ import annotations
@@ -45,9 +47,13 @@ for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE"):
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "data" / "cifar10"
-RUNS = {"CT": "ct_seed{seed}", "ST++": "stpp_l1_kl-_step0_seed{seed}"}
-BASELINE = "ct_seed{seed}"
-SHAPE = (2, 2, 2)  # a CIFAR ResNet-14's blocks per stage
+# The CIFAR ST++ recipes' setting (lambda 5, plain KL, cosine_up: docs/results.md), as the study names it.
+RECIPE_SETTING = "stpp_l5_kl_cosine_up"
+CT_SETTING = "ct"
+# The networks trained from scratch, by the study's setting names (the payoff plan's other depths).
+SCRATCH = {"ResNet-20": "ct", "ResNet-14": "ct_r14", "ResNet-8": "ct_r8"}
+BUDGETS = "0.10,0.25,0.50,0.65,1.00"
+SCRATCH_LABEL = "from scratch"
 
 
 def finished(folder: Path) -> dict[str, Any] | None:
@@ -69,17 +75,6 @@ def data_arguments(args: argparse.Namespace, with_test: bool):
     )
 
 
-def model_flops(folder: Path, size: int = 32) -> int:
-    """FLOPs of one image through the saved model at ``size`` px."""
-    import torch
-
-    from stim_hf.analysis.flops import count_flops
-    from stim_hf.tools.export import load_checkpoint
-
-    model = load_checkpoint(folder).eval()
-    return int(count_flops(model, torch.zeros(1, 3, size, size)))
-
-
 def test_top1(checkpoint: Path, depths, input_size: int, args: argparse.Namespace) -> float:
     """Top-1 (%) on the test split of a sub-network, exported with re-estimated BatchNorm statistics."""
     from stim_hf.tools.export import export_subnet
@@ -99,90 +94,140 @@ def test_top1(checkpoint: Path, depths, input_size: int, args: argparse.Namespac
     return round(100 * info["metrics"]["accuracy"], 2)
 
 
-def score_candidate(candidate, role: str, checkpoint, folder: Path, scored: dict, args: argparse.Namespace) -> dict:
-    """The test figure of one searched candidate (each depths-and-size scored once), with its roles."""
-    key = (tuple(candidate.depths), candidate.input_size)
-    if key not in scored:
-        scored[key] = {
+class TestScores:
+    """Test top-1 of (checkpoint, depths, size), each exported and scored once per seed, with a line each."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.scored: dict[tuple, float] = {}
+
+    def __call__(self, label: str, folder: Path, candidate, reference_flops: int) -> dict[str, Any]:
+        key = (str(folder), tuple(candidate.depths), candidate.input_size)
+        if key not in self.scored:
+            self.scored[key] = test_top1(folder, candidate.depths, candidate.input_size, self.args)
+            depths = ",".join(map(str, candidate.depths))
+            print(f"  {label} {depths} @{candidate.input_size}: test top-1 {self.scored[key]}", flush=True)
+        return {
+            "network": label,
             "depths": list(candidate.depths),
             "input_size": candidate.input_size,
-            "flop_share": round(candidate.flops / checkpoint.full_flops, 4),
+            "flops": candidate.flops,
+            "flop_share": round(candidate.flops / reference_flops, 4),
             "heldout_top1": round(100 * candidate.accuracy, 2),
-            "test_top1": test_top1(folder, candidate.depths, candidate.input_size, args),
-            "roles": [],
+            "test_top1": self.scored[key],
         }
-        depths = ",".join(map(str, candidate.depths))
-        print(
-            f"  {checkpoint.label} {depths} @{candidate.input_size}: test top-1 {scored[key]['test_top1']}", flush=True
-        )
-    scored[key]["roles"].append(role)
-    return scored[key]
+
+
+def best_within(candidates: list[tuple[str, Any]], limit: float) -> tuple[str, Any] | None:
+    """The most accurate (label, candidate) on the held-out images with FLOPs within ``limit`` (ties: the cheaper),
+    the search's own rule for a pick."""
+    within = [(label, c) for label, c in candidates if c.flops <= limit * (1 + 1e-9)]
+    if not within:
+        return None
+    return min(within, key=lambda lc: (-lc[1].accuracy, lc[1].flops, lc[1].loss, lc[1].input_size, lc[0]))
+
+
+def search(folders: dict[str, Path], sample_space: str, out: Path, args: argparse.Namespace):
+    """One exhaustive search, without a budget, over ``folders`` (label -> checkpoint); writes ``pareto.*``."""
+    from stim_hf.tools.search import SearchArguments, search_subnets
+
+    return search_subnets(
+        [str(folder) for folder in folders.values()],
+        data_arguments(args, with_test=False),
+        SearchArguments(
+            sampling="prefix",
+            sample_space=sample_space,
+            input_sizes=args.input_sizes,
+            labels=list(folders),
+            holdout_samples=args.holdout_samples,
+            recalibrate_bn=args.search_recalibrate_bn,
+            halving_rounds=1,  # every candidate on all the held-out images
+            latency="none",  # a shared CPU's latencies say little; FLOPs are the budget here
+            device="cpu",
+            output_dir=str(out),
+            overwrite=True,
+            progress=False,
+        ),
+    )
+
+
+def cost_fields(result: dict[str, Any]) -> dict[str, Any]:
+    """A training's cost as the study recorded it."""
+    return {key: result.get(key) for key in ("train_minutes", "wall_minutes", "images_per_second")}
 
 
 def payoff_for_seed(seed: int, args: argparse.Namespace) -> dict[str, Any] | None:
-    """Search, export and score one seed's checkpoints; None if one of its runs has not finished."""
-    from stim_hf.tools.search import SearchArguments, search_subnets
+    """Search, pick, export and score one seed's checkpoints; None if one of its runs has not finished."""
+    from stim_hf.analysis.pareto import pareto_front
 
-    folders = {label: args.study / pattern.format(seed=seed) for label, pattern in RUNS.items()}
-    baseline = args.baseline / BASELINE.format(seed=seed)
+    trained = {"ST++": args.st_setting, "CT": CT_SETTING}
+    settings = {**{label: name for label, name in trained.items()}, **SCRATCH}
+    folders = {label: args.study / f"{name}_seed{seed}" for label, name in settings.items()}
     results = {label: finished(folder) for label, folder in folders.items()}
-    baseline_result = finished(baseline)
-    if baseline_result is None or any(r is None for r in results.values()):
+    if any(result is None for result in results.values()):
         return None
     cache = args.report_dir / f"seed{seed}" / "payoff.json"
     if cache.is_file() and not args.redo:
         return json.loads(cache.read_text())
     start = time.perf_counter()
-    full_flops = model_flops(folders["ST++"])
-    baseline_flops = model_flops(baseline)
-    share = baseline_flops / full_flops
-    search_dir = args.report_dir / f"seed{seed}" / "search"
-    search = search_subnets(
-        [str(folders["CT"]), str(folders["ST++"])],
-        data_arguments(args, with_test=False),
-        SearchArguments(
-            budget=f"flops={share:.6f}",
-            sampling="prefix",
-            sample_space="full",
-            input_sizes=args.input_sizes,
-            labels=list(RUNS),
-            holdout_samples=args.holdout_samples,
-            recalibrate_bn=args.search_recalibrate_bn,
-            halving_rounds=1,  # 108 candidates per checkpoint: every one on all the held-out images
-            latency="none",  # a shared CPU's latencies say little; FLOPs are the budget here
-            device="cpu",
-            output_dir=str(search_dir),
-            overwrite=True,
-            progress=False,
-        ),
-    )
+    seed_dir = args.report_dir / f"seed{seed}"
+    subnets = search({label: folders[label] for label in trained}, "full", seed_dir / "search", args)
+    scratch = search({label: folders[label] for label in SCRATCH}, "0,0,0", seed_dir / "search_scratch", args)
+    search_seconds = {
+        c.label: round(c.timing.get("total", 0.0), 1) for c in [*subnets.checkpoints, *scratch.checkpoints]
+    }
+    reference = next(c for c in subnets.checkpoints if c.label == "ST++").full_flops
+    score = TestScores(args)
+
+    pools = {c.label: [(c.label, x) for x in c.candidates] for c in subnets.checkpoints}
+    pools[SCRATCH_LABEL] = [(c.label, x) for c in scratch.checkpoints for x in c.candidates]
+    budgets = []
+    for share in (float(b) for b in args.budgets.split(",")):
+        picks = {}
+        for label, pool in pools.items():
+            best = best_within(pool, share * reference)
+            picks[label] = None if best is None else score(best[0], folders[best[0]], best[1], reference)
+        budgets.append({"budget": share, "picks": picks})
+
+    checkpoints = {}
+    for c in subnets.checkpoints:
+        front = sorted((x for x in c.candidates if x.pareto_flops), key=lambda x: x.flops)
+        checkpoints[settings[c.label]] = {
+            "label": c.label,
+            "recipe": settings[c.label] == RECIPE_SETTING,
+            "full_test_top1": results[c.label]["full_top1"],
+            "search_seconds": search_seconds[c.label],
+            **cost_fields(results[c.label]),
+            "front": [score(c.label, folders[c.label], x, reference) for x in front],
+        }
+    points = [score(label, folders[label], x, reference) for label, x in pools[SCRATCH_LABEL]]
+    on_front = set(pareto_front([p["flops"] for p in points], [p["heldout_top1"] for p in points]))
+    for i, point in enumerate(points):
+        point["on_front"] = i in on_front
+    for label, name in SCRATCH.items():
+        checkpoints.setdefault(name, {"label": label, "recipe": False})
+        checkpoints[name] |= {
+            "scratch_label": label,
+            "full_test_top1": results[label]["full_top1"],
+            "scratch_search_seconds": search_seconds[label],
+            **cost_fields(results[label]),
+        }
     record: dict[str, Any] = {
         "seed": seed,
-        "full_flops": full_flops,
-        "baseline_flops": baseline_flops,
-        "budget_flop_share": round(share, 4),
-        "baseline_test_top1": baseline_result["full_top1"],
-        "checkpoints": {},
+        "reference_flops": reference,
+        "recipe_setting": RECIPE_SETTING,
+        "st_setting": args.st_setting,
+        "checkpoints": checkpoints,
+        "scratch_points": sorted(points, key=lambda p: p["flops"]),
+        "budgets": budgets,
+        "seconds": round(time.perf_counter() - start, 1),
     }
-    for checkpoint in search.checkpoints:
-        folder = folders[checkpoint.label]
-        scored: dict[tuple, dict[str, Any]] = {}
-        context = (checkpoint, folder, scored, args)
-        front = [c for c in checkpoint.candidates if c.pareto_flops]
-        for candidate in sorted(front, key=lambda c: c.flops):
-            score_candidate(candidate, "front", *context)
-        pick = score_candidate(checkpoint.pick, "pick", *context) if checkpoint.pick is not None else None
-        shape = next(c for c in checkpoint.candidates if tuple(c.depths) == SHAPE and c.input_size == 32)
-        record["checkpoints"][checkpoint.label] = {
-            "full_test_top1": results[checkpoint.label]["full_top1"],
-            "pick": pick,
-            "shape_222_at_32": score_candidate(shape, "shape", *context),
-            "front": [v for v in scored.values() if "front" in v["roles"]],
-        }
-    record["seconds"] = round(time.perf_counter() - start, 1)
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+# -- report ------------------------------------------------------------------------------------------
 
 
 def _mean_std(values: list[float]) -> str:
@@ -193,97 +238,171 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
-def report_markdown(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    """Per-seed and aggregate tables."""
+def _paired_t(diffs: list[float]) -> str:
+    if len(diffs) < 2 or statistics.stdev(diffs) < 1e-9:
+        return "-"
+    from scipy.stats import ttest_1samp
+
+    test = ttest_1samp(diffs, 0.0)
+    return f"{test.statistic:.2f} (p {test.pvalue:.3f})"
+
+
+def _pick_text(pick: dict[str, Any] | None, network: bool = False) -> str:
+    if pick is None:
+        return "-"
+    shape = pick["network"] if network else ",".join(map(str, pick["depths"]))
+    return f"{pick['test_top1']:.2f} ({shape} @{pick['input_size']}, {100 * pick['flop_share']:.0f}%)"
+
+
+def _top1(record: dict[str, Any], index: int, label: str) -> float | None:
+    pick = record["budgets"][index]["picks"][label]
+    return None if pick is None else pick["test_top1"]
+
+
+def budget_table(records: list[dict[str, Any]]) -> list[str]:
+    """Per budget, over seeds: ST++'s pick, the from-scratch pick, the paired difference, CT's pick."""
     lines = [
-        f"Test top-1 (%) on {f'{args.test_samples} CIFAR-10 test images' if args.test_samples else 'the whole CIFAR-10 test split'} "
-        "(the ResNet-14's and the full networks': the whole split); sub-networks with BatchNorm statistics re-estimated on "
-        f"{args.recalibrate_bn} training images; picks chosen on {args.holdout_samples:,} held-out training images under the ResNet-14's "
-        "FLOPs.",
-        "",
-        "| seed | budget (share of ResNet-20) | CT pick | ST++ pick | CT [2,2,2] @32 | ST++ [2,2,2] @32 | ResNet-14 "
-        "from scratch | ST++ pick - ResNet-14 | CT full | ST++ full |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| budget (FLOPs of ResNet-20) | ST++ pick | from-scratch pick | ST++ − from scratch (paired) | t (p) "
+        "| seeds ST++ ahead | CT pick |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-
-    def pick_text(p):
-        if p is None:
-            return "-"
-        return (
-            f"{p['test_top1']:.2f} ({','.join(map(str, p['depths']))} @{p['input_size']}, {100 * p['flop_share']:.0f}%)"
-        )
-
-    for r in records:
-        ct, st = r["checkpoints"]["CT"], r["checkpoints"]["ST++"]
-        delta = st["pick"]["test_top1"] - r["baseline_test_top1"] if st["pick"] else None
+    for i, budget in enumerate(records[0]["budgets"]):
+        st = [_top1(r, i, "ST++") for r in records]
+        scratch = [_top1(r, i, SCRATCH_LABEL) for r in records]
+        ct = [_top1(r, i, "CT") for r in records]
+        diffs = [a - b for a, b in zip(st, scratch, strict=True) if a is not None and b is not None]
         lines.append(
-            f"| {r['seed']} | {100 * r['budget_flop_share']:.1f}% | {pick_text(ct['pick'])} | {pick_text(st['pick'])} | "
-            f"{ct['shape_222_at_32']['test_top1']:.2f} | {st['shape_222_at_32']['test_top1']:.2f} | "
-            f"{r['baseline_test_top1']:.2f} | {'-' if delta is None else f'{delta:+.2f}'} | "
-            f"{ct['full_test_top1']:.2f} | {st['full_test_top1']:.2f} |"
+            f"| {100 * budget['budget']:.0f} % | {_mean_std([v for v in st if v is not None])} "
+            f"| {_mean_std([v for v in scratch if v is not None])} | {_mean_std(diffs)} | {_paired_t(diffs)} "
+            f"| {sum(d > 0 for d in diffs)} of {len(diffs)} | {_mean_std([v for v in ct if v is not None])} |"
         )
-    if len(records) > 1:
+    return lines
 
-        def column(f):
-            return [f(r) for r in records]
 
-        lines += [
-            "",
-            f"Over {len(records)} seeds (mean ± std): CT pick "
-            f"{_mean_std(column(lambda r: r['checkpoints']['CT']['pick']['test_top1']))}, ST++ pick "
-            f"{_mean_std(column(lambda r: r['checkpoints']['ST++']['pick']['test_top1']))}, ResNet-14 from scratch "
-            f"{_mean_std(column(lambda r: r['baseline_test_top1']))}; ST++ pick - ResNet-14 "
-            f"{_mean_std(column(lambda r: r['checkpoints']['ST++']['pick']['test_top1'] - r['baseline_test_top1']))}.",
-        ]
-    lines += ["", "Accuracy-FLOPs fronts (test top-1 of each front member; chosen on held-out training images):", ""]
+def cost_table(records: list[dict[str, Any]]) -> list[str]:
+    """One ST++ training plus its search against the three dedicated trainings plus theirs, per seed."""
+    lines = [
+        "| seed | ST++ ResNet-20: train / wall min, search s | CT ResNet-20: train / wall min | ST++ / CT wall "
+        "| ResNet-14, ResNet-8: train / wall min | three from scratch: train / wall min, search s |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
     for r in records:
-        for label in RUNS:
-            front = r["checkpoints"][label]["front"]
-            cells = ", ".join(
-                f"{','.join(map(str, f['depths']))} @{f['input_size']}: {100 * f['flop_share']:.0f}% -> {f['test_top1']:.2f}"
-                for f in front
+        by_label = {c["label"]: c for c in r["checkpoints"].values()}
+        st, ct = by_label["ST++"], r["checkpoints"][CT_SETTING]
+        small = [r["checkpoints"][SCRATCH[name]] for name in ("ResNet-14", "ResNet-8")]
+        scratch = [r["checkpoints"][name] for name in SCRATCH.values()]
+        total = lambda key, runs: sum(run.get(key) or 0.0 for run in runs)  # noqa: E731
+        minutes = lambda run: f"{run['train_minutes']} / {run['wall_minutes']}"  # noqa: E731
+        ratio = st["wall_minutes"] / ct["wall_minutes"] if st.get("wall_minutes") and ct.get("wall_minutes") else None
+        lines.append(
+            f"| {r['seed']} | {st['train_minutes']} / {st['wall_minutes']}, {st['search_seconds']} "
+            f"| {ct['train_minutes']} / {ct['wall_minutes']} | {'-' if ratio is None else f'{ratio:.2f}'} "
+            f"| {', '.join(minutes(s) for s in small)} "
+            f"| {total('train_minutes', scratch):.1f} / {total('wall_minutes', scratch):.1f}, "
+            f"{total('scratch_search_seconds', scratch):.1f} |"
+        )
+    return lines
+
+
+def report_markdown(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    """The budget table over seeds, then per seed: the picks, the full networks, the fronts; the cost."""
+    test = f"{args.test_samples} CIFAR-10 test images" if args.test_samples else "the whole CIFAR-10 test split"
+    setting = records[0]["st_setting"]
+    lines = [
+        f"Test top-1 (%) on {test}. ST++: `{setting}`"
+        + (" (the CIFAR ST++ recipes' setting)" if setting == RECIPE_SETTING else "")
+        + f"; seeds {', '.join(str(r['seed']) for r in records)}. Every pick is chosen on "
+        f"{args.holdout_samples:,} held-out training images with BatchNorm re-estimated at its input size on "
+        f"{args.search_recalibrate_bn:,} training images (the from-scratch networks exactly as ST++'s candidates), "
+        f"then exported with BatchNorm re-estimated on {args.recalibrate_bn:,} training images and scored on the "
+        "test split. From scratch: the best of ResNet-8, ResNet-14 and ResNet-20 (CT) at input sizes "
+        f"{args.input_sizes} px within the budget.",
+        "",
+        *budget_table(records),
+        "",
+        "Per seed (test top-1, shape @ input size, FLOPs share of the ResNet-20 at 32 px):",
+        "",
+        "| seed | budget | ST++ pick | from-scratch pick | CT pick |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in records:
+        for b in r["budgets"]:
+            picks = b["picks"]
+            lines.append(
+                f"| {r['seed']} | {100 * b['budget']:.0f} % | {_pick_text(picks['ST++'])} "
+                f"| {_pick_text(picks[SCRATCH_LABEL], network=True)} | {_pick_text(picks['CT'])} |"
             )
-            lines.append(f"- seed {r['seed']}, {label}: {cells}")
+    lines += [
+        "",
+        "| seed | ST++ full ResNet-20 | CT full ResNet-20 | ResNet-14 | ResNet-8 |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in records:
+        c = r["checkpoints"]
+        st = next(v for v in c.values() if v["label"] == "ST++")
+        lines.append(
+            f"| {r['seed']} | {st['full_test_top1']:.2f} | {c[CT_SETTING]['full_test_top1']:.2f} "
+            f"| {c[SCRATCH['ResNet-14']]['full_test_top1']:.2f} | {c[SCRATCH['ResNet-8']]['full_test_top1']:.2f} |"
+        )
+    lines += ["", "Cost (minutes of training from the logged pace / wall clock with two runs at once; search seconds):"]
+    lines += ["", *cost_table(records)]
+    lines += ["", "Accuracy-FLOPs fronts (test top-1; chosen on held-out training images):", ""]
+    for r in records:
+        for c in r["checkpoints"].values():
+            if "front" in c:
+                cells = ", ".join(
+                    f"{','.join(map(str, f['depths']))} @{f['input_size']}: {100 * f['flop_share']:.0f}% -> "
+                    f"{f['test_top1']:.2f}"
+                    for f in c["front"]
+                )
+                lines.append(f"- seed {r['seed']}, {c['label']}: {cells}")
+        cells = ", ".join(
+            f"{p['network']} @{p['input_size']}: {100 * p['flop_share']:.0f}% -> {p['test_top1']:.2f}"
+            + ("" if p["on_front"] else " (off the front)")
+            for p in r["scratch_points"]
+        )
+        lines.append(f"- seed {r['seed']}, from scratch: {cells}")
     return "\n".join(lines) + "\n"
 
 
 def plot(records: list[dict[str, Any]], path: Path) -> None:
-    """Test top-1 against FLOPs share: the fronts, the picks, ResNet-14 and the full networks, per seed."""
+    """Per seed: the fronts on the test split, the from-scratch points and the picks; last: picks against budget."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(records), figsize=(6 * len(records), 4.5), squeeze=False)
-    colors = {"CT": "tab:blue", "ST++": "tab:orange"}
-    for ax, r in zip(axes[0], records, strict=True):
-        for label, color in colors.items():
-            c = r["checkpoints"][label]
-            front = sorted(c["front"], key=lambda f: f["flop_share"])
-            ax.plot(
-                [100 * f["flop_share"] for f in front],
-                [f["test_top1"] for f in front],
-                "o-",
-                color=color,
-                label=f"{label} front",
-            )
-            if c["pick"]:
-                ax.plot(
-                    100 * c["pick"]["flop_share"],
-                    c["pick"]["test_top1"],
-                    "*",
-                    ms=14,
-                    color=color,
-                    label=f"{label} pick",
-                )
-            ax.plot(100, c["full_test_top1"], "s", color=color, label=f"{label} full ResNet-20")
-        ax.plot(
-            100 * r["budget_flop_share"], r["baseline_test_top1"], "D", color="black", label="ResNet-14 from scratch"
-        )
-        ax.axvline(100 * r["budget_flop_share"], ls="--", color="gray", lw=1)
-        ax.set(xlabel="FLOPs (% of ResNet-20)", ylabel="test top-1 (%)", title=f"seed {r['seed']}")
+    colors = {"ST++": "tab:orange", "CT": "tab:blue", SCRATCH_LABEL: "black"}
+    fig, axes = plt.subplots(1, len(records) + 1, figsize=(5.5 * (len(records) + 1), 4.5), squeeze=False)
+    for ax, r in zip(axes[0], records, strict=False):
+        for c in r["checkpoints"].values():
+            if "front" in c:
+                front = c["front"]
+                ax.plot([100 * f["flop_share"] for f in front], [f["test_top1"] for f in front], "o-",
+                        color=colors[c["label"]], label=f"{c['label']} front", ms=4)  # fmt: skip
+        points = r["scratch_points"]
+        front = [p for p in points if p["on_front"]]
+        ax.plot([100 * p["flop_share"] for p in front], [p["test_top1"] for p in front], "D--", color="black",
+                label="from-scratch front (ResNet-8/14/20 at each size)", ms=4)  # fmt: skip
+        ax.plot([100 * p["flop_share"] for p in points], [p["test_top1"] for p in points], "D", color="black",
+                ms=3, alpha=0.35)  # fmt: skip
+        for b in r["budgets"]:
+            ax.axvline(100 * b["budget"], ls=":", color="gray", lw=0.8)
+        ax.set(xlabel="FLOPs (% of ResNet-20 at 32 px)", ylabel="test top-1 (%)", title=f"seed {r['seed']}")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    ax = axes[0][-1]
+    shares = [100 * b["budget"] for b in records[0]["budgets"]]
+    for label, color in colors.items():
+        values = [[_top1(r, i, label) for r in records] for i in range(len(shares))]
+        means = [statistics.mean(v) if None not in v else float("nan") for v in values]
+        stds = [statistics.stdev(v) if None not in v and len(v) > 1 else 0.0 for v in values]
+        ax.errorbar(shares, means, yerr=stds, fmt="o-", color=color, capsize=3,
+                    label=f"{label} pick" if label != SCRATCH_LABEL else "from-scratch pick")  # fmt: skip
+    ax.set(xlabel="budget (FLOPs, % of ResNet-20)", ylabel="test top-1 (%)",
+           title=f"picks, mean ± std over {len(records)} seed{'s' * (len(records) > 1)}")  # fmt: skip
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -292,9 +411,12 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line settings."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--study", type=Path, required=True, help="--out of the full-network study's cpu plan")
-    parser.add_argument("--baseline", type=Path, required=True, help="--out of the study's r14 plan")
+    parser.add_argument("--study", type=Path, required=True, help="--out of the full-network study's payoff plan")
     parser.add_argument("--seeds", default="1,2,3")
+    parser.add_argument(
+        "--st-setting", default=RECIPE_SETTING, help="the study setting whose ResNet-20 gives the ST++ sub-networks"
+    )
+    parser.add_argument("--budgets", default=BUDGETS, help="FLOPs budgets, shares of the ResNet-20 at 32 px")
     parser.add_argument("--report-dir", type=Path, default=REPO / "docs" / "measurements" / "subnet_payoff")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder with CIFAR-10 train/test.parquet")
     parser.add_argument("--input-sizes", default="13,19,26,32", help="input sizes searched (ST++ trains on 13..32)")
@@ -308,7 +430,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--test-samples", type=int, default=0, help="test images (0: all 10,000)")
     parser.add_argument("--redo", action="store_true", help="search and score seeds done before again")
     args = parser.parse_args(argv)
-    args.study, args.baseline = args.study.expanduser().resolve(), args.baseline.expanduser().resolve()
+    args.study = args.study.expanduser().resolve()
     args.report_dir = args.report_dir.resolve()
     return args
 
@@ -328,7 +450,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed {seed}: done in {record['seconds']} s", flush=True)
         records.append(record)
     if not records:
-        print("no seed has all three runs finished yet", file=sys.stderr)
+        print("no seed has all four runs finished yet", file=sys.stderr)
         return 1
     args.report_dir.mkdir(parents=True, exist_ok=True)
     (args.report_dir / "results.json").write_text(json.dumps(records, indent=2) + "\n")

@@ -51,6 +51,27 @@ def test_plans_run_seed_by_seed_and_each_setting_becomes_its_overrides():
         study.Setting("stpp", 5, intro="someday").overrides()
 
 
+def test_the_payoff_and_full_plans_train_the_recipe_against_ct_and_name_every_depth():
+    study = load_study()
+    payoff = study.plan_runs("payoff")
+    assert [run.name for run in payoff[:4]] == [
+        "stpp_l5_kl_cosine_up_seed1", "ct_seed1", "ct_r14_seed1", "ct_r8_seed1",
+    ]  # fmt: skip
+    assert [run.depth for run in payoff[:4]] == [20, 20, 14, 8] and len(payoff) == 12
+    assert len({run.key() for run in payoff}) == 12 and {run.train_samples for run in payoff} == {5000}
+    assert study.run_fields(payoff[2])["setting"] == "ct_r14"  # the report keeps the depths apart
+    full = study.plan_runs("full")
+    assert [(run.name, run.train_samples, run.depth) for run in full[:2]] == [
+        ("stpp_l5_kl_cosine_up_seed1", None, 20), ("ct_seed1", None, 20),
+    ]  # fmt: skip
+    # The recipe's setting, as the CIFAR ST++ recipes set it.
+    recipe = (REPO_ROOT / "configs" / "cifar10_resnet56_stpp.yaml").read_text()
+    assert "kl_coef: 5.0" in recipe and "kl_coef_schedule: cosine_up" in recipe and "kl_loss: kl\n" in recipe
+    assert full[0].setting.overrides() == [
+        "--kl_coef", "5", "--kl_loss", "kl", "--kl_coef_schedule", "cosine_up", "--stim_start_epoch", "0",
+    ]  # fmt: skip
+
+
 def test_an_unfinished_run_resumes_with_the_exact_resume(tmp_path):
     study = load_study()
     args = study.parse_args(["--plan", "cpu", "--out", str(tmp_path), "--data-dir", str(tmp_path)])

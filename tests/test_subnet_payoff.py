@@ -15,7 +15,7 @@ from stim_hf.data.builtin_datasets import load_builtin_dataset
 from stim_hf.method.batchnorm import batchnorm_layers
 from stim_hf.models.cifar_resnet import CifarResNetConfig, CifarResNetForImageClassification
 
-SCORED = re.compile(r"^  (CT|ST\+\+) [\d,]+ @\d+: test top-1 ", re.MULTILINE)
+SCORED = re.compile(r"^  (CT|ST\+\+|ResNet-(?:8|14|20)) [\d,]+ @\d+: test top-1 ", re.MULTILINE)
 
 
 def load_payoff() -> ModuleType:
@@ -28,14 +28,16 @@ def load_payoff() -> ModuleType:
 
 
 def save_run(folder, depth: int, full_top1: float, seed: int) -> None:
-    """A finished study run: a tiny CIFAR ResNet with random weights and statistics, and its result.json."""
+    """A finished study run: a tiny CIFAR ResNet with random weights and statistics, and its result.json (with the
+    study's cost fields)."""
     torch.manual_seed(seed)
     model = CifarResNetForImageClassification(CifarResNetConfig(depth=depth, widths=[4, 8, 8], num_labels=10))
     with torch.no_grad():
         for layer in batchnorm_layers(model):
             layer.running_var.uniform_(0.5, 1.5)
     model.save_pretrained(folder)
-    (folder / "result.json").write_text(json.dumps({"full_top1": full_top1}))
+    cost = {"train_minutes": depth / 2, "wall_minutes": depth / 1.5, "images_per_second": 100.0}
+    (folder / "result.json").write_text(json.dumps({"full_top1": full_top1, **cost}))
 
 
 def test_one_seed_end_to_end_with_its_cache_and_a_seed_not_finished(tmp_path, capsys):
@@ -45,42 +47,50 @@ def test_one_seed_end_to_end_with_its_cache_and_a_seed_not_finished(tmp_path, ca
     data.mkdir()
     digits.select(range(400)).to_parquet(str(data / "train.parquet"))
     digits.select(range(400, 480)).to_parquet(str(data / "test.parquet"))
-    save_run(tmp_path / "study" / "ct_seed1", 20, 70.0, seed=1)
-    save_run(tmp_path / "study" / "stpp_l1_kl-_step0_seed1", 20, 71.0, seed=2)
-    save_run(tmp_path / "baseline" / "ct_seed1", 14, 72.0, seed=3)
+    study = tmp_path / "study"
+    save_run(study / "ct_seed1", 20, 70.0, seed=1)
+    save_run(study / "stpp_l5_kl_cosine_up_seed1", 20, 71.0, seed=2)
+    save_run(study / "ct_r14_seed1", 14, 72.0, seed=3)
+    save_run(study / "ct_r8_seed1", 8, 60.0, seed=4)
+    save_run(study / "ct_seed2", 20, 70.0, seed=5)  # seed 2 lacks its other runs
     report = tmp_path / "report"
-    argv = ["--study", str(tmp_path / "study"), "--baseline", str(tmp_path / "baseline"), "--seeds", "1,2"]
-    argv += ["--report-dir", str(report), "--data-dir", str(data), "--input-sizes", "16,32"]
-    argv += [
-        "--holdout-samples",
-        "128",
-        "--search-recalibrate-bn",
-        "64",
-        "--recalibrate-bn",
-        "32",
-        "--test-samples",
-        "64",
-    ]
+    argv = ["--study", str(study), "--seeds", "1,2", "--report-dir", str(report), "--data-dir", str(data)]
+    argv += ["--input-sizes", "16,32", "--budgets", "0.05,0.25,0.65,1.0", "--holdout-samples", "128"]
+    argv += ["--search-recalibrate-bn", "64", "--recalibrate-bn", "32", "--test-samples", "64"]
     assert payoff.main(argv) == 0
     out = capsys.readouterr().out
     assert "seed 2: not all of its runs have finished; skipped" in out
-    assert SCORED.search(out)  # a line per sub-network scored on the test split
+    assert SCORED.search(out)  # a line per network scored on the test split
     [record] = json.loads((report / "results.json").read_text())
-    # A ResNet-14 is ResNet-20's [2, 2, 2] sub-network at full size: the budget is that sub-network's FLOPs.
-    assert record["baseline_flops"] < record["full_flops"]
-    for label in ("CT", "ST++"):
-        result = record["checkpoints"][label]
-        shape = result["shape_222_at_32"]
-        assert abs(shape["flop_share"] - record["budget_flop_share"]) < 1e-3
-        assert result["pick"]["flop_share"] <= record["budget_flop_share"] + 1e-6
-        assert result["front"] and all(0 <= f["test_top1"] <= 100 for f in result["front"])
-        shares = [f["flop_share"] for f in result["front"]]
-        assert shares == sorted(shares)
-    assert record["baseline_test_top1"] == 72.0 and record["checkpoints"]["ST++"]["full_test_top1"] == 71.0
+    checkpoints = record["checkpoints"]
+    # Keyed by the study's setting names, the recipe's marked; CT's ResNet-20 is also the from-scratch ResNet-20.
+    assert set(checkpoints) == {"stpp_l5_kl_cosine_up", "ct", "ct_r14", "ct_r8"}
+    assert [name for name, c in checkpoints.items() if c["recipe"]] == ["stpp_l5_kl_cosine_up"]
+    assert checkpoints["ct"]["scratch_label"] == "ResNet-20" and checkpoints["ct_r14"]["full_test_top1"] == 72.0
+    # The from-scratch points: each network whole, at every input size, FLOPs shares of the ResNet-20 at 32 px.
+    points = {(p["network"], p["input_size"]): p for p in record["scratch_points"]}
+    assert set(points) == {(n, s) for n in ("ResNet-8", "ResNet-14", "ResNet-20") for s in (16, 32)}
+    assert points[("ResNet-20", 32)]["flop_share"] == 1.0 and all(p["depths"] in ([1] * 3, [2] * 3, [3] * 3)
+                                                                  for p in points.values())  # fmt: skip
+    assert any(p["on_front"] for p in points.values())
+    assert [b["budget"] for b in record["budgets"]] == [0.05, 0.25, 0.65, 1.0]
+    for b in record["budgets"]:
+        for label, pick in b["picks"].items():
+            if pick is not None:
+                assert pick["flop_share"] <= b["budget"] + 1e-6, (label, b)
+                assert 0 <= pick["test_top1"] <= 100
+    # At the whole budget every candidate is allowed: the picks are the best on the held-out images.
+    whole = record["budgets"][-1]["picks"]
+    assert whole["from scratch"]["heldout_top1"] == max(p["heldout_top1"] for p in points.values())
+    assert whole["ST++"] is not None and whole["CT"] is not None
+    st = checkpoints["stpp_l5_kl_cosine_up"]
+    assert st["front"] and [f["flop_share"] for f in st["front"]] == sorted(f["flop_share"] for f in st["front"])
+    assert st["train_minutes"] == 10.0 and st["search_seconds"] >= 0
     text = (report / "results.md").read_text()
-    assert "| 1 |" in text and "128 held-out training images" in text
+    assert "| 25 % |" in text and "128 held-out training images" in text and "ST++ / CT wall" in text
     assert (report / "payoff.png").stat().st_size > 0
     assert (report / "seed1" / "search" / "pareto.json").is_file()
+    assert (report / "seed1" / "search_scratch" / "pareto.json").is_file()
     # Run again: the seed comes from its cache, nothing is searched or exported again.
     assert payoff.main(argv) == 0
     assert not SCORED.search(capsys.readouterr().out)
