@@ -2,7 +2,7 @@
 # The first 2 epochs of the CIFAR-10 ResNet-56 recipes on all 50,000 training images (issue 27; docs/results.md,
 # "The recipe at ResNet-56 on all of CIFAR-10: the start"): the ST++ recipe, seeds 1-3, without a warm-up (as it
 # ships) and with a one-epoch linear warm-up (391 steps at batch 128, the ~400 iterations He et al. warm ResNet-110
-# up for on CIFAR); then CT as it ships, seeds 1-3. Each run keeps the recipe's 200-epoch cosine schedule and is
+# up for on CIFAR). Each run keeps the recipe's 200-epoch cosine schedule and is
 # stopped after its evaluation at step 800 (2.05 epochs); it evaluates 2,000 test images every 100 steps, so a
 # stall inside the first epoch shows. Two runs at once, one intra-op thread each (about 25 minutes a run on 2 cores).
 # Usage: bash bench/resnet56_full_data_start.sh OUT   (a finished run is skipped: rerun to resume; a killed run restarts)
@@ -31,13 +31,11 @@ run() {  # NAME RECIPE ARGS...: train until the STOP_AT-th evaluation is logged
 lane1() {
   run stpp_s1 cifar10_resnet56_stpp --seed 1; run stpp_s2 cifar10_resnet56_stpp --seed 2
   run stpp_s3 cifar10_resnet56_stpp --seed 3
-  run ct_s1 cifar10_resnet56_ct --seed 1; run ct_s3 cifar10_resnet56_ct --seed 3
 }
 lane2() {
   run stpp_s1_wu1 cifar10_resnet56_stpp --seed 1 --warmup_steps 391
   run stpp_s2_wu1 cifar10_resnet56_stpp --seed 2 --warmup_steps 391
   run stpp_s3_wu1 cifar10_resnet56_stpp --seed 3 --warmup_steps 391
-  run ct_s2 cifar10_resnet56_ct --seed 2
 }
 lane1 & lane2 & wait
 
