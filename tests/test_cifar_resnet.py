@@ -17,13 +17,12 @@ from torch import nn  # noqa: E402
 from transformers import AutoConfig, AutoModel, AutoModelForImageClassification  # noqa: E402
 
 import stim_hf.models  # noqa: E402
-from stim_hf.errors import ConfigError  # noqa: E402
 from stim_hf.models import (  # noqa: E402
     CifarResNetConfig,
     CifarResNetForImageClassification,
     CifarResNetModel,
 )
-from stim_hf.models.cifar_resnet import CifarResNetPaddingShortcut  # noqa: E402
+from stim_hf.models.cifar_resnet import CifarResNetConfigError, CifarResNetPaddingShortcut  # noqa: E402
 
 torch.manual_seed(0)
 
@@ -262,12 +261,12 @@ def test_registration_is_idempotent() -> None:
     ],
 )
 def test_bad_config_raises(kwargs: dict, field: str) -> None:
-    with pytest.raises(ConfigError, match=field):
+    with pytest.raises(CifarResNetConfigError, match=field):
         CifarResNetConfig(**kwargs)
 
 
 def test_depth_error_message_lists_valid_values() -> None:
-    with pytest.raises(ConfigError) as err:
+    with pytest.raises(CifarResNetConfigError) as err:
         CifarResNetConfig(depth=21)
     message = str(err.value)
     assert "depth=21" in message and "6n+2" in message

@@ -256,7 +256,8 @@ def test_training_checkpoint_is_never_overwritten(tmp_path, capsys, markers):
     assert cli.main(argv) == 2
     assert "is a training checkpoint" in capsys.readouterr().err
     assert (target / "model.safetensors").read_bytes() == weights
-    assert sorted(p.name for p in target.iterdir()) == sorted(["config.json", "model.safetensors", *markers])
+    code = ["configuration_cifar_resnet.py", "modeling_cifar_resnet.py"]  # saved beside the weights
+    assert sorted(p.name for p in target.iterdir()) == sorted(["config.json", "model.safetensors", *code, *markers])
 
 
 def test_cli_argument_errors_are_one_line_with_suggestions(tmp_path, capsys):

@@ -233,3 +233,6 @@ def test_unknown_model_type_and_config_key(tmp_path):
         build_model(ModelArguments(model_type="resnett"), ["a", "b"])
     with pytest.raises(ConfigError, match=r"model_config has keys \['dept'\]"):
         build_model(ModelArguments(model_type="cifar_resnet", model_config={"dept": 20}), ["a", "b"])
+    # The CIFAR ResNet's own check (a ValueError: its code, saved beside the weights, needs nothing of stim_hf).
+    with pytest.raises(ConfigError, match=r"^depth=21 is not of the form 6n\+2"):
+        build_model(ModelArguments(model_type="cifar_resnet", model_config={"depth": 21}), ["a", "b"])

@@ -10,6 +10,7 @@ import torch
 from transformers import AutoConfig, AutoModelForImageClassification, PreTrainedModel
 
 from stim_hf.errors import ConfigError
+from stim_hf.models import CifarResNetConfigError  # importing it registers the CIFAR ResNets
 from stim_hf.training.checkpointing import safetensors_problem
 from stim_hf.training.config import ModelArguments
 
@@ -38,7 +39,10 @@ def build_model(model_args: ModelArguments, label_names: Sequence[str]) -> PreTr
                     f"model_type='{model_args.model_type}' is unknown to transformers and stim_hf; use a "
                     "registered type such as 'cifar_resnet' or 'resnet'"
                 ) from None
-            raise
+            if isinstance(err, ConfigError):
+                raise
+            # A config class's own check (the CIFAR ResNets' is a ValueError, their code needs nothing of stim_hf).
+            raise ConfigError(str(err)) from None
         # Configs keep unknown kwargs as attributes: compare with a default config's fields instead.
         known = set(AutoConfig.for_model(model_args.model_type).to_dict())
         unknown = sorted(k for k in overrides if k not in known)
@@ -138,9 +142,11 @@ def _index_weight_map(index_path: str, label: str) -> dict[str, str]:
 
 def load_saved_classifier(path: str | os.PathLike, label: str | None = None) -> PreTrainedModel:
     """Load an image classifier saved with ``save_pretrained`` (checked first), in float32, safetensors only."""
-    check_saved_model_dir(path, label or f"checkpoint '{path}'")
-    import stim_hf.models  # noqa: F401  (registers the CIFAR ResNets with the Auto classes)
-
-    return AutoModelForImageClassification.from_pretrained(
-        str(path), dtype=torch.float32, use_safetensors=True, trust_remote_code=False
-    )
+    label = label or f"checkpoint '{path}'"
+    check_saved_model_dir(path, label)
+    try:  # stim_hf.models, imported above, has registered the CIFAR ResNets with the Auto classes
+        return AutoModelForImageClassification.from_pretrained(
+            str(path), dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+        )
+    except CifarResNetConfigError as err:  # a config.json edited by hand
+        raise ConfigError(f"{label}: config.json: {err}; fix the value or re-save the model") from None

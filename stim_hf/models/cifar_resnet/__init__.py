@@ -1,7 +1,7 @@
 """CIFAR-style ResNets (ResNet-20/32/44/56/110) as Hugging Face models."""
 
-from stim_hf.models.cifar_resnet.configuration_cifar_resnet import CifarResNetConfig
-from stim_hf.models.cifar_resnet.modeling_cifar_resnet import (
+from .configuration_cifar_resnet import CifarResNetConfig, CifarResNetConfigError
+from .modeling_cifar_resnet import (
     CifarResNetBasicBlock,
     CifarResNetForImageClassification,
     CifarResNetModel,
@@ -13,6 +13,7 @@ from stim_hf.models.cifar_resnet.modeling_cifar_resnet import (
 __all__ = [
     "CifarResNetBasicBlock",
     "CifarResNetConfig",
+    "CifarResNetConfigError",
     "CifarResNetForImageClassification",
     "CifarResNetModel",
     "CifarResNetPaddingShortcut",

@@ -1,4 +1,8 @@
-"""Configuration of CIFAR-style ResNets (He et al. 2016, section 4.2)."""
+"""Configuration of CIFAR-style ResNets (He et al. 2016, section 4.2).
+
+Self-contained (torch and transformers only): ``save_pretrained`` copies this file beside the
+weights, so the folder loads with ``trust_remote_code=True`` where stim_hf is not installed.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +10,15 @@ from typing import Any, ClassVar
 
 from transformers import PreTrainedConfig
 
-from stim_hf.errors import ConfigError
+__all__ = ["CifarResNetConfig", "CifarResNetConfigError"]
 
-__all__ = ["CifarResNetConfig"]
+
+class CifarResNetConfigError(ValueError):
+    """A :class:`CifarResNetConfig` value is invalid; the message names the field, the value and the valid values.
+
+    A ``ValueError`` defined here, not stim_hf's ``ConfigError``, so that this file needs nothing of
+    stim_hf; stim_hf reports it as a ``ConfigError`` where it builds or loads a model.
+    """
 
 
 def _is_int(value: Any) -> bool:
@@ -50,8 +60,8 @@ class CifarResNetConfig(PreTrainedConfig):
             ``label2id``, ...).
 
     Raises:
-        stim_hf.errors.ConfigError: when a value is invalid; the message names the field, the value and
-            the valid values.
+        CifarResNetConfigError: (a ``ValueError``) when a value is invalid; the message names the field,
+            the value and the valid values.
     """
 
     model_type = "cifar_resnet"
@@ -69,13 +79,13 @@ class CifarResNetConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         num_labels = self.num_labels
         if not _is_int(num_labels) or num_labels < 1:
-            raise ConfigError(f"num_labels={num_labels!r} is invalid (valid: an integer >= 1)")
+            raise CifarResNetConfigError(f"num_labels={num_labels!r} is invalid (valid: an integer >= 1)")
 
     def _validate_architecture_fields(self) -> None:
         """Check ``widths``, ``blocks_per_stage``, ``depth``, ``num_channels`` and ``shortcut``."""
         widths = self.widths
         if not isinstance(widths, (list, tuple)) or len(widths) == 0 or not all(_is_int(w) and w >= 1 for w in widths):
-            raise ConfigError(
+            raise CifarResNetConfigError(
                 f"widths={widths!r} is invalid (valid: a non-empty list of positive integers, "
                 "one per stage, e.g. [16, 32, 64])"
             )
@@ -89,7 +99,7 @@ class CifarResNetConfig(PreTrainedConfig):
                 or len(blocks) != num_stages
                 or not all(_is_int(b) and b >= 1 for b in blocks)
             ):
-                raise ConfigError(
+                raise CifarResNetConfigError(
                     f"blocks_per_stage={blocks!r} is invalid (valid: None, or a list of {num_stages} "
                     f"integers >= 1, one per entry of widths={self.widths})"
                 )
@@ -99,24 +109,24 @@ class CifarResNetConfig(PreTrainedConfig):
             depth = self.depth
             step = 2 * num_stages
             if not _is_int(depth) or depth < step + 2 or (depth - 2) % step != 0:
-                raise ConfigError(
+                raise CifarResNetConfigError(
                     f"depth={depth!r} is not of the form {step}n+2 with n >= 1 for {num_stages} stages "
                     f"(valid: {_valid_depths(num_stages, depth)})"
                 )
 
         if not _is_int(self.num_channels) or self.num_channels < 1:
-            raise ConfigError(
+            raise CifarResNetConfigError(
                 f"num_channels={self.num_channels!r} is invalid (valid: a positive integer, e.g. 3 for RGB)"
             )
 
         if self.shortcut not in self.shortcut_types:
-            raise ConfigError(
+            raise CifarResNetConfigError(
                 f"shortcut={self.shortcut!r} is invalid (valid: {', '.join(map(repr, self.shortcut_types))})"
             )
         if self.shortcut == "padding":
             for i in range(1, num_stages):
                 if self.widths[i] < self.widths[i - 1]:
-                    raise ConfigError(
+                    raise CifarResNetConfigError(
                         f"shortcut='padding' needs non-decreasing widths, got widths={self.widths} "
                         f"(stage {i} narrows {self.widths[i - 1]} -> {self.widths[i]}); use "
                         "shortcut='projection' or non-decreasing widths"

@@ -5,6 +5,10 @@ Layout (the sub-network engine relies on it): ``model.resnet.stages[i].layers`` 
 container, so temporarily replacing its ``_modules`` with a subset of the blocks runs a shallower
 network. A block may be skipped only when its ``shortcut`` is ``nn.Identity`` (input and output
 shapes match); the first block of every stage after the first changes the shape.
+
+Self-contained (torch, transformers and the configuration file beside it): ``save_pretrained``
+copies both files beside the weights, so the folder loads with ``trust_remote_code=True`` where
+stim_hf is not installed.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from transformers.modeling_outputs import (
     ImageClassifierOutputWithNoAttention,
 )
 
-from stim_hf.models.cifar_resnet.configuration_cifar_resnet import CifarResNetConfig
+from .configuration_cifar_resnet import CifarResNetConfig
 
 __all__ = [
     "CifarResNetBasicBlock",
