@@ -161,7 +161,7 @@ def test_cli_export_with_bn_recalibration_and_evaluation(tmp_path, capsys):
         "Re-estimated for this sub-network on 64 training images of sklearn:digits",
         "| this sub-network (depths=1,2,1) |",
         "| full model |",
-        "import stim_hf",
+        'model="path/to/this/folder", trust_remote_code=True',  # loads without stim_hf: its code is in the folder
         "stim-hf export",
     ):
         assert text in card, text

@@ -19,6 +19,8 @@ from stim_hf.data.image_datasets import DataArguments, get_label_names, load_ima
 from stim_hf.data.predecoded import with_predecoded_transforms
 from stim_hf.data.transforms import build_image_processor, collate_image_batch, with_image_transforms
 from stim_hf.errors import ConfigError
+from stim_hf.tools.hub import push_folder
+from stim_hf.tools.model_cards import CARD_NAME, hub_base_model, training_card, write_card
 from stim_hf.training.checkpointing import resolve_resume_checkpoint as resolve_checkpoint
 from stim_hf.training.config import ModelArguments, StimulativeTrainingArguments
 from stim_hf.training.metrics import build_compute_metrics, top_k_indices
@@ -86,8 +88,9 @@ def run_training(
 ) -> dict[str, Any]:
     """Train, save and evaluate a model as configured; returns the metrics of ``all_results.json``.
 
-    Leaves in ``output_dir`` the model (safetensors) with its image processor
-    (``preprocessor_config.json``, the evaluation's preprocessing), the Trainer's ``*_results.json``,
+    Leaves in ``output_dir`` the model (safetensors; with its code where transformers does not ship
+    the class) with its image processor (``preprocessor_config.json``, the evaluation's
+    preprocessing), a model card ``README.md`` (after training), the Trainer's ``*_results.json``,
     ``trainer_state.json`` and, when ``report_to`` includes tensorboard, the event files.
     """
     _setup_logging(training_args)
@@ -153,7 +156,35 @@ def run_training(
         metrics["subnets"] = subnet_results
         if trainer.is_world_process_zero():
             print(format_subnet_table(eval_metrics, subnet_results), flush=True)
+    if training_args.do_train and trainer.is_world_process_zero():
+        write_model_card(trainer, model_args, data_args, eval_metrics, subnet_results)
     return metrics
+
+
+def write_model_card(
+    trainer: StimulativeTrainer,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    eval_metrics: dict[str, Any],
+    subnet_results: list[dict[str, Any]],
+) -> None:
+    """Write ``output_dir/README.md``, the Hub model card of the trained model, from the final evaluation.
+
+    Why after it: the card's ``model-index`` holds the accuracies just measured, and no others.
+    With ``push_to_hub`` the card is uploaded too (the Trainer pushed the model, with its own
+    card, when it saved it).
+    """
+    args = trainer.args
+    training = {"stim_method": args.stim_method, "num_subnets": args.num_subnets, "seed": args.seed}
+    model = trainer.model
+    text = training_card(
+        args.output_dir, type(model).__name__, data_args, training, eval_metrics, subnet_results,
+        base_model=hub_base_model(model_args.model_name_or_path),
+    )  # fmt: skip
+    write_card(args.output_dir, text)
+    repo_id = getattr(trainer, "hub_model_id", None) if args.push_to_hub else None  # set by the Trainer's init_hf_repo
+    if repo_id:
+        push_folder(args.output_dir, repo_id, "Model card", token=args.hub_token, files=[CARD_NAME])
 
 
 def subnet_summary(subnet_results: list[dict[str, Any]]) -> dict[str, Any]:

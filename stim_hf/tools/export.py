@@ -5,9 +5,11 @@ blocks of every stage (the notation of :attr:`~stim_hf.method.Subnet.depths`), b
 shallower model from the family's config (``config_for_depths`` of its registered family), copies
 the kept blocks' weights to their new positions and everything else as is, optionally re-estimates
 BatchNorm statistics on training images and measures accuracy, and writes safetensors weights,
-``config.json``, a model card ``README.md`` and ``export_info.json``. The result loads with
-``AutoModelForImageClassification.from_pretrained(DIR)`` (after ``import stim_hf`` for the CIFAR
-ResNets). See docs/models.md for which families can be exported.
+``config.json``, the image processor, a model card ``README.md`` and ``export_info.json``. The
+result loads with ``AutoModelForImageClassification.from_pretrained(DIR)`` and
+``pipeline("image-classification", model=DIR)`` with transformers alone (the CIFAR ResNets' code is
+saved beside the weights: ``trust_remote_code=True``); ``--push-to-hub REPO_ID`` uploads it. See
+docs/models.md for which families can be exported.
 """
 
 from __future__ import annotations
@@ -34,12 +36,13 @@ from stim_hf.analysis.evaluation import (
     recalibration_batches,
     resolve_recalibration_samples,
 )
-from stim_hf.data.builtin_datasets import is_builtin_dataset_name
 from stim_hf.data.image_datasets import DataArguments, EvaluationDataArguments, load_image_datasets
 from stim_hf.data.transforms import build_image_processor, with_image_transforms
 from stim_hf.errors import ConfigError, ModelStructureError
 from stim_hf.method import ResidualFamily, ResidualStage, Subnet, find_residual_family, subnet_from_depths
 from stim_hf.method.batchnorm import batchnorm_layers, recalibrate_batchnorm
+from stim_hf.tools.hub import check_push_to_hub, missing_for_sharing, push_folder
+from stim_hf.tools.model_cards import describe_data, export_card, hub_base_model, write_card
 from stim_hf.tools.output_folders import check_new_folder
 from stim_hf.training.modeling import load_saved_classifier
 from stim_hf.training.parser import SubcommandArgumentParser, load_recipe
@@ -221,6 +224,7 @@ def export_subnet(
     command: str | None = None,
     overwrite: bool = False,
     input_size: int | None = None,
+    push_to_hub: str | None = None,
 ) -> PreTrainedModel:
     """Write the prefix sub-network ``depths`` of a model to ``output_dir`` as a standalone model.
 
@@ -232,10 +236,13 @@ def export_subnet(
     run at (default: the evaluation crop): the statistics are re-estimated at that size and the
     saved image processor crops to it. ``evaluate`` measures the top-1 / top-5 accuracy of the
     exported model (at ``input_size``) and the full model on the validation split. Writes
-    safetensors weights, ``config.json``, ``preprocessor_config.json`` (from ``data_args``, else
-    the checkpoint's own), a model card ``README.md`` and ``export_info.json``; returns the
-    exported model (eval mode). An existing, non-empty ``output_dir`` is refused unless
-    ``overwrite``, and a training checkpoint always (see :func:`check_output_dir`).
+    safetensors weights, ``config.json`` (with the model's code beside it where transformers does
+    not ship the class), ``preprocessor_config.json`` (from ``data_args``, else the checkpoint's
+    own, the folder a model object was loaded from included), a model card ``README.md`` and
+    ``export_info.json``; returns the exported model (eval mode). ``push_to_hub`` (a repository id)
+    uploads the folder; whether it can is checked before anything else. An existing, non-empty
+    ``output_dir`` is refused unless ``overwrite``, and a training checkpoint always (see
+    :func:`check_output_dir`).
     """
     num_recal = resolve_recalibration_samples(recalibrate_bn, data_args, "--recalibrate-bn")
     if evaluate and data_args is None:
@@ -245,6 +252,8 @@ def export_subnet(
         )
     if input_size is not None and (not isinstance(input_size, int) or input_size < MIN_INPUT_SIZE):
         raise ConfigError(f"--input-size {input_size!r} must be an integer >= {MIN_INPUT_SIZE} (pixels)")
+    if push_to_hub is not None:
+        check_push_to_hub(push_to_hub)
     from_folder = isinstance(model_or_checkpoint, (str, os.PathLike))
     if from_folder and Path(model_or_checkpoint).resolve() == Path(output_dir).resolve():
         raise ConfigError(
@@ -262,7 +271,13 @@ def export_subnet(
         model.to(device)
     family, stages = find_residual_family(model)
     subnet = prefix_subnet(stages, depths)
-    processor = _export_processor(data_args, source if from_folder else None)
+    processor = export_processor(data_args, source)
+    if processor is None and push_to_hub is not None:
+        raise ConfigError(
+            f"--push-to-hub {push_to_hub}: the export would have no image processor (the checkpoint has none and no "
+            "data arguments were given), so pipeline('image-classification') could not load it from the Hub; give "
+            "those of training (--config RECIPE.yaml)"
+        )
     trained_size = _processor_crop(processor)
     _check_input_size(input_size, trained_size, family, model)
     exported = build_subnet_model(model, subnet, family)
@@ -271,6 +286,7 @@ def export_subnet(
 
     info: dict[str, Any] = {
         "source": source,
+        "base_model": hub_base_model(source),
         "family": family.name,
         "model_class": type(model).__name__,
         "depths": list(subnet.depths),
@@ -286,10 +302,11 @@ def export_subnet(
         "seed": seed,
         "command": command,
     }
+    if data_args is not None:
+        info["data"] = describe_data(data_args, seed)
     num_recal = num_recal if info["has_batchnorm"] else 0  # nothing to re-estimate
     if num_recal or evaluate:
         splits = load_image_datasets(data_args, seed=seed)
-        info["data"] = _describe_data(data_args, seed)
         if num_recal:
             batches = recalibration_batches(splits["train"], data_args, num_recal, seed, batch_size, input_size)
             with torch.no_grad():
@@ -301,10 +318,9 @@ def export_subnet(
 
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    for path in _replaced_files(output_dir):
+        path.unlink()  # left by an earlier export that --overwrite replaces
     exported.save_pretrained(output_dir)
-    for name in PROCESSOR_FILES:
-        if (output_dir / name).is_file():
-            (output_dir / name).unlink()  # left by an earlier export that --overwrite replaces
     if processor is not None:
         processor.save_pretrained(output_dir)
     else:
@@ -312,17 +328,47 @@ def export_subnet(
             "no image processor written: the checkpoint has none and no data arguments were given; give those of "
             "training (--config RECIPE.yaml) so that pipeline('image-classification') can load the export"
         )
-    (output_dir / "export_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    (output_dir / "README.md").write_text(model_card(info, stages, subnet))
+    write_export_record(output_dir, info)
     logger.info("exported %s to %s", subnet.describe(), output_dir)
+    if push_to_hub is not None:
+        push_export(output_dir, push_to_hub)
     return exported
 
 
-def _export_processor(data_args: DataArguments | None, source: str | None) -> BaseImageProcessor | None:
-    """The export's image processor: from the data arguments (evaluation's preprocessing), else the checkpoint's."""
+def write_export_record(folder: str | os.PathLike, info: dict[str, Any]) -> None:
+    """Write ``export_info.json`` and the model card made from it (also after the search adds its part)."""
+    (Path(folder) / "export_info.json").write_text(json.dumps(info, indent=2) + "\n")
+    write_card(folder, export_card(folder, info))
+
+
+def push_export(folder: str | os.PathLike, repo_id: str) -> str:
+    """Upload an export folder to the Hub repository ``repo_id`` (after checking it holds what a user needs)."""
+    missing = missing_for_sharing(folder)
+    if missing:
+        raise ConfigError(f"'{folder}' lacks {', '.join(missing)}; nothing was uploaded to {repo_id}")
+    info = json.loads((Path(folder) / "export_info.json").read_text())
+    depths = ",".join(map(str, info["depths"]))
+    url = push_folder(folder, repo_id, f"Sub-network depths={depths} of {info['source']}, exported with stim_hf")
+    logger.info("pushed %s to %s", folder, url)
+    return url
+
+
+def _replaced_files(folder: Path) -> list[Path]:
+    """Files of an earlier export in ``folder`` that this one may not rewrite: processor files and model code."""
+    names = [*PROCESSOR_FILES, "README.md"]
+    code = [p for p in folder.glob("*.py") if p.name.startswith(("modeling_", "configuration_"))]
+    return [folder / name for name in names if (folder / name).is_file()] + code
+
+
+def export_processor(data_args: DataArguments | None, source: str | None) -> BaseImageProcessor | None:
+    """The export's image processor: from the data arguments (evaluation's preprocessing), else the checkpoint's own.
+
+    ``source`` is the checkpoint folder, or the folder a model object was loaded from
+    (``config._name_or_path``); a source that is no folder with a processor gives None.
+    """
     if data_args is not None:
         return build_image_processor(data_args)
-    if source is not None and os.path.isfile(os.path.join(source, PROCESSOR_FILES[0])):
+    if source and os.path.isfile(os.path.join(source, PROCESSOR_FILES[0])):
         return AutoImageProcessor.from_pretrained(source)
     return None
 
@@ -391,115 +437,6 @@ def _num_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _describe_data(data_args: DataArguments, seed: int) -> dict[str, Any]:
-    """Where the training and the validation images come from, for the model card."""
-    train = data_args.dataset_name or data_args.train_file or data_args.train_dir
-    carved = f"{data_args.train_val_split:.0%} of the training data carved off (seed {seed})"
-    if data_args.validation_file or data_args.validation_dir:
-        validation = data_args.validation_file or data_args.validation_dir
-    elif data_args.validation_split:
-        validation = f"{train}, split '{data_args.validation_split}'"
-    elif data_args.dataset_name and not is_builtin_dataset_name(data_args.dataset_name):
-        validation = f"{train}: its 'validation' or 'test' split if it has one, else {carved}"
-    else:
-        validation = f"{train}: {carved}"
-    return {"train": train, "validation": validation, "image_size": data_args.resolved_eval_image_size()}
-
-
-def model_card(info: dict[str, Any], stages: Sequence[ResidualStage], subnet: Subnet) -> str:
-    """The ``README.md`` of an export: kept blocks, source, parameters, BatchNorm, accuracy, usage."""
-    depths = ",".join(map(str, subnet.depths))
-    lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: image-classification",
-        "tags:",
-        "- stim_hf",
-        "- stimulative-training",
-        "- sub-network",
-        "---",
-        "",
-        f"# Sub-network depths={depths} of {info['source']}",
-        "",
-        f"A standalone {info['model_class']} exported with stim_hf from `{info['source']}` "
-        f"({info['family']} family): it keeps the first `depths[s]` residual blocks of each stage of the "
-        "full model, with their trained weights; everything else is copied unchanged.",
-        "",
-        "## Kept blocks",
-        "",
-        "| stage | blocks kept | of |",
-        "| --- | --- | --- |",
-    ]
-    for stage, kept in zip(stages, subnet.kept, strict=True):
-        blocks = f"blocks {kept[0]}-{kept[-1]}" if len(kept) > 1 else f"block {kept[0]}"
-        lines.append(f"| `{stage.name}` | {len(kept)} ({blocks}) | {stage.num_blocks} |")
-    full, params = info["full_num_parameters"], info["num_parameters"]
-    lines += [
-        "",
-        "## Parameters",
-        "",
-        f"{params:,} parameters, {100 * params / full:.1f}% of the full model's {full:,} "
-        f"({info['dropped_block_parameters']:,} in the dropped blocks).",
-        "",
-        "## BatchNorm statistics",
-        "",
-    ]
-    if not info["has_batchnorm"]:
-        lines.append("The model has no BatchNorm layers: nothing to re-estimate.")
-    elif info["bn_recalibration_samples"]:
-        lines.append(
-            f"Re-estimated for this sub-network on {info['bn_recalibration_samples']:,} training images of "
-            f"{info['data']['train']}, drawn with seed {info['seed']}, with the training transforms."
-        )
-    else:
-        lines.append(
-            "Inherited from the full network (not re-estimated): a sub-network usually scores far lower with them. "
-            "Export with the training data (`--config RECIPE.yaml`) to re-estimate them for the sub-network "
-            "(docs/models.md)."
-        )
-    if "metrics" in info:
-        sub, ref = info["metrics"], info["full_metrics"]
-        lines += [
-            "",
-            "## Accuracy",
-            "",
-            f"On {sub['num_samples']:,} validation images ({info['data']['validation']}), this sub-network at "
-            f"{info['input_size']} px, the full model at {info['data']['image_size']} px:",
-            "",
-            "| model | top-1 | top-5 |",
-            "| --- | --- | --- |",
-            f"| this sub-network (depths={depths}) | {100 * sub['accuracy']:.2f}% | {100 * sub['top5_accuracy']:.2f}% |",
-            f"| full model | {100 * ref['accuracy']:.2f}% | {100 * ref['top5_accuracy']:.2f}% |",
-        ]
-    needs_stim = info["family"] == "cifar_resnet"
-    lines += ["", "## Usage", ""]
-    if info["image_processor"]:
-        lines += [
-            f"The folder's image processor resizes, crops to {info['input_size']} px and normalises images as the "
-            "evaluation did:",
-            "",
-            "```python",
-            *(["import stim_hf  # registers the CIFAR ResNets with the Auto classes"] if needs_stim else []),
-            "from transformers import pipeline",
-            "",
-            'classify = pipeline("image-classification", model="path/to/this/folder")',
-            'print(classify("image.png"))',
-            "```",
-        ]
-    else:
-        lines += [
-            "```python",
-            *(["import stim_hf  # registers the CIFAR ResNets with the Auto classes"] if needs_stim else []),
-            "from transformers import AutoModelForImageClassification",
-            "",
-            'model = AutoModelForImageClassification.from_pretrained("path/to/this/folder")',
-            "```",
-        ]
-    if info.get("command"):
-        lines += ["", "Exported with:", "", "```bash", info["command"], "```"]
-    return "\n".join(lines) + "\n"
-
-
 # --------------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------------
@@ -551,6 +488,13 @@ class ExportArguments:
         metadata={
             "help": "Replace the model in an --output folder that exists and is not empty (never a training "
             "checkpoint)."
+        },
+    )
+    push_to_hub: str | None = field(
+        default=None,
+        metadata={
+            "help": "Upload the export to this Hub model repository (NAME or OWNER/NAME; created if missing). "
+            "Needs a token (hf auth login) and the Hub online: checked before anything else."
         },
     )
 
@@ -628,6 +572,7 @@ def main(argv: Sequence[str] | None = None) -> PreTrainedModel:
         command="stim-hf export " + " ".join(argv),
         overwrite=args.overwrite,
         input_size=args.input_size,
+        push_to_hub=args.push_to_hub,
     )
     info = json.loads((Path(args.output) / "export_info.json").read_text())
     summary = (
@@ -639,6 +584,8 @@ def main(argv: Sequence[str] | None = None) -> PreTrainedModel:
             f", top-1 {100 * info['metrics']['accuracy']:.2f}% (full model "
             f"{100 * info['full_metrics']['accuracy']:.2f}%)"
         )
+    if args.push_to_hub:
+        summary += f"; pushed to the Hub repository {args.push_to_hub}"
     print(summary, flush=True)
     for note in notes:
         print_notice("stim-hf export")(note)

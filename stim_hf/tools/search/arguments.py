@@ -10,6 +10,7 @@ from typing import Any
 
 from stim_hf.errors import ConfigError
 from stim_hf.method import SAMPLING_RULES
+from stim_hf.tools.hub import check_push_to_hub
 from stim_hf.tools.search.budget import parse_budget
 from stim_hf.tools.search.space import parse_input_sizes
 from stim_hf.training.checkpointing import TRAINING_ARGS_JSON_NAME
@@ -152,6 +153,13 @@ class SearchArguments:
     export: str | None = field(
         default=None, metadata={"help": "Write the pick as a standalone model to this folder (prefix rule)."}
     )
+    push_to_hub: str | None = field(
+        default=None,
+        metadata={
+            "help": "Upload the --export folder to this Hub model repository (NAME or OWNER/NAME; created if "
+            "missing). Needs a token (hf auth login) and the Hub online: checked before the search starts."
+        },
+    )
     overwrite: bool = field(
         default=False, metadata={"help": "Write into --output-dir / --export folders that exist and are not empty."}
     )
@@ -215,6 +223,10 @@ class SearchArguments:
         self.sizes = parse_input_sizes(self.input_sizes)
         if self.export is not None and self.sampling == "subset":
             raise subset_export_error()
+        if self.push_to_hub is not None:
+            if self.export is None:
+                raise ConfigError("--push-to-hub uploads the --export folder; add --export DIR")
+            check_push_to_hub(self.push_to_hub)
 
     @property
     def latency_mode(self) -> str:

@@ -4,17 +4,18 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from transformers import PreTrainedModel
 
 from stim_hf.analysis.scoring import reestimate_batchnorm
-from stim_hf.method import ResidualStage, find_residual_family
+from stim_hf.data.image_datasets import DataArguments, EvaluationDataArguments
+from stim_hf.method import ResidualFamily, ResidualStage, find_residual_family
 from stim_hf.method.batchnorm import batchnorm_state, restore_batchnorm_state
-from stim_hf.tools.export import export_subnet
+from stim_hf.tools.export import export_subnet, push_export, write_export_record
 from stim_hf.tools.search.results import Candidate, CheckpointSearch, SearchResult
 
 if TYPE_CHECKING:
@@ -35,84 +36,64 @@ def export_pick(
 
     Re-estimates the statistics of ``model`` run as the candidate, on the search's re-estimation
     images at its input size, exports through :func:`stim_hf.tools.export.export_subnet` and restores
-    ``model``'s statistics. The card and ``export_info.json`` get the accuracy, FLOPs, parameters,
-    latency, input size and depths.
+    ``model``'s statistics. The image processor comes from the search's data arguments (the
+    preprocessing the candidates were scored with) at the candidate's input size, so
+    ``pipeline("image-classification")`` runs the export as it was scored. The card and
+    ``export_info.json`` get the accuracy, FLOPs, parameters, latency, input size and depths; with
+    ``push_to_hub`` in the search's settings the folder is then uploaded.
     """
+    family = find_residual_family(model)[0]
+    size = candidate.input_size
     saved = batchnorm_state(model)
     try:
-        size = candidate.input_size
         if images.num_recalibration:
-            kwargs = {} if size == images.full_size else find_residual_family(model)[0].resized_forward_kwargs
+            kwargs = {} if size == images.full_size else family.resized_forward_kwargs
             reestimate_batchnorm(model, images.at(size).recalibration, stages, candidate.subnet, kwargs)
         exported = export_subnet(
-            model, list(candidate.depths), output_dir, recalibrate_bn=0, seed=result.settings["seed"],
-            command=command, overwrite=result.settings["overwrite"],
+            model, list(candidate.depths), output_dir, recalibrate_bn=0, data_args=search_data_arguments(result),
+            seed=result.settings["seed"], command=command, overwrite=result.settings["overwrite"],
+            input_size=size if _runs_alone_at(family, size, images.full_size) else None,
         )  # fmt: skip
     finally:
         restore_batchnorm_state(model, saved)
     _describe_export(Path(output_dir), checkpoint, candidate, result)
+    if result.settings.get("push_to_hub"):
+        push_export(output_dir, result.settings["push_to_hub"])
     return exported
 
 
+def search_data_arguments(result: SearchResult) -> DataArguments | None:
+    """The data arguments the search ran with, rebuilt from its settings (None when it recorded none)."""
+    recorded = result.settings.get("data") or {}
+    names = {f.name for f in fields(EvaluationDataArguments) if f.init}
+    values = {key: value for key, value in recorded.items() if key in names}
+    return EvaluationDataArguments(**values) if values else None
+
+
+def _runs_alone_at(family: ResidualFamily, size: int, full_size: int) -> bool:
+    """Whether a standalone model of ``family`` runs at input side ``size`` without extra forward arguments."""
+    return size == full_size or (family.supports_smaller_inputs and not family.resized_forward_kwargs)
+
+
 def _describe_export(folder: Path, checkpoint: CheckpointSearch, candidate: Candidate, result: SearchResult) -> None:
-    """Add the search to the export's ``export_info.json`` and model card."""
+    """Add the search to the export's ``export_info.json`` and rewrite its model card from it."""
     settings = result.settings
-    record = candidate.record(checkpoint.full_flops, checkpoint.full_params)
-    info_path = folder / "export_info.json"
-    info = json.loads(info_path.read_text())
+    info = json.loads((folder / "export_info.json").read_text())
     info["bn_recalibration_samples"] = settings["num_recalibration_images"]
     info["input_size"] = candidate.input_size
-    info["search"] = {
+    described: dict[str, Any] = {
         "budget": settings["budget"],
         "checkpoint": checkpoint.label,
         "scored_on": settings["scored_on"],
+        "score_split": settings["score_split"],
         "num_candidates_scored": len(checkpoint.candidates),
         "strategy": checkpoint.strategy,
         "device": settings["device"],
         "torch_threads": settings["torch_threads"],
-        **record,
+        "eval_image_size": settings["eval_image_size"],
+        "serving_batch_size": settings["serving_batch_size"],
+        "latency_warmup": settings["latency_warmup"],
+        "latency_repeats": settings["latency_repeats"],
     }
-    info_path.write_text(json.dumps(info, indent=2) + "\n")
-
-    card_path = folder / "README.md"
-    card = card_path.read_text()
-    recal = settings["num_recalibration_images"]
-    if recal:
-        bn_text = (
-            f"Re-estimated for this sub-network at its input size ({candidate.input_size} px) on {recal:,} training "
-            f"images (seed {settings['seed']}, training transforms) by `stim-hf search`: the exact statistics of "
-            "those images, pooled over all batches. These are the statistics it was scored with."
-        )
-        card = re.sub(r"(## BatchNorm statistics\n\n)(.*?)(\n\n## |\n*$)", lambda m: m.group(1) + bn_text + m.group(3),
-                      card, count=1, flags=re.S)  # fmt: skip
-    latency = lambda v: "not measured" if v is None else f"{v:.3f} ms"  # noqa: E731
-    budget = settings["budget"] or "none (the most accurate sub-network)"
-    section = [
-        "",
-        "## Search",
-        "",
-        f"Chosen by `stim-hf search` from checkpoint `{checkpoint.label}` as the most accurate of "
-        f"{len(checkpoint.candidates):,} scored sub-networks ({checkpoint.strategy}) under the budget "
-        f"`{budget}`.",
-        "",
-        "| depths | input size | FLOPs per image | parameters | latency, batch 1 | "
-        f"latency, batch {settings['serving_batch_size']} | top-1 |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
-        f"| {','.join(map(str, candidate.depths))} | {candidate.input_size} px | {candidate.flops / 1e6:.2f}M "
-        f"({100 * record['flop_share']:.1f}% of the full network) | {candidate.params:,} "
-        f"({100 * record['param_share']:.1f}%) | {latency(candidate.latency_ms)} | "
-        f"{latency(candidate.serving_latency_ms)} | {100 * candidate.accuracy:.2f}% |",
-        "",
-        f"Top-1 on {settings['scored_on']}"
-        + (
-            ", held out of the re-estimation images; the test split was not used."
-            if settings["score_split"] == "train"
-            else "."
-        )
-        + f" Latency: median of {settings['latency_repeats']} timed passes after {settings['latency_warmup']} "
-        f"warm-up passes on {settings['device']} ({settings['torch_threads']} CPU threads).",
-        "",
-        f"The model expects {candidate.input_size} px inputs: resize the evaluation crop "
-        f"({settings['eval_image_size']} px) to {candidate.input_size} px (bilinear), as the search did.",
-    ]
-    card_path.write_text(card.rstrip("\n") + "\n" + "\n".join(section) + "\n")
+    info["search"] = {**described, **candidate.record(checkpoint.full_flops, checkpoint.full_params)}
+    write_export_record(folder, info)

@@ -1,0 +1,445 @@
+"""Model cards (``README.md``) of the folders stim_hf writes: the Hub's metadata header and a body that says how to load them.
+
+The header is the Hub's model-card YAML (written with ``huggingface_hub.ModelCardData``):
+``library_name``, ``pipeline_tag``, ``tags``, ``datasets`` (only a Hub data set that was used),
+``base_model`` (only a Hub repository id) and a ``model-index`` of the accuracies that were measured,
+never others. The body says how to load the folder with transformers alone, stim_hf not installed.
+Cards are built from measured records only: a training run's final evaluation, an export's
+``export_info.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from stim_hf.data.builtin_datasets import is_builtin_dataset_name
+from stim_hf.data.image_datasets import DataArguments
+from stim_hf.tools.hub import PROCESSOR_FILE, code_files
+from stim_hf.training.checkpointing import TRAINING_ARGS_JSON_NAME
+
+CARD_NAME = "README.md"
+BASE_TAGS = ("stim_hf", "stimulative-training", "sub-network")
+# stim_method -> how a card names it.
+METHODS = {"ct": "common training (no sub-networks)", "st": "stimulative training (ST)", "stpp": "ST++"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Where the data and the model come from
+# --------------------------------------------------------------------------------------------------
+
+
+def describe_data(data_args: DataArguments, seed: int) -> dict[str, Any]:
+    """Where the training and the validation images come from, in words, and the evaluation crop."""
+    train = data_args.dataset_name or data_args.train_file or data_args.train_dir
+    carved = f"{data_args.train_val_split:.0%} of the training data carved off (seed {seed})"
+    if data_args.validation_file or data_args.validation_dir:
+        validation = data_args.validation_file or data_args.validation_dir
+    elif data_args.validation_split:
+        validation = f"{train}, split '{data_args.validation_split}'"
+    elif data_args.dataset_name and not is_builtin_dataset_name(data_args.dataset_name):
+        validation = f"{train}: its 'validation' or 'test' split if it has one, else {carved}"
+    else:
+        validation = f"{train}: {carved}"
+    return {
+        "train": train,
+        "validation": validation,
+        "image_size": data_args.resolved_eval_image_size(),
+        "type": data_kind(data_args),
+        "hub_dataset": hub_dataset(data_args),
+    }
+
+
+def hub_dataset(data_args: DataArguments) -> str | None:
+    """The Hub data set the images come from (``dataset_name`` when it is no builtin and no local folder), else None."""
+    name = data_args.dataset_name
+    if name is None or is_builtin_dataset_name(name) or os.path.exists(os.path.expanduser(name)):
+        return None
+    return name
+
+
+def data_kind(data_args: DataArguments) -> str:
+    """The ``dataset.type`` of a model-index entry: the Hub id, the builtin's name, or the loader of local files."""
+    if data_args.dataset_name is not None:
+        return hub_dataset(data_args) or (
+            data_args.dataset_name if is_builtin_dataset_name(data_args.dataset_name) else "local"
+        )
+    files = data_args.train_file or data_args.validation_file
+    if files:
+        return "arrow" if str(files).endswith(".arrow") else "parquet"
+    return "imagefolder"
+
+
+def hub_base_model(source: str | os.PathLike | None) -> str | None:
+    """The Hub repository a model came from: ``source`` itself when it is a repository id and no local folder,
+    else the ``hub_model_id`` the training run in ``source`` pushed to; None when neither is known."""
+    if not source:
+        return None
+    path = Path(os.path.expanduser(str(source)))
+    if path.exists():
+        for folder in (path, path.parent):  # a checkpoint-N folder, or the run's output_dir
+            try:
+                recorded = json.loads((folder / TRAINING_ARGS_JSON_NAME).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue
+            if isinstance(recorded, dict) and recorded.get("push_to_hub") and recorded.get("hub_model_id"):
+                return str(recorded["hub_model_id"])
+        return None
+    try:
+        validate_repo_id(str(source))
+    except HFValidationError:
+        return None
+    return str(source)
+
+
+# --------------------------------------------------------------------------------------------------
+# The header
+# --------------------------------------------------------------------------------------------------
+
+
+def accuracy_result(value: float, name: str, dataset: dict[str, str], metric_type: str = "accuracy") -> EvalResult:
+    """One measured accuracy for the ``model-index`` (``dataset``: ``type``, ``name``, ``split``)."""
+    return EvalResult(
+        task_type="image-classification",
+        task_name="Image classification",
+        dataset_type=dataset["type"],
+        dataset_name=dataset["name"],
+        dataset_split=dataset["split"],
+        metric_type=metric_type,
+        metric_value=float(value),
+        metric_name=name,
+    )
+
+
+def card_header(
+    model_name: str,
+    results: Sequence[EvalResult],
+    tags: Sequence[str] = (),
+    datasets: Sequence[str] = (),
+    base_model: str | None = None,
+) -> str:
+    """The Hub metadata block (``---`` YAML ``---``) of a card: what the Hub indexes and shows beside the model."""
+    data = ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-classification",
+        tags=list(dict.fromkeys([*BASE_TAGS, *tags])),
+        datasets=list(datasets) or None,
+        base_model=base_model,
+        model_name=model_name if results else None,
+        eval_results=list(results) or None,
+    )
+    return f"---\n{data.to_yaml()}\n---\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# Usage
+# --------------------------------------------------------------------------------------------------
+
+
+def usage_section(folder: str | os.PathLike, family: str | None = None, input_size: int | None = None) -> list[str]:
+    """How to load the model in ``folder`` with transformers alone: the lines of the card's "Usage" section."""
+    code = code_files(folder)
+    has_processor = (Path(folder) / PROCESSOR_FILE).is_file()
+    trust = ", trust_remote_code=True" if code else ""
+    lines = ["## Usage", ""]
+    if code:
+        lines += [
+            f"The folder holds the model's code ({', '.join(f'`{name}`' for name in code)}, needing only torch and "
+            "transformers), so it loads with transformers alone, stim_hf not installed; `trust_remote_code=True` "
+            "runs those files: read them first. Where stim_hf is imported, its own registered classes (the same "
+            "code) load the folder instead.",
+            "",
+        ]
+    elif family and family.startswith("timm"):
+        lines += ["A transformers model class around a timm model: it loads with transformers and timm installed.", ""]
+    else:
+        lines += ["A model class that transformers ships: it loads with transformers alone.", ""]
+    if has_processor:
+        crop = f", centre crop to {input_size} px" if input_size else ""
+        lines += [
+            f"The folder's image processor prepares images (resize{crop}, normalisation):",
+            "",
+            "```python",
+            "from transformers import pipeline",
+            "",
+            f'classify = pipeline("image-classification", model="path/to/this/folder"{trust})',
+            'print(classify("image.png"))',
+            "```",
+        ]
+    lines += [
+        *([""] if has_processor else []),
+        "```python",
+        "from transformers import AutoModelForImageClassification",
+        "",
+        f'model = AutoModelForImageClassification.from_pretrained("path/to/this/folder"{trust})',
+        "```",
+    ]
+    return lines
+
+
+# --------------------------------------------------------------------------------------------------
+# A training run's output folder
+# --------------------------------------------------------------------------------------------------
+
+
+def training_card(
+    folder: str | os.PathLike,
+    model_class: str,
+    data_args: DataArguments,
+    training: dict[str, Any],
+    metrics: dict[str, Any],
+    subnets: Sequence[dict[str, Any]] = (),
+    base_model: str | None = None,
+) -> str:
+    """The ``README.md`` of a training run's output folder, from its final evaluation.
+
+    ``training`` holds ``stim_method``, ``num_subnets`` and ``seed``; ``metrics`` the final
+    evaluation (``eval_accuracy``, ``eval_top5_accuracy``, ``eval_samples`` and, with evaluated
+    sub-networks, their means); ``subnets`` the per-sub-network results of ``evaluate_subnets``.
+    """
+    data = describe_data(data_args, training["seed"])
+    dataset = {"type": data["type"], "name": data["validation"], "split": "validation"}
+    method = training.get("stim_method") or "stpp"
+    samples = subnets[0]["bn_recalibration_samples"] if subnets else 0
+    bn = f"BatchNorm re-estimated on {samples} training images each" if samples else "BatchNorm inherited"
+    results = [accuracy_result(metrics["eval_accuracy"], "Top-1 accuracy, full network", dataset)]
+    if "eval_top5_accuracy" in metrics:
+        results.append(
+            accuracy_result(metrics["eval_top5_accuracy"], "Top-5 accuracy, full network", dataset, "top_5_accuracy")
+        )
+    if subnets:
+        name = f"Top-1 accuracy, mean of {len(subnets)} sub-networks"
+        results.append(accuracy_result(metrics["eval_subnet_accuracy_mean"], f"{name}, {bn}", dataset))
+        if samples:
+            results.append(
+                accuracy_result(
+                    metrics["eval_subnet_accuracy_mean_inherited_bn"], f"{name}, BatchNorm inherited", dataset
+                )
+            )
+    title = f"{model_class} trained with {METHODS.get(method, method)}"
+    lines = [
+        card_header(
+            title,
+            results,
+            tags=[method],
+            datasets=[data["hub_dataset"]] if data["hub_dataset"] else (),
+            base_model=base_model,
+        ),
+        f"# {title}",
+        "",
+        f"Trained with stim_hf (`stim_method: {method}`"
+        + (f", {training['num_subnets']} sampled sub-network(s) per step" if training.get("num_subnets") else "")
+        + f") on {data['train']}. Its residual stages can also run shallower: the sub-networks below are the "
+        "same weights with blocks dropped.",
+        "",
+        "## Accuracy",
+        "",
+        f"On {metrics.get('eval_samples', 0):,} validation images ({data['validation']}), at {data['image_size']} px:",
+        "",
+        "| network | top-1 | top-5 |",
+        "| --- | --- | --- |",
+        f"| full network | {_pct(metrics['eval_accuracy'])} | {_pct(metrics.get('eval_top5_accuracy'))} |",
+    ]
+    if subnets:
+        lines += [
+            "",
+            f"Sub-networks (the first `depths[s]` blocks of each stage), {bn}"
+            + (
+                "; beside it with the full network's statistics (inherited), the papers' loafing measure:"
+                if samples
+                else ":"
+            ),
+            "",
+            "| depths | share of blocks | top-1 | top-5 |" + (" top-1, inherited BatchNorm |" if samples else ""),
+            "| --- | --- | --- | --- |" + (" --- |" if samples else ""),
+        ]
+        for r in subnets:
+            row = f"| {','.join(map(str, r['depths']))} | {r['depth_fraction']:.0%} | {_pct(r['accuracy'])} | "
+            row += f"{_pct(r.get('top5_accuracy'))} |"
+            lines.append(row + (f" {_pct(r['accuracy_inherited_bn'])} |" if samples else ""))
+        mean = f"| mean of {len(subnets)} | | {_pct(metrics['eval_subnet_accuracy_mean'])} | |"
+        lines.append(mean + (f" {_pct(metrics['eval_subnet_accuracy_mean_inherited_bn'])} |" if samples else ""))
+    lines += [
+        "",
+        *usage_section(folder, input_size=data["image_size"]),
+        "",
+        "## Sub-networks as models of their own",
+        "",
+        "`stim-hf export` (stim_hf needed for that step only) writes one sub-network as a standalone model that "
+        "loads the same way, its BatchNorm statistics re-estimated for it; `stim-hf search` finds the most accurate "
+        "one under a FLOPs, parameter or latency budget.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------------
+# An exported sub-network
+# --------------------------------------------------------------------------------------------------
+
+
+def export_card(folder: str | os.PathLike, info: dict[str, Any]) -> str:
+    """The ``README.md`` of an exported sub-network, from its ``export_info.json`` record ``info``."""
+    depths = ",".join(map(str, info["depths"]))
+    title = f"Sub-network depths={depths} of {info['source']}"
+    lines = [
+        card_header(
+            title,
+            _export_results(info),
+            tags=[info["family"].replace("_", "-")],
+            datasets=[info["data"]["hub_dataset"]] if info.get("data", {}).get("hub_dataset") else (),
+            base_model=info.get("base_model"),
+        ),
+        f"# {title}",
+        "",
+        f"A standalone {info['model_class']} exported with stim_hf from `{info['source']}` "
+        f"({info['family']} family): it keeps the first `depths[s]` residual blocks of each stage of the "
+        "full model, with their trained weights; everything else is copied unchanged.",
+        "",
+        "## Kept blocks",
+        "",
+        "| stage | blocks kept | of |",
+        "| --- | --- | --- |",
+    ]
+    for name, kept, total in zip(info["stages"], info["depths"], info["full_depths"], strict=True):
+        blocks = f"blocks 0-{kept - 1}" if kept > 1 else "block 0"
+        lines.append(f"| `{name}` | {kept} ({blocks}) | {total} |")
+    full, params = info["full_num_parameters"], info["num_parameters"]
+    lines += [
+        "",
+        "## Parameters",
+        "",
+        f"{params:,} parameters, {100 * params / full:.1f}% of the full model's {full:,} "
+        f"({info['dropped_block_parameters']:,} in the dropped blocks).",
+        "",
+        "## BatchNorm statistics",
+        "",
+        _batchnorm_text(info),
+    ]
+    if "metrics" in info:
+        sub, ref = info["metrics"], info["full_metrics"]
+        lines += [
+            "",
+            "## Accuracy",
+            "",
+            f"On {sub['num_samples']:,} validation images ({info['data']['validation']}), this sub-network at "
+            f"{info['input_size']} px, the full model at {info['data']['image_size']} px:",
+            "",
+            "| model | top-1 | top-5 |",
+            "| --- | --- | --- |",
+            f"| this sub-network (depths={depths}) | {_pct(sub['accuracy'])} | {_pct(sub['top5_accuracy'])} |",
+            f"| full model | {_pct(ref['accuracy'])} | {_pct(ref['top5_accuracy'])} |",
+        ]
+    if "search" in info:
+        lines += ["", *_search_section(info)]
+    lines += ["", *usage_section(folder, info["family"], info["input_size"] if info["image_processor"] else None)]
+    if info.get("command"):
+        lines += ["", "Exported with:", "", "```bash", info["command"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def _batchnorm_text(info: dict[str, Any]) -> str:
+    if not info["has_batchnorm"]:
+        return "The model has no BatchNorm layers: nothing to re-estimate."
+    search = info.get("search")
+    if search and info["bn_recalibration_samples"]:
+        return (
+            f"Re-estimated for this sub-network at its input size ({info['input_size']} px) on "
+            f"{info['bn_recalibration_samples']:,} training images (seed {info['seed']}, training transforms) by "
+            "`stim-hf search`: the exact statistics of those images, pooled over all batches. These are the "
+            "statistics it was scored with."
+        )
+    if info["bn_recalibration_samples"]:
+        return (
+            f"Re-estimated for this sub-network on {info['bn_recalibration_samples']:,} training images of "
+            f"{info['data']['train']}, drawn with seed {info['seed']}, with the training transforms."
+        )
+    return (
+        "Inherited from the full network (not re-estimated): a sub-network usually scores far lower with them. "
+        "Export with the training data (`--config RECIPE.yaml`) to re-estimate them for the sub-network "
+        "(docs/models.md)."
+    )
+
+
+def _export_results(info: dict[str, Any]) -> list[EvalResult]:
+    """The measured accuracies of an export for its ``model-index``: its own, the full model's, the search's."""
+    bn = "BatchNorm re-estimated" if info["bn_recalibration_samples"] else "BatchNorm inherited from the full network"
+    results = []
+    if "metrics" in info:
+        data = info["data"]
+        dataset = {"type": data["type"], "name": data["validation"], "split": "validation"}
+        here = f"this sub-network at {info['input_size']} px, {bn}"
+        for key, label, kind in (("accuracy", "Top-1", "accuracy"), ("top5_accuracy", "Top-5", "top_5_accuracy")):
+            results.append(accuracy_result(info["metrics"][key], f"{label} accuracy, {here}", dataset, kind))
+        for key, label, kind in (("accuracy", "Top-1", "accuracy"), ("top5_accuracy", "Top-5", "top_5_accuracy")):
+            name = f"{label} accuracy, the full model it was exported from"
+            results.append(accuracy_result(info["full_metrics"][key], name, dataset, kind))
+    if "search" in info:
+        search, data = info["search"], info.get("data") or {}
+        split = "train (held out)" if search["score_split"] == "train" else "validation"
+        source = data.get("train") if search["score_split"] == "train" else data.get("validation")
+        dataset = {"type": data.get("type") or "local", "name": f"{search['scored_on']} of {source}", "split": split}
+        name = f"Top-1 accuracy, this sub-network at {info['input_size']} px, {bn} (scored by stim-hf search)"
+        results.append(accuracy_result(search["accuracy"], name, dataset))
+    return results
+
+
+def _search_section(info: dict[str, Any]) -> list[str]:
+    """The card's "Search" section: how the pick was chosen and what it costs."""
+    s = info["search"]
+    latency = lambda v: "not measured" if v is None else f"{v:.3f} ms"  # noqa: E731
+    budget = s["budget"] or "none (the most accurate sub-network)"
+    lines = [
+        "## Search",
+        "",
+        f"Chosen by `stim-hf search` from checkpoint `{s['checkpoint']}` as the most accurate of "
+        f"{s['num_candidates_scored']:,} scored sub-networks ({s['strategy']}) under the budget `{budget}`.",
+        "",
+        "| depths | input size | FLOPs per image | parameters | latency, batch 1 | "
+        f"latency, batch {s['serving_batch_size']} | top-1 |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        f"| {','.join(map(str, s['depths']))} | {s['input_size']} px | {s['flops'] / 1e6:.2f}M "
+        f"({100 * s['flop_share']:.1f}% of the full network) | {s['params']:,} ({100 * s['param_share']:.1f}%) | "
+        f"{latency(s.get('latency_ms'))} | {latency(s.get('serving_latency_ms'))} | {_pct(s['accuracy'])} |",
+        "",
+        f"Top-1 on {s['scored_on']}"
+        + (
+            ", held out of the re-estimation images; the test split was not used."
+            if s["score_split"] == "train"
+            else "."
+        )
+        + f" Latency: median of {s['latency_repeats']} timed passes after {s['latency_warmup']} warm-up passes on "
+        f"{s['device']} ({s['torch_threads']} CPU threads).",
+        "",
+    ]
+    if info["image_processor"] and info["input_size"] != s["eval_image_size"]:
+        lines.append(
+            f"The model expects {info['input_size']} px inputs; the folder's image processor resizes and crops "
+            f"images to {info['input_size']} px directly, where the search resized the evaluation crop "
+            f"({s['eval_image_size']} px) to {info['input_size']} px (bilinear): the two differ slightly."
+        )
+    elif info["image_processor"]:
+        lines.append(f"The model expects {info['input_size']} px inputs, as the folder's image processor gives.")
+    else:
+        lines.append(
+            f"The model expects {info['input_size']} px inputs: resize the evaluation crop ({s['eval_image_size']} "
+            f"px) to {info['input_size']} px (bilinear), as the search did."
+        )
+    return lines
+
+
+def _pct(value: float | None) -> str:
+    return "not measured" if value is None else f"{100 * value:.2f}%"
+
+
+def write_card(folder: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` as ``folder``'s ``README.md``; returns its path."""
+    path = Path(folder) / CARD_NAME
+    path.write_text(text, encoding="utf-8")
+    return path
