@@ -250,7 +250,7 @@ def training_card(
     if subnets:
         lines += [
             "",
-            f"Sub-networks (the first `depths[s]` blocks of each stage), {bn}"
+            f"Sub-networks (depths: the first `depths[s]` blocks of each stage, or the blocks kept), {bn}"
             + (
                 "; beside it with the full network's statistics (inherited), the papers' loafing measure:"
                 if samples
@@ -261,7 +261,7 @@ def training_card(
             "| --- | --- | --- | --- |" + (" --- |" if samples else ""),
         ]
         for r in subnets:
-            row = f"| {','.join(map(str, r['depths']))} | {r['depth_fraction']:.0%} | {_pct(r['accuracy'])} | "
+            row = f"| {_blocks(r)} | {r['depth_fraction']:.0%} | {_pct(r['accuracy'])} | "
             row += f"{_pct(r.get('top5_accuracy'))} |"
             lines.append(row + (f" {_pct(r['accuracy_inherited_bn'])} |" if samples else ""))
         mean = f"| mean of {len(subnets)} | | {_pct(metrics['eval_subnet_accuracy_mean'])} | |"
@@ -432,6 +432,14 @@ def _search_section(info: dict[str, Any]) -> list[str]:
             f"px) to {info['input_size']} px (bilinear), as the search did."
         )
     return lines
+
+
+def _blocks(result: dict[str, Any]) -> str:
+    """``3,1,2`` for a sub-network that keeps a prefix of each stage, else its kept blocks (``[0, 2], [1], [0]``)."""
+    kept = result.get("kept")
+    if kept is None or all(list(k) == list(range(len(k))) for k in kept):
+        return ",".join(map(str, result["depths"]))
+    return ", ".join(str(list(k)) for k in kept)
 
 
 def _pct(value: float | None) -> str:
