@@ -297,6 +297,7 @@ def export_subnet(
         "dropped_block_parameters": dropped_parameter_count(stages, subnet),
         "input_size": input_size or trained_size,
         "image_processor": processor is not None,
+        "image_processor_size": _processor_crop(processor),
         "bn_recalibration_samples": 0,
         "has_batchnorm": bool(batchnorm_layers(exported)),
         "seed": seed,

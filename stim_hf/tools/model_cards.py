@@ -338,7 +338,8 @@ def export_card(folder: str | os.PathLike, info: dict[str, Any]) -> str:
         ]
     if "search" in info:
         lines += ["", *_search_section(info)]
-    lines += ["", *usage_section(folder, info["family"], info["input_size"] if info["image_processor"] else None)]
+    processor_size = (info.get("image_processor_size") or info["input_size"]) if info["image_processor"] else None
+    lines += ["", *usage_section(folder, info["family"], processor_size)]
     if info.get("command"):
         lines += ["", "Exported with:", "", "```bash", info["command"], "```"]
     return "\n".join(lines) + "\n"
@@ -418,7 +419,14 @@ def _search_section(info: dict[str, Any]) -> list[str]:
         f"{s['device']} ({s['torch_threads']} CPU threads).",
         "",
     ]
-    if info["image_processor"] and info["input_size"] != s["eval_image_size"]:
+    given = info.get("image_processor_size")
+    if info["image_processor"] and given is not None and given != info["input_size"]:
+        lines.append(
+            f"The search scored it at {info['input_size']} px (the evaluation crop resized, with the forward "
+            f"arguments that size needs); on its own it runs at {given} px, the size the folder's image processor "
+            "gives, so `pipeline()` runs it there."
+        )
+    elif info["image_processor"] and info["input_size"] != s["eval_image_size"]:
         lines.append(
             f"The model expects {info['input_size']} px inputs; the folder's image processor resizes and crops "
             f"images to {info['input_size']} px directly, where the search resized the evaluation crop "
