@@ -33,7 +33,7 @@ QUICKSTART = str(REPO_ROOT / "configs" / "quickstart.yaml")
 
 
 def training_args(**kwargs) -> StimulativeTrainingArguments:
-    return StimulativeTrainingArguments(output_dir="unused", report_to="none", use_cpu=True, **kwargs)
+    return StimulativeTrainingArguments(**{"output_dir": "unused", "report_to": "none", "use_cpu": True, **kwargs})
 
 
 # -- stimulative fields: property test -----------------------------------------------------------------
@@ -97,6 +97,45 @@ def test_more_bad_stimulative_values(field, value, message):
         training_args(**{field: value})
 
 
+# Every numeric TrainingArguments setting a run depends on: one line naming the field, the value and the range.
+TRAINING_NUMBERS = {
+    "per_device_train_batch_size": (0, r"per_device_train_batch_size=0 is out of range; valid: \[1, inf\)"),
+    "per_device_eval_batch_size": (-8, r"per_device_eval_batch_size=-8 is out of range; valid: \[1, inf\)"),
+    "num_train_epochs": (0, r"num_train_epochs=0 is out of range; valid: \(0.0, inf\)"),
+    "max_steps": (0, r"max_steps=0 is out of range; valid: -1 \(train num_train_epochs\) or \[1, inf\)"),
+    "gradient_accumulation_steps": (0, r"gradient_accumulation_steps=0 is out of range; valid: \[1, inf\)"),
+    "learning_rate": (-0.1, r"learning_rate=-0.1 is out of range; valid: \(0.0, inf\)"),
+    "warmup_steps": (2.5, r"warmup_steps=2.5 is neither a whole number of steps \(>= 1\) nor a share of the run"),
+    "weight_decay": (math.nan, r"weight_decay=nan must be a number in \[0.0, inf\)"),
+    "max_grad_norm": (-1.0, r"max_grad_norm=-1.0 is out of range; valid: \[0.0, inf\)"),
+    "save_steps": (0, r"save_steps=0 is out of range; valid: \(0.0, inf\)"),
+    "eval_steps": (12.5, r"eval_steps=12.5 is neither a whole number of steps .* eval_strategy is 'steps'"),
+    "logging_steps": (-5, r"logging_steps=-5 is out of range"),
+    "save_total_limit": (0, r"save_total_limit=0 is out of range; valid: \[1, inf\)"),
+    "dataloader_num_workers": (-1, r"dataloader_num_workers=-1 is out of range; valid: \[0, inf\)"),
+    "seed": (2**32, r"seed=4294967296 is out of range; valid: \[0, 4294967295\]"),
+    "label_smoothing_factor": (1.0, r"label_smoothing_factor=1.0 is out of range; valid: \[0.0, 1.0\)"),
+    "optim_args": ("momentum", r"optim_args='momentum' must be comma-separated key=value pairs"),
+    "report_to": ("tensorbord", r"report_to='tensorbord' is not a logging integration; choose from .*tensorboard"),
+}
+
+
+@pytest.mark.parametrize("field", list(TRAINING_NUMBERS))
+def test_training_settings_are_checked_at_parse(field):
+    value, message = TRAINING_NUMBERS[field]
+    extra = {"eval_strategy": "steps", "save_strategy": "steps", "logging_strategy": "steps"}
+    with pytest.raises(ConfigError, match=message) as raised:
+        training_args(**extra, **{field: value})
+    assert "\n" not in str(raised.value)
+
+
+def test_step_intervals_are_checked_only_where_their_strategy_uses_them():
+    # The quickstart saves and evaluates every epoch: a save_steps it never reads is no error.
+    args = training_args(save_strategy="epoch", eval_strategy="epoch", save_steps=2.5, eval_steps=0)
+    assert args.save_steps == 2.5
+    assert training_args(logging_steps=0.25, warmup_steps=0.1).logging_steps == 0.25  # shares of the run
+
+
 # -- the command line: one line on stderr, exit status 2 -------------------------------------------------
 
 
@@ -138,6 +177,21 @@ def test_cli_wrong_type_is_one_line_not_the_usage(capsys, tmp_path):
     err = capsys.readouterr().err
     assert status == 2 and err.count("\n") == 1
     assert "argument --kl_temperature/--kl-temperature: invalid float value: 'warm'" in err
+
+
+def test_cli_bad_numbers_are_one_line_before_any_data_is_loaded(capsys, tmp_path, monkeypatch):
+    import stim_hf.cli.train as train_command
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data loaded before the settings were checked")
+
+    monkeypatch.setattr(train_command, "load_image_datasets", no_data)
+    for flag, value, expected in [
+        ("--per_device_train_batch_size", "0", "per_device_train_batch_size=0 is out of range; valid: [1, inf)"),
+        ("--num_train_epochs", "-2", "num_train_epochs=-2.0 is out of range; valid: (0.0, inf)"),
+        ("--report_to", "tensorbord", "report_to='tensorbord' is not a logging integration"),
+    ]:
+        assert run_cli(capsys, flag, value, "--output_dir", str(tmp_path)).startswith(expected)
 
 
 def test_cli_resume_without_checkpoint(capsys, tmp_path):

@@ -297,3 +297,13 @@ def test_help_names_the_command_and_the_recipe():
     assert usage.startswith("usage: stim-hf train RECIPE.yaml [--field value ...]\n")
     assert "stim-hf train --config RECIPE.yaml [--field value ...]" in usage
     assert "--field null unsets a value the recipe set" in " ".join(full_parser().format_help().split())
+
+
+def test_a_value_transformers_refuses_is_one_config_error_line():
+    # TrainingArguments' own check (a ValueError from its __post_init__) comes out as our one-line error.
+    with pytest.raises(ConfigError, match=r"load_best_model_at_end requires the save and eval strategy to match.*"
+                                          r"\(a TrainingArguments setting, from the recipe or the command line\)$"):  # fmt: skip
+        StimulativeTrainingArguments(
+            output_dir="unused", report_to="none", use_cpu=True, load_best_model_at_end=True,
+            eval_strategy="epoch", save_strategy="steps", save_steps=5,
+        )  # fmt: skip

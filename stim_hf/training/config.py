@@ -57,6 +57,93 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+@dataclass(frozen=True)
+class NumberRange:
+    """The values a numeric field accepts: an interval, integers only or any finite number, unset or not."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    optional: bool = False  # None (unset) is accepted
+
+    def describe(self) -> str:
+        """The interval as the messages write it, e.g. ``[1, inf)``."""
+        left, right = "(" if self.low_open else "[", ")" if self.high_open or not math.isfinite(self.high) else "]"
+        return f"{left}{self.low}, {self.high if math.isfinite(self.high) else 'inf'}{right}"
+
+
+SEED_MAX = 2**32 - 1  # numpy's seeds
+# Every number a run depends on, checked at parse in one place (StimulativeTrainingArguments.check_numbers): the
+# stimulative fields and the TrainingArguments fields the trainer relies on. Intervals in steps (save_steps, ...),
+# warmup_steps and max_steps have rules of their own beside the table.
+NUMERIC_FIELDS: dict[str, NumberRange] = {
+    # stimulative training
+    "kl_coef": NumberRange(0.0),
+    "stim_start_epoch": NumberRange(0.0),
+    "num_subnets": NumberRange(0, integer=True),
+    "kl_temperature": NumberRange(0.0, low_open=True),
+    "logit_amplitude": NumberRange(0.0, low_open=True),
+    "min_input_scale": NumberRange(0.0, 1.0, low_open=True),
+    "bn_recalibration_samples": NumberRange(1, integer=True),
+    "num_eval_subnets": NumberRange(0, integer=True),
+    "subnet_bn_recalibration_samples": NumberRange(0, integer=True),
+    "subnet_monitor_count": NumberRange(0, integer=True),
+    "subnet_monitor_every": NumberRange(1, integer=True),
+    # batches, epochs, accumulation
+    "per_device_train_batch_size": NumberRange(1, integer=True),
+    "per_device_eval_batch_size": NumberRange(1, integer=True),
+    "num_train_epochs": NumberRange(0.0, low_open=True),
+    "gradient_accumulation_steps": NumberRange(1, integer=True),
+    "eval_accumulation_steps": NumberRange(1, integer=True, optional=True),
+    # optimisation
+    "learning_rate": NumberRange(0.0, low_open=True),
+    "weight_decay": NumberRange(0.0),
+    "max_grad_norm": NumberRange(0.0),
+    "adam_beta1": NumberRange(0.0, 1.0, high_open=True),
+    "adam_beta2": NumberRange(0.0, 1.0, high_open=True),
+    "adam_epsilon": NumberRange(0.0, low_open=True),
+    "label_smoothing_factor": NumberRange(0.0, 1.0, high_open=True),
+    # evaluation, checkpoints, data loading, seeds
+    "eval_delay": NumberRange(0.0),
+    "save_total_limit": NumberRange(1, integer=True, optional=True),
+    "dataloader_num_workers": NumberRange(0, integer=True),
+    "dataloader_prefetch_factor": NumberRange(1, integer=True, optional=True),
+    "torch_empty_cache_steps": NumberRange(1, integer=True, optional=True),
+    "seed": NumberRange(0, SEED_MAX, integer=True),
+    "data_seed": NumberRange(0, SEED_MAX, integer=True, optional=True),
+}
+# Save, eval and logging intervals: in steps (a whole number >= 1) or a share of the run (0 < x < 1) where their
+# strategy is "steps".
+INTERVAL_FIELDS = {"save_steps": "save_strategy", "eval_steps": "eval_strategy", "logging_steps": "logging_strategy"}
+
+
+def check_number(name: str, value: Any, valid: NumberRange) -> None:
+    """Raise a one-line :class:`ConfigError` naming ``name``, ``value`` and the range when ``value`` is not in it."""
+    if value is None and valid.optional:
+        return
+    kind = "an integer" if valid.integer else "a number"
+    ok_type = isinstance(value, int) if valid.integer else isinstance(value, (int, float))
+    # A float field must be a finite float (a huge int overflows); an int field any int.
+    if isinstance(value, bool) or not ok_type or (not valid.integer and not _finite_float(value)):
+        shown = f"{value!r}" if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
+        unset = " (or unset)" if valid.optional else ""
+        raise ConfigError(f"{name}={shown} must be {kind} in {valid.describe()}{unset}")
+    below = value < valid.low or (valid.low_open and value == valid.low)
+    above = value > valid.high or (valid.high_open and value == valid.high)
+    if below or above:
+        raise ConfigError(f"{name}={value!r} is out of range; valid: {valid.describe()}")
+
+
+def _check_interval(name: str, value: Any, rule: str) -> None:
+    check_number(name, value, NumberRange(0.0, low_open=True))
+    if value >= 1 and value != int(value):
+        raise ConfigError(
+            f"{name}={value!r} is neither a whole number of steps (>= 1) nor a share of the run in (0, 1); {rule}"
+        )
+
+
 def accelerator_available() -> bool:
     """Whether torch sees an accelerator (CUDA, XPU, MPS, ...), the test its DataLoader pins memory by."""
     accelerator = getattr(torch, "accelerator", None)
@@ -291,12 +378,18 @@ class StimulativeTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         explicit = self._apply_method_preset()
         self._validate_stimulative_fields()
+        self.check_numbers()
         self._check_method_is_what_its_name_says(explicit)
         given = self.accelerator_config
         non_blocking_given = not (given is None or (isinstance(given, dict) and "non_blocking" not in given))
         if self.dataloader_pin_memory is None:
             self.dataloader_pin_memory = not self.use_cpu and accelerator_available()
-        super().__post_init__()
+        try:
+            super().__post_init__()
+        except ValueError as error:  # TrainingArguments' own checks (report_to, strategies, ...): one line, too
+            message = " ".join(str(error).split())
+            raise ConfigError(f"{message} (a TrainingArguments setting, from the recipe or the command line)") from None
+        self._check_report_to()
         if not non_blocking_given:
             # A blocking copy of a batch to the GPU first waits for the previous step's backward;
             # from pinned memory (dataloader_pin_memory, off on CPUs) it can be queued instead.
@@ -340,19 +433,6 @@ class StimulativeTrainingArguments(TrainingArguments):
             if value not in valid:
                 raise ConfigError(f"{name}={value!r} is not valid; choose one of: {', '.join(valid)}")
 
-        def number(
-            name: str, low: float, high: float = math.inf, low_open: bool = False, integer: bool = False
-        ) -> None:
-            value = getattr(self, name)
-            kind = "an integer" if integer else "a number"
-            ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-            # A float field must be a finite float (a huge int overflows); an int field any int.
-            if isinstance(value, bool) or not ok_type or (not integer and not _finite_float(value)):
-                shown = f"{value!r}" if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
-                raise ConfigError(f"{name}={shown} must be {kind} in {_interval(low, high, low_open)}")
-            if value < low or (low_open and value == low) or value > high:
-                raise ConfigError(f"{name}={value!r} is out of range; valid: {_interval(low, high, low_open)}")
-
         choice("kl_coef_schedule", KL_COEF_SCHEDULES)
         choice("kl_loss", KL_LOSSES)
         choice("logit_normalization", LOGIT_NORMALIZATIONS)
@@ -361,17 +441,6 @@ class StimulativeTrainingArguments(TrainingArguments):
         choice("backward_strategy", BACKWARD_STRATEGIES)
         choice("on_nonfinite_loss", NONFINITE_LOSS_ACTIONS)
         choice("on_collapse", COLLAPSE_ACTIONS)
-        number("kl_coef", 0.0)
-        number("stim_start_epoch", 0.0)
-        number("num_subnets", 0, integer=True)
-        number("kl_temperature", 0.0, low_open=True)
-        number("logit_amplitude", 0.0, low_open=True)
-        number("min_input_scale", 0.0, 1.0, low_open=True)
-        number("bn_recalibration_samples", 1, integer=True)
-        number("num_eval_subnets", 0, integer=True)
-        number("subnet_bn_recalibration_samples", 0, integer=True)
-        number("subnet_monitor_count", 0, integer=True)
-        number("subnet_monitor_every", 1, integer=True)
         self.sample_space = parse_sample_space(self.sample_space)
         parse_profile_steps(self.profile_steps)
         for name in ("normalize_main_logits", "sync_batchnorm", "channels_last", "fused_optimizer"):
@@ -385,6 +454,51 @@ class StimulativeTrainingArguments(TrainingArguments):
                 "forward leaves parameters unused, set backward_strategy: sequential"
             )
 
+    def check_numbers(self) -> None:
+        """Check every numeric setting of :data:`NUMERIC_FIELDS`, the step intervals, ``warmup_steps``,
+        ``max_steps`` and ``optim_args`` (one ``ConfigError`` line naming the field, the value and the range)."""
+        for name, valid in NUMERIC_FIELDS.items():
+            if hasattr(self, name):  # a field of the transformers release in use
+                check_number(name, getattr(self, name), valid)
+        for name, strategy_field in INTERVAL_FIELDS.items():
+            strategy = getattr(self, strategy_field)
+            value = getattr(self, name)
+            if str(getattr(strategy, "value", strategy)) == "steps" and value is not None:
+                _check_interval(name, value, f"{strategy_field} is 'steps'")
+        check_number("warmup_steps", self.warmup_steps, NumberRange(0.0))
+        if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
+            raise ConfigError(
+                f"warmup_steps={self.warmup_steps!r} is neither a whole number of steps (>= 1) nor a share of the run "
+                "in [0, 1)"
+            )
+        if hasattr(self, "warmup_ratio") and self.warmup_ratio is not None:  # transformers releases that have it
+            check_number("warmup_ratio", self.warmup_ratio, NumberRange(0.0, 1.0))
+        check_number("max_steps", self.max_steps, NumberRange(-1, integer=True))
+        if self.max_steps == 0:
+            raise ConfigError("max_steps=0 is out of range; valid: -1 (train num_train_epochs) or [1, inf)")
+        if self.optim_args:
+            pairs = [p for p in str(self.optim_args).replace(" ", "").split(",") if p]
+            bad = [p for p in pairs if p.count("=") != 1 or not all(p.split("="))]
+            if bad:
+                raise ConfigError(
+                    f"optim_args={self.optim_args!r} must be comma-separated key=value pairs (e.g. "
+                    f"'momentum=0.9,nesterov=true'); not a pair: {', '.join(map(repr, bad))}"
+                )
+
+    def _check_report_to(self) -> None:
+        """Refuse an unknown ``report_to`` at parse (transformers raises it when the Trainer is built)."""
+        try:
+            from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+        except ImportError:  # a transformers layout we do not know: leave the check to the Trainer
+            return
+        names = [self.report_to] if isinstance(self.report_to, str) else list(self.report_to or [])
+        unknown = [name for name in names if name not in INTEGRATION_TO_CALLBACK and name not in ("all", "none")]
+        if unknown:
+            raise ConfigError(
+                f"report_to={', '.join(map(repr, unknown))} is not a logging integration; choose from "
+                f"{', '.join(INTEGRATION_TO_CALLBACK)}, 'all' or 'none' (TensorBoard: report_to tensorboard)"
+            )
+
     @property
     def uses_subnets(self) -> bool:
         """Whether training runs sub-network passes at all (K > 0 and lambda > 0)."""
@@ -396,12 +510,6 @@ def _finite_float(value: int | float) -> bool:
         return math.isfinite(float(value))
     except OverflowError:
         return False
-
-
-def _interval(low: float, high: float, low_open: bool) -> str:
-    left = "(" if low_open else "["
-    right = "]" if math.isfinite(high) else ")"
-    return f"{left}{low}, {high if math.isfinite(high) else 'inf'}{right}"
 
 
 @dataclass
