@@ -134,6 +134,8 @@ def test_export_errors_name_the_problem(tmp_path):
         export_subnet(model, [1, 1, 1], tmp_path / "a", evaluate=True)
     with pytest.raises(ConfigError, match=r"--input-size 4 must be an integer >= 8"):
         export_subnet(model, [1, 1, 1], tmp_path / "a", input_size=4)
+    with pytest.raises(ConfigError, match=r"--batch-size 0 must be an integer >= 1"):  # was torch's traceback
+        export_subnet(model, [1, 1, 1], tmp_path / "a", batch_size=0)
     # A Subnet that keeps prefixes is accepted, as are the full depths (a plain copy).
     same = build_subnet_model(model, subnet_from_depths(stages, [2, 1, 2]))
     assert [s.num_blocks for s in find_residual_stages(same)] == [2, 1, 2]

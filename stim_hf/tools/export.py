@@ -252,6 +252,8 @@ def export_subnet(
         )
     if input_size is not None and (not isinstance(input_size, int) or input_size < MIN_INPUT_SIZE):
         raise ConfigError(f"--input-size {input_size!r} must be an integer >= {MIN_INPUT_SIZE} (pixels)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size!r} must be an integer >= 1 (images per batch)")
     if push_to_hub is not None:
         check_push_to_hub(push_to_hub)
     from_folder = isinstance(model_or_checkpoint, (str, os.PathLike))
