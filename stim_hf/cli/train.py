@@ -26,7 +26,7 @@ from stim_hf.training.config import ModelArguments, StimulativeTrainingArguments
 from stim_hf.training.metrics import build_compute_metrics, top_k_indices
 from stim_hf.training.modeling import build_model, check_saved_model_dir
 from stim_hf.training.parser import StimArgumentParser
-from stim_hf.training.trainer import StimulativeTrainer, method_structures
+from stim_hf.training.trainer import StimulativeTrainer, method_structures, refuse_zero_init_of_pretrained
 
 logger = logging.getLogger("stim_hf.cli.train")
 
@@ -97,6 +97,8 @@ def run_training(
     set_seed(training_args.seed)
     resume = resolve_resume_checkpoint(training_args)
     check_model_source(model_args)
+    if training_args.zero_init_residual and model_args.model_name_or_path is not None:
+        raise refuse_zero_init_of_pretrained(model_args.model_name_or_path)  # before any data is loaded
 
     splits = load_image_datasets(data_args, seed=training_args.seed)
     label_names = get_label_names(splits["train"], data_args.label_column_name)

@@ -21,6 +21,7 @@ from stim_hf.method.stages import (
     identity_shortcut_flags,
     register_stage_finder,
     registered_families,
+    zero_init_residual_branches,
 )
 
 # Registers the built-in model families (stage finders); after the names above, which it imports.
@@ -43,4 +44,5 @@ __all__ = [
     "resolve_sample_space",
     "subnet_from_depths",
     "use_subnet",
+    "zero_init_residual_branches",
 ]

@@ -387,9 +387,37 @@ _TIMM_EFFICIENTNET_NOT_EXPORTABLE = (
     "(docs/models.md)"
 )
 
-register_stage_finder("cifar_resnet", find_cifar_resnet_stages, config_for_depths=_depths_config("blocks_per_stage"))
-register_stage_finder("hf_resnet", find_hf_resnet_stages, config_for_depths=_depths_config("depths"))
-register_stage_finder("hf_regnet", find_hf_regnet_stages, config_for_depths=_depths_config("depths"))
+
+def _last_conv_layer_norm(block: nn.Module) -> nn.Module | None:
+    """HF ResNet / RegNet: the ``normalization`` of the last conv layer of ``block.layer`` (its activation is None)."""
+    layers = getattr(block, "layer", None)
+    return getattr(layers[-1], "normalization", None) if isinstance(layers, nn.Sequential) and len(layers) else None
+
+
+def _timm_resnet_last_norm(block: nn.Module) -> nn.Module | None:
+    """timm ResNet: ``bn3`` of a Bottleneck, ``bn2`` of a BasicBlock (the layer timm's ``zero_init_last`` zeroes)."""
+    norm = getattr(block, "bn3", None)
+    return norm if norm is not None else getattr(block, "bn2", None)
+
+
+register_stage_finder(
+    "cifar_resnet",
+    find_cifar_resnet_stages,
+    config_for_depths=_depths_config("blocks_per_stage"),
+    last_branch_norm=lambda block: getattr(block, "bn2", None),
+)
+register_stage_finder(
+    "hf_resnet",
+    find_hf_resnet_stages,
+    config_for_depths=_depths_config("depths"),
+    last_branch_norm=_last_conv_layer_norm,
+)
+register_stage_finder(
+    "hf_regnet",
+    find_hf_regnet_stages,
+    config_for_depths=_depths_config("depths"),
+    last_branch_norm=_last_conv_layer_norm,
+)
 
 
 def convnext_total_stride(model: nn.Module) -> int:
@@ -443,7 +471,12 @@ register_stage_finder(
     supports_smaller_inputs=False,
     config_for_depths=_depths_config("depths"),
 )
-register_stage_finder("timm_resnet", find_timm_resnet_stages, config_for_depths=_timm_model_args_config("layers"))
+register_stage_finder(
+    "timm_resnet",
+    find_timm_resnet_stages,
+    config_for_depths=_timm_model_args_config("layers"),
+    last_branch_norm=_timm_resnet_last_norm,
+)
 register_stage_finder(
     "timm_efficientnet",
     find_timm_efficientnet_stages,

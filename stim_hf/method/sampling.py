@@ -123,6 +123,12 @@ class SubnetSampler:
     (4/7 for 3 blocks, 0.501 for 9). The input size is
     ``UniformInt[floor(min_input_scale * S), S]`` for a batch of side ``S``. ``stream`` separates
     independent uses of one seed (training draws and the fixed evaluation sub-networks).
+
+    ``size_bias`` in [0, 1) tilts each of these draws (a stage's depth, the input size) toward the
+    smaller choices: with the choices ordered from the smallest, the probability of the ``i + 1``
+    smallest ones, ``G_i`` without bias, becomes ``G_i ** (1 - size_bias)``. 0 keeps the draws above
+    unchanged (the same generator calls); for 4 equally likely depths, 0.5 gives the shallowest
+    1/2 and the deepest 0.13. :meth:`smallest` is the smallest sub-network of the space.
     """
 
     def __init__(
@@ -134,11 +140,15 @@ class SubnetSampler:
         seed: int = 0,
         min_input_size: int = 1,
         stream: int = 0,
+        size_bias: float = 0.0,
     ) -> None:
         if rule not in SAMPLING_RULES:
             raise ConfigError(f"subnet_sampling='{rule}' is not a sampling rule; valid: {', '.join(SAMPLING_RULES)}")
         if not 0.0 < min_input_scale <= 1.0:
             raise ConfigError(f"min_input_scale={min_input_scale} must lie in (0, 1]; 1.0 keeps the full size")
+        if not 0.0 <= size_bias < 1.0:
+            raise ConfigError(f"subnet_size_bias={size_bias} must lie in [0, 1); 0 keeps the draws uniform")
+        self.size_bias = float(size_bias)
         self.rule = rule
         self.skippable = tuple(stage.skippable for stage in stages)
         self.num_blocks = tuple(stage.num_blocks for stage in stages)
@@ -166,21 +176,66 @@ class SubnetSampler:
         ``min_input_scale < 1``, a smaller input size is drawn too.
         """
         rng = self.generator(step, micro_step, index)
+        biased = self.size_bias > 0.0
         kept = []
         for flags, limit, k_probs in zip(self.skippable, self.space, self._subset_k_probs, strict=True):
             n = len(flags)
             if self.rule == "prefix":
-                dropped = int(rng.integers(0, limit + 1))
+                if biased:  # choices from the smallest: drop limit, limit - 1, ..., 0 blocks
+                    dropped = limit - self._biased_choice(rng, np.full(limit + 1, 1.0 / (limit + 1)))
+                else:
+                    dropped = int(rng.integers(0, limit + 1))
                 kept.append(tuple(range(n - dropped)))
             else:
-                num_dropped = int(rng.choice(len(k_probs), p=k_probs))
+                if biased:
+                    num_dropped = limit - self._biased_choice(rng, k_probs[::-1])
+                else:
+                    num_dropped = int(rng.choice(len(k_probs), p=k_probs))
                 candidates = [i for i, flag in enumerate(flags) if flag]
                 drop = set(rng.choice(candidates, size=num_dropped, replace=False).tolist()) if num_dropped else set()
                 kept.append(tuple(i for i in range(n) if i not in drop))
         input_size = None
         if image_size is not None and self.min_input_scale < 1.0:
-            low = max(self.min_input_size, smallest_input_side(self.min_input_scale, image_size))
-            input_size = int(rng.integers(min(low, image_size), image_size + 1))
+            low = min(self._smallest_side(image_size), image_size)
+            if biased:
+                sizes = image_size - low + 1
+                input_size = low + self._biased_choice(rng, np.full(sizes, 1.0 / sizes))
+            else:
+                input_size = int(rng.integers(low, image_size + 1))
+        return Subnet(kept=tuple(kept), num_blocks=self.num_blocks, input_size=input_size)
+
+    def _smallest_side(self, image_size: int) -> int:
+        return max(self.min_input_size, smallest_input_side(self.min_input_scale, image_size))
+
+    def _biased_choice(self, rng: np.random.Generator, probs: np.ndarray) -> int:
+        """Index of a choice among ``probs`` (ordered from the smallest), drawn with the CDF raised to ``1 - size_bias``.
+
+        ``P(index <= i) = P(U ** (1 / (1 - bias)) < G_i) = G_i ** (1 - bias)`` for ``U ~ Uniform[0, 1)``.
+        """
+        quantile = rng.random() ** (1.0 / (1.0 - self.size_bias))
+        index = int(np.searchsorted(np.cumsum(probs), quantile, side="right"))
+        return min(index, len(probs) - 1)
+
+    def smallest(self, image_size: int | None = None) -> Subnet:
+        """The smallest sub-network of the sample space (sandwich sampling); no randomness.
+
+        Every stage drops as many blocks as ``sample_space`` allows: its last ones (prefix rule),
+        or its last skippable ones (subset rule; with the full space only the blocks that change
+        shape are left, and a stage of skippable blocks only keeps its first). Its input side is the
+        smallest the input-size rule draws, ``max(floor(min_input_scale * S), min_input_size)``.
+        """
+        kept = []
+        for flags, limit in zip(self.skippable, self.space, strict=True):
+            n = len(flags)
+            if self.rule == "prefix":
+                kept.append(tuple(range(n - limit)))
+            else:
+                candidates = [i for i, flag in enumerate(flags) if flag]
+                drop = set(candidates[len(candidates) - limit :])
+                kept.append(tuple(i for i in range(n) if i not in drop))
+        input_size = None
+        if image_size is not None and self.min_input_scale < 1.0:
+            input_size = min(self._smallest_side(image_size), image_size)
         return Subnet(kept=tuple(kept), num_blocks=self.num_blocks, input_size=input_size)
 
     def distinct_subnets(self, num_subnets: int) -> list[Subnet]:

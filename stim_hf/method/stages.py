@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import nn
 
 from stim_hf.errors import ModelStructureError
@@ -81,6 +82,9 @@ class ResidualFamily:
     keeps ``depths[s]`` blocks of stage ``s`` (used by :mod:`stim_hf.tools.export`); ``None`` when the
     family's config cannot express it. ``min_input_size(model)`` is the smallest input side the
     model's forward accepts (ConvNeXt: its total stride); sampled input sizes never go below it.
+    ``last_branch_norm(block)`` is the normalisation layer that ends ``block``'s residual branch (the
+    BatchNorm whose weight ``zero_init_residual`` zeroes), or ``None`` for a block without one;
+    ``None`` for a family without such a layer.
     """
 
     name: str
@@ -89,6 +93,7 @@ class ResidualFamily:
     resized_forward_kwargs: dict = field(default_factory=dict)
     config_for_depths: Callable[[Any, Sequence[int]], Any] | None = None
     min_input_size: Callable[[nn.Module], int] | None = None
+    last_branch_norm: Callable[[nn.Module], nn.Module | None] | None = None
 
 
 _FAMILIES: dict[str, ResidualFamily] = {}
@@ -102,6 +107,7 @@ def register_stage_finder(
     resized_forward_kwargs: dict | None = None,
     config_for_depths: Callable[[Any, Sequence[int]], Any] | None = None,
     min_input_size: Callable[[nn.Module], int] | None = None,
+    last_branch_norm: Callable[[nn.Module], nn.Module | None] | None = None,
     overwrite: bool = False,
 ) -> ResidualFamily:
     """Register how to find the residual stages of a model family.
@@ -112,7 +118,9 @@ def register_stage_finder(
     ``config_for_depths(config, depths)`` (optional) returns the config of the shallower model that
     keeps ``depths[s]`` leading blocks of each stage; it makes the family exportable with
     :func:`stim_hf.tools.export.export_subnet`. ``min_input_size(model)`` (optional) is the smallest
-    input side the model accepts; smaller sampled inputs are raised to it.
+    input side the model accepts; smaller sampled inputs are raised to it. ``last_branch_norm(block)``
+    (optional) returns the normalisation layer that ends a block's residual branch; it makes the
+    family usable with ``zero_init_residual``.
     """
     if name in _FAMILIES and not overwrite:
         raise ValueError(f"a stage finder named '{name}' is already registered; pass overwrite=True")
@@ -123,6 +131,7 @@ def register_stage_finder(
         resized_forward_kwargs=dict(resized_forward_kwargs or {}),
         config_for_depths=config_for_depths,
         min_input_size=min_input_size,
+        last_branch_norm=last_branch_norm,
     )
     _FAMILIES.pop(name, None)
     _FAMILIES[name] = family
@@ -132,6 +141,11 @@ def register_stage_finder(
 def registered_families() -> list[str]:
     """Names of the registered model families, in the order they are tried."""
     return list(reversed(_FAMILIES))
+
+
+def zero_init_families() -> list[str]:
+    """Names of the registered families with a ``last_branch_norm`` (``zero_init_residual`` works for them)."""
+    return [name for name in registered_families() if _FAMILIES[name].last_branch_norm is not None]
 
 
 def find_residual_family(model: nn.Module) -> tuple[ResidualFamily, list[ResidualStage]]:
@@ -164,6 +178,32 @@ def find_residual_family(model: nn.Module) -> tuple[ResidualFamily, list[Residua
 def find_residual_stages(model: nn.Module) -> list[ResidualStage]:
     """Return the residual stages of ``model`` (see :func:`find_residual_family`)."""
     return find_residual_family(model)[1]
+
+
+def zero_init_residual_branches(family: ResidualFamily, stages: Sequence[ResidualStage]) -> int:
+    """Zero the weight of the normalisation layer that ends every residual branch; return how many.
+
+    Each block then starts as its shortcut (the identity for a skippable block), as in Goyal et al.
+    2017 and torchvision's / timm's ``zero_init_residual`` / ``zero_init_last``. Every block of
+    ``stages`` is zeroed, skippable or not. Raises :class:`ModelStructureError` for a family without
+    ``last_branch_norm``, or one whose blocks have no such layer with a weight.
+    """
+    if family.last_branch_norm is None:
+        raise ModelStructureError(f"the {family.name} family has no registered last_branch_norm")
+    zeroed = 0
+    with torch.no_grad():
+        for stage in stages:
+            for block in stage.container:
+                norm = family.last_branch_norm(block)
+                weight = getattr(norm, "weight", None) if norm is not None else None
+                if isinstance(weight, torch.Tensor):
+                    weight.zero_()
+                    zeroed += 1
+    if not zeroed:
+        raise ModelStructureError(
+            f"the {family.name} family's blocks have no normalisation layer with a weight ending their residual branch"
+        )
+    return zeroed
 
 
 def identity_shortcut_flags(blocks: Sequence[nn.Module], shortcut_attr: str) -> tuple[bool, ...]:

@@ -62,6 +62,9 @@ RESUME_SENSITIVE_ARGUMENTS = (
     "subnet_sampling",
     "sample_space",
     "min_input_scale",
+    "sandwich",
+    "subnet_size_bias",
+    "lr_floor",
     "bn_policy",
     "backward_strategy",
 )

@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 from transformers import TrainingArguments
+from transformers.trainer_utils import SchedulerType
 
 from stim_hf.errors import ConfigError
 from stim_hf.method.batchnorm import DEFAULT_RECALIBRATION_SAMPLES
@@ -25,6 +26,9 @@ KL_COEF_SCHEDULES = ("constant", "cosine_up", "cosine_down")
 BN_POLICIES = ("main_only", "recalibrate", "none")
 BACKWARD_STRATEGIES = ("summed", "sequential")
 NONFINITE_LOSS_ACTIONS = ("stop", "skip")
+# The learning-rate schedules lr_floor applies to: transformers' cosine schedules that take a floor
+# (min_lr_rate, a share of learning_rate); 'cosine' becomes 'cosine_with_min_lr', the same curve lifted.
+LR_FLOOR_SCHEDULES = ("cosine", "cosine_with_min_lr", "cosine_warmup_with_min_lr")
 
 # The fields a method preset fills; a value set explicitly (not None) wins over the preset.
 # The preset fields that make a method what it is (K and the sample space are its settings).
@@ -86,6 +90,8 @@ NUMERIC_FIELDS: dict[str, NumberRange] = {
     "kl_temperature": NumberRange(0.0, low_open=True),
     "logit_amplitude": NumberRange(0.0, low_open=True),
     "min_input_scale": NumberRange(0.0, 1.0, low_open=True),
+    "subnet_size_bias": NumberRange(0.0, 1.0, high_open=True),
+    "lr_floor": NumberRange(0.0, 1.0, high_open=True),
     "bn_recalibration_samples": NumberRange(1, integer=True),
     "num_eval_subnets": NumberRange(0, integer=True),
     "subnet_bn_recalibration_samples": NumberRange(0, integer=True),
@@ -260,6 +266,39 @@ class StimulativeTrainingArguments(TrainingArguments):
             "help": "Sub-network input side ~ UniformInt[floor(scale*S), S] for batch side S; 1.0 disables. Preset: stpp 0.43."
         },
     )
+    sandwich: bool = field(
+        default=False,
+        metadata={
+            "help": "Sandwich sampling (BigNAS): every step also trains the smallest sub-network of the sample space "
+            "(each stage at the fewest blocks sample_space allows, at the smallest input size min_input_scale "
+            "allows), beside the num_subnets random ones; its KL is added to the sum like theirs. With "
+            "num_subnets: 0, only the smallest."
+        },
+    )
+    subnet_size_bias: float = field(
+        default=0.0,
+        metadata={
+            "help": "Tilt the random draws of each stage's depth and of the input size toward the smaller ones, in "
+            "[0, 1): with the choices ordered from the smallest, the probability of the i smallest, G without bias, "
+            "becomes G ** (1 - bias). 0: uniform (the released rules)."
+        },
+    )
+    zero_init_residual: bool = field(
+        default=False,
+        metadata={
+            "help": "Zero the weight (gamma) of the BatchNorm that ends each residual branch when the trainer is "
+            "built, so every block starts as its shortcut (CIFAR ResNet, HF ResNet / RegNet, timm ResNet; refused "
+            "for other families and for a pretrained model)."
+        },
+    )
+    lr_floor: float = field(
+        default=0.0,
+        metadata={
+            "help": "The learning rate never falls below lr_floor x learning_rate after the warm-up, in [0, 1): the "
+            "cosine schedule becomes transformers' cosine_with_min_lr (min_lr_rate = lr_floor). Cosine schedules "
+            "only."
+        },
+    )
     bn_policy: str = field(
         default="main_only",
         metadata={
@@ -390,6 +429,7 @@ class StimulativeTrainingArguments(TrainingArguments):
             message = " ".join(str(error).split())
             raise ConfigError(f"{message} (a TrainingArguments setting, from the recipe or the command line)") from None
         self._check_report_to()
+        self._apply_lr_floor()
         if not non_blocking_given:
             # A blocking copy of a batch to the GPU first waits for the previous step's backward;
             # from pinned memory (dataloader_pin_memory, off on CPUs) it can be queued instead.
@@ -409,10 +449,11 @@ class StimulativeTrainingArguments(TrainingArguments):
         command line would otherwise leave the pinned method running under the new name.
         """
         if self.stim_method == "ct" and self.uses_subnets:
+            sandwich = " and sandwich=true" if self.sandwich else ""
             raise ConfigError(
-                f"stim_method='ct' (common training) runs no sub-networks, but num_subnets={self.num_subnets} and "
-                f"kl_coef={self.kl_coef} (from the recipe or the command line) would train them; set num_subnets: 0 "
-                "as well, or choose stim_method st or stpp"
+                f"stim_method='ct' (common training) runs no sub-networks, but num_subnets={self.num_subnets}"
+                f"{sandwich} and kl_coef={self.kl_coef} (from the recipe or the command line) would train them; set "
+                f"num_subnets: 0{' and sandwich: false' if sandwich else ''} as well, or choose stim_method st or stpp"
             )
         preset = METHOD_PRESETS[self.stim_method]
         differing = {
@@ -443,7 +484,14 @@ class StimulativeTrainingArguments(TrainingArguments):
         choice("on_collapse", COLLAPSE_ACTIONS)
         self.sample_space = parse_sample_space(self.sample_space)
         parse_profile_steps(self.profile_steps)
-        for name in ("normalize_main_logits", "sync_batchnorm", "channels_last", "fused_optimizer"):
+        for name in (
+            "normalize_main_logits",
+            "sandwich",
+            "zero_init_residual",
+            "sync_batchnorm",
+            "channels_last",
+            "fused_optimizer",
+        ):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be true or false")
         if self.ddp_find_unused_parameters and self.uses_subnets and self.backward_strategy == "summed":
@@ -485,6 +533,35 @@ class StimulativeTrainingArguments(TrainingArguments):
                     f"'momentum=0.9,nesterov=true'); not a pair: {', '.join(map(repr, bad))}"
                 )
 
+    def _apply_lr_floor(self) -> None:
+        """Give a cosine schedule the floor ``lr_floor`` (transformers' ``min_lr_rate``); refuse other schedules.
+
+        ``cosine`` becomes ``cosine_with_min_lr`` (the same curve, lifted: lr = floor + (1 - floor) x
+        cosine); the ``*_min_lr`` cosine schedules get ``min_lr_rate`` in ``lr_scheduler_kwargs``,
+        unless those already set another floor. Applying it twice (arguments read back from a run's
+        ``training_args.json``) changes nothing.
+        """
+        if not self.lr_floor:
+            return
+        schedule = str(getattr(self.lr_scheduler_type, "value", self.lr_scheduler_type))
+        if schedule not in LR_FLOOR_SCHEDULES:
+            raise ConfigError(
+                f"lr_floor={self.lr_floor} cannot apply to lr_scheduler_type={schedule!r}; it takes a cosine "
+                f"schedule: {', '.join(LR_FLOOR_SCHEDULES)} (or set lr_floor: 0)"
+            )
+        kwargs = self.lr_scheduler_kwargs if self.lr_scheduler_kwargs is not None else {}
+        if not isinstance(kwargs, dict):
+            raise ConfigError(f'lr_scheduler_kwargs={kwargs!r} must be a mapping (e.g. {{"num_cycles": 0.5}})')
+        floors = {key: kwargs[key] for key in ("min_lr", "min_lr_rate") if kwargs.get(key) is not None}
+        if floors and floors != {"min_lr_rate": self.lr_floor}:
+            raise ConfigError(
+                f"lr_floor={self.lr_floor} and lr_scheduler_kwargs {floors} both set the schedule's floor; keep one "
+                "(lr_floor is min_lr_rate, a share of learning_rate)"
+            )
+        self.lr_scheduler_kwargs = {**kwargs, "min_lr_rate": self.lr_floor}
+        if schedule == "cosine":
+            self.lr_scheduler_type = SchedulerType.COSINE_WITH_MIN_LR
+
     def _check_report_to(self) -> None:
         """Refuse an unknown ``report_to`` at parse (transformers raises it when the Trainer is built)."""
         try:
@@ -501,8 +578,8 @@ class StimulativeTrainingArguments(TrainingArguments):
 
     @property
     def uses_subnets(self) -> bool:
-        """Whether training runs sub-network passes at all (K > 0 and lambda > 0)."""
-        return self.num_subnets > 0 and self.kl_coef > 0
+        """Whether training runs sub-network passes at all (K > 0 or sandwich, and lambda > 0)."""
+        return (self.num_subnets > 0 or self.sandwich) and self.kl_coef > 0
 
 
 def _finite_float(value: int | float) -> bool:

@@ -27,6 +27,7 @@ from stim_hf.method import (
     find_residual_family,
     resize_for_subnet,
     use_subnet,
+    zero_init_residual_branches,
 )
 from stim_hf.method.batchnorm import (
     frozen_running_stats,
@@ -36,6 +37,7 @@ from stim_hf.method.batchnorm import (
     subnet_batchnorm_statistics,
 )
 from stim_hf.method.losses import distillation_loss, normalize_logits
+from stim_hf.method.stages import zero_init_families
 from stim_hf.training.callbacks import SubnetMonitorCallback
 from stim_hf.training.collapse import CollapseMonitorCallback
 from stim_hf.training.config import StimulativeTrainingArguments
@@ -54,6 +56,10 @@ logger = logging.getLogger(__name__)
 
 # Logged training scalars (means over the logging interval, reduced across processes).
 _LOG_KEYS = ("ce_loss", "kl_loss", "kl_coef", "subnet_depth_fraction", "subnet_input_size")
+# With sandwich sampling: the smallest sub-network's KL summed over the steps that ran it, and their number.
+_SANDWICH_KEYS = ("smallest_kl_loss", "smallest_subnets")
+# Set on a model once zero_init_residual has zeroed it: a second trainer on the same model leaves it alone.
+_ZERO_INIT_MARK = "_stim_hf_zero_init_residual_done"
 # Setups whose gradients are plain tensors on the process's device (not FSDP / DeepSpeed / XLA shards).
 _PLAIN_GRADS = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
 # Optimizer parameter-group keys that choose how the update runs, not what it computes.
@@ -130,6 +136,8 @@ def build_subnet_sampler(
         seed=seed,
         min_input_size=max(MIN_SUBNET_INPUT_SIZE, family.min_input_size(model) if family.min_input_size else 0),
         stream=stream,
+        # The bias shapes the training draws only; the fixed evaluation sub-networks stay uniform.
+        size_bias=args.subnet_size_bias if stream == 0 else 0.0,
     )
     if stream == 0 and args.uses_subnets and not any(sampler.space) and min_input_scale >= 1.0:
         raise ConfigError(
@@ -157,8 +165,38 @@ def method_structures(
         if args.uses_subnets:
             raise
         logger.info("no residual stages found: sub-network evaluation is disabled for this model")
+        family, stages = None, None
+    if args.zero_init_residual:
+        check_zero_init_residual(model, family)
+    if family is None:
         return None, None, None
     return family, stages, build_subnet_sampler(model, family, stages, args, args.seed, args.min_input_scale)
+
+
+def refuse_zero_init_of_pretrained(source: str) -> ConfigError:
+    """The error for ``zero_init_residual`` on the pretrained model ``source``: zeroing would discard trained branches."""
+    return ConfigError(
+        f"zero_init_residual=true would zero the last BatchNorm weight of every residual branch of the pretrained "
+        f"model '{source}', discarding what those branches learned; it is for a model built from a config "
+        "(model_type, fresh weights): set zero_init_residual: false to fine-tune"
+    )
+
+
+def check_zero_init_residual(model: nn.Module, family: ResidualFamily | None) -> None:
+    """Refuse ``zero_init_residual`` for a model it cannot or must not change (ConfigError, one line).
+
+    A model loaded with ``from_pretrained`` (its ``name_or_path`` is set) is refused: its branches
+    were trained. So is a model of a family without a normalisation layer ending its branches.
+    """
+    source = getattr(model, "name_or_path", "") or ""
+    if source:
+        raise refuse_zero_init_of_pretrained(str(source))
+    if family is None or family.last_branch_norm is None:
+        which = f"{type(model).__name__} ({family.name} family)" if family is not None else type(model).__name__
+        raise ConfigError(
+            f"zero_init_residual=true: {which} has no BatchNorm ending its residual branches that stim_hf knows "
+            f"(families with one: {', '.join(zero_init_families())}); set zero_init_residual: false"
+        )
 
 
 class StimulativeTrainer(ReliableTrainer):
@@ -200,6 +238,7 @@ class StimulativeTrainer(ReliableTrainer):
         self._num_parameters: int | None = None
         self._walks = ModelWalks()
         self.family, self.stages, self.subnet_sampler = method_structures(self.model, args)
+        self._zero_init_residual(self.model)
         self._stim_sums: dict[str, Any] = {}
         self._stim_count = 0
         self._micro_step_key = (-1, 0)  # (global step, micro-batches seen in it)
@@ -233,7 +272,22 @@ class StimulativeTrainer(ReliableTrainer):
         model = prepare_model(super().call_model_init(trial), self.args)
         if hasattr(self, "stages"):  # called by train(), after __init__ found the first model's
             self.family, self.stages, self.subnet_sampler = method_structures(model, self.args)
+            self._zero_init_residual(model)
         return model
+
+    def _zero_init_residual(self, model: nn.Module) -> None:
+        """With ``zero_init_residual``, zero the BatchNorm weight ending each residual branch of ``model``, once.
+
+        Done when the trainer is built (and for each model ``model_init`` builds), so it applies to a
+        model passed through the Python API as to one the command line builds; a checkpoint resumed
+        later overwrites these weights with its own. A model already zeroed by an earlier trainer is
+        left alone, so a second trainer on a trained model does not undo its training.
+        """
+        if not self.args.zero_init_residual or model is None or getattr(model, _ZERO_INIT_MARK, False):
+            return
+        count = zero_init_residual_branches(self.family, self.stages)
+        setattr(model, _ZERO_INIT_MARK, True)
+        logger.info("zero_init_residual: zeroed the last BatchNorm weight of %d residual branches", count)
 
     def _build_sampler(self, seed: int, min_input_scale: float, stream: int = 0) -> SubnetSampler:
         return build_subnet_sampler(self.model, self.family, self.stages, self.args, seed, min_input_scale, stream)
@@ -337,6 +391,8 @@ class StimulativeTrainer(ReliableTrainer):
     ):
         """Full-network CE plus ``kl_coef(t) * sum_k KL(full || subnet_k)`` in training mode.
 
+        The sum runs over the ``num_subnets`` sampled sub-networks and, with ``sandwich``, the
+        smallest one as well: each KL has the same weight, as one more sampled sub-network would.
         Outside training (evaluation, prediction) only the full network runs and its outputs
         are returned, so predictions come from the full network alone.
         """
@@ -356,9 +412,16 @@ class StimulativeTrainer(ReliableTrainer):
         terms: list[tuple[str, torch.Tensor, Subnet | None]] = [("ce_loss", ce, None)]
         kl_sum = ce.new_zeros(())
         depth_sum = size_sum = 0.0
-        num_subnets = self.args.num_subnets if coef > 0 else 0
-        for index in range(num_subnets):
-            subnet = self.subnet_sampler.sample(step, micro_step, index, image_size=pixel_values.shape[-2])
+        num_random = self.args.num_subnets if coef > 0 else 0
+        # Sandwich sampling: the smallest sub-network after the K random ones (the same on every process).
+        indices: list[int | None] = [*range(num_random), *([None] if coef > 0 and self.args.sandwich else [])]
+        num_subnets = len(indices)
+        smallest_kl = None
+        for index in indices:
+            if index is None:
+                subnet = self.subnet_sampler.smallest(image_size=pixel_values.shape[-2])
+            else:
+                subnet = self.subnet_sampler.sample(step, micro_step, index, image_size=pixel_values.shape[-2])
             with phase(self.profiling, "stim_hf/subnet_forward"):
                 kl = self.subnet_kl(model, pixel_values, logits, subnet)
             if self._subnet_backward_scale is not None:
@@ -366,7 +429,9 @@ class StimulativeTrainer(ReliableTrainer):
                 self.accelerator.backward(coef * self._subnet_backward_scale * kl)
                 kl = kl.detach()
             kl_sum = kl_sum + kl
-            terms.append((f"kl_loss_{index}", kl, subnet))
+            terms.append((f"kl_loss_{'smallest' if index is None else index}", kl, subnet))
+            if index is None:
+                smallest_kl = kl
             size = subnet.input_size or pixel_values.shape[-2]
             depth_sum += subnet.depth_fraction
             size_sum += size
@@ -374,7 +439,7 @@ class StimulativeTrainer(ReliableTrainer):
         if num_subnets:
             loss = loss + coef * kl_sum
         self.note_loss_terms(step, micro_step, terms, labels)
-        self._record(ce, kl_sum / max(num_subnets, 1), coef, depth_sum, size_sum, num_subnets)
+        self._record(ce, kl_sum / max(num_subnets, 1), coef, depth_sum, size_sum, num_subnets, smallest_kl)
         return (loss, outputs) if return_outputs else loss
 
     def training_step(
@@ -550,9 +615,13 @@ class StimulativeTrainer(ReliableTrainer):
         depth_sum: float,
         size_sum: float,
         num_subnets: int,
+        smallest_kl: torch.Tensor | None = None,
     ) -> None:
         # Device tensors are summed without .item(): no host-device sync inside the step.
         sums = self._stim_sums
+        if smallest_kl is not None:
+            sums["smallest_kl_loss"] = sums.get("smallest_kl_loss", 0.0) + smallest_kl.detach()
+            sums["smallest_subnets"] = sums.get("smallest_subnets", 0) + 1
         sums["ce_loss"] = sums.get("ce_loss", 0.0) + ce.detach()
         sums["kl_loss"] = sums.get("kl_loss", 0.0) + kl.detach()
         sums["kl_coef"] = sums.get("kl_coef", 0.0) + coef
@@ -585,8 +654,11 @@ class StimulativeTrainer(ReliableTrainer):
         if "loss" in logs and self._stim_count:
             sums = self._stim_sums
             device = self.args.device
+            # Every process runs the same sub-networks: the keys, and so the reduced tensor, are alike on all.
+            sandwich_keys = _SANDWICH_KEYS if self.args.sandwich else ()
             values = torch.stack(
                 [torch.as_tensor(sums[k], dtype=torch.float32, device=device) for k in _LOG_KEYS]
+                + [torch.as_tensor(sums.get(k, 0.0), dtype=torch.float32, device=device) for k in sandwich_keys]
                 + [
                     torch.tensor(float(sums["subnets"]), device=device),
                     torch.tensor(float(self._stim_count), device=device),
@@ -601,6 +673,8 @@ class StimulativeTrainer(ReliableTrainer):
             if subnets:
                 logs["subnet_depth_fraction"] = values[3] / subnets
                 logs["subnet_input_size"] = values[4] / subnets
+            if sandwich_keys and values[len(_LOG_KEYS) + 1]:
+                logs["smallest_kl_loss"] = values[len(_LOG_KEYS)] / values[len(_LOG_KEYS) + 1]
             self._stim_sums, self._stim_count = {}, 0
         super().log(logs, start_time)
 
