@@ -487,8 +487,10 @@ def describe_nonfinite_terms(records: list[LossTerms], step: int, epoch: float |
             number = float(value)
             if math.isfinite(number):
                 continue
-            if subnet is None:
+            if subnet is None and name == "ce_loss":
                 what = "the full network's cross-entropy (ce_loss)"
+            elif subnet is None:
+                what = f"the loss term {name}"
             else:
                 what = f"the KL loss of sub-network {name.rsplit('_', 1)[-1]} ({subnet.describe()})"
             found.append(f"{what} is {number} in micro-batch {record.micro_step}")
