@@ -1,4 +1,5 @@
-"""The ``stim-hf`` command line: ``stim-hf train RECIPE.yaml [--field value ...]``, ``export``, ``loafing``, ``search``."""
+"""The ``stim-hf`` command line: ``stim-hf train RECIPE.yaml [--field value ...]``, ``export``, ``finetune``, ``loafing``,
+``search``."""
 
 from __future__ import annotations
 
@@ -27,6 +28,12 @@ def _export(argv: Sequence[str]) -> None:
     main(argv)
 
 
+def _finetune(argv: Sequence[str]) -> None:
+    from stim_hf.tools.finetune_cli import main
+
+    main(argv)
+
+
 def _loafing(argv: Sequence[str]) -> None:
     from stim_hf.tools.loafing import main
 
@@ -46,6 +53,7 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], object], str]] = {
         "train a model from a YAML recipe (RECIPE.yaml or --config RECIPE.yaml) plus --field value overrides",
     ),
     "export": (_export, "write a sub-network of a checkpoint as a standalone model"),
+    "finetune": (_finetune, "fine-tune an exported sub-network towards the full network it came from (KL)"),
     "loafing": (_loafing, "evaluate the full network and fixed sub-networks of checkpoints (loafing analysis)"),
     "search": (_search, "find the best sub-networks under a FLOPs, parameter or latency budget (Pareto front)"),
 }

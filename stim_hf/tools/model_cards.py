@@ -287,7 +287,8 @@ def training_card(
 def export_card(folder: str | os.PathLike, info: dict[str, Any]) -> str:
     """The ``README.md`` of an exported sub-network, from its ``export_info.json`` record ``info``."""
     depths = ",".join(map(str, info["depths"]))
-    title = f"Sub-network depths={depths} of {info['source']}"
+    tuned = info.get("finetune")
+    title = f"Sub-network depths={depths} of {info['source']}" + (", fine-tuned" if tuned else "")
     lines = [
         card_header(
             title,
@@ -300,7 +301,13 @@ def export_card(folder: str | os.PathLike, info: dict[str, Any]) -> str:
         "",
         f"A standalone {info['model_class']} exported with stim_hf from `{info['source']}` "
         f"({info['family']} family): it keeps the first `depths[s]` residual blocks of each stage of the "
-        "full model, with their trained weights; everything else is copied unchanged.",
+        "full model, with their trained weights; everything else is copied unchanged."
+        + (
+            f" Then fine-tuned for {tuned['epochs']} epoch(s) towards the full model's outputs (`stim-hf finetune`, "
+            "below)."
+            if tuned
+            else ""
+        ),
         "",
         "## Kept blocks",
         "",
@@ -336,18 +343,75 @@ def export_card(folder: str | os.PathLike, info: dict[str, Any]) -> str:
             f"| this sub-network (depths={depths}) | {_pct(sub['accuracy'])} | {_pct(sub['top5_accuracy'])} |",
             f"| full model | {_pct(ref['accuracy'])} | {_pct(ref['top5_accuracy'])} |",
         ]
+    if tuned:
+        lines += ["", *_finetune_section(info)]
     if "search" in info:
         lines += ["", *_search_section(info)]
     processor_size = (info.get("image_processor_size") or info["input_size"]) if info["image_processor"] else None
     lines += ["", *usage_section(folder, info["family"], processor_size)]
     if info.get("command"):
         lines += ["", "Exported with:", "", "```bash", info["command"], "```"]
+    if tuned and tuned.get("command"):
+        lines += ["", "Fine-tuned with:", "", "```bash", tuned["command"], "```"]
     return "\n".join(lines) + "\n"
+
+
+def _finetune_section(info: dict[str, Any]) -> list[str]:
+    """The card's "Fine-tuning" section: what the latest fine-tuning did and the accuracy before and after."""
+    t = info["finetune"]
+    before, after, teacher = t["before"], t["after"], t["teacher_metrics"]
+    earlier = t.get("earlier") or []
+    resized = (
+        f"this sub-network on the batch resized to {t['input_size']} px (bilinear)"
+        if t.get("input_size") and t["input_size"] != t["teacher_input_size"]
+        else "this sub-network on the same batch"
+    )
+    optimizer = t["optim"] + (f" ({t['optim_args']})" if t.get("optim_args") else "")
+    lines = [
+        "## Fine-tuning",
+        "",
+        f"Fine-tuned with `stim-hf finetune` for {t['epochs']} epoch(s) ({t['steps']:,} steps of {t['batch_size']} "
+        f"images, {t['train_samples']:,} training images of {info['data']['train']}) towards the full model it was "
+        f"exported from (`{t['teacher']}`), frozen: loss {t['loss']}, the full model in eval mode on the "
+        f"{t['teacher_input_size']} px training batch, {resized}. {optimizer}, learning rate {t['learning_rate']:g} "
+        f"({t['lr_scheduler_type']}), weight decay {t['weight_decay']:g}; "
+        + (
+            f"BatchNorm statistics then re-estimated on {t['bn_recalibration_samples']:,} training images. "
+            if t["bn_recalibration_samples"]
+            else "BatchNorm statistics as fine-tuning left them. "
+        )
+        + f"{t['seconds']:.0f} s in all."
+        + (
+            f" It had been fine-tuned {len(earlier)} time(s) before (export_info.json keeps those records)."
+            if earlier
+            else ""
+        ),
+        "",
+        f"On the {after['num_samples']:,} validation images ({info['data']['validation']}):",
+        "",
+        "| model | top-1 | top-5 | KL to the full model |",
+        "| --- | --- | --- | --- |",
+        f"| this sub-network, before fine-tuning | {_pct(before['accuracy'])} | {_pct(before['top5_accuracy'])} | "
+        f"{before['kl_to_teacher']:.4f} |",
+        f"| this sub-network, after fine-tuning | {_pct(after['accuracy'])} | {_pct(after['top5_accuracy'])} | "
+        f"{after['kl_to_teacher']:.4f} |",
+        f"| full model (the teacher) | {_pct(teacher['accuracy'])} | {_pct(teacher['top5_accuracy'])} | |",
+    ]
+    return lines
 
 
 def _batchnorm_text(info: dict[str, Any]) -> str:
     if not info["has_batchnorm"]:
         return "The model has no BatchNorm layers: nothing to re-estimate."
+    tuned = info.get("finetune")
+    if tuned and info["bn_recalibration_samples"]:
+        return (
+            f"Re-estimated for this sub-network at its input size ({info['input_size']} px) after fine-tuning, on "
+            f"{info['bn_recalibration_samples']:,} training images of {info['data']['train']}, drawn with seed "
+            f"{info['seed']}, with the training transforms."
+        )
+    if tuned:
+        return "The running estimates that fine-tuning left (not re-estimated after it)."
     search = info.get("search")
     if search and info["bn_recalibration_samples"]:
         return (
@@ -371,6 +435,11 @@ def _batchnorm_text(info: dict[str, Any]) -> str:
 def _export_results(info: dict[str, Any]) -> list[EvalResult]:
     """The measured accuracies of an export for its ``model-index``: its own, the full model's, the search's."""
     bn = "BatchNorm re-estimated" if info["bn_recalibration_samples"] else "BatchNorm inherited from the full network"
+    tuned = info.get("finetune")
+    if tuned:
+        bn = f"fine-tuned {tuned['epochs']} epoch(s), " + (
+            "BatchNorm re-estimated" if info["bn_recalibration_samples"] else "BatchNorm as fine-tuning left it"
+        )
     results = []
     if "metrics" in info:
         data = info["data"]
@@ -387,6 +456,8 @@ def _export_results(info: dict[str, Any]) -> list[EvalResult]:
         source = data.get("train") if search["score_split"] == "train" else data.get("validation")
         dataset = {"type": data.get("type") or "local", "name": f"{search['scored_on']} of {source}", "split": split}
         name = f"Top-1 accuracy, this sub-network at {info['input_size']} px, {bn} (scored by stim-hf search)"
+        if tuned:
+            name = f"Top-1 accuracy, this sub-network at {info['input_size']} px before fine-tuning (scored by stim-hf search)"
         results.append(accuracy_result(search["accuracy"], name, dataset))
     return results
 
