@@ -22,8 +22,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel, TrainerCallback
-from transformers.utils import logging as hf_logging
 
 from stim_hf.analysis.evaluation import BatchSource, evaluate_model, recalibration_batches
 from stim_hf.data.image_datasets import DataArguments, get_label_names, load_image_datasets
@@ -48,7 +46,7 @@ from stim_hf.tools.output_folders import check_new_folder
 from stim_hf.training.checkpointing import publish_files
 from stim_hf.training.config import StimulativeTrainingArguments
 from stim_hf.training.modeling import check_saved_model_dir, load_saved_classifier
-from stim_hf.training.reliable_trainer import ReliableTrainer
+from stim_hf.training.reliable_trainer import ReliableTrainer, without_transformers_progress_bars
 
 logger = logging.getLogger(__name__)
 
@@ -351,7 +349,7 @@ def finetune_export(
     run_dir = work / "run"
     training_args = training_arguments(args, run_dir)  # the Trainer's checks: one line, before anything loads
 
-    with _quiet_loading():  # an error that follows is then the only line
+    with without_transformers_progress_bars():  # an error that follows is then the only line
         student = load_saved_classifier(source, f"export folder '{export_dir}'")
         teacher = load_saved_classifier(teacher_path, f"teacher '{teacher_path}'")
     check_teacher(teacher, student, info, teacher_path)
@@ -495,18 +493,6 @@ def _write_folder(
         os.replace(target, aside)
         os.replace(staged, target)
         shutil.rmtree(aside, ignore_errors=True)
-
-
-@contextmanager
-def _quiet_loading() -> Iterator[None]:
-    """transformers' "Loading weights" progress bars off for a while (their previous setting restored)."""
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 def _clean_up(work: Path, run_dir: Path) -> None:

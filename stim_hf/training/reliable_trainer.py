@@ -358,7 +358,7 @@ class ReliableTrainer(Trainer):
             logger.info("saving model to %s", output_dir)
         unwrapped = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if isinstance(unwrapped, _SAVE_PRETRAINED_CLASSES):
-            with _without_transformers_progress_bars():
+            with without_transformers_progress_bars():
                 unwrapped.save_pretrained(output_dir, state_dict=state_dict, is_main_process=self.args.should_save)
         elif self.args.should_save:
             logger.info("the model is not a PreTrainedModel: saving its state dict only")
@@ -463,7 +463,7 @@ class ReliableTrainer(Trainer):
 
 
 @contextmanager
-def _without_transformers_progress_bars() -> Iterator[None]:
+def without_transformers_progress_bars() -> Iterator[None]:
     """transformers' own progress bars off for a while (their previous setting restored).
 
     ``save_pretrained`` draws a "Writing model shards" bar (transformers 5) at every checkpoint,
