@@ -108,7 +108,10 @@ def test_every_folder_loads_and_runs_in_a_pipeline_without_stim_hf(folders, tmp_
         images.append(str(tmp_path / f"{i}.png"))
         image.save(images[-1])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env.update(HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS="1")
+    # The same thread count as this process: the logits are compared to 1e-6, and another count sums in another order.
+    env.update(
+        HF_HUB_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"), OMP_NUM_THREADS=str(torch.get_num_threads())
+    )
     script = WITHOUT_STIM_HF.format(repo=str(REPO_ROOT))
     outputs = tmp_path / "outputs.safetensors"
     argv = [json.dumps({k: str(v) for k, v in folders.items()}), json.dumps(images), str(outputs)]
