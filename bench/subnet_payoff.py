@@ -52,7 +52,9 @@ RECIPE_SETTING = "stpp_l5_kl_cosine_up"
 CT_SETTING = "ct"
 # The networks trained from scratch, by the study's setting names (the payoff plan's other depths).
 SCRATCH = {"ResNet-20": "ct", "ResNet-14": "ct_r14", "ResNet-8": "ct_r8"}
-BUDGETS = "0.10,0.25,0.50,0.65,1.00"
+# FLOPs budgets: shares of the ResNet-20 at 32 px, or a from-scratch network's FLOPs at 32 px by its name (ResNet-14:
+# 65.3 %, so that the ResNet-14 itself is within its budget).
+BUDGETS = "0.10,0.25,0.50,ResNet-14,1.00"
 SCRATCH_LABEL = "from scratch"
 
 
@@ -95,18 +97,24 @@ def test_top1(checkpoint: Path, depths, input_size: int, args: argparse.Namespac
 
 
 class TestScores:
-    """Test top-1 of (checkpoint, depths, size), each exported and scored once per seed, with a line each."""
+    """Test top-1 of (checkpoint, depths, size), each exported and scored once per seed, with a line each.
 
-    def __init__(self, args: argparse.Namespace) -> None:
-        self.args = args
-        self.scored: dict[tuple, float] = {}
+    Kept in ``path`` (JSON, written after every score) so that a rerun with other budgets (``--redo``) scores only
+    what it has not scored before.
+    """
+
+    def __init__(self, args: argparse.Namespace, path: Path) -> None:
+        self.args, self.path = args, path
+        self.scored: dict[str, float] = json.loads(path.read_text()) if path.is_file() else {}
 
     def __call__(self, label: str, folder: Path, candidate, reference_flops: int) -> dict[str, Any]:
-        key = (str(folder), tuple(candidate.depths), candidate.input_size)
+        depths = ",".join(map(str, candidate.depths))
+        key = f"{folder.name} {depths} @{candidate.input_size}"
         if key not in self.scored:
             self.scored[key] = test_top1(folder, candidate.depths, candidate.input_size, self.args)
-            depths = ",".join(map(str, candidate.depths))
             print(f"  {label} {depths} @{candidate.input_size}: test top-1 {self.scored[key]}", flush=True)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.scored, indent=1, sort_keys=True) + "\n")
         return {
             "network": label,
             "depths": list(candidate.depths),
@@ -177,17 +185,19 @@ def payoff_for_seed(seed: int, args: argparse.Namespace) -> dict[str, Any] | Non
         c.label: round(c.timing.get("total", 0.0), 1) for c in [*subnets.checkpoints, *scratch.checkpoints]
     }
     reference = next(c for c in subnets.checkpoints if c.label == "ST++").full_flops
-    score = TestScores(args)
+    score = TestScores(args, seed_dir / "test_scores.json")
+    scratch_flops = {c.label: c.full_flops for c in scratch.checkpoints}
 
     pools = {c.label: [(c.label, x) for x in c.candidates] for c in subnets.checkpoints}
     pools[SCRATCH_LABEL] = [(c.label, x) for c in scratch.checkpoints for x in c.candidates]
     budgets = []
-    for share in (float(b) for b in args.budgets.split(",")):
+    for budget in args.budgets.split(","):
+        share = scratch_flops[budget] / reference if budget in scratch_flops else float(budget)
         picks = {}
         for label, pool in pools.items():
             best = best_within(pool, share * reference)
             picks[label] = None if best is None else score(best[0], folders[best[0]], best[1], reference)
-        budgets.append({"budget": share, "picks": picks})
+        budgets.append({"budget": round(share, 4), "budget_name": budget, "picks": picks})
 
     checkpoints = {}
     for c in subnets.checkpoints:
@@ -254,6 +264,14 @@ def _pick_text(pick: dict[str, Any] | None, network: bool = False) -> str:
     return f"{pick['test_top1']:.2f} ({shape} @{pick['input_size']}, {100 * pick['flop_share']:.0f}%)"
 
 
+def _budget_text(budget: dict[str, Any]) -> str:
+    """``10 %``, or ``65.3 % (ResNet-14)`` for a budget given as a network's FLOPs."""
+    name = budget.get("budget_name", "")
+    if name in SCRATCH:
+        return f"{100 * budget['budget']:.1f} % ({name})"
+    return f"{100 * budget['budget']:.0f} %"
+
+
 def _top1(record: dict[str, Any], index: int, label: str) -> float | None:
     pick = record["budgets"][index]["picks"][label]
     return None if pick is None else pick["test_top1"]
@@ -272,7 +290,7 @@ def budget_table(records: list[dict[str, Any]]) -> list[str]:
         ct = [_top1(r, i, "CT") for r in records]
         diffs = [a - b for a, b in zip(st, scratch, strict=True) if a is not None and b is not None]
         lines.append(
-            f"| {100 * budget['budget']:.0f} % | {_mean_std([v for v in st if v is not None])} "
+            f"| {_budget_text(budget)} | {_mean_std([v for v in st if v is not None])} "
             f"| {_mean_std([v for v in scratch if v is not None])} | {_mean_std(diffs)} | {_paired_t(diffs)} "
             f"| {sum(d > 0 for d in diffs)} of {len(diffs)} | {_mean_std([v for v in ct if v is not None])} |"
         )
@@ -329,7 +347,7 @@ def report_markdown(records: list[dict[str, Any]], args: argparse.Namespace) -> 
         for b in r["budgets"]:
             picks = b["picks"]
             lines.append(
-                f"| {r['seed']} | {100 * b['budget']:.0f} % | {_pick_text(picks['ST++'])} "
+                f"| {r['seed']} | {_budget_text(b)} | {_pick_text(picks['ST++'])} "
                 f"| {_pick_text(picks[SCRATCH_LABEL], network=True)} | {_pick_text(picks['CT'])} |"
             )
     lines += [
@@ -416,7 +434,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--st-setting", default=RECIPE_SETTING, help="the study setting whose ResNet-20 gives the ST++ sub-networks"
     )
-    parser.add_argument("--budgets", default=BUDGETS, help="FLOPs budgets, shares of the ResNet-20 at 32 px")
+    parser.add_argument(
+        "--budgets", default=BUDGETS, help="FLOPs budgets: shares of the ResNet-20 at 32 px, or ResNet-8 / ResNet-14"
+    )
     parser.add_argument("--report-dir", type=Path, default=REPO / "docs" / "measurements" / "subnet_payoff")
     parser.add_argument("--data-dir", type=Path, default=DATA_DIR, help="folder with CIFAR-10 train/test.parquet")
     parser.add_argument("--input-sizes", default="13,19,26,32", help="input sizes searched (ST++ trains on 13..32)")

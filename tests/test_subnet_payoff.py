@@ -55,7 +55,7 @@ def test_one_seed_end_to_end_with_its_cache_and_a_seed_not_finished(tmp_path, ca
     save_run(study / "ct_seed2", 20, 70.0, seed=5)  # seed 2 lacks its other runs
     report = tmp_path / "report"
     argv = ["--study", str(study), "--seeds", "1,2", "--report-dir", str(report), "--data-dir", str(data)]
-    argv += ["--input-sizes", "16,32", "--budgets", "0.05,0.25,0.65,1.0", "--holdout-samples", "128"]
+    argv += ["--input-sizes", "16,32", "--budgets", "0.05,0.25,ResNet-14,1.0", "--holdout-samples", "128"]
     argv += ["--search-recalibrate-bn", "64", "--recalibrate-bn", "32", "--test-samples", "64"]
     assert payoff.main(argv) == 0
     out = capsys.readouterr().out
@@ -73,7 +73,9 @@ def test_one_seed_end_to_end_with_its_cache_and_a_seed_not_finished(tmp_path, ca
     assert points[("ResNet-20", 32)]["flop_share"] == 1.0 and all(p["depths"] in ([1] * 3, [2] * 3, [3] * 3)
                                                                   for p in points.values())  # fmt: skip
     assert any(p["on_front"] for p in points.values())
-    assert [b["budget"] for b in record["budgets"]] == [0.05, 0.25, 0.65, 1.0]
+    # A budget named by a network is its FLOPs: the ResNet-14 at 32 px is within its own budget.
+    assert [b["budget_name"] for b in record["budgets"]] == ["0.05", "0.25", "ResNet-14", "1.0"]
+    assert record["budgets"][2]["budget"] == points[("ResNet-14", 32)]["flop_share"]
     for b in record["budgets"]:
         for label, pick in b["picks"].items():
             if pick is not None:
@@ -87,7 +89,10 @@ def test_one_seed_end_to_end_with_its_cache_and_a_seed_not_finished(tmp_path, ca
     assert st["front"] and [f["flop_share"] for f in st["front"]] == sorted(f["flop_share"] for f in st["front"])
     assert st["train_minutes"] == 10.0 and st["search_seconds"] >= 0
     text = (report / "results.md").read_text()
-    assert "| 25 % |" in text and "128 held-out training images" in text and "ST++ / CT wall" in text
+    assert "| 25 % |" in text and "(ResNet-14) |" in text and "128 held-out training images" in text
+    assert "ST++ / CT wall" in text
+    # Scores are kept: a rerun with other budgets (--redo) exports only the picks it has not scored.
+    assert len(json.loads((report / "seed1" / "test_scores.json").read_text())) >= len(points)
     assert (report / "payoff.png").stat().st_size > 0
     assert (report / "seed1" / "search" / "pareto.json").is_file()
     assert (report / "seed1" / "search_scratch" / "pareto.json").is_file()
