@@ -21,7 +21,8 @@ run() {  # NAME RECIPE ARGS...: train until the STOP_AT-th evaluation is logged
   python scripts/train.py "configs/$recipe.yaml" "${COMMON[@]}" "$@" --output_dir "$OUT/$name" >"$OUT/$name.log" 2>&1 &
   local pid=$!
   while kill -0 "$pid" 2>/dev/null; do
-    [ "$(grep -c "'eval_accuracy'" "$OUT/$name.log")" -ge "$STOP_AT" ] && { kill "$pid"; break; }
+    evals=$(grep -c "'eval_accuracy'" "$OUT/$name.log" 2>/dev/null)  # the log may not exist yet
+    [ "${evals:-0}" -ge "$STOP_AT" ] && { kill "$pid"; break; }
     sleep 5
   done
   wait "$pid" 2>/dev/null
