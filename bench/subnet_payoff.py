@@ -169,7 +169,7 @@ def payoff_for_seed(seed: int, args: argparse.Namespace) -> dict[str, Any] | Non
     from stim_hf.analysis.pareto import pareto_front
 
     trained = {"ST++": args.st_setting, "CT": CT_SETTING}
-    settings = {**{label: name for label, name in trained.items()}, **SCRATCH}
+    settings = {**trained, **SCRATCH}
     folders = {label: args.study / f"{name}_seed{seed}" for label, name in settings.items()}
     results = {label: finished(folder) for label, folder in folders.items()}
     if any(result is None for result in results.values()):

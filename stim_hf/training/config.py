@@ -142,11 +142,15 @@ def check_number(name: str, value: Any, valid: NumberRange) -> None:
         raise ConfigError(f"{name}={value!r} is out of range; valid: {valid.describe()}")
 
 
-def _check_interval(name: str, value: Any, rule: str) -> None:
-    check_number(name, value, NumberRange(0.0, low_open=True))
+def _check_steps_or_share(name: str, value: Any, zero_allowed: bool = False, rule: str = "") -> None:
+    """A count of steps (a whole number >= 1) or a share of the run (below 1): save/eval/logging intervals and the
+    warm-up, which may also be 0."""
+    check_number(name, value, NumberRange(0.0, low_open=not zero_allowed))
     if value >= 1 and value != int(value):
+        share = "[0, 1)" if zero_allowed else "(0, 1)"
         raise ConfigError(
-            f"{name}={value!r} is neither a whole number of steps (>= 1) nor a share of the run in (0, 1); {rule}"
+            f"{name}={value!r} is neither a whole number of steps (>= 1) nor a share of the run in {share}"
+            + (f"; {rule}" if rule else "")
         )
 
 
@@ -512,13 +516,8 @@ class StimulativeTrainingArguments(TrainingArguments):
             strategy = getattr(self, strategy_field)
             value = getattr(self, name)
             if str(getattr(strategy, "value", strategy)) == "steps" and value is not None:
-                _check_interval(name, value, f"{strategy_field} is 'steps'")
-        check_number("warmup_steps", self.warmup_steps, NumberRange(0.0))
-        if self.warmup_steps >= 1 and self.warmup_steps != int(self.warmup_steps):
-            raise ConfigError(
-                f"warmup_steps={self.warmup_steps!r} is neither a whole number of steps (>= 1) nor a share of the run "
-                "in [0, 1)"
-            )
+                _check_steps_or_share(name, value, rule=f"{strategy_field} is 'steps'")
+        _check_steps_or_share("warmup_steps", self.warmup_steps, zero_allowed=True)
         if hasattr(self, "warmup_ratio") and self.warmup_ratio is not None:  # transformers releases that have it
             check_number("warmup_ratio", self.warmup_ratio, NumberRange(0.0, 1.0))
         check_number("max_steps", self.max_steps, NumberRange(-1, integer=True))
