@@ -20,7 +20,12 @@ Per seed, all checkpoints trained on the same 5,000 CIFAR-10 images for the same
    cheaper). Each pick, every member of each accuracy-FLOPs front and every from-scratch point is exported with
    ``stim_hf.tools.export.export_subnet`` (BatchNorm re-estimated on ``--recalibrate-bn`` training images at its
    input size) and scored on the whole test split.
-4. **The cost.** Each training's minutes (from the study's ``result.json``: the logged pace, and the wall clock
+4. **Fine-tuning** (``--finetune-epochs 5,10``): ST++'s pick at ``--finetune-budgets`` (default: the two budgets
+   where ST++'s lead over the from-scratch pick is smallest in the mean over the seeds scored) is exported as in 3,
+   fine-tuned for each number of epochs with ``stim-hf finetune``'s defaults (KL from its frozen ResNet-20, on the
+   training images that network was trained on) and scored on the test split before and after; its minutes join the
+   cost.
+5. **The cost.** Each training's minutes (from the study's ``result.json``: the logged pace, and the wall clock
    of the runs, two at a time) and each search's seconds: one ST++ training plus its search against the three
    dedicated trainings plus theirs.
 
@@ -157,6 +162,106 @@ def search(folders: dict[str, Path], sample_space: str, out: Path, args: argpars
             progress=False,
         ),
     )
+
+
+def finetune_pick(checkpoint: Path, pick: dict[str, Any], epochs: int, train: dict[str, Any], args) -> dict[str, Any]:
+    """Export ``pick`` as :func:`test_top1` does, fine-tune it ``epochs`` epochs towards ``checkpoint`` on the images
+    that network was trained on (``train``: its study result), and score it on the test split before and after."""
+    from stim_hf.data.image_datasets import DataArguments
+    from stim_hf.tools.export import export_subnet
+    from stim_hf.tools.finetune import finetune_export
+    from stim_hf.tools.finetune_config import FinetuneArguments
+
+    data = DataArguments(
+        train_file=str(args.data_dir / "train.parquet"),
+        validation_file=str(args.data_dir / "test.parquet"),
+        max_train_samples=train["train_samples"],  # the training run's seeded subset: the same seed picks it again
+        max_eval_samples=args.test_samples or None,
+        image_size=32,
+        augmentation="cifar",
+    )
+    with tempfile.TemporaryDirectory() as out:
+        export = Path(out) / "export"
+        export_subnet(
+            str(checkpoint),
+            list(pick["depths"]),
+            export,
+            recalibrate_bn=args.recalibrate_bn,
+            data_args=data_arguments(args, with_test=True),
+            seed=42,
+            input_size=pick["input_size"],
+        )
+        finetune = FinetuneArguments(
+            epochs=epochs, seed=train["seed"], device="cpu", recalibrate_bn=args.recalibrate_bn, logging_steps=10**6
+        )
+        record = finetune_export(export, data, finetune).record
+    return {
+        "depths": list(pick["depths"]),
+        "input_size": pick["input_size"],
+        "flop_share": pick["flop_share"],
+        "epochs": epochs,
+        "train_samples": record["train_samples"],
+        "learning_rate": record["learning_rate"],
+        "test_top1_before": round(100 * record["before"]["accuracy"], 2),
+        "test_top1_after": round(100 * record["after"]["accuracy"], 2),
+        "train_minutes": round(record["train_seconds"] / 60, 2),
+        "minutes": round(record["seconds"] / 60, 2),
+    }
+
+
+def finetune_budgets(records: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
+    """The budgets to fine-tune at: ``--finetune-budgets``, or the two where ST++ leads the from-scratch pick least."""
+    names = [b["budget_name"] for b in records[0]["budgets"]]
+    if args.finetune_budgets != "shortest":
+        wanted = args.finetune_budgets.split(",")
+        unknown = [name for name in wanted if name not in names]
+        if unknown:
+            raise SystemExit(f"--finetune-budgets {','.join(unknown)}: not among --budgets {','.join(names)}")
+        return wanted
+    leads = {}
+    for i, name in enumerate(names):
+        pairs = [(_top1(r, i, "ST++"), _top1(r, i, SCRATCH_LABEL)) for r in records]
+        diffs = [a - b for a, b in pairs if a is not None and b is not None]
+        leads[name] = statistics.mean(diffs) if diffs else float("inf")
+    return sorted(names, key=lambda name: leads[name])[:2]
+
+
+def add_finetuning(records: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    """Attach each seed's fine-tuned ST++ picks (kept per seed in ``finetune.json``) to its budgets; with
+    ``--finetune-epochs``, first fine-tune the picks at the chosen budgets that have not been fine-tuned yet."""
+    epochs = [int(e) for e in args.finetune_epochs.split(",") if e.strip()]
+    budgets = finetune_budgets(records, args) if epochs else []
+    if epochs:
+        print(f"fine-tuning ST++'s picks at budgets {', '.join(budgets)} for {epochs} epochs", flush=True)
+    for r in records:
+        path = args.report_dir / f"seed{r['seed']}" / "finetune.json"
+        done: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+        folder = args.study / f"{r['st_setting']}_seed{r['seed']}"
+        picks = [(b, b["picks"]["ST++"]) for b in r["budgets"] if b["picks"]["ST++"] is not None]
+        for budget, pick in picks:
+            for n in epochs if budget["budget_name"] in budgets else []:
+                key = f"{_shape_key(pick)} {n} epochs"
+                if key in done:
+                    continue
+                train = finished(folder)
+                if train is None:
+                    raise SystemExit(f"{folder}: no finished run to fine-tune from; give the study's --study")
+                done[key] = entry = finetune_pick(folder, pick, n, train, args)
+                print(
+                    f"  seed {r['seed']}, {key}: test top-1 {entry['test_top1_before']} -> "
+                    f"{entry['test_top1_after']} ({entry['minutes']} min)",
+                    flush=True,
+                )
+                path.write_text(json.dumps(done, indent=1, sort_keys=True) + "\n")
+        for budget, pick in picks:  # a pick fine-tuned at one budget is the same network at every budget it wins
+            prefix = _shape_key(pick) + " "
+            finetuned = {k[len(prefix) :].split()[0]: v for k, v in done.items() if k.startswith(prefix)}
+            if finetuned:
+                budget["finetuned"] = finetuned
+
+
+def _shape_key(pick: dict[str, Any]) -> str:
+    return f"{','.join(map(str, pick['depths']))} @{pick['input_size']}"
 
 
 def cost_fields(result: dict[str, Any]) -> dict[str, Any]:
@@ -297,6 +402,36 @@ def budget_table(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def finetune_table(records: list[dict[str, Any]]) -> list[str]:
+    """Per budget and number of epochs, over the seeds fine-tuned: ST++'s pick before and after, against scratch."""
+    lines = [
+        "| budget | epochs | seeds | ST++ pick | fine-tuned | gain (paired) | from-scratch pick "
+        "| fine-tuned − from scratch (paired) | seeds ahead | minutes (training) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for i, budget in enumerate(records[0]["budgets"]):
+        counts = sorted({int(n) for r in records for n in r["budgets"][i].get("finetuned", {})})
+        for n in counts:
+            runs = [
+                (r, r["budgets"][i]["finetuned"][str(n)])
+                for r in records
+                if str(n) in r["budgets"][i].get("finetuned", {})
+            ]
+            before = [f["test_top1_before"] for _, f in runs]
+            after = [f["test_top1_after"] for _, f in runs]
+            scratch = [_top1(r, i, SCRATCH_LABEL) for r, _ in runs]
+            ahead = [a - b for a, b in zip(after, scratch, strict=True)]
+            minutes = statistics.mean(f["minutes"] for _, f in runs)
+            train = statistics.mean(f["train_minutes"] for _, f in runs)
+            lines.append(
+                f"| {_budget_text(budget)} | {n} | {', '.join(str(r['seed']) for r, _ in runs)} | {_mean_std(before)} "
+                f"| {_mean_std(after)} | {_mean_std([a - b for a, b in zip(after, before, strict=True)])} "
+                f"| {_mean_std(scratch)} | {_mean_std(ahead)} | {sum(d > 0 for d in ahead)} of {len(ahead)} "
+                f"| {minutes:.1f} ({train:.1f}) |"
+            )
+    return lines if len(lines) > 2 else []
+
+
 def cost_table(records: list[dict[str, Any]]) -> list[str]:
     """One ST++ training plus its search against the three dedicated trainings plus theirs, per seed."""
     lines = [
@@ -362,6 +497,15 @@ def report_markdown(records: list[dict[str, Any]], args: argparse.Namespace) -> 
             f"| {r['seed']} | {st['full_test_top1']:.2f} | {c[CT_SETTING]['full_test_top1']:.2f} "
             f"| {c[SCRATCH['ResNet-14']]['full_test_top1']:.2f} | {c[SCRATCH['ResNet-8']]['full_test_top1']:.2f} |"
         )
+    finetuned = finetune_table(records)
+    if finetuned:
+        lines += [
+            "",
+            "Fine-tuning ST++'s pick (`stim-hf finetune`'s defaults: KL from its frozen ResNet-20, SGD lr 0.01 cosine, "
+            "on the 5,000 training images it was trained on; BatchNorm re-estimated; test top-1 before and after):",
+            "",
+            *finetuned,
+        ]
     lines += ["", "Cost (minutes of training from the logged pace / wall clock with two runs at once; search seconds):"]
     lines += ["", *cost_table(records)]
     lines += ["", "Accuracy-FLOPs fronts (test top-1; chosen on held-out training images):", ""]
@@ -449,6 +593,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recalibrate-bn", type=int, default=1024, help="images for each export's BatchNorm")
     parser.add_argument("--test-samples", type=int, default=0, help="test images (0: all 10,000)")
     parser.add_argument("--redo", action="store_true", help="search and score seeds done before again")
+    parser.add_argument(
+        "--finetune-epochs", default="", help="fine-tune ST++'s picks for each of these epochs (e.g. 5,10); '': none"
+    )
+    parser.add_argument(
+        "--finetune-budgets",
+        default="shortest",
+        help="budgets (as --budgets names them) whose ST++ pick is fine-tuned; 'shortest': the two where ST++ leads "
+        "the from-scratch pick least in the mean",
+    )
     args = parser.parse_args(argv)
     args.study = args.study.expanduser().resolve()
     args.report_dir = args.report_dir.resolve()
@@ -472,6 +625,7 @@ def main(argv: list[str] | None = None) -> int:
     if not records:
         print("no seed has all four runs finished yet", file=sys.stderr)
         return 1
+    add_finetuning(records, args)
     args.report_dir.mkdir(parents=True, exist_ok=True)
     (args.report_dir / "results.json").write_text(json.dumps(records, indent=2) + "\n")
     text = report_markdown(records, args)

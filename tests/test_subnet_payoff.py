@@ -8,6 +8,7 @@ import re
 import sys
 from types import ModuleType
 
+import pytest
 import torch
 from conftest import REPO_ROOT
 
@@ -37,16 +38,24 @@ def save_run(folder, depth: int, full_top1: float, seed: int) -> None:
             layer.running_var.uniform_(0.5, 1.5)
     model.save_pretrained(folder)
     cost = {"train_minutes": depth / 2, "wall_minutes": depth / 1.5, "images_per_second": 100.0}
-    (folder / "result.json").write_text(json.dumps({"full_top1": full_top1, **cost}))
+    (folder / "result.json").write_text(
+        json.dumps({"full_top1": full_top1, "seed": seed, "train_samples": 300, **cost})
+    )
 
 
-def test_one_seed_end_to_end_with_its_cache_and_a_seed_not_finished(tmp_path, capsys):
-    payoff = load_payoff()
+def digits_data(tmp_path):
+    """400 training and 80 test digits as the benchmark's train/test.parquet."""
     digits = load_builtin_dataset("sklearn:digits")["train"].shuffle(seed=0)
     data = tmp_path / "data"
     data.mkdir()
     digits.select(range(400)).to_parquet(str(data / "train.parquet"))
     digits.select(range(400, 480)).to_parquet(str(data / "test.parquet"))
+    return data
+
+
+def test_one_seed_end_to_end_with_its_cache_and_a_seed_not_finished(tmp_path, capsys):
+    payoff = load_payoff()
+    data = digits_data(tmp_path)
     study = tmp_path / "study"
     save_run(study / "ct_seed1", 20, 70.0, seed=1)
     save_run(study / "stpp_l5_kl_cosine_up_seed1", 20, 71.0, seed=2)
@@ -100,3 +109,43 @@ def test_one_seed_end_to_end_with_its_cache_and_a_seed_not_finished(tmp_path, ca
     assert payoff.main(argv) == 0
     assert not SCORED.search(capsys.readouterr().out)
     assert json.loads((report / "results.json").read_text()) == [record]
+
+
+def test_fine_tuning_the_st_pick_kept_per_seed_and_reported(tmp_path, capsys):
+    payoff = load_payoff()
+    data = digits_data(tmp_path)
+    study = tmp_path / "study"
+    for i, (name, depth) in enumerate([("ct", 20), ("stpp_l5_kl_cosine_up", 20), ("ct_r14", 14), ("ct_r8", 8)]):
+        save_run(study / f"{name}_seed1", depth, 70.0, seed=i + 1)
+    report = tmp_path / "report"
+    argv = ["--study", str(study), "--seeds", "1", "--report-dir", str(report), "--data-dir", str(data)]
+    argv += ["--input-sizes", "16,32", "--budgets", "0.25,1.0", "--holdout-samples", "128"]
+    argv += ["--search-recalibrate-bn", "64", "--recalibrate-bn", "32", "--test-samples", "0"]
+    assert payoff.main([*argv, "--finetune-epochs", "1,2", "--finetune-budgets", "1.0"]) == 0
+    out = capsys.readouterr().out
+    assert "fine-tuning ST++'s picks at budgets 1.0 for [1, 2] epochs" in out
+    [record] = json.loads((report / "results.json").read_text())
+    whole = record["budgets"][-1]
+    pick = whole["picks"]["ST++"]
+    for budget in record["budgets"]:  # another budget shows them only where its pick is the same network
+        same = [budget["picks"]["ST++"][k] for k in ("depths", "input_size")] == [pick["depths"], pick["input_size"]]
+        assert ("finetuned" in budget) == same
+    assert set(whole["finetuned"]) == {"1", "2"}
+    for n, entry in whole["finetuned"].items():
+        assert entry["epochs"] == int(n) and entry["depths"] == pick["depths"]
+        assert entry["input_size"] == pick["input_size"] and entry["train_samples"] == 300  # the run's own subset
+        # Before fine-tuning it is the pick as scored: the same export, BatchNorm and test images (one image: 1.25).
+        assert abs(entry["test_top1_before"] - pick["test_top1"]) <= 1.25
+        assert 0 <= entry["test_top1_after"] <= 100 and entry["minutes"] > 0
+    assert "| 100 % | 2 | 1 |" in (report / "results.md").read_text()
+    # Kept per seed: a run without --finetune-epochs reports them again and trains nothing.
+    assert payoff.main(argv) == 0
+    assert "fine-tuning" not in capsys.readouterr().out
+    assert json.loads((report / "results.json").read_text())[0] == record
+    # 'shortest' picks the budgets where ST++ leads least; an unknown budget is refused by name.
+    leads = {"0.1": (50.0, 40.0), "0.5": (60.0, 61.0), "1.0": (70.0, 69.0)}  # ST++ and from-scratch picks
+    synthetic = {"budgets": [{"budget_name": name, "picks": {"ST++": {"test_top1": st}, "from scratch":
+                 {"test_top1": scratch}}} for name, (st, scratch) in leads.items()]}  # fmt: skip
+    assert payoff.finetune_budgets([synthetic], payoff.parse_args(argv)) == ["0.5", "1.0"]
+    with pytest.raises(SystemExit, match="0.5: not among --budgets 0.25,1.0"):
+        payoff.finetune_budgets([record], payoff.parse_args([*argv, "--finetune-budgets", "0.5"]))
