@@ -193,11 +193,12 @@ def test_recipe_supplies_data_arguments_and_seed(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         "model_type: cifar_resnet\ndataset_name: sklearn:digits\ntrain_val_split: 0.2\nimage_size: 16\nseed: 7\n"
+        "subnet_bn_recalibration_samples: 512\nmax_eval_samples: null\n"
     )
     checkpoint, args, data_args = parse_export_args(
         ["run", "--depths", "1,1,1", "--output", "out", "--config", str(recipe), "--image_size", "24"]
     )
-    assert checkpoint == "run" and args.seed == 7 and args.depths == "1,1,1"
+    assert checkpoint == "run" and args.seed == 7 and args.depths == "1,1,1" and args.recalibrate_bn == 512
     assert data_args.dataset_name == "sklearn:digits" and data_args.train_val_split == 0.2
     assert data_args.image_size == 24  # the command line wins over the recipe
     assert parse_export_args(["run", "--depths", "1", "--output", "out"])[2] is None

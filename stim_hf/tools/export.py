@@ -45,7 +45,7 @@ from stim_hf.tools.hub import check_push_to_hub, missing_for_sharing, push_folde
 from stim_hf.tools.model_cards import describe_data, export_card, hub_base_model, write_card
 from stim_hf.tools.output_folders import check_new_folder
 from stim_hf.training.modeling import load_saved_classifier
-from stim_hf.training.parser import SubcommandArgumentParser, load_recipe
+from stim_hf.training.parser import SubcommandArgumentParser, load_recipe, recipe_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -512,21 +512,15 @@ def parse_depths(text: str | Sequence[int]) -> list[int]:
         raise ConfigError(f"--depths '{text}' must be comma-separated integers, one per stage (e.g. 3,2,1)") from None
 
 
+# Recipe keys that become export options (the data fields keep their names).
+_RECIPE_KEYS = {"seed": "seed", "subnet_bn_recalibration_samples": "recalibrate_bn"}
+
+
 def build_parser() -> SubcommandArgumentParser:
     """The ``stim-hf export`` parser: a checkpoint, :class:`ExportArguments` and evaluation data arguments."""
     parser = SubcommandArgumentParser((ExportArguments, EvaluationDataArguments), prog="stim-hf export")
     parser.add_argument("checkpoint", metavar="CHECKPOINT", help="Model directory (config.json + model.safetensors).")
     return parser
-
-
-def _recipe_defaults(path: str) -> dict[str, Any]:
-    """The data fields and the seed of a training recipe, as parser defaults."""
-    values = load_recipe(path)
-    wanted = {f.name for f in fields(DataArguments) if f.init} | {"seed"}
-    defaults = {key: value for key, value in values.items() if key in wanted and value is not None}
-    if values.get("subnet_bn_recalibration_samples") is not None:
-        defaults["recalibrate_bn"] = values["subnet_bn_recalibration_samples"]
-    return defaults
 
 
 def parse_export_args(
@@ -537,7 +531,7 @@ def parse_export_args(
     parser = build_parser()
     namespace, remaining = parser.parse_known_args(argv)
     if namespace.config:
-        parser.set_defaults(**_recipe_defaults(namespace.config))
+        parser.set_defaults(**recipe_defaults(load_recipe(namespace.config), _RECIPE_KEYS))
         namespace, remaining = parser.parse_known_args(argv)
     parser.refuse_unknown(remaining)
     values = vars(namespace)

@@ -9,13 +9,12 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import fields
-from typing import Any
 
 from stim_hf.data.image_datasets import DataArguments
 from stim_hf.errors import ConfigError
 from stim_hf.tools.finetune import FinetuneResult, finetune_export
 from stim_hf.tools.finetune_config import FinetuneArguments
-from stim_hf.training.parser import SubcommandArgumentParser, as_parser_default, load_recipe
+from stim_hf.training.parser import SubcommandArgumentParser, load_recipe, recipe_defaults
 
 # Training-recipe keys that --config maps onto FinetuneArguments fields (the data fields map as they are).
 _RECIPE_KEYS = {
@@ -34,23 +33,13 @@ def build_parser() -> SubcommandArgumentParser:
     return parser
 
 
-def _recipe_defaults(path: str) -> dict[str, Any]:
-    values = load_recipe(path)
-    data_fields = {f.name for f in fields(DataArguments) if f.init}
-    defaults = {k: as_parser_default(v) for k, v in values.items() if k in data_fields and v is not None}
-    defaults.update(
-        {_RECIPE_KEYS[k]: as_parser_default(v) for k, v in values.items() if k in _RECIPE_KEYS and v is not None}
-    )
-    return defaults
-
-
 def parse_finetune_args(argv: Sequence[str] | None = None) -> tuple[str, FinetuneArguments, DataArguments]:
     """Parse ``EXPORT_DIR --epochs N [--config RECIPE.yaml] [--field value ...]``; every value checked here."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     namespace, remaining = parser.parse_known_args(argv)
     if namespace.config:
-        parser.set_defaults(**_recipe_defaults(namespace.config))
+        parser.set_defaults(**recipe_defaults(load_recipe(namespace.config), _RECIPE_KEYS))
         namespace, remaining = parser.parse_known_args(argv)
     parser.refuse_unknown(remaining)
     values = vars(namespace)

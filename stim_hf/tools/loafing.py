@@ -34,7 +34,7 @@ import math
 import os
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +68,7 @@ from stim_hf.method.batchnorm import subnet_batchnorm_statistics
 from stim_hf.method.sampling import resolve_sample_space, subnet_from_depths
 from stim_hf.training.config import StimulativeTrainingArguments, method_settings, parse_sample_space
 from stim_hf.training.modeling import check_saved_model_dir, load_saved_classifier
-from stim_hf.training.parser import SubcommandArgumentParser, as_parser_default, load_recipe
+from stim_hf.training.parser import SubcommandArgumentParser, load_recipe, recipe_defaults
 
 logger = logging.getLogger(__name__)
 
@@ -237,14 +237,10 @@ def _find_config(argv: Sequence[str]) -> str | None:
 
 
 def _recipe_defaults(path: str) -> dict[str, Any]:
+    """The recipe's data and sampling settings (its method's, where it leaves them to the preset) as defaults."""
     values = load_recipe(path)
     values.update(recipe_sampling(values, path))
-    data_fields = {f.name for f in fields(DataArguments) if f.init}
-    defaults = {k: as_parser_default(v) for k, v in values.items() if k in data_fields and v is not None}
-    defaults.update(
-        {_RECIPE_KEYS[k]: as_parser_default(v) for k, v in values.items() if k in _RECIPE_KEYS and v is not None}
-    )
-    return defaults
+    return recipe_defaults(values, _RECIPE_KEYS)
 
 
 def recipe_sampling(recipe: dict[str, Any], path: str) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import os
 import sys
 import types
 import typing
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import fields
 from pathlib import Path
 from typing import Any, NoReturn
@@ -22,6 +22,7 @@ from typing import Any, NoReturn
 import yaml
 from transformers import HfArgumentParser
 
+from stim_hf.data.image_datasets import DataArguments
 from stim_hf.errors import ConfigError
 
 TRAIN_USAGE = "%(prog)s RECIPE.yaml [--field value ...]\n       %(prog)s --config RECIPE.yaml [--field value ...]"
@@ -311,3 +312,16 @@ def as_parser_default(value: Any) -> Any:
     if isinstance(value, (int, float)):
         return str(value)
     return value
+
+
+def recipe_defaults(recipe: Mapping[str, Any], renamed: Mapping[str, str]) -> dict[str, Any]:
+    """A training recipe's values as a subcommand parser's defaults, so a user gives the run's data once.
+
+    The recipe's data fields (:class:`~stim_hf.data.DataArguments`) keep their names; the keys of
+    ``renamed`` become the subcommand's own names (``subnet_bn_recalibration_samples`` ->
+    ``recalibrate_bn``). Values the recipe leaves unset are left out, so the parser's own defaults hold.
+    """
+    data_fields = {f.name for f in fields(DataArguments) if f.init}
+    defaults = {key: as_parser_default(value) for key, value in recipe.items() if key in data_fields}
+    defaults |= {renamed[key]: as_parser_default(value) for key, value in recipe.items() if key in renamed}
+    return {key: value for key, value in defaults.items() if value is not None}

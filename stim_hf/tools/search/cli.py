@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +14,7 @@ from stim_hf.tools.search.arguments import DEFAULT_METHOD, SearchArguments
 from stim_hf.tools.search.results import REPORT_FILES, SearchResult
 from stim_hf.tools.search.run import search_subnets
 from stim_hf.training.config import method_settings
-from stim_hf.training.parser import SubcommandArgumentParser, as_parser_default, load_recipe
+from stim_hf.training.parser import SubcommandArgumentParser, load_recipe, recipe_defaults
 
 # Training-recipe keys that --config maps onto SearchArguments fields.
 _RECIPE_KEYS = {
@@ -40,16 +39,12 @@ def build_parser() -> SubcommandArgumentParser:
 
 
 def _recipe_defaults(path: str) -> dict[str, Any]:
+    """The recipe's data and sampling settings (its method's, where it leaves them to the preset) as defaults."""
     values = load_recipe(path)
     values.update(recipe_sampling(values, path))
     method = values.get("stim_method") or DEFAULT_METHOD
     values["min_input_scale"] = method_settings(method, values)["min_input_scale"]
-    data_fields = {f.name for f in fields(DataArguments) if f.init}
-    defaults = {k: as_parser_default(v) for k, v in values.items() if k in data_fields and v is not None}
-    defaults.update(
-        {_RECIPE_KEYS[k]: as_parser_default(v) for k, v in values.items() if k in _RECIPE_KEYS and v is not None}
-    )
-    return defaults
+    return recipe_defaults(values, _RECIPE_KEYS)
 
 
 def parse_search_args(argv: Sequence[str] | None = None) -> tuple[SearchArguments, DataArguments, list[str]]:
