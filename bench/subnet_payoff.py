@@ -10,7 +10,9 @@ Per seed, all checkpoints trained on the same 5,000 CIFAR-10 images for the same
 1. **The trained-once fronts.** One ``stim_hf.tools.search.search_subnets`` over the CT and the ST++ ResNet-20:
    every prefix sub-network (27 depth combinations) at each of ``--input-sizes`` (the sizes ST++ trains on), each
    with its BatchNorm statistics re-estimated at its size on ``--search-recalibrate-bn`` (2,000) training images
-   and scored on ``--holdout-samples`` (2,000) held-out **training** images (never the test split). No budget:
+   and scored on ``--holdout-samples`` (2,000) held-out **training** images (never the test split): images of the
+   training split outside the seed's 5,000, which none of its networks trained on (``heldout_seed*.parquet`` in
+   the study folder). No budget:
    the search enumerates every candidate once, and each budget's pick is read off that table.
 2. **The from-scratch front.** The same search over the ResNet-20 (CT), ResNet-14 and ResNet-8 trained from
    scratch, each as a whole network (sample space 0,0,0) at the same input sizes with BatchNorm re-estimated at
@@ -140,18 +142,64 @@ def best_within(candidates: list[tuple[str, Any]], limit: float) -> tuple[str, A
     return min(within, key=lambda lc: (-lc[1].accuracy, lc[1].flops, lc[1].loss, lc[1].input_size, lc[0]))
 
 
-def search(folders: dict[str, Path], sample_space: str, out: Path, args: argparse.Namespace):
-    """One exhaustive search, without a budget, over ``folders`` (label -> checkpoint); writes ``pareto.*``."""
+def heldout_file(seed: int, train_samples: int | None, args: argparse.Namespace) -> Path:
+    """``--holdout-samples`` images of the training split that none of the seed's networks trained on, as a parquet
+    file in the study folder (outside the project), written once.
+
+    The seed's runs all trained on the same seeded subset of ``train_samples`` images; the search scores every
+    candidate on images outside it, so that a pick is not favoured for having seen its held-out images."""
+    import numpy as np
+    from datasets import load_dataset
+
+    from stim_hf.data.image_datasets import ROW_INDEX_COLUMN, DataArguments, load_image_datasets
+
+    path = args.study / f"heldout_seed{seed}_{args.holdout_samples}.parquet"
+    if path.is_file():
+        return path
+    source = args.data_dir / "train.parquet"
+    raw = load_dataset("parquet", data_files=str(source), split="train")
+    if train_samples is None or train_samples + args.holdout_samples > len(raw):
+        raise SystemExit(
+            f"seed {seed}: the runs trained on {train_samples or len(raw):,} of the {len(raw):,} training images, "
+            f"which leaves fewer than --holdout-samples {args.holdout_samples:,} unseen ones to pick on"
+        )
+    trained = load_image_datasets(
+        DataArguments(train_file=str(source), validation_file=str(args.data_dir / "test.parquet"),
+                      max_train_samples=train_samples), seed=seed,
+    )["train"]  # fmt: skip
+    seen = set(trained[ROW_INDEX_COLUMN])
+    assert len(seen) == train_samples, "the training runs' subset was not reproduced"
+    unseen = np.array([row for row in range(len(raw)) if row not in seen])
+    rows = np.sort(np.random.default_rng(seed).choice(unseen, args.holdout_samples, replace=False))
+    partial = path.with_suffix(".partial")
+    raw.select(rows.tolist()).to_parquet(str(partial))
+    partial.replace(path)
+    return path
+
+
+def search(folders: dict[str, Path], sample_space: str, out: Path, heldout: Path, args: argparse.Namespace):
+    """One exhaustive search, without a budget, over ``folders`` (label -> checkpoint); writes ``pareto.*``.
+
+    Candidates are scored on the ``heldout`` images (unseen training-split images, :func:`heldout_file`) with
+    BatchNorm re-estimated on training images."""
+    from stim_hf.data.image_datasets import DataArguments
     from stim_hf.tools.search import SearchArguments, search_subnets
 
+    data = DataArguments(
+        train_file=str(args.data_dir / "train.parquet"),
+        validation_file=str(heldout),
+        image_size=32,
+        augmentation="cifar",
+    )
     return search_subnets(
         [str(folder) for folder in folders.values()],
-        data_arguments(args, with_test=False),
+        data,
         SearchArguments(
             sampling="prefix",
             sample_space=sample_space,
             input_sizes=args.input_sizes,
             labels=list(folders),
+            score_split="validation",
             holdout_samples=args.holdout_samples,
             recalibrate_bn=args.search_recalibrate_bn,
             halving_rounds=1,  # every candidate on all the held-out images
@@ -284,8 +332,9 @@ def payoff_for_seed(seed: int, args: argparse.Namespace) -> dict[str, Any] | Non
         return json.loads(cache.read_text())
     start = time.perf_counter()
     seed_dir = args.report_dir / f"seed{seed}"
-    subnets = search({label: folders[label] for label in trained}, "full", seed_dir / "search", args)
-    scratch = search({label: folders[label] for label in SCRATCH}, "0,0,0", seed_dir / "search_scratch", args)
+    heldout = heldout_file(seed, results["ST++"].get("train_samples"), args)
+    subnets = search({label: folders[label] for label in trained}, "full", seed_dir / "search", heldout, args)
+    scratch = search({label: folders[label] for label in SCRATCH}, "0,0,0", seed_dir / "search_scratch", heldout, args)
     search_seconds = {
         c.label: round(c.timing.get("total", 0.0), 1) for c in [*subnets.checkpoints, *scratch.checkpoints]
     }
@@ -335,6 +384,7 @@ def payoff_for_seed(seed: int, args: argparse.Namespace) -> dict[str, Any] | Non
         "checkpoints": checkpoints,
         "scratch_points": sorted(points, key=lambda p: p["flops"]),
         "budgets": budgets,
+        "heldout": {"images": args.holdout_samples, "file": heldout.name, "seen_in_training": False},
         "seconds": round(time.perf_counter() - start, 1),
     }
     cache.parent.mkdir(parents=True, exist_ok=True)
@@ -465,7 +515,8 @@ def report_markdown(records: list[dict[str, Any]], args: argparse.Namespace) -> 
         f"Test top-1 (%) on {test}. ST++: `{setting}`"
         + (" (the CIFAR ST++ recipes' setting)" if setting == RECIPE_SETTING else "")
         + f"; seeds {', '.join(str(r['seed']) for r in records)}. Every pick is chosen on "
-        f"{args.holdout_samples:,} held-out training images with BatchNorm re-estimated at its input size on "
+        f"{args.holdout_samples:,} held-out training images (training-split images none of the seed's networks "
+        "trained on) with BatchNorm re-estimated at its input size on "
         f"{args.search_recalibrate_bn:,} training images (the from-scratch networks exactly as ST++'s candidates), "
         f"then exported with BatchNorm re-estimated on {args.recalibrate_bn:,} training images and scored on the "
         "test split. From scratch: the best of ResNet-8, ResNet-14 and ResNet-20 (CT) at input sizes "

@@ -11,8 +11,10 @@ from types import ModuleType
 import pytest
 import torch
 from conftest import REPO_ROOT
+from datasets import Dataset, Image
 
 from stim_hf.data.builtin_datasets import load_builtin_dataset
+from stim_hf.data.image_datasets import ROW_INDEX_COLUMN, DataArguments, load_image_datasets
 from stim_hf.method.batchnorm import batchnorm_layers
 from stim_hf.models.cifar_resnet import CifarResNetConfig, CifarResNetForImageClassification
 
@@ -64,7 +66,7 @@ def test_one_seed_end_to_end_with_its_cache_and_a_seed_not_finished(tmp_path, ca
     save_run(study / "ct_seed2", 20, 70.0, seed=5)  # seed 2 lacks its other runs
     report = tmp_path / "report"
     argv = ["--study", str(study), "--seeds", "1,2", "--report-dir", str(report), "--data-dir", str(data)]
-    argv += ["--input-sizes", "16,32", "--budgets", "0.05,0.25,ResNet-14,1.0", "--holdout-samples", "128"]
+    argv += ["--input-sizes", "16,32", "--budgets", "0.05,0.25,ResNet-14,1.0", "--holdout-samples", "96"]
     argv += ["--search-recalibrate-bn", "64", "--recalibrate-bn", "32", "--test-samples", "64"]
     assert payoff.main(argv) == 0
     out = capsys.readouterr().out
@@ -98,10 +100,20 @@ def test_one_seed_end_to_end_with_its_cache_and_a_seed_not_finished(tmp_path, ca
     assert st["front"] and [f["flop_share"] for f in st["front"]] == sorted(f["flop_share"] for f in st["front"])
     assert st["train_minutes"] == 10.0 and st["search_seconds"] >= 0
     text = (report / "results.md").read_text()
-    assert "| 25 % |" in text and "(ResNet-14) |" in text and "128 held-out training images" in text
+    assert "| 25 % |" in text and "(ResNet-14) |" in text and "96 held-out training images" in text
     assert "ST++ / CT wall" in text
     # Scores are kept: a rerun with other budgets (--redo) exports only the picks it has not scored.
     assert len(json.loads((report / "seed1" / "test_scores.json").read_text())) >= len(points)
+    # The held-out images are training-split images the seed's networks never saw (they trained on a seeded 300).
+    seen = set(
+        load_image_datasets(DataArguments(train_file=str(data / "train.parquet"), validation_file=str(data /
+                            "test.parquet"), max_train_samples=300), seed=1)["train"][ROW_INDEX_COLUMN]
+    )  # fmt: skip
+    images = lambda name: Dataset.from_parquet(str(name)).cast_column("image", Image(decode=False))["image"]  # noqa: E731
+    train_bytes = [image["bytes"] for image in images(data / "train.parquet")]
+    heldout = {image["bytes"] for image in images(study / "heldout_seed1_96.parquet")}
+    assert len(heldout) == 96 and not heldout & {train_bytes[row] for row in seen}
+    assert record["heldout"]["seen_in_training"] is False
     assert (report / "payoff.png").stat().st_size > 0
     assert (report / "seed1" / "search" / "pareto.json").is_file()
     assert (report / "seed1" / "search_scratch" / "pareto.json").is_file()
@@ -119,7 +131,7 @@ def test_fine_tuning_the_st_pick_kept_per_seed_and_reported(tmp_path, capsys):
         save_run(study / f"{name}_seed1", depth, 70.0, seed=i + 1)
     report = tmp_path / "report"
     argv = ["--study", str(study), "--seeds", "1", "--report-dir", str(report), "--data-dir", str(data)]
-    argv += ["--input-sizes", "16,32", "--budgets", "0.25,1.0", "--holdout-samples", "128"]
+    argv += ["--input-sizes", "16,32", "--budgets", "0.25,1.0", "--holdout-samples", "96"]
     argv += ["--search-recalibrate-bn", "64", "--recalibrate-bn", "32", "--test-samples", "0"]
     assert payoff.main([*argv, "--finetune-epochs", "1,2", "--finetune-budgets", "1.0"]) == 0
     out = capsys.readouterr().out
