@@ -286,25 +286,60 @@ def test_cli_argument_errors_are_one_line_with_suggestions(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_export_at_an_input_size_works_with_a_transformers_pipeline(tmp_path):
-    """The export's processor crops at --input-size: pipeline() predicts what the export's evaluation did."""
-    from test_train_job import assert_pipeline_matches_evaluation
-
+def _export_at_12_px(family: str, tmp_path):
+    """``family``'s perturbed model (trained size 16) exported at 12 px with evaluation: (folder, export_info)."""
     from stim_hf.data.image_datasets import EvaluationDataArguments
 
     checkpoint, output = tmp_path / "run", tmp_path / "exported"
-    perturbed("cifar_resnet").save_pretrained(checkpoint)  # varied predictions, not one class for every image
+    perturbed(family).save_pretrained(checkpoint)  # varied predictions, not one class for every image
     data_args = EvaluationDataArguments(
         dataset_name="sklearn:digits", train_val_split=0.2, image_size=16, max_eval_samples=300
     )
     export_subnet(
-        checkpoint, [1, 2, 1], output, recalibrate_bn=64, data_args=data_args, evaluate=True, input_size=12, seed=42
-    )
-    info = json.loads((output / "export_info.json").read_text())
-    assert info["input_size"] == 12 and info["image_processor"] and info["metrics"]["num_samples"] == 300
+        checkpoint, EXPORTS[family], output, recalibrate_bn=64, data_args=data_args, evaluate=True, input_size=12,
+        seed=42,
+    )  # fmt: skip
+    return output, json.loads((output / "export_info.json").read_text())
+
+
+def test_export_at_an_input_size_resizes_as_training_did_and_works_with_a_pipeline(tmp_path):
+    """A CIFAR ResNet export at --input-size resizes its input itself, exactly as training resized the
+    sub-network's batch; its processor keeps the trained size, and pipeline() predicts what the export's
+    evaluation did."""
+    from test_train_job import assert_pipeline_matches_evaluation
+
+    from stim_hf.method.running import resize_input
+
+    output, info = _export_at_12_px("cifar_resnet", tmp_path)
+    assert info["input_size"] == 12 and info["input_resized_by"] == "model" and info["metrics"]["num_samples"] == 300
+    assert json.loads((output / "config.json").read_text())["resize_input_to"] == 12
+    processor = json.loads((output / "preprocessor_config.json").read_text())
+    assert processor["crop_size"] == {"height": 16, "width": 16} and info["image_processor_size"] == 16
+    card = (output / "README.md").read_text()
+    assert 'pipeline("image-classification"' in card and "to 12 px itself" in card
+    assert_pipeline_matches_evaluation(output, info["metrics"]["accuracy"], max_eval_samples=300)
+    # What the network sees is training's resize of the 16 px batch (bilinear, not antialiased), not a 12 px crop.
+    model = AutoModelForImageClassification.from_pretrained(output).eval()
+    batch = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        inside = model(pixel_values=batch).logits
+        model.config.resize_input_to = None
+        trained_way = model(pixel_values=resize_input(batch, 12)).logits
+        antialiased = model(pixel_values=torch.nn.functional.interpolate(batch, size=12, mode="bilinear",
+                                                                       antialias=True)).logits  # fmt: skip
+    torch.testing.assert_close(inside, trained_way)
+    assert not torch.allclose(inside, antialiased, atol=1e-3)
+
+
+def test_export_of_a_transformers_family_at_an_input_size_resizes_in_its_processor(tmp_path):
+    """A family whose model cannot resize its own input (a transformers ResNet) gets a processor at --input-size."""
+    from test_train_job import assert_pipeline_matches_evaluation
+
+    output, info = _export_at_12_px("hf_resnet", tmp_path)
+    assert info["input_size"] == 12 and info["input_resized_by"] == "image processor"
     processor = json.loads((output / "preprocessor_config.json").read_text())
     assert processor["crop_size"] == {"height": 12, "width": 12} and processor["size"] == {"shortest_edge": 12}
-    assert 'pipeline("image-classification"' in (output / "README.md").read_text()
+    assert "resized without antialiasing" in (output / "README.md").read_text()
     assert_pipeline_matches_evaluation(output, info["metrics"]["accuracy"], input_size=12, max_eval_samples=300)
 
 

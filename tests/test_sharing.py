@@ -138,9 +138,12 @@ def test_every_folder_loads_and_runs_in_a_pipeline_without_stim_hf(folders, tmp_
             assert sorted(p.name for p in folder.glob("*.py")) == CODE
             assert set(config["auto_map"]) == {"AutoConfig", "AutoModelForImageClassification"}
 
-    # The pick runs below the trained size (16 px): its processor gives 11 px inputs.
-    assert tensors["search pick/pixel_values"].shape[-2:] == (11, 11)
-    assert tensors["export/pixel_values"].shape[-2:] == (12, 12)
+    # The pick and the export run below the trained size (16 px): their processors give 16 px inputs, which the
+    # models' own code (loaded without stim_hf above) resizes to 11 and 12 px as training did.
+    assert tensors["search pick/pixel_values"].shape[-2:] == (16, 16)
+    assert tensors["export/pixel_values"].shape[-2:] == (16, 16)
+    assert json.loads((folders["search pick"] / "config.json").read_text())["resize_input_to"] == 11
+    assert json.loads((folders["export"] / "config.json").read_text())["resize_input_to"] == 12
     assert json.loads((folders["search pick"] / "export_info.json").read_text())["image_processor"] is True
 
 
@@ -156,7 +159,8 @@ def test_a_model_object_exports_with_the_processor_of_the_folder_it_came_from(ru
     model = AutoModelForImageClassification.from_pretrained(out)
     export_subnet(model, [1, 1, 1], tmp_path / "api", input_size=12)
     processor = json.loads((tmp_path / "api" / "preprocessor_config.json").read_text())
-    assert processor["crop_size"] == {"height": 12, "width": 12}
+    assert processor["crop_size"] == {"height": 16, "width": 16}  # the run's; the model resizes to 12 px itself
+    assert json.loads((tmp_path / "api" / "config.json").read_text())["resize_input_to"] == 12
     assert json.loads((tmp_path / "api" / "export_info.json").read_text())["image_processor"] is True
 
 

@@ -400,11 +400,17 @@ def _timm_resnet_last_norm(block: nn.Module) -> nn.Module | None:
     return norm if norm is not None else getattr(block, "bn2", None)
 
 
+def _cifar_resnet_resized_config(config: PreTrainedConfig, size: int) -> PreTrainedConfig:
+    """The CIFAR ResNet config whose model resizes its input to ``size`` (``resize_input_to``)."""
+    return replace_config(config, resize_input_to=size)
+
+
 register_stage_finder(
     "cifar_resnet",
     find_cifar_resnet_stages,
     config_for_depths=_depths_config("blocks_per_stage"),
     last_branch_norm=lambda block: getattr(block, "bn2", None),
+    config_for_input_size=_cifar_resnet_resized_config,
 )
 register_stage_finder(
     "hf_resnet",

@@ -84,7 +84,11 @@ class ResidualFamily:
     model's forward accepts (ConvNeXt: its total stride); sampled input sizes never go below it.
     ``last_branch_norm(block)`` is the normalisation layer that ends ``block``'s residual branch (the
     BatchNorm whose weight ``zero_init_residual`` zeroes), or ``None`` for a block without one;
-    ``None`` for a family without such a layer.
+    ``None`` for a family without such a layer. ``config_for_input_size(config, size)`` returns a
+    config whose model resizes its input to ``size`` itself, as training resizes a sub-network's
+    batch (CIFAR ResNet: ``resize_input_to``); an export at a smaller input then keeps the trained
+    image processor. ``None``: the export's image processor resizes to ``size`` (antialiased, which
+    the sub-network did not see in training).
     """
 
     name: str
@@ -94,6 +98,7 @@ class ResidualFamily:
     config_for_depths: Callable[[Any, Sequence[int]], Any] | None = None
     min_input_size: Callable[[nn.Module], int] | None = None
     last_branch_norm: Callable[[nn.Module], nn.Module | None] | None = None
+    config_for_input_size: Callable[[Any, int], Any] | None = None
 
 
 _FAMILIES: dict[str, ResidualFamily] = {}
@@ -108,6 +113,7 @@ def register_stage_finder(
     config_for_depths: Callable[[Any, Sequence[int]], Any] | None = None,
     min_input_size: Callable[[nn.Module], int] | None = None,
     last_branch_norm: Callable[[nn.Module], nn.Module | None] | None = None,
+    config_for_input_size: Callable[[Any, int], Any] | None = None,
     overwrite: bool = False,
 ) -> ResidualFamily:
     """Register how to find the residual stages of a model family.
@@ -120,7 +126,9 @@ def register_stage_finder(
     :func:`stim_hf.tools.export.export_subnet`. ``min_input_size(model)`` (optional) is the smallest
     input side the model accepts; smaller sampled inputs are raised to it. ``last_branch_norm(block)``
     (optional) returns the normalisation layer that ends a block's residual branch; it makes the
-    family usable with ``zero_init_residual``.
+    family usable with ``zero_init_residual``. ``config_for_input_size(config, size)`` (optional)
+    returns the config of the same model resizing its own input to ``size``; exports at a smaller
+    input then see it resized exactly as in training.
     """
     if name in _FAMILIES and not overwrite:
         raise ValueError(f"a stage finder named '{name}' is already registered; pass overwrite=True")
@@ -132,6 +140,7 @@ def register_stage_finder(
         config_for_depths=config_for_depths,
         min_input_size=min_input_size,
         last_branch_norm=last_branch_norm,
+        config_for_input_size=config_for_input_size,
     )
     _FAMILIES.pop(name, None)
     _FAMILIES[name] = family

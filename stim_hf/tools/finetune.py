@@ -275,10 +275,22 @@ def kl_to_teacher(
 class _Validation:
     """The validation split, ready for the measures before and after: teacher logits kept, images re-decoded."""
 
-    def __init__(self, split, data_args: DataArguments, args: FinetuneArguments, input_size, teacher, device) -> None:  # noqa: ANN001
+    def __init__(  # noqa: ANN001
+        self,
+        split,
+        data_args: DataArguments,
+        args: FinetuneArguments,
+        input_size: int | None,
+        teacher: nn.Module,
+        device: torch.device | str,
+        resized_by_model: bool = False,
+    ) -> None:
         self.full = BatchSource(with_image_transforms(split, data_args, train=False), args.eval_batch_size, cache=False)
-        own = with_image_transforms(split, data_args, train=False, input_size=input_size)
-        self.own = BatchSource(own, args.eval_batch_size, cache=False)
+        if resized_by_model:  # the student resizes the evaluation crop itself, as pipeline() runs it
+            self.own = self.full
+        else:
+            own = with_image_transforms(split, data_args, train=False, input_size=input_size)
+            self.own = BatchSource(own, args.eval_batch_size, cache=False)
         self.input_size, self.temperature = input_size, args.kl_temperature
         self.logits, labels = teacher_logits(teacher, self.full, device)
         self.teacher_metrics = _accuracies(torch.cat(self.logits), labels)
@@ -364,7 +376,8 @@ def finetune_export(
     student.to(device)
     teacher.to(device).eval().requires_grad_(False)
     input_size = info.get("input_size")
-    validation = _Validation(splits["validation"], data_args, args, input_size, teacher, device)
+    resized_by_model = info.get("input_resized_by") == "model"
+    validation = _Validation(splits["validation"], data_args, args, input_size, teacher, device, resized_by_model)
     before = validation.measure(student)
     logger.info("before fine-tuning: top-1 %.2f%%", 100 * before["accuracy"])
 

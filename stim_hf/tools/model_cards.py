@@ -307,7 +307,8 @@ def export_card(folder: str | os.PathLike, info: dict[str, Any]) -> str:
             "below)."
             if tuned
             else ""
-        ),
+        )
+        + _input_text(info),
         "",
         "## Kept blocks",
         "",
@@ -354,6 +355,25 @@ def export_card(folder: str | os.PathLike, info: dict[str, Any]) -> str:
     if tuned and tuned.get("command"):
         lines += ["", "Fine-tuned with:", "", "```bash", tuned["command"], "```"]
     return "\n".join(lines) + "\n"
+
+
+def _input_text(info: dict[str, Any]) -> str:
+    """The card's sentence on the input the sub-network runs at, where it is not the full model's."""
+    size, by = info["input_size"], info.get("input_resized_by")
+    if by == "model":
+        given = info.get("image_processor_size")
+        return (
+            f" It runs at {size} px: it resizes its input"
+            + (f" ({given} px, as its image processor gives)" if given else "")
+            + f" to {size} px itself, bilinearly as stimulative training resized this sub-network's inputs "
+            "(`resize_input_to` in its config)."
+        )
+    if by == "image processor":
+        return (
+            f" It runs at {size} px, the size its image processor resizes images to (antialiased); in training its "
+            "inputs were resized without antialiasing, so it may score lower here than in the search."
+        )
+    return ""
 
 
 def _finetune_section(info: dict[str, Any]) -> list[str]:
@@ -491,7 +511,12 @@ def _search_section(info: dict[str, Any]) -> list[str]:
         "",
     ]
     given = info.get("image_processor_size")
-    if info["image_processor"] and given is not None and given != info["input_size"]:
+    if info.get("input_resized_by") == "model":
+        lines.append(
+            f"The search scored it at {info['input_size']} px, the evaluation crop resized bilinearly: the model "
+            f"does that resize itself, so `pipeline()` runs it exactly so behind its {given} px image processor."
+        )
+    elif info["image_processor"] and given is not None and given != info["input_size"]:
         lines.append(
             f"The search scored it at {info['input_size']} px (the evaluation crop resized, with the forward "
             f"arguments that size needs); on its own it runs at {given} px, the size the folder's image processor "
@@ -501,7 +526,8 @@ def _search_section(info: dict[str, Any]) -> list[str]:
         lines.append(
             f"The model expects {info['input_size']} px inputs; the folder's image processor resizes and crops "
             f"images to {info['input_size']} px directly, where the search resized the evaluation crop "
-            f"({s['eval_image_size']} px) to {info['input_size']} px (bilinear): the two differ slightly."
+            f"({s['eval_image_size']} px) to {info['input_size']} px (bilinear, not antialiased): the two differ, "
+            "by several points at the smallest sizes."
         )
     elif info["image_processor"]:
         lines.append(f"The model expects {info['input_size']} px inputs, as the folder's image processor gives.")

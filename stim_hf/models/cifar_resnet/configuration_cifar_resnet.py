@@ -56,6 +56,11 @@ class CifarResNetConfig(PreTrainedConfig):
             match always use an identity shortcut.
         blocks_per_stage: Number of blocks in each stage, overriding the uniform ``n`` derived from
             ``depth`` (for example ``[3, 2, 3]`` for a sub-network of ResNet-20 exported on its own).
+        resize_input_to: Side the model resizes its input to before the stem (bilinear, no antialiasing,
+            the width keeping the aspect ratio), or ``None`` to take the input as given. Stimulative
+            training resizes a sub-network's batch this way; a sub-network exported to run at a smaller
+            input sets it, so that it sees its input resized exactly as in training while its image
+            processor keeps the size the full network was trained at.
         kwargs: Standard :class:`~transformers.PreTrainedConfig` arguments (``num_labels``, ``id2label``,
             ``label2id``, ...).
 
@@ -72,6 +77,7 @@ class CifarResNetConfig(PreTrainedConfig):
     num_channels: int = 3
     shortcut: str = "projection"
     blocks_per_stage: list[int] | tuple[int, ...] | None = None
+    resize_input_to: int | None = None
 
     def __post_init__(self, **kwargs: Any) -> None:
         """Validate and normalise the fields, then run the standard config set-up."""
@@ -117,6 +123,12 @@ class CifarResNetConfig(PreTrainedConfig):
         if not _is_int(self.num_channels) or self.num_channels < 1:
             raise CifarResNetConfigError(
                 f"num_channels={self.num_channels!r} is invalid (valid: a positive integer, e.g. 3 for RGB)"
+            )
+
+        if self.resize_input_to is not None and (not _is_int(self.resize_input_to) or self.resize_input_to < 1):
+            raise CifarResNetConfigError(
+                f"resize_input_to={self.resize_input_to!r} is invalid (valid: None, or an integer >= 1: the input "
+                "side in pixels)"
             )
 
         if self.shortcut not in self.shortcut_types:

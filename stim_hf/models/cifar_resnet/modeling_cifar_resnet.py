@@ -209,12 +209,22 @@ class CifarResNetModel(CifarResNetPreTrainedModel):
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
     ) -> BaseModelOutputWithPoolingAndNoAttention | tuple[Tensor, ...]:
-        """Encode ``pixel_values`` ``(B, num_channels, H, W)``; any ``H, W >= 1`` works."""
+        """Encode ``pixel_values`` ``(B, num_channels, H, W)``; any ``H, W >= 1`` works.
+
+        With ``config.resize_input_to`` set, the batch is first resized to that height (bilinear, no
+        antialiasing, as stimulative training resizes a sub-network's inputs).
+        """
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         if return_dict is None:
             return_dict = self.config.return_dict
 
+        size = self.config.resize_input_to
+        if size is not None and pixel_values.shape[-2] != size:
+            height, width = pixel_values.shape[-2:]
+            pixel_values = F.interpolate(
+                pixel_values, size=(size, max(1, round(width * size / height))), mode="bilinear", align_corners=False
+            )
         hidden = self.stem(pixel_values)
         all_hidden: tuple[Tensor, ...] | None = (hidden,) if output_hidden_states else None
         for stage in self.stages:
