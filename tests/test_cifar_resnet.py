@@ -143,6 +143,19 @@ def test_forward_shapes(shortcut: str, size: int, final: int) -> None:
     torch.testing.assert_close(base.pooler_output, base.last_hidden_state.mean(dim=(2, 3)))
 
 
+def test_resize_input_to_resizes_any_input_before_the_stem() -> None:
+    """A model with ``resize_input_to`` runs at that size whatever it is given (a no-op when given that size)."""
+    model = make(resize_input_to=14).eval()
+    for size in (32, 14, 20):
+        hidden = model(pixel_values=torch.randn(2, 3, size, size), output_hidden_states=True).hidden_states
+        assert hidden[0].shape == (2, 16, 14, 14)
+    x = torch.randn(2, 3, 14, 14)
+    plain = make().eval()
+    plain.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values=x).logits, plain(pixel_values=x).logits)
+
+
 def test_loss_matches_cross_entropy_and_tuple_output() -> None:
     model = make().eval()
     x = torch.randn(4, 3, 32, 32)
@@ -258,6 +271,8 @@ def test_registration_is_idempotent() -> None:
         ({"shortcut": "B"}, "shortcut"),
         ({"shortcut": "padding", "widths": [32, 16, 64]}, "shortcut"),
         ({"num_labels": 0}, "num_labels"),
+        ({"resize_input_to": 0}, "resize_input_to"),
+        ({"resize_input_to": 13.5}, "resize_input_to"),
     ],
 )
 def test_bad_config_raises(kwargs: dict, field: str) -> None:
