@@ -40,6 +40,7 @@ seeds) to ``--report-dir`` (default ``docs/measurements/subnet_payoff``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -210,14 +211,10 @@ def search(folders: dict[str, Path], sample_space: str, out: Path, heldout: Path
 
     Candidates are scored on the ``heldout`` images (unseen training-split images, :func:`heldout_file`) with
     BatchNorm re-estimated on training images."""
-    from stim_hf.data.image_datasets import DataArguments
     from stim_hf.tools.search import SearchArguments, search_subnets
 
-    data = DataArguments(
-        train_file=str(args.data_dir / "train.parquet"),
-        validation_file=str(heldout),
-        image_size=32,
-        augmentation="cifar",
+    data = dataclasses.replace(
+        data_arguments(args, with_test=False), validation_file=str(heldout), max_eval_samples=None
     )
     return search_subnets(
         [str(folder) for folder in folders.values()],
@@ -243,19 +240,12 @@ def search(folders: dict[str, Path], sample_space: str, out: Path, heldout: Path
 def finetune_pick(checkpoint: Path, pick: dict[str, Any], epochs: int, train: dict[str, Any], args) -> dict[str, Any]:
     """Export ``pick`` as :func:`test_top1` does, fine-tune it ``epochs`` epochs towards ``checkpoint`` on the images
     that network was trained on (``train``: its study result), and score it on the test split before and after."""
-    from stim_hf.data.image_datasets import DataArguments
     from stim_hf.tools.export import export_subnet
     from stim_hf.tools.finetune import finetune_export
     from stim_hf.tools.finetune_config import FinetuneArguments
 
-    data = DataArguments(
-        train_file=str(args.data_dir / "train.parquet"),
-        validation_file=str(args.data_dir / "test.parquet"),
-        max_train_samples=train["train_samples"],  # the training run's seeded subset: the same seed picks it again
-        max_eval_samples=args.test_samples or None,
-        image_size=32,
-        augmentation="cifar",
-    )
+    # The training run's seeded subset: the same seed picks it again.
+    data = dataclasses.replace(data_arguments(args, with_test=True), max_train_samples=train["train_samples"])
     with tempfile.TemporaryDirectory() as out:
         export = Path(out) / "export"
         export_subnet(
