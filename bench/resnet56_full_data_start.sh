@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The first 2 epochs of the CIFAR-10 ResNet-56 recipes on all 50,000 training images (issue 27; docs/results.md,
 # "The recipe at ResNet-56 on all of CIFAR-10: the start"): the ST++ recipe, seeds 1-3, without a warm-up (as it
-# ships) and with a one-epoch linear warm-up (391 steps at batch 128, the ~400 iterations He et al. warm ResNet-110
-# up for on CIFAR). Each run keeps the recipe's 200-epoch cosine schedule and is
+# shipped before this check) and with a one-epoch linear warm-up (391 steps at batch 128, the ~400 iterations He et
+# al. warm ResNet-110 up for on CIFAR; the recipes have it since, as warmup_steps 0.005 of 200 epochs). Each run keeps the recipe's 200-epoch cosine schedule and is
 # stopped after its evaluation at step 800 (2.05 epochs); it evaluates 2,000 test images every 100 steps, so a
 # stall inside the first epoch shows. Two runs at once, one intra-op thread each (about 25 minutes a run on 2 cores).
 # Usage: bash bench/resnet56_full_data_start.sh OUT   (a finished run is skipped: rerun to resume; a killed run restarts)
@@ -12,7 +12,8 @@ cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1 OMP_NUM_THREADS=1
 COMMON=(--max_eval_samples 2000 --save_strategy no --eval_strategy steps --eval_steps 100 --logging_steps 50
-        --subnet_monitor_count 0 --num_eval_subnets 0 --dataloader_num_workers 0 --report_to none --disable_tqdm true)
+        --subnet_monitor_count 0 --num_eval_subnets 0 --dataloader_num_workers 0 --report_to none --disable_tqdm true
+        --warmup_steps 0)  # the runs with a warm-up set their own
 STOP_AT=8  # evaluations: steps 100 .. 800
 
 run() {  # NAME RECIPE ARGS...: train until the STOP_AT-th evaluation is logged

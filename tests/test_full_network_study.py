@@ -70,6 +70,16 @@ def test_the_payoff_and_full_plans_train_the_recipe_against_ct_and_name_every_de
     assert full[0].setting.overrides() == [
         "--kl_coef", "5", "--kl_loss", "kl", "--kl_coef_schedule", "cosine_up", "--stim_start_epoch", "0",
     ]  # fmt: skip
+    assert {run.warmup for run in full} == {"0"}  # as the 5k study: no warm-up at ResNet-20
+    # The GPU plan: ResNet-56 with its recipes' one-epoch warm-up, the same in the run's key and its record.
+    gpu = study.plan_runs("gpu")
+    assert [(run.name, run.depth, run.warmup) for run in gpu[:2]] == [
+        ("stpp_l5_kl_cosine_up_seed1", 56, "0.005"), ("ct_seed1", 56, "0.005"),
+    ]  # fmt: skip
+    stpp_recipe = study.run_fields(gpu[0])
+    assert stpp_recipe["lr_warmup"] == "0.005" and gpu[0].key() != study.Run(gpu[0].setting, 1, 56, 200, None).key()
+    for name in ("ct", "st", "stpp"):
+        assert "warmup_steps: 0.005\n" in (REPO_ROOT / "configs" / f"cifar10_resnet56_{name}.yaml").read_text()
 
 
 def test_an_unfinished_run_resumes_with_the_exact_resume(tmp_path):

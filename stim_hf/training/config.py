@@ -349,7 +349,7 @@ class StimulativeTrainingArguments(TrainingArguments):
     on_collapse: str = field(
         default="warn",
         metadata={
-            "help": "What a collapsed run does (after its first epoch: training cross-entropy at about ln C for 3 "
+            "help": "What a collapsed run does (after the first epoch or 100 steps past the warm-up: training cross-entropy at about ln C for 3 "
             "logs in a row, evaluation accuracy at chance, or 90 percent of predictions one class): 'warn' (log a warning "
             "naming lambda, the lambda in effect and the remedies for it, and record it in trainer_state.json; a "
             "later recovery is logged too), 'stop' (raise, the job exits non-zero) or 'ignore'."
