@@ -199,6 +199,36 @@ def test_the_report_pairs_settings_by_seed_in_plan_order_with_the_paired_t():
     assert not any(line.startswith("| stpp_l10") for line in lines)  # no runs, no row
 
 
+def test_the_full_plan_reports_its_gain_beside_the_5k_plans(tmp_path, monkeypatch):
+    study = load_study()
+    runs = {(run.setting.name, run.seed): run for run in study.plan_runs("full")}
+    results = [
+        _finished_record(study, runs[name, seed], value)
+        for name, values in {"ct": [90.0, 91.0], "stpp_l5_kl_cosine_up": [90.5, 91.0]}.items()
+        for seed, value in zip((1, 2), values, strict=True)
+    ]
+    # The 5k plans' records as committed, and one plan whose records are missing (no row, no error).
+    measurements = tmp_path / "measurements"
+    for plan, gains in (("cpu", [2.0, 1.0, 1.5]), ("payoff", [1.0, 1.0, 1.0])):
+        plan_runs = {(run.setting_label, run.seed): run for run in study.plan_runs(plan)}
+        records = [_finished_record(study, plan_runs["ct", seed], 70.0) for seed in (1, 2, 3)]
+        records += [
+            _finished_record(study, plan_runs["stpp_l5_kl_cosine_up", s], 70.0 + g) for s, g in zip((1, 2, 3), gains)
+        ]
+        (measurements / plan).mkdir(parents=True)
+        (measurements / plan / "results.json").write_text(json.dumps(records))
+    monkeypatch.setattr(study, "MEASUREMENTS", measurements)
+    lines = study.report_markdown(results, "full").splitlines()
+    rows = {line.split(" | ")[0][2:]: line for line in lines if line.startswith(("| cpu |", "| payoff |", "| full |"))}
+    assert list(rows) == ["cpu", "payoff", "full"]  # the 5k plans first, the full data last
+    assert "| 5,000 | 100 | 4,000 | 1, 2, 3 |" in rows["cpu"] and "| 1.50 ± 0.50 |" in rows["cpu"]
+    assert "| 1.00 ± 0.00 | - | 3 of 3 |" in rows["payoff"]
+    assert "| 50,000 | 50 | 19,550 | 1, 2 | 90.50 ± 0.71 | 90.75 ± 0.35 | 0.25 ± 0.35 |" in rows["full"]
+    assert "| 1 of 2 |" in rows["full"]  # seed 2 tied: not a gain
+    monkeypatch.setattr(study, "MEASUREMENTS", tmp_path / "nothing")
+    assert [line for line in study.report_markdown(results, "full").splitlines() if line.startswith("| cpu |")] == []
+
+
 @pytest.mark.skipif(not (CIFAR10_DIR / "train.parquet").is_file(), reason="shared CIFAR-10 parquet files not present")
 def test_a_tiny_study_trains_analyses_and_reports(tmp_path):
     study = load_study()
