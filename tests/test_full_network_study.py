@@ -213,7 +213,8 @@ def test_the_full_plan_reports_its_gain_beside_the_5k_plans(tmp_path, monkeypatc
         plan_runs = {(run.setting_label, run.seed): run for run in study.plan_runs(plan)}
         records = [_finished_record(study, plan_runs["ct", seed], 70.0) for seed in (1, 2, 3)]
         records += [
-            _finished_record(study, plan_runs["stpp_l5_kl_cosine_up", s], 70.0 + g) for s, g in zip((1, 2, 3), gains)
+            _finished_record(study, plan_runs["stpp_l5_kl_cosine_up", s], 70.0 + g)
+            for s, g in zip((1, 2, 3), gains, strict=True)
         ]
         (measurements / plan).mkdir(parents=True)
         (measurements / plan / "results.json").write_text(json.dumps(records))
