@@ -171,15 +171,22 @@ def test_changing_only_the_method_of_a_recipe_that_pins_its_settings(tmp_path, c
     assert "stim_method='st' with min_input_scale=0.43 set explicitly, where its preset has min_input_scale=1.0" in (
         caplog.text
     )
-    # The recipe itself departs from ST++ only by its deliberate plain KL (the study's pick), and says so.
+    # The recipe itself departs from ST++ only by its deliberate plain KL (the study's pick), and says so in
+    # preset_departures: its runs log no warning about it. The same field set by hand, and nothing else, is warned.
     caplog.clear()
     with caplog.at_level("WARNING", logger="stim_hf.training.config"):
         args = parse([recipe])
     assert (args.stim_method, args.kl_loss, args.kl_coef, args.kl_coef_schedule) == ("stpp", "kl", 5.0, "cosine_up")
+    assert args.preset_departures == "kl_loss" and "set explicitly" not in caplog.text
+    with caplog.at_level("WARNING", logger="stim_hf.training.config"):
+        parse([recipe, "--preset_departures", "null"])
+        parse([recipe, "--subnet_sampling", "subset"])
     assert "stim_method='stpp' with kl_loss='kl' set explicitly, where its preset has kl_loss='kl_direction'" in (
         caplog.text
     )
-    assert "min_input_scale" not in caplog.text and "subnet_sampling" not in caplog.text
+    assert "with subnet_sampling='subset' set explicitly" in caplog.text and "min_input_scale" not in caplog.text
+    with pytest.raises(ConfigError, match="preset_departures names kl_coef, which no method preset sets; valid: "):
+        parse([recipe, "--preset_departures", "kl_loss,kl_coef"])
 
 
 def test_imagenet_recipe_is_the_released_one(tmp_path):

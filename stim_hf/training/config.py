@@ -233,6 +233,15 @@ class StimulativeTrainingArguments(TrainingArguments):
             "help": "'kl' (plain KL) or 'kl_direction' (ST++ 'KL-': logits normalised). Preset: st kl, stpp kl_direction."
         },
     )
+    preset_departures: str | None = field(
+        default=None,
+        metadata={
+            "help": "Comma-separated fields among subnet_sampling, kl_loss, min_input_scale that the recipe sets away "
+            "from its stim_method's preset on purpose (e.g. kl_loss): they are used without the warning that "
+            "otherwise names such a field (which catches a stim_method changed on the command line under a "
+            "recipe that pinned another method's values)."
+        },
+    )
     kl_temperature: float = field(
         default=1.0, metadata={"help": "Distillation temperature T (> 0); the KL is scaled by T^2."}
     )
@@ -460,8 +469,11 @@ class StimulativeTrainingArguments(TrainingArguments):
                 f"num_subnets: 0{' and sandwich: false' if sandwich else ''} as well, or choose stim_method st or stpp"
             )
         preset = METHOD_PRESETS[self.stim_method]
+        intended = self._preset_departures()
         differing = {
-            name: value for name, value in explicit.items() if name in METHOD_DEFINING_FIELDS and value != preset[name]
+            name: value
+            for name, value in explicit.items()
+            if name in METHOD_DEFINING_FIELDS and value != preset[name] and name not in intended
         }
         if differing:
             logger.warning(
@@ -471,6 +483,17 @@ class StimulativeTrainingArguments(TrainingArguments):
                 ", ".join(f"{name}={value!r}" for name, value in differing.items()),
                 ", ".join(f"{name}={preset[name]!r}" for name in differing),
             )
+
+    def _preset_departures(self) -> set[str]:
+        """The field names of ``preset_departures``, each checked to be a method-defining field."""
+        names = {name.strip() for name in (self.preset_departures or "").split(",") if name.strip()}
+        unknown = sorted(names - set(METHOD_DEFINING_FIELDS))
+        if unknown:
+            raise ConfigError(
+                f"preset_departures names {', '.join(unknown)}, which no method preset sets; valid: "
+                f"{', '.join(METHOD_DEFINING_FIELDS)} (comma-separated)"
+            )
+        return names
 
     def _validate_stimulative_fields(self) -> None:
         def choice(name: str, valid: tuple[str, ...]) -> None:
