@@ -372,6 +372,8 @@ def test_evaluation_data_alone_exports_with_the_full_networks_statistics(tmp_pat
     assert "exported depths=1,2,1" in captured.out and "top-1" in captured.out
     notes = [line for line in captured.err.splitlines() if line.startswith("stim-hf export: no training images")]
     assert len(notes) == 1 and "--train_file, --train_dir or --dataset_name" in notes[0], captured.err
+    # No transformers bars for loading and writing a small local model: the lines above are the whole output.
+    assert "Loading weights" not in captured.err and "Writing model shards" not in captured.err, captured.err
     info = json.loads((output / "export_info.json").read_text())
     assert info["bn_recalibration_samples"] == 0 and info["metrics"]["num_samples"] == 64
     assert json.loads((output / "preprocessor_config.json").read_text())["crop_size"] == {"height": 16, "width": 16}

@@ -44,7 +44,7 @@ from stim_hf.method.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from stim_hf.tools.hub import check_push_to_hub, missing_for_sharing, push_folder
 from stim_hf.tools.model_cards import describe_data, export_card, hub_base_model, write_card
 from stim_hf.tools.output_folders import check_new_folder
-from stim_hf.training.modeling import load_saved_classifier
+from stim_hf.training.modeling import load_saved_classifier, without_transformers_progress_bars
 from stim_hf.training.parser import SubcommandArgumentParser, load_recipe, recipe_defaults
 
 logger = logging.getLogger(__name__)
@@ -344,7 +344,8 @@ def export_subnet(
     output_dir.mkdir(parents=True, exist_ok=True)
     for path in _replaced_files(output_dir):
         path.unlink()  # left by an earlier export that --overwrite replaces
-    exported.save_pretrained(output_dir)
+    with without_transformers_progress_bars():
+        exported.save_pretrained(output_dir)
     if processor is not None:
         processor.save_pretrained(output_dir)
     else:

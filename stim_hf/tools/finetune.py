@@ -45,8 +45,8 @@ from stim_hf.tools.model_cards import describe_data
 from stim_hf.tools.output_folders import check_new_folder
 from stim_hf.training.checkpointing import publish_files
 from stim_hf.training.config import StimulativeTrainingArguments
-from stim_hf.training.modeling import check_saved_model_dir, load_saved_classifier
-from stim_hf.training.reliable_trainer import ReliableTrainer, without_transformers_progress_bars
+from stim_hf.training.modeling import check_saved_model_dir, load_saved_classifier, without_transformers_progress_bars
+from stim_hf.training.reliable_trainer import ReliableTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -361,9 +361,8 @@ def finetune_export(
     run_dir = work / "run"
     training_args = training_arguments(args, run_dir)  # the Trainer's checks: one line, before anything loads
 
-    with without_transformers_progress_bars():  # an error that follows is then the only line
-        student = load_saved_classifier(source, f"export folder '{export_dir}'")
-        teacher = load_saved_classifier(teacher_path, f"teacher '{teacher_path}'")
+    student = load_saved_classifier(source, f"export folder '{export_dir}'")
+    teacher = load_saved_classifier(teacher_path, f"teacher '{teacher_path}'")
     check_teacher(teacher, student, info, teacher_path)
     splits = load_image_datasets(data_args, seed=args.seed)
     classes = len(get_label_names(splits["train"], data_args.label_column_name))
@@ -489,7 +488,8 @@ def _write_folder(
     for path in source.iterdir():
         if path.is_file() and not any(path.match(pattern) for pattern in _WEIGHT_PATTERNS):
             shutil.copy2(path, staged / path.name)
-    student.save_pretrained(staged)
+    with without_transformers_progress_bars():
+        student.save_pretrained(staged)
     write_export_record(staged, info)
     new_files = {path.name for path in staged.iterdir()}
     if in_place:

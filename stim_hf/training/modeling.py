@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from transformers import AutoConfig, AutoModelForImageClassification, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from stim_hf.errors import ConfigError
 from stim_hf.models import CifarResNetConfigError  # importing it registers the CIFAR ResNets
@@ -140,13 +142,30 @@ def _index_weight_map(index_path: str, label: str) -> dict[str, str]:
     return weight_map
 
 
+@contextmanager
+def without_transformers_progress_bars() -> Iterator[None]:
+    """transformers' own progress bars off for a while (their previous setting restored).
+
+    Saving and loading a local model draw bars ("Writing model shards", "Loading weights", transformers 5) for
+    work done in milliseconds: nothing to read, and they push a tool's own output or error line away.
+    """
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def load_saved_classifier(path: str | os.PathLike, label: str | None = None) -> PreTrainedModel:
     """Load an image classifier saved with ``save_pretrained`` (checked first), in float32, safetensors only."""
     label = label or f"checkpoint '{path}'"
     check_saved_model_dir(path, label)
     try:  # stim_hf.models, imported above, has registered the CIFAR ResNets with the Auto classes
-        return AutoModelForImageClassification.from_pretrained(
-            str(path), dtype=torch.float32, use_safetensors=True, trust_remote_code=False
-        )
+        with without_transformers_progress_bars():
+            return AutoModelForImageClassification.from_pretrained(
+                str(path), dtype=torch.float32, use_safetensors=True, trust_remote_code=False
+            )
     except CifarResNetConfigError as err:  # a config.json edited by hand
         raise ConfigError(f"{label}: config.json: {err}; fix the value or re-save the model") from None

@@ -13,8 +13,6 @@ import os
 import pickle
 import shutil
 from collections import deque
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,7 +24,6 @@ from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length
 from transformers.training_args import OptimizerNames
 from transformers.utils import SAFE_WEIGHTS_NAME, is_peft_available
-from transformers.utils import logging as hf_logging
 
 from stim_hf.errors import ConfigError, StimError
 from stim_hf.method import (
@@ -53,6 +50,7 @@ from stim_hf.training.checkpointing import (
     write_manifest,
     write_nonfinite_report,
 )
+from stim_hf.training.modeling import without_transformers_progress_bars
 
 logger = logging.getLogger(__name__)
 
@@ -460,22 +458,6 @@ class ReliableTrainer(Trainer):
         if "loss" in logs and self.nonfinite_skipped_steps:
             logs["nonfinite_skipped_steps"] = float(self.nonfinite_skipped_steps)
         super().log(logs, start_time)
-
-
-@contextmanager
-def without_transformers_progress_bars() -> Iterator[None]:
-    """transformers' own progress bars off for a while (their previous setting restored).
-
-    ``save_pretrained`` draws a "Writing model shards" bar (transformers 5) at every checkpoint,
-    inside the training bar: a bar for one file written in milliseconds, nothing to read.
-    """
-    enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if enabled:
-            hf_logging.enable_progress_bar()
 
 
 def describe_nonfinite_terms(records: list[LossTerms], step: int, epoch: float | None) -> str:
