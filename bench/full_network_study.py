@@ -17,9 +17,9 @@ Each run is a ``scripts/train.py`` subprocess on the CIFAR-10 recipes (``configs
 {ct,stpp}.yaml``) with the plan's overrides: depth, a seeded training subset, epochs, batch 128,
 SGD nesterov lr 0.1 cosine without warm-up (unless the setting or the plan asks for one: ``gpu`` has
 the ResNet-56 recipes' one epoch), no clipping, and the setting's lambda, KL and how lambda is
-introduced. Runs train with ``--threads`` intra-op threads
-each (fixed: results are deterministic for a build and a thread count) and ``--parallel`` at once,
-in the plan's order: seed by seed, so a study cut short stays balanced.
+introduced. Runs train with ``--threads`` intra-op threads each (fixed: results are deterministic
+for a build and a thread count) and ``--parallel`` at once, in the plan's order: seed by seed, so a
+study cut short stays balanced.
 
 Sessions end; the study goes on. A run saves an (atomic) checkpoint every epoch; started again,
 the runner resumes every unfinished run with the trainer's exact resume (``--resume_from_checkpoint``:

@@ -358,8 +358,9 @@ class StimulativeTrainingArguments(TrainingArguments):
     on_collapse: str = field(
         default="warn",
         metadata={
-            "help": "What a collapsed run does (after the first epoch or 100 steps past the warm-up: training cross-entropy at about ln C for 3 "
-            "logs in a row, evaluation accuracy at chance, or 90 percent of predictions one class): 'warn' (log a warning "
+            "help": "What a collapsed run does (after the first epoch, or 100 steps past the warm-up if sooner: "
+            "training cross-entropy at about ln C for 3 logs in a row, evaluation accuracy at chance, or 90 percent "
+            "of predictions one class): 'warn' (log a warning "
             "naming lambda, the lambda in effect and the remedies for it, and record it in trainer_state.json; a "
             "later recovery is logged too), 'stop' (raise, the job exits non-zero) or 'ignore'."
         },
@@ -478,7 +479,8 @@ class StimulativeTrainingArguments(TrainingArguments):
         if differing:
             logger.warning(
                 "stim_method='%s' with %s set explicitly, where its preset has %s: the values set are used; "
-                "if that is not intended, drop them from the recipe or the command line to run the preset",
+                "if that is not intended, drop them from the recipe or the command line to run the preset (if it is, "
+                "name them in preset_departures)",
                 self.stim_method,
                 ", ".join(f"{name}={value!r}" for name, value in differing.items()),
                 ", ".join(f"{name}={preset[name]!r}" for name in differing),
