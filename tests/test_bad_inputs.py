@@ -90,6 +90,9 @@ def test_stimulative_fields_validate_or_raise_config_error(values):
         ("kl_temperature", math.inf, "kl_temperature=inf must be a number"),
         ("normalize_main_logits", "yes", "normalize_main_logits='yes' must be true or false"),
         ("sample_space", [1, True], "sample_space=.* is not valid"),
+        ("preset_departures", 1, "preset_departures=1 is not a list of field names; give them comma-separated"),
+        ("preset_departures", ["kl_loss", 2], r"preset_departures=\['kl_loss', 2\] is not a list of field names"),
+        ("preset_departures", "kl_los", "preset_departures names kl_los, which no method preset sets; valid: "),
     ],
 )
 def test_more_bad_stimulative_values(field, value, message):
@@ -127,6 +130,13 @@ def test_training_settings_are_checked_at_parse(field):
     with pytest.raises(ConfigError, match=message) as raised:
         training_args(**extra, **{field: value})
     assert "\n" not in str(raised.value)
+
+
+def test_preset_departures_read_as_a_yaml_list_or_comma_separated():
+    for value in (["kl_loss", " min_input_scale"], "min_input_scale, kl_loss", ("kl_loss", "min_input_scale")):
+        args = training_args(stim_method="stpp", kl_loss="kl", min_input_scale=1.0, preset_departures=value)
+        assert args.preset_departures == "kl_loss,min_input_scale"  # one form in training_args.json
+    assert training_args(preset_departures=[]).preset_departures is None
 
 
 def test_step_intervals_are_checked_only_where_their_strategy_uses_them():

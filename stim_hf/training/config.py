@@ -470,7 +470,7 @@ class StimulativeTrainingArguments(TrainingArguments):
                 f"num_subnets: 0{' and sandwich: false' if sandwich else ''} as well, or choose stim_method st or stpp"
             )
         preset = METHOD_PRESETS[self.stim_method]
-        intended = self._preset_departures()
+        intended = set((self.preset_departures or "").split(","))
         differing = {
             name: value
             for name, value in explicit.items()
@@ -486,16 +486,27 @@ class StimulativeTrainingArguments(TrainingArguments):
                 ", ".join(f"{name}={preset[name]!r}" for name in differing),
             )
 
-    def _preset_departures(self) -> set[str]:
-        """The field names of ``preset_departures``, each checked to be a method-defining field."""
-        names = {name.strip() for name in (self.preset_departures or "").split(",") if name.strip()}
-        unknown = sorted(names - set(METHOD_DEFINING_FIELDS))
+    def _normalize_preset_departures(self) -> None:
+        """Check ``preset_departures`` (comma-separated names, or a YAML list of them: method-defining fields
+        only) and keep it as one comma-separated string, or None."""
+        value = self.preset_departures
+        if value is None:
+            return
+        if isinstance(value, str):
+            value = value.split(",")
+        if not isinstance(value, list | tuple) or not all(isinstance(name, str) for name in value):
+            raise ConfigError(
+                f"preset_departures={self.preset_departures!r} is not a list of field names; give them "
+                f"comma-separated (kl_loss,min_input_scale) or as a YAML list"
+            )
+        names = sorted({name.strip() for name in value if name.strip()})
+        unknown = [name for name in names if name not in METHOD_DEFINING_FIELDS]
         if unknown:
             raise ConfigError(
                 f"preset_departures names {', '.join(unknown)}, which no method preset sets; valid: "
                 f"{', '.join(METHOD_DEFINING_FIELDS)} (comma-separated)"
             )
-        return names
+        self.preset_departures = ",".join(names) or None
 
     def _validate_stimulative_fields(self) -> None:
         def choice(name: str, valid: tuple[str, ...]) -> None:
@@ -510,6 +521,7 @@ class StimulativeTrainingArguments(TrainingArguments):
         choice("bn_policy", BN_POLICIES)
         choice("backward_strategy", BACKWARD_STRATEGIES)
         choice("on_nonfinite_loss", NONFINITE_LOSS_ACTIONS)
+        self._normalize_preset_departures()
         choice("on_collapse", COLLAPSE_ACTIONS)
         self.sample_space = parse_sample_space(self.sample_space)
         parse_profile_steps(self.profile_steps)
