@@ -123,6 +123,11 @@ class Run:
         return self.setting.warmup if self.setting.warmup != "0" else self.lr_warmup
 
     @property
+    def num_train_images(self) -> int:
+        """The images one epoch trains on: the seeded subset, or all of CIFAR-10's training split."""
+        return self.train_samples or 50_000
+
+    @property
     def setting_label(self) -> str:
         """The setting as the report groups it: ``ct``, or ``ct_r14`` for a run of a plan's other depths."""
         return f"{self.setting.name}_r{self.depth}" if self.depth_in_name else self.setting.name
@@ -238,7 +243,7 @@ def plan_runs(plan: str) -> list[Run]:
 
 def steps_per_epoch(run: Run) -> int:
     """Optimizer steps per epoch (batch ``BATCH_SIZE``, last batch kept)."""
-    return math.ceil((run.train_samples or 50_000) / BATCH_SIZE)
+    return math.ceil(run.num_train_images / BATCH_SIZE)
 
 
 def train_command(run: Run, output_dir: Path, args: argparse.Namespace) -> list[str]:
@@ -556,11 +561,9 @@ def data_size_comparison(results: list[dict[str, Any]], plan: str) -> list[str]:
             continue
         sub = list(paired_differences(stpp, ct, "subnet_top1_recalibrated").values())
         diffs = list(full.values())
-        spec = PLANS[name]
-        images = spec["train_samples"] or 50_000
-        steps = spec["epochs"] * math.ceil(images / BATCH_SIZE)
+        run = plan_runs(name)[0]  # the plan's scale: every run of a plan has the same
         rows.append(
-            f"| {name} | {images:,} | {spec['epochs']} | {steps:,} | {', '.join(map(str, full))} "
+            f"| {name} | {run.num_train_images:,} | {run.epochs} | {run.epochs * steps_per_epoch(run):,} | {', '.join(map(str, full))} "
             f"| {_mean_std([r['full_top1'] for r in ct if r['seed'] in full])} "
             f"| {_mean_std([r['full_top1'] for r in stpp if r['seed'] in full])} | {_mean_std(diffs)} "
             f"| {paired_t(diffs)} | {sum(d > 0 for d in diffs)} of {len(diffs)} | {_mean_std(sub)} |"

@@ -4,7 +4,8 @@
 # shipped before this check) and with a one-epoch linear warm-up (391 steps at batch 128, the ~400 iterations He et
 # al. warm ResNet-110 up for on CIFAR; the recipes have it since, as warmup_steps 0.005 of 200 epochs). Each run
 # keeps the recipe's 200-epoch cosine schedule and is stopped after its evaluation at step 800 (2.05 epochs); it
-# evaluates 2,000 test images every 100 steps, so a stall inside the first epoch shows. Two runs at once, one intra-op thread each (about 25 minutes a run on 2 cores).
+# evaluates 2,000 test images every 100 steps, so a stall inside the first epoch shows. Two runs at once, one
+# intra-op thread each (about 25 minutes a run on 2 cores).
 # Usage: bash bench/resnet56_full_data_start.sh OUT   (a finished run is skipped: rerun to resume; a killed run restarts)
 set -uo pipefail
 OUT=${1:?usage: bash bench/resnet56_full_data_start.sh OUT}
