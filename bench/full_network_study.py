@@ -56,6 +56,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -566,7 +567,8 @@ def data_size_comparison(results: list[dict[str, Any]], plan: str) -> list[str]:
             f"| {name} | {run.num_train_images:,} | {run.epochs} | {run.epochs * steps_per_epoch(run):,} | {', '.join(map(str, full))} "
             f"| {_mean_std([r['full_top1'] for r in ct if r['seed'] in full])} "
             f"| {_mean_std([r['full_top1'] for r in stpp if r['seed'] in full])} | {_mean_std(diffs)} "
-            f"| {paired_t(diffs)} | {sum(d > 0 for d in diffs)} of {len(diffs)} | {_mean_std(sub)} |"
+            f"| {paired_t(diffs)} | {sum(d > 0 for d in diffs)} of {len(diffs)} | {_mean_std(sub)} "
+            f"| {_final_train_ce(ct, full)} / {_final_train_ce(stpp, full)} |"
         )
     if not rows:
         return []
@@ -575,10 +577,19 @@ def data_size_comparison(results: list[dict[str, Any]], plan: str) -> list[str]:
         f"The recipe ({recipe}) against CT as the training data grow (ResNet-20; paired by seed; Δ in points):",
         "",
         "| plan | training images | epochs | steps | seeds | CT full top-1 | recipe full top-1 | Δ | t (p) "
-        "| seeds with Δ > 0 | sub-net Δ, BN re-est. |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| seeds with Δ > 0 | sub-net Δ, BN re-est. | last-epoch training CE, CT / recipe |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows,
+        "",
+        "The training CE is the full network's cross-entropy on the augmented training images, averaged over the last "
+        "epoch (mean over the seeds): how closely each fits its training data.",
     ]
+
+
+def _final_train_ce(runs: list[dict[str, Any]], seeds: Iterable[int]) -> str:
+    """The mean over ``seeds`` of each run's last logged training cross-entropy (its last epoch), or "-"."""
+    values = [r["curve_train_ce"][-1][1] for r in runs if r["seed"] in seeds and r.get("curve_train_ce")]
+    return f"{statistics.mean(values):.3f}" if values else "-"
 
 
 def report_markdown(results: list[dict[str, Any]], plan: str) -> str:

@@ -226,6 +226,7 @@ def test_the_full_plan_reports_its_gain_beside_the_5k_plans(tmp_path, monkeypatc
     assert "| 1.00 ± 0.00 | - | 3 of 3 |" in rows["payoff"]
     assert "| 50,000 | 50 | 19,550 | 1, 2 | 90.50 ± 0.71 | 90.75 ± 0.35 | 0.25 ± 0.35 |" in rows["full"]
     assert "| 1 of 2 |" in rows["full"]  # seed 2 tied: not a gain
+    assert rows["full"].endswith("| 2.000 / 2.000 |")  # the last epoch's training CE, CT / recipe
     monkeypatch.setattr(study, "MEASUREMENTS", tmp_path / "nothing")
     assert [line for line in study.report_markdown(results, "full").splitlines() if line.startswith("| cpu |")] == []
 
