@@ -8,7 +8,8 @@
   python bench/full_network_study.py --plan gpu --out outputs/full_network_study_gpu --parallel 4 --device cuda
   # the checkpoints of bench/subnet_payoff.py: the recipe's ST++ and CT ResNet-20, ResNet-14 and ResNet-8 from scratch
   python bench/full_network_study.py --plan payoff --out ~/stim_hf_study/payoff --parallel 2
-  # the recipe against CT on all 50,000 CIFAR-10 training images (ResNet-20, 50 epochs)
+  # the recipe against CT on all 50,000 CIFAR-10 training images (ResNet-20, 50 epochs, 3 seeds), then the
+  # recipe at lambda 1 and 2 on seed 1 (the screen of docs/results.md, 2b)
   python bench/full_network_study.py --plan full --out ~/stim_hf_study/full --parallel 2
   # tables and plot from whatever has finished
   python bench/full_network_study.py --plan cpu --out ~/stim_hf_study/cpu --report-only
@@ -209,6 +210,13 @@ PLANS: dict[str, dict[str, Any]] = {
         "seeds": [1, 2, 3],
         "settings": [PLAIN_KL_SETTING, CT],
         "compare_with": ["cpu", "payoff"],
+        # After the three seeds, the screen the decision rule calls for if the gain is gone: the recipe at a smaller
+        # lambda (its KL and introduction kept), on seed 1 only; its CT is the first tier's.
+        "then": [
+            Setting("stpp", 1, kl_loss="kl", intro="cosine_up"),
+            Setting("stpp", 2, kl_loss="kl", intro="cosine_up"),
+        ],
+        "then_seeds": [1],
     },
     # A few seconds of training: the test suite's and a resume check's plan.
     "smoke": {"depth": 14, "epochs": 6, "train_samples": 256, "seeds": [1], "settings": [Setting("stpp", 1)]},
@@ -230,12 +238,13 @@ PLANS: dict[str, dict[str, Any]] = {
 
 def plan_runs(plan: str) -> list[Run]:
     """The runs of ``plan`` in launch order: every setting of seed 1, then of seed 2, ..., then the same
-    for the plan's second tier of settings (``then``)."""
+    for the plan's second tier of settings (``then``, at its own ``then_seeds`` if it names them)."""
     spec = PLANS[plan]
     runs = []
     scale = {"epochs": spec["epochs"], "train_samples": spec["train_samples"], "lr_warmup": spec.get("warmup", "0")}
-    for tier in (spec["settings"], spec.get("then", [])):
-        for seed in spec["seeds"]:
+    tiers = ((spec["settings"], spec["seeds"]), (spec.get("then", []), spec.get("then_seeds", spec["seeds"])))
+    for tier, seeds in tiers:
+        for seed in seeds:
             runs += [Run(setting, seed, spec["depth"], **scale) for setting in tier]
             if tier is spec["settings"]:  # CT at the plan's other depths, after the first tier's runs of the seed
                 runs += [Run(CT, seed, depth, **scale, depth_in_name=True) for depth in spec.get("other_depths", [])]

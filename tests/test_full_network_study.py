@@ -71,6 +71,9 @@ def test_the_payoff_and_full_plans_train_the_recipe_against_ct_and_name_every_de
         "--kl_coef", "5", "--kl_loss", "kl", "--kl_coef_schedule", "cosine_up", "--stim_start_epoch", "0",
     ]  # fmt: skip
     assert {run.warmup for run in full} == {"0"}  # as the 5k study: no warm-up at ResNet-20
+    # Three seeds of the comparison first, then the smaller-lambda screen on seed 1 only.
+    assert [run.name for run in full[6:]] == ["stpp_l1_kl_cosine_up_seed1", "stpp_l2_kl_cosine_up_seed1"]
+    assert [run.seed for run in full[:6]] == [1, 1, 2, 2, 3, 3]
     # The GPU plan: ResNet-56 with its recipes' one-epoch warm-up, the same in the run's key and its record.
     gpu = study.plan_runs("gpu")
     assert [(run.name, run.depth, run.warmup) for run in gpu[:2]] == [
