@@ -14,15 +14,23 @@ from transformers import AutoModelForImageClassification
 
 from stim_hf.analysis.costs import CostModel
 from stim_hf.analysis.flops import count_flops
-from stim_hf.analysis.pareto import near_front, pareto_front, pareto_layers
+from stim_hf.analysis.pareto import near_front, pareto_front, pareto_layers, within_margin
 from stim_hf.analysis.scoring import ScoreBatches, reestimate_batchnorm, score_subnets, tree_support
 from stim_hf.cli import main as cli_main
 from stim_hf.data.builtin_datasets import load_builtin_dataset
 from stim_hf.data.image_datasets import DataArguments
 from stim_hf.errors import ConfigError
-from stim_hf.method import find_residual_family, find_residual_stages, use_subnet
+from stim_hf.method import Subnet, find_residual_family, find_residual_stages, use_subnet
 from stim_hf.method.batchnorm import batchnorm_layers
-from stim_hf.tools.search import CandidateSpace, SearchArguments, SearchImages, parse_budget, search_subnets
+from stim_hf.tools.search import (
+    Candidate,
+    CandidateSpace,
+    SearchArguments,
+    SearchImages,
+    parse_budget,
+    pick_candidate,
+    search_subnets,
+)
 
 DIGITS = ["--dataset_name", "sklearn:digits", "--image_size", "16"]
 # Small held-out and re-estimation sets, no latency: every search here takes a second or two.
@@ -74,6 +82,42 @@ def test_near_front_judges_a_lead_by_the_paired_standard_error():
     assert near_front(costs, hits, 2.0) == [0, 1, 3]
     assert near_front(costs, hits, 0.0) == [0, 1]  # the front
     assert near_front(costs, hits, 3.0) == [0, 1, 2, 3]
+
+
+def _right(*ranges, images: int = 400) -> torch.Tensor:
+    hits = torch.zeros(images, dtype=torch.bool)
+    for start, stop in ranges:
+        hits[start:stop] = True
+    return hits
+
+
+def test_within_margin_judges_a_deficit_by_the_paired_standard_error():
+    # 400 images. The reference (0) gets 0..219 right. 1 misses 4 of its images (1 point behind, on
+    # the same images: 2.0 paired standard errors); 2 misses 20 (5 points: 4.6 errors); 3 gets
+    # 100..311 right (2 points behind on other images: 0.6 errors of a much noisier difference);
+    # 4 ties with the reference on other images.
+    hits = [_right((0, 220)), _right((4, 220)), _right((20, 220)), _right((100, 312)), _right((180, 400))]
+    assert within_margin(hits, 0, 0.0) == [0, 4]
+    assert within_margin(hits, 0, 1.0) == [0, 3, 4]
+    assert within_margin(hits, 0, 2.5) == [0, 1, 3, 4]
+    assert within_margin(hits, 0, 5.0) == [0, 1, 2, 3, 4]
+
+
+def test_pick_margin_takes_the_cheapest_candidate_the_best_does_not_clearly_beat():
+    def candidate(flops, hits):
+        subnet = Subnet(kept=((0,),), num_blocks=(1,), input_size=8 + flops)
+        return Candidate(subnet, flops=flops, params=1, accuracy=hits.float().mean().item(), loss=1.0, hits=hits)
+
+    best = candidate(40, _right((0, 220)))
+    one_point_behind = candidate(20, _right((4, 220)))
+    five_points_behind = candidate(10, _right((20, 220)))
+    pool = [five_points_behind, best, one_point_behind]
+    assert pick_candidate(pool) is best and pick_candidate(pool, 1.0) is best
+    assert pick_candidate(pool, 2.5) is one_point_behind
+    assert pick_candidate(pool, 5.0) is five_points_behind
+    assert pick_candidate([], 2.0) is None
+    with pytest.raises(ValueError, match="same scored images"):
+        pick_candidate([best, candidate(5, _right((0, 10), images=100))], 2.0)
 
 
 def test_budget_parsing():
@@ -217,6 +261,25 @@ def test_budget_is_respected_and_the_pick_is_the_best_under_it(checkpoint, tmp_p
     assert {c.subnet for c in final} <= last and len(last) > len(final)
 
 
+def test_a_pick_margin_trades_a_lead_the_images_cannot_resolve_for_fewer_flops(checkpoint, tmp_path):
+    quick = {**QUICK, "halving_rounds": 1, "input_sizes": "8,12,16", "budget": "flops=0.8"}
+    exact = search_subnets([checkpoint], digits(), SearchArguments(**quick)).checkpoints[0]
+    within = [c for c in exact.candidates if c.within_budget]
+    assert exact.pick.accuracy == max(c.accuracy for c in within)
+    # A margin no deficit on 96 images reaches: the cheapest candidate under the budget (here one
+    # image behind the most accurate, at 58 % of its FLOPs).
+    args = SearchArguments(pick_margin=1e6, export=str(tmp_path / "pick"), **{**quick, "output_dir": tmp_path / "out"})
+    result = search_subnets([checkpoint], digits(), args)
+    (searched,) = result.checkpoints
+    assert [(c.subnet, c.accuracy) for c in searched.candidates] == [(c.subnet, c.accuracy) for c in exact.candidates]
+    cheapest = min(c.flops for c in within)
+    assert searched.pick.flops == cheapest <= exact.pick.flops and result.pick[1] is searched.pick
+    report = json.loads((tmp_path / "out" / "pareto.json").read_text())
+    assert report["settings"]["pick_margin"] == 1e6 and report["pick"]["flops"] == cheapest
+    card = (tmp_path / "pick" / "README.md").read_text()
+    assert "with the fewest FLOPs among those within 1e+06 paired standard errors of the most accurate of" in card
+
+
 def test_exported_pick_has_the_logits_of_the_subnet_inside_the_model(checkpoint, tmp_path):
     args = SearchArguments(input_sizes="8,12", budget="flops=0.6", export=str(tmp_path / "pick"), **QUICK)
     result = search_subnets([checkpoint], digits(), args)
@@ -322,6 +385,7 @@ BAD = {
         r"--holdout-samples 5000 plus --recalibrate-bn 64 need 5,064 training images, but the training data has "
         r"1,527; lower --holdout-samples",
     ),
+    "negative pick margin": (["--pick-margin", "-1"], r"pick_margin=-1.0 must be a number, 0 or more"),
     "output folder exists": ([], r"--output-dir '.*out' already exists and is not empty; give a new folder"),
     "family that cannot be exported": ([], r"cannot be searched: .*MobileNetV2's config has no per-stage depth"),
 }

@@ -86,6 +86,23 @@ def near_front(costs: Sequence[float | None], hits: Sequence[torch.Tensor], marg
     return kept
 
 
+def within_margin(hits: Sequence[torch.Tensor], reference: int, margin: float) -> list[int]:
+    """Points that point ``reference`` does not beat by more than ``margin`` paired standard errors.
+
+    ``hits[i]`` says which of the same images point ``i`` classified correctly. A point's deficit to
+    the reference is the mean per-image difference of the two, judged against that mean's standard
+    error (as :func:`near_front` does): sub-networks of one network err on the same images, so
+    even a few images resolve a small deficit. The search's pick margin takes the cheapest of these
+    points instead of the reference: a lead of a few images is not a reason to pay for more blocks.
+    The reference itself is always in; ``margin=0`` adds only the points tied with it.
+    """
+    x = torch.stack([h.double() for h in hits])  # points x images
+    deficit = x[reference][None, :] - x
+    lead = deficit.mean(dim=1)
+    stderr = deficit.std(dim=1, correction=1) / math.sqrt(x.shape[1]) if x.shape[1] > 1 else torch.zeros_like(lead)
+    return torch.nonzero(lead <= margin * stderr).flatten().tolist()
+
+
 @dataclass
 class SearchSeries:
     """One checkpoint's candidates on the search plot (accuracies as fractions)."""

@@ -486,11 +486,17 @@ def _search_section(info: dict[str, Any]) -> list[str]:
     """The card's "Search" section: how the pick was chosen and what it costs."""
     s = info["search"]
     latency = lambda v: "not measured" if v is None else f"{v:.3f} ms"  # noqa: E731
-    budget = s["budget"] or "none (the most accurate sub-network)"
+    budget = s["budget"] or "none"
+    margin = s.get("pick_margin") or 0.0
+    rule = (
+        f"with the fewest FLOPs among those within {margin:g} paired standard errors of the most accurate of"
+        if margin > 0
+        else "as the most accurate of"
+    )
     lines = [
         "## Search",
         "",
-        f"Chosen by `stim-hf search` from checkpoint `{s['checkpoint']}` as the most accurate of "
+        f"Chosen by `stim-hf search` from checkpoint `{s['checkpoint']}` {rule} "
         f"{s['num_candidates_scored']:,} scored sub-networks ({s['strategy']}) under the budget `{budget}`.",
         "",
         "| depths | input size | FLOPs per image | parameters | latency, batch 1 | "

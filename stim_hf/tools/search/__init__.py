@@ -5,7 +5,8 @@ the sub-networks of the training sampling rule (every combination of per-stage d
 prefix rule, drawn ones for the subset rule) at a few input sizes, each with its own BatchNorm
 statistics (:mod:`stim_hf.analysis.scoring`), reports what each costs (FLOPs counted, parameters, latency
 measured on ``--device``: :mod:`stim_hf.analysis.costs`), the Pareto fronts of accuracy against FLOPs and
-against latency (:mod:`stim_hf.analysis.pareto`) and the most accurate sub-network under the budget;
+against latency (:mod:`stim_hf.analysis.pareto`) and the most accurate sub-network under the budget
+(with ``--pick-margin M``, the one with the fewest FLOPs within ``M`` paired standard errors of it);
 ``--export DIR`` writes that one as a standalone model through :func:`stim_hf.tools.export.export_subnet`.
 
 Scores are top-1 accuracies on held-out *training* images (seeded, ``--holdout-samples``), each
@@ -21,7 +22,7 @@ Modules: ``arguments`` (settings, where the sampling rule comes from), ``budget`
 from stim_hf.tools.search.arguments import SearchArguments, training_sampling
 from stim_hf.tools.search.budget import BudgetLimit, parse_budget
 from stim_hf.tools.search.cli import main, parse_search_args
-from stim_hf.tools.search.results import Candidate, CheckpointSearch, SearchResult
+from stim_hf.tools.search.results import Candidate, CheckpointSearch, SearchResult, pick_candidate
 from stim_hf.tools.search.run import SearchImages, SearchModel, prepare_model, search_subnets
 from stim_hf.tools.search.space import CandidateSpace, default_input_sizes, evolve
 
@@ -39,6 +40,7 @@ __all__ = [
     "main",
     "parse_budget",
     "parse_search_args",
+    "pick_candidate",
     "prepare_model",
     "search_subnets",
     "training_sampling",

@@ -43,6 +43,13 @@ class SearchArguments:
             "flops=12M, params=..., latency_ms=2.5 (batch 1 on --device). Without one, the most accurate."
         },
     )
+    pick_margin: float = field(
+        default=0.0,
+        metadata={
+            "help": "Pick the fewest FLOPs among the candidates the most accurate one under the budget does not beat "
+            "by more than this many paired standard errors on the held-out images (0: the most accurate)."
+        },
+    )
     sampling: str | None = field(
         default=None,
         metadata={
@@ -207,8 +214,10 @@ class SearchArguments:
                 raise ConfigError(f"{name}={getattr(self, name)!r} is not valid; choose one of: {', '.join(choices)}")
         if self.sampling is not None and self.sampling not in SAMPLING_RULES:
             raise ConfigError(f"sampling={self.sampling!r} is not valid; choose one of: {', '.join(SAMPLING_RULES)}")
-        if not self.halving_margin >= 0.0:
-            raise ConfigError(f"halving_margin={self.halving_margin} must be 0 or more (paired standard errors)")
+        for name in ("halving_margin", "pick_margin"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0.0:
+                raise ConfigError(f"{name}={value!r} must be a number, 0 or more (paired standard errors)")
         if not 0.0 < self.halving_keep <= 1.0:
             raise ConfigError(f"halving_keep={self.halving_keep} must lie in (0, 1]")
         for name in ("mutation_prob", "parent_ratio", "mutation_ratio"):

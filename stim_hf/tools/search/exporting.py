@@ -83,6 +83,7 @@ def _describe_export(folder: Path, checkpoint: CheckpointSearch, candidate: Cand
     info["input_size"] = candidate.input_size
     described: dict[str, Any] = {
         "budget": settings["budget"],
+        "pick_margin": settings.get("pick_margin", 0.0),
         "checkpoint": checkpoint.label,
         "scored_on": settings["scored_on"],
         "score_split": settings["score_split"],

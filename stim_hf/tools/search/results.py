@@ -6,13 +6,14 @@ import csv
 import json
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from matplotlib.figure import Figure
 
-from stim_hf.analysis.pareto import SearchSeries, plot_search
+from stim_hf.analysis.pareto import SearchSeries, plot_search, within_margin
 from stim_hf.analysis.plotting import save_figure
 from stim_hf.method import Subnet
 
@@ -55,7 +56,7 @@ class Candidate:
     within_budget: bool = True
     pareto_flops: bool = False
     pareto_latency: bool = False
-    hits: Any = field(default=None, repr=False)  # which scored images it got right (successive halving's margin)
+    hits: Any = field(default=None, repr=False)  # which scored images it got right (the margins' paired errors)
 
     @property
     def depths(self) -> tuple[int, ...]:
@@ -86,6 +87,26 @@ class Candidate:
             "pareto_flops": self.pareto_flops,
             "pareto_latency": self.pareto_latency,
         }
+
+
+def pick_candidate(candidates: Sequence[Candidate], margin: float = 0.0) -> Candidate | None:
+    """The pick among ``candidates`` scored on the same images (None if there are none).
+
+    The most accurate (ties: fewer FLOPs, lower loss, the smaller input, fewer blocks); with
+    ``margin`` > 0 the one with the fewest FLOPs among those the most accurate does not beat by more
+    than ``margin`` paired standard errors (:func:`~stim_hf.analysis.pareto.within_margin`), so that
+    a lead of a few images does not buy a dearer sub-network.
+    """
+    if not candidates:
+        return None
+    best = min(candidates, key=lambda c: (-c.accuracy, c.flops, c.loss, c.input_size, c.subnet.kept))
+    if margin <= 0 or len(candidates) == 1:
+        return best
+    if any(c.hits is None or len(c.hits) != len(best.hits) for c in candidates):
+        raise ValueError("a pick margin needs every candidate's hits on the same scored images")
+    candidates = list(candidates)
+    close = [candidates[i] for i in within_margin([c.hits for c in candidates], candidates.index(best), margin)]
+    return min(close, key=lambda c: (c.flops, -c.accuracy, c.loss, c.input_size, c.subnet.kept))
 
 
 @dataclass
@@ -143,11 +164,11 @@ class SearchResult:
 
     @property
     def pick(self) -> tuple[CheckpointSearch, Candidate] | None:
-        """The most accurate pick over all checkpoints (then the cheapest, then the first checkpoint)."""
+        """The checkpoints' picks picked by the same rule (:func:`pick_candidate`, the search's ``pick_margin``);
+        full ties go to the first checkpoint."""
         picks = [(c, c.pick) for c in self.checkpoints if c.pick is not None]
-        if not picks:
-            return None
-        return min(picks, key=lambda item: (-item[1].accuracy, item[1].flops))
+        chosen = pick_candidate([pick for _, pick in picks], self.settings.get("pick_margin", 0.0))
+        return next((item for item in picks if item[1] is chosen), None)
 
     def to_dict(self) -> dict[str, Any]:
         """What ``pareto.json`` holds."""

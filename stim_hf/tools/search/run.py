@@ -31,7 +31,7 @@ from stim_hf.tools.loafing import checkpoint_labels, load_checkpoint
 from stim_hf.tools.output_folders import check_new_folder
 from stim_hf.tools.search.arguments import FIT_MINIMUM, SearchArguments, subset_export_error, training_sampling
 from stim_hf.tools.search.budget import format_count
-from stim_hf.tools.search.results import Candidate, CheckpointSearch, SearchResult
+from stim_hf.tools.search.results import Candidate, CheckpointSearch, SearchResult, pick_candidate
 from stim_hf.tools.search.space import CandidateSpace, default_input_sizes, evolve
 
 logger = logging.getLogger(__name__)
@@ -475,7 +475,7 @@ def _search_one(item: SearchModel, images: SearchImages, args: SearchArguments, 
     for c in scored:
         c.within_budget = _within(item, c, args, device)
     _mark_fronts(final)
-    pick = _best([c for c in final if c.within_budget])
+    pick = pick_candidate([c for c in final if c.within_budget], args.pick_margin)
     tick = time.perf_counter()
     if args.latency_mode != "none":
         wanted = [c for c in final if c.pareto_flops or c.pareto_latency] + ([pick] if pick else [])
@@ -556,13 +556,6 @@ def _mark_fronts(candidates: list[Candidate]) -> None:
     on_latency = set(pareto_front([c.latency_ms for c in candidates], accuracies))
     for index, c in enumerate(candidates):
         c.pareto_flops, c.pareto_latency = index in on_flops, index in on_latency
-
-
-def _best(candidates: Sequence[Candidate]) -> Candidate | None:
-    """The most accurate; ties go to fewer FLOPs, then lower loss, then the smaller input and fewer blocks."""
-    if not candidates:
-        return None
-    return min(candidates, key=lambda c: (-c.accuracy, c.flops, c.loss, c.input_size, c.subnet.kept))
 
 
 def _settings(args, data_args, device, images: SearchImages, models: Sequence[SearchModel]) -> dict[str, Any]:
