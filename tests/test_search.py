@@ -274,10 +274,16 @@ def test_a_pick_margin_trades_a_lead_the_images_cannot_resolve_for_fewer_flops(c
     assert [(c.subnet, c.accuracy) for c in searched.candidates] == [(c.subnet, c.accuracy) for c in exact.candidates]
     cheapest = min(c.flops for c in within)
     assert searched.pick.flops == cheapest <= exact.pick.flops and result.pick[1] is searched.pick
+    # What the pick gave up is on record: in pareto.json, the summary and the export's card.
+    assert searched.most_accurate.subnet == exact.pick.subnet and exact.most_accurate is exact.pick
     report = json.loads((tmp_path / "out" / "pareto.json").read_text())
     assert report["settings"]["pick_margin"] == 1e6 and report["pick"]["flops"] == cheapest
+    assert report["checkpoints"][0]["most_accurate"]["depths"] == list(exact.pick.depths)
     card = (tmp_path / "pick" / "README.md").read_text()
     assert "with the fewest FLOPs among those within 1e+06 paired standard errors of the most accurate of" in card
+    gave_up = searched.most_accurate is not searched.pick
+    assert ("The most accurate, " in card) == gave_up
+    assert ("the pick (--pick-margin 1e+06) is" in result.summary()) == gave_up
 
 
 def test_exported_pick_has_the_logits_of_the_subnet_inside_the_model(checkpoint, tmp_path):

@@ -482,6 +482,17 @@ def _export_results(info: dict[str, Any]) -> list[EvalResult]:
     return results
 
 
+def _most_accurate_text(search: dict[str, Any]) -> str:
+    """With a pick margin, what the pick gave up: the most accurate candidate's accuracy and FLOPs ('' if none)."""
+    best = search.get("most_accurate")
+    if not best:
+        return ""
+    return (
+        f" The most accurate, {','.join(map(str, best['depths']))} at {best['input_size']} px, scored "
+        f"{_pct(best['accuracy'])} at {100 * best['flop_share']:.1f}% of the full network's FLOPs."
+    )
+
+
 def _search_section(info: dict[str, Any]) -> list[str]:
     """The card's "Search" section: how the pick was chosen and what it costs."""
     s = info["search"]
@@ -497,7 +508,8 @@ def _search_section(info: dict[str, Any]) -> list[str]:
         "## Search",
         "",
         f"Chosen by `stim-hf search` from checkpoint `{s['checkpoint']}` {rule} "
-        f"{s['num_candidates_scored']:,} scored sub-networks ({s['strategy']}) under the budget `{budget}`.",
+        f"{s['num_candidates_scored']:,} scored sub-networks ({s['strategy']}) under the budget `{budget}`."
+        + _most_accurate_text(s),
         "",
         "| depths | input size | FLOPs per image | parameters | latency, batch 1 | "
         f"latency, batch {s['serving_batch_size']} | top-1 |",

@@ -97,4 +97,7 @@ def _describe_export(folder: Path, checkpoint: CheckpointSearch, candidate: Cand
         "latency_repeats": settings["latency_repeats"],
     }
     info["search"] = {**described, **candidate.record(checkpoint.full_flops, checkpoint.full_params)}
+    best = checkpoint.most_accurate
+    if best is not None and best is not candidate:
+        info["search"]["most_accurate"] = best.record(checkpoint.full_flops, checkpoint.full_params)
     write_export_record(folder, info)

@@ -126,6 +126,7 @@ class CheckpointSearch:
     candidates: list[Candidate]
     pick: Candidate | None
     timing: dict[str, Any] = field(default_factory=dict)
+    most_accurate: Candidate | None = None  # under the budget; differs from the pick only with a pick margin
 
     def to_dict(self) -> dict[str, Any]:
         """The checkpoint's part of ``pareto.json``."""
@@ -141,6 +142,7 @@ class CheckpointSearch:
             "num_candidates_in_space": self.space_size,
             "num_scored": len(self.candidates),
             "pick": None if self.pick is None else record(self.pick),
+            "most_accurate": None if self.most_accurate is None else record(self.most_accurate),
             "pareto_flops": [record(c) for c in sorted(self.candidates, key=_by_flops) if c.pareto_flops],
             "pareto_latency": [record(c) for c in sorted(self.candidates, key=_by_latency) if c.pareto_latency],
             "timing_s": self.timing,
@@ -259,6 +261,16 @@ class SearchResult:
                 f"| {c.label} | {','.join(map(str, p.depths))} | {p.input_size} | {p.flops / 1e6:.2f}M "
                 f"({100 * p.flops / c.full_flops:.0f}%) | {p.params:,} | {latency} | {100 * p.accuracy:.2f}% | {front} |"
             )
+        margin = self.settings.get("pick_margin", 0.0)
+        for c in self.checkpoints:
+            best = c.most_accurate
+            if best is not None and best is not c.pick:
+                lines.append(
+                    f"\n{c.label}: the most accurate under the budget is {','.join(map(str, best.depths))} at "
+                    f"{best.input_size} px, {100 * best.accuracy:.2f}% at {100 * best.flops / c.full_flops:.0f}% of "
+                    f"the FLOPs; the pick (--pick-margin {margin:g}) is {100 * (best.accuracy - c.pick.accuracy):.2f} "
+                    f"points behind at {100 * c.pick.flops / best.flops:.0f}% of its FLOPs."
+                )
         return "\n".join(lines)
 
 

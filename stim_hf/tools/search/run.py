@@ -475,7 +475,8 @@ def _search_one(item: SearchModel, images: SearchImages, args: SearchArguments, 
     for c in scored:
         c.within_budget = _within(item, c, args, device)
     _mark_fronts(final)
-    pick = pick_candidate([c for c in final if c.within_budget], args.pick_margin)
+    within = [c for c in final if c.within_budget]
+    pick, most_accurate = pick_candidate(within, args.pick_margin), pick_candidate(within)
     tick = time.perf_counter()
     if args.latency_mode != "none":
         wanted = [c for c in final if c.pareto_flops or c.pareto_latency] + ([pick] if pick else [])
@@ -503,6 +504,7 @@ def _search_one(item: SearchModel, images: SearchImages, args: SearchArguments, 
         candidates=sorted(scored, key=lambda c: (c.input_size, c.subnet.kept)),
         pick=pick,
         timing=timing,
+        most_accurate=most_accurate,
     )
 
 
