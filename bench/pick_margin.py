@@ -21,7 +21,6 @@ scores are kept in the study folder (``pick_margin_scores_seed*.json``): a rerun
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import statistics
@@ -29,29 +28,22 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE"):
     os.environ.setdefault(_name, "1")
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+import subnet_payoff as payoff  # noqa: E402  (its held-out images, search and test scoring, reused as they are)
+
 MARGINS = "0,1,2,3"
 # Budgets named by a network: the FLOPs of the ResNet-20's sub-network of that depth at the full input size (the
 # payoff benchmark's "ResNet-14" budget is that network's FLOPs, which its 2,2,2 sub-network matches exactly).
 NAMED_DEPTHS = {"ResNet-8": (1, 1, 1), "ResNet-14": (2, 2, 2)}
 
 
-def load_payoff() -> ModuleType:
-    """``bench/subnet_payoff.py`` as a module: its held-out images, search and test scoring are reused as they are."""
-    spec = importlib.util.spec_from_file_location("subnet_payoff", REPO / "bench" / "subnet_payoff.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def margins_for_seed(seed: int, payoff: ModuleType, args: argparse.Namespace) -> dict[str, Any] | None:
+def margins_for_seed(seed: int, args: argparse.Namespace) -> dict[str, Any] | None:
     """Search one seed's ST++ checkpoint and score its pick at every budget and margin; None if it has not
     finished."""
     from stim_hf.tools.search import pick_candidate
@@ -126,7 +118,7 @@ def _budget_text(budget: dict[str, Any]) -> str:
     return f"{100 * budget['budget']:.0f} %"
 
 
-def report_markdown(records: list[dict[str, Any]], args: argparse.Namespace, payoff: ModuleType) -> str:
+def report_markdown(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
     """The table over seeds, then each seed's picks."""
     seeds = ", ".join(str(r["seed"]) for r in records)
     margins = [f"{m:g}" for m in args.margin_values]
@@ -200,13 +192,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Search and score every finished seed; write the report."""
     args = parse_args(argv)
-    payoff = load_payoff()
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()
     records = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        record = margins_for_seed(seed, payoff, args)
+        record = margins_for_seed(seed, args)
         if record is None:
             print(f"seed {seed}: its ST++ run has not finished; skipped", flush=True)
             continue
@@ -219,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     args.report_dir.mkdir(parents=True, exist_ok=True)
     (args.report_dir / "results.json").write_text(json.dumps(records, indent=2) + "\n")
-    text = report_markdown(records, args, payoff)
+    text = report_markdown(records, args)
     (args.report_dir / "results.md").write_text(text)
     print(text)
     return 0

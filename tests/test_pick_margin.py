@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 
 from conftest import REPO_ROOT
-from test_subnet_payoff import digits_data, load_payoff, save_run
+from test_subnet_payoff import digits_data, save_run
 
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("pick_margin", REPO_ROOT / "bench" / "pick_margin.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+import pick_margin  # noqa: E402
+import subnet_payoff  # noqa: E402
 
 
 def test_margin_zero_reproduces_the_payoff_picks_and_a_wide_margin_takes_the_cheapest(tmp_path, capsys):
@@ -27,12 +22,12 @@ def test_margin_zero_reproduces_the_payoff_picks_and_a_wide_margin_takes_the_che
     shared += ["--holdout-samples", "96", "--search-recalibrate-bn", "64", "--recalibrate-bn", "32"]
     payoff_report = tmp_path / "payoff"
     budgets = ["--budgets", "0.25,ResNet-14,1.0"]
-    assert load_payoff().main([*shared, *budgets, "--report-dir", str(payoff_report), "--test-samples", "64"]) == 0
+    assert subnet_payoff.main([*shared, *budgets, "--report-dir", str(payoff_report), "--test-samples", "64"]) == 0
     capsys.readouterr()
 
     report = tmp_path / "margins"
     argv = [*shared, *budgets, "--test-samples", "64", "--margins", "0,1e6", "--report-dir", str(report)]
-    assert load_bench().main([*argv, "--payoff-report", str(payoff_report)]) == 0
+    assert pick_margin.main([*argv, "--payoff-report", str(payoff_report)]) == 0
     out = capsys.readouterr().out
     assert "warning" not in out  # margin 0 picked what the payoff benchmark picked, at every budget
     [record] = json.loads((report / "results.json").read_text())
@@ -51,5 +46,5 @@ def test_margin_zero_reproduces_the_payoff_picks_and_a_wide_margin_takes_the_che
     changed = json.loads(payoff_json.read_text())
     changed["budgets"][0]["picks"]["ST++"]["input_size"] = 99
     payoff_json.write_text(json.dumps(changed))
-    assert load_bench().main([*argv, "--payoff-report", str(payoff_report)]) == 0
+    assert pick_margin.main([*argv, "--payoff-report", str(payoff_report)]) == 0
     assert "warning: seed 1, budget 0.25: margin 0 picked" in capsys.readouterr().out
