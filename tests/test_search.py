@@ -25,8 +25,10 @@ from stim_hf.method.batchnorm import batchnorm_layers
 from stim_hf.tools.search import (
     Candidate,
     CandidateSpace,
+    CheckpointSearch,
     SearchArguments,
     SearchImages,
+    SearchResult,
     parse_budget,
     pick_candidate,
     search_subnets,
@@ -118,6 +120,21 @@ def test_pick_margin_takes_the_cheapest_candidate_the_best_does_not_clearly_beat
     assert pick_candidate([], 2.0) is None
     with pytest.raises(ValueError, match="same scored images"):
         pick_candidate([best, candidate(5, _right((0, 10), images=100))], 2.0)
+
+    # Over checkpoints, a deficit is judged against the most accurate candidate of any of them, so
+    # margins do not add up: CT's own pick is 4 images behind CT's best, which is 4 behind ST++'s (2.0
+    # paired standard errors each), and so 8 images, 2.9 errors, behind ST++'s best.
+    def searched(label, most_accurate, pick):
+        return CheckpointSearch(label=label, path=label, family="cifar_resnet", model_class="M", full_flops=100,
+                                full_params=1, full_size=32, strategy="enumerate", sharing="tree", space_size=2,
+                                candidates=[most_accurate, pick], pick=pick, most_accurate=most_accurate)  # fmt: skip
+
+    ct_best, ct_pick = candidate(30, _right((4, 220))), candidate(5, _right((8, 220)))
+    exact = SearchResult({"pick_margin": 0.0}, [searched("CT", ct_best, ct_best), searched("ST++", best, best)])
+    assert exact.pick[1] is best
+    ct, stpp = searched("CT", ct_best, ct_pick), searched("ST++", best, one_point_behind)
+    assert SearchResult({"pick_margin": 2.5}, [ct, stpp]).pick == (stpp, one_point_behind)
+    assert SearchResult({"pick_margin": 3.0}, [ct, stpp]).pick == (ct, ct_pick)
 
 
 def test_budget_parsing():

@@ -166,11 +166,18 @@ class SearchResult:
 
     @property
     def pick(self) -> tuple[CheckpointSearch, Candidate] | None:
-        """The checkpoints' picks picked by the same rule (:func:`pick_candidate`, the search's ``pick_margin``);
-        full ties go to the first checkpoint."""
+        """One checkpoint's pick: the most accurate of them; with a pick margin, the one with the fewest FLOPs
+        within the margin of the most accurate candidate of any checkpoint (:func:`pick_candidate`: the deficit
+        is judged against that candidate, so margins do not add up). Where the rule ties, the first checkpoint's."""
         picks = [(c, c.pick) for c in self.checkpoints if c.pick is not None]
-        chosen = pick_candidate([pick for _, pick in picks], self.settings.get("pick_margin", 0.0))
-        return next((item for item in picks if item[1] is chosen), None)
+        if not picks:
+            return None
+        best = pick_candidate([c.most_accurate or pick for c, pick in picks])
+        chosen = pick_candidate([best, *(pick for _, pick in picks)], self.settings.get("pick_margin", 0.0))
+        return next(
+            (item for item in picks if item[1] is chosen),
+            next(item for item in picks if best in (item[0].most_accurate, item[1])),
+        )
 
     def to_dict(self) -> dict[str, Any]:
         """What ``pareto.json`` holds."""
