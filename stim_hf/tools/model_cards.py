@@ -500,7 +500,8 @@ def _search_section(info: dict[str, Any]) -> list[str]:
     budget = s["budget"] or "none"
     margin = s.get("pick_margin") or 0.0
     rule = (
-        f"with the fewest FLOPs among those within {margin:g} paired standard errors of the most accurate of"
+        f"with the fewest FLOPs among those within {margin:g} paired standard error{'' if margin == 1 else 's'} of "
+        "the most accurate of"
         if margin > 0
         else "as the most accurate of"
     )
