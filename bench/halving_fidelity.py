@@ -41,8 +41,8 @@ import torch
 
 from stim_hf.analysis.scoring import score_subnets
 from stim_hf.tools.search import SearchImages, parse_search_args, prepare_model
-from stim_hf.tools.search.results import Candidate
-from stim_hf.tools.search.run import _best, _successive_halving, _within, halving_image_shares
+from stim_hf.tools.search.results import Candidate, pick_candidate
+from stim_hf.tools.search.run import _successive_halving, _within, halving_image_shares
 
 
 def build_table(checkpoint: str, item, data_args, args, shares: list[float]) -> dict:
@@ -108,7 +108,7 @@ def replay(table: dict, subnets: list, args, item_budget) -> dict:
 
     rounds = _successive_halving(subnets, score, make, args)
     final = [c for c in candidates.values() if c.scored_images == table["columns"][-1]["images"][0]]
-    pick = _best([c for c in final if item_budget(c)])
+    pick = pick_candidate([c for c in final if item_budget(c)], args.pick_margin)
     cost = sum(r["candidates"] * r["image_share"] for r in rounds) / len(subnets)
     return {"pick": pick, "rounds": [r["candidates"] for r in rounds], "cost_share": cost}
 

@@ -163,12 +163,13 @@ class TestScores:
 
 
 def best_within(candidates: list[tuple[str, Any]], limit: float) -> tuple[str, Any] | None:
-    """The most accurate (label, candidate) on the held-out images with FLOPs within ``limit`` (ties: the cheaper),
-    the search's own rule for a pick."""
+    """The most accurate (label, candidate) on the held-out images with FLOPs within ``limit`` (ties: the cheaper):
+    the search's own rule for a pick (:func:`stim_hf.tools.search.pick_candidate`)."""
+    from stim_hf.tools.search import pick_candidate
+
     within = [(label, c) for label, c in candidates if c.flops <= limit * (1 + 1e-9)]
-    if not within:
-        return None
-    return min(within, key=lambda lc: (-lc[1].accuracy, lc[1].flops, lc[1].loss, lc[1].input_size, lc[0]))
+    chosen = pick_candidate([c for _, c in within])
+    return next(((label, c) for label, c in within if c is chosen), None)
 
 
 def heldout_file(seed: int, train_samples: int | None, args: argparse.Namespace) -> Path:
