@@ -166,3 +166,23 @@ def test_the_training_step_figure_draws(tmp_path):
     assert len(named) >= 10
     for name in named:
         assert (PACKAGE / name).is_file(), f"the figure names {name}, which does not exist"
+
+
+SCRIPTS = sorted((PACKAGE.parent / "bench").glob("*.py")) + sorted((PACKAGE.parent / "scripts").glob("*.py"))
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_scripts_import_only_what_the_package_has(script):
+    """Every ``stim_hf`` name a benchmark or script imports, at module level or inside a function, exists: a
+    renamed or removed function breaks the script when it runs, hours into a study, not when it is imported."""
+    tree = ast.parse(script.read_text())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("stim_hf"):
+                    importlib.import_module(alias.name)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("stim_hf"):
+            module = importlib.import_module(node.module)
+            for alias in node.names:
+                has = hasattr(module, alias.name) or importlib.util.find_spec(f"{node.module}.{alias.name}") is not None
+                assert has, f"{script.name}:{node.lineno} imports {alias.name} from {node.module}, which has none"
