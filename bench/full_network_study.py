@@ -557,33 +557,46 @@ def setting_comparisons(by_setting: dict[str, list[dict[str, Any]]], plan: str) 
     ]
 
 
-def data_size_comparison(results: list[dict[str, Any]], plan: str) -> list[str]:
-    """The plan's recipe-against-CT gain beside the same comparison in the plans it names (``compare_with``, read from
-    their committed ``results.json``): one row per plan, with its data size, epochs and steps."""
+def data_size_points(results: list[dict[str, Any]], plan: str) -> list[dict[str, Any]]:
+    """The recipe-against-CT comparison in each plan ``plan`` names (``compare_with``, read from their committed
+    ``results.json``) and in ``plan`` itself: per plan its scale, its CT and recipe runs and the paired differences
+    by seed (full network and sub-networks). Plans without a paired seed are left out."""
     recipe = PLAIN_KL_SETTING.name
-    rows = []
+    points = []
     for name in [*PLANS[plan]["compare_with"], plan]:
         path = MEASUREMENTS / name / "results.json"
         runs = results if name == plan else json.loads(path.read_text()) if path.exists() else []
         ct, stpp = [r for r in runs if r["setting"] == "ct"], [r for r in runs if r["setting"] == recipe]
         full = paired_differences(stpp, ct, "full_top1")
-        if not full:
-            continue
-        sub = list(paired_differences(stpp, ct, "subnet_top1_recalibrated").values())
-        diffs = list(full.values())
-        run = plan_runs(name)[0]  # the plan's scale: every run of a plan has the same
+        if full:
+            run = plan_runs(name)[0]  # the plan's scale: every run of a plan has the same
+            points.append({
+                "plan": name, "images": run.num_train_images, "epochs": run.epochs,
+                "steps": run.epochs * steps_per_epoch(run), "ct": ct, "recipe": stpp, "full": full,
+                "sub": paired_differences(stpp, ct, "subnet_top1_recalibrated"),
+            })  # fmt: skip
+    return points
+
+
+def data_size_comparison(results: list[dict[str, Any]], plan: str) -> list[str]:
+    """The plan's recipe-against-CT gain beside the same comparison in the plans it names: one row per plan, with
+    its data size, epochs and steps (:func:`data_size_points`)."""
+    rows = []
+    for point in data_size_points(results, plan):
+        full, diffs, ct, stpp = point["full"], list(point["full"].values()), point["ct"], point["recipe"]
         rows.append(
-            f"| {name} | {run.num_train_images:,} | {run.epochs} | {run.epochs * steps_per_epoch(run):,} | {', '.join(map(str, full))} "
-            f"| {_mean_std([r['full_top1'] for r in ct if r['seed'] in full])} "
+            f"| {point['plan']} | {point['images']:,} | {point['epochs']} | {point['steps']:,} | "
+            f"{', '.join(map(str, full))} | {_mean_std([r['full_top1'] for r in ct if r['seed'] in full])} "
             f"| {_mean_std([r['full_top1'] for r in stpp if r['seed'] in full])} | {_mean_std(diffs)} "
-            f"| {paired_t(diffs)} | {sum(d > 0 for d in diffs)} of {len(diffs)} | {_mean_std(sub)} "
+            f"| {paired_t(diffs)} | {sum(d > 0 for d in diffs)} of {len(diffs)} | {_mean_std(list(point['sub'].values()))} "
             f"| {_final_train_ce(ct, full)} / {_final_train_ce(stpp, full)} |"
         )
     if not rows:
         return []
     return [
         "",
-        f"The recipe ({recipe}) against CT as the training data grow (ResNet-20; paired by seed; Δ in points):",
+        f"The recipe ({PLAIN_KL_SETTING.name}) against CT as the training data grow (ResNet-20; paired by seed; Δ in "
+        "points; [data_size.png](data_size.png)):",
         "",
         "| plan | training images | epochs | steps | seeds | CT full top-1 | recipe full top-1 | Δ | t (p) "
         "| seeds with Δ > 0 | sub-net Δ, BN re-est. | last-epoch training CE, CT / recipe |",
@@ -593,6 +606,36 @@ def data_size_comparison(results: list[dict[str, Any]], plan: str) -> list[str]:
         "The training CE is the full network's cross-entropy on the augmented training images, averaged over the last "
         "epoch (mean over the seeds): how closely each fits its training data.",
     ]
+
+
+def plot_data_size(results: list[dict[str, Any]], plan: str, path: Path) -> bool:
+    """The recipe's paired gain over CT against the training images, each seed a dot and each plan's mean a bar:
+    the full network (left) and the sub-networks with BatchNorm re-estimated (right). False if nothing to plot."""
+    points = data_size_points(results, plan)
+    if not points:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for ax, key, title in ((axes[0], "full", "full network"), (axes[1], "sub", "sub-networks, BN re-estimated")):
+        for i, point in enumerate(points):
+            values = list(point[key].values())
+            ax.scatter([i] * len(values), values, color=f"C{i}", zorder=3, label=f"{point['plan']}: seeds "
+                       + ", ".join(map(str, point[key])))  # fmt: skip
+            ax.hlines(statistics.mean(values), i - 0.25, i + 0.25, color=f"C{i}", linewidth=2)
+        ax.axhline(0, color="grey", linewidth=0.8)
+        ax.set_xticks(
+            range(len(points)), [f"{p['plan']}\n{p['images'] // 1000}k images, {p['epochs']} ep." for p in points]
+        )
+        ax.set(ylabel="recipe − CT, test top-1 (points)", title=title)
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
 
 
 def _final_train_ce(runs: list[dict[str, Any]], seeds: Iterable[int]) -> str:
@@ -667,13 +710,16 @@ def plot_curves(results: list[dict[str, Any]], path: Path) -> None:
 
 
 def write_report(results: list[dict[str, Any]], report_dir: Path, plan: str) -> None:
-    """Write results.json, results.md and learning_curves.png into ``report_dir``."""
+    """Write results.json, results.md, learning_curves.png and, for a plan that compares data sizes, data_size.png
+    into ``report_dir``."""
     report_dir.mkdir(parents=True, exist_ok=True)
     results = sorted(results, key=lambda r: (r["seed"], r["setting"]))
     (report_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     (report_dir / "results.md").write_text(report_markdown(results, plan))
     if results:
         plot_curves(results, report_dir / "learning_curves.png")
+    if PLANS.get(plan, {}).get("compare_with"):
+        plot_data_size(results, plan, report_dir / "data_size.png")
     print(report_markdown(results, plan), flush=True)
 
 

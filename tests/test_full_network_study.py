@@ -230,8 +230,15 @@ def test_the_full_plan_reports_its_gain_beside_the_5k_plans(tmp_path, monkeypatc
     assert "| 50,000 | 50 | 19,550 | 1, 2 | 90.50 ± 0.71 | 90.75 ± 0.35 | 0.25 ± 0.35 |" in rows["full"]
     assert "| 1 of 2 |" in rows["full"]  # seed 2 tied: not a gain
     assert rows["full"].endswith("| 2.000 / 2.000 |")  # the last epoch's training CE, CT / recipe
+    # The figure: each plan's paired differences by seed, the same as the table's.
+    points = {point["plan"]: point for point in study.data_size_points(results, "full")}
+    assert points["cpu"]["full"] == {1: 2.0, 2: 1.0, 3: 1.5} and points["full"]["full"] == {1: 0.5, 2: 0.0}
+    report_dir = tmp_path / "report"
+    study.write_report(results, report_dir, "full")
+    assert (report_dir / "data_size.png").stat().st_size > 0
     monkeypatch.setattr(study, "MEASUREMENTS", tmp_path / "nothing")
     assert [line for line in study.report_markdown(results, "full").splitlines() if line.startswith("| cpu |")] == []
+    assert not study.plot_data_size([], "full", tmp_path / "none.png") and not (tmp_path / "none.png").exists()
 
 
 @pytest.mark.skipif(not (CIFAR10_DIR / "train.parquet").is_file(), reason="shared CIFAR-10 parquet files not present")
