@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -103,21 +102,6 @@ def check_against_payoff(record: dict[str, Any], args: argparse.Namespace) -> li
     return problems
 
 
-def _mean_std(values: list[float], digits: int = 2) -> str:
-    if not values:
-        return "-"
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def _budget_text(budget: dict[str, Any]) -> str:
-    """``10 %``, or ``65.3 % (ResNet-14)`` for a budget named by a network."""
-    if budget["budget_name"] in NAMED_DEPTHS:
-        return f"{100 * budget['budget']:.1f} % ({budget['budget_name']})"
-    return f"{100 * budget['budget']:.0f} %"
-
-
 def report_markdown(records: list[dict[str, Any]], args: argparse.Namespace) -> str:
     """The table over seeds, then each seed's picks."""
     seeds = ", ".join(str(r["seed"]) for r in records)
@@ -140,11 +124,11 @@ def report_markdown(records: list[dict[str, Any]], args: argparse.Namespace) -> 
                 continue
             diffs = [p["test_top1"] - b["test_top1"] for p, b in zip(picks, base, strict=True)]
             cheaper = sum(p["flops"] < b["flops"] for p, b in zip(picks, base, strict=True))
-            delta = "-" if margin == "0" else _mean_std(diffs)
+            delta = "-" if margin == "0" else payoff._mean_std(diffs)
             t = "-" if margin == "0" else payoff._paired_t(diffs)
             lines.append(
-                f"| {_budget_text(budget)} | {margin} | {_mean_std([100 * p['flop_share'] for p in picks], 1)} % "
-                f"| {_mean_std([p['heldout_top1'] for p in picks])} | {_mean_std([p['test_top1'] for p in picks])} "
+                f"| {payoff._budget_text(budget)} | {margin} | {payoff._mean_std([100 * p['flop_share'] for p in picks], 1)} % "
+                f"| {payoff._mean_std([p['heldout_top1'] for p in picks])} | {payoff._mean_std([p['test_top1'] for p in picks])} "
                 f"| {delta} | {t} | {'-' if margin == '0' else f'{cheaper} of {len(picks)}'} |"
             )
     lines += ["", "Each seed's picks (test top-1, depths @ input size, FLOPs share):", ""]
@@ -153,7 +137,7 @@ def report_markdown(records: list[dict[str, Any]], args: argparse.Namespace) -> 
     for record in records:
         for budget in record["budgets"]:
             cells = [payoff._pick_text(budget["picks"][m]) for m in margins]
-            lines.append(f"| {record['seed']} | {_budget_text(budget)} | " + " | ".join(cells) + " |")
+            lines.append(f"| {record['seed']} | {payoff._budget_text(budget)} | " + " | ".join(cells) + " |")
     lines += ["", "Search seconds per seed: " + ", ".join(f"{r['seed']}: {r['search_seconds']}" for r in records)]
     return "\n".join(lines) + "\n"
 

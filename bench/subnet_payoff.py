@@ -414,12 +414,12 @@ def payoff_for_seed(seed: int, args: argparse.Namespace) -> dict[str, Any] | Non
 # -- report ------------------------------------------------------------------------------------------
 
 
-def _mean_std(values: list[float]) -> str:
+def _mean_std(values: list[float], digits: int = 2) -> str:
     if not values:
         return "-"
     if len(values) == 1:
-        return f"{values[0]:.2f}"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def _paired_t(diffs: list[float]) -> str:
