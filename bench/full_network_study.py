@@ -40,7 +40,7 @@ it trains (``on_collapse``, stim_hf/training/collapse.py) and marked ``collapsed
 (one entry per finished run: method, kl_coef, kl_loss, intro, seed, epochs, train_samples, depth,
 full_top1, subnet_top1_recalibrated, subnet_top1_inherited, collapsed, ...), ``results.md`` (mean ±
 std per setting, paired differences seed by seed against CT and between the ST settings, with the
-paired t statistic) and ``learning_curves.png``; at the
+paired t statistic, and a plan's screen read by its written rule) and ``learning_curves.png``; at the
 default place, ``docs/measurements/full_network_study/results.json`` then lists the finished runs of
 every plan, each with its ``plan``.
 """
@@ -217,6 +217,10 @@ PLANS: dict[str, dict[str, Any]] = {
             Setting("stpp", 2, kl_loss="kl", intro="cosine_up"),
         ],
         "then_seeds": [1],
+        # The screen's rule, written before it ran (docs/results.md 2b): a screened lambda goes to seeds 2 and 3 if
+        # its full network beats the recipe's by full_gain points and its sub-networks beat CT's by subnet_over_ct;
+        # of several, the highest full network, and within tie points of it the best sub-networks.
+        "screen": {"full_gain": 0.5, "subnet_over_ct": 30.0, "tie": 0.2},
     },
     # A few seconds of training: the test suite's and a resume check's plan.
     "smoke": {"depth": 14, "epochs": 6, "train_samples": 256, "seeds": [1], "settings": [Setting("stpp", 1)]},
@@ -557,6 +561,59 @@ def setting_comparisons(by_setting: dict[str, list[dict[str, Any]]], plan: str) 
     ]
 
 
+def screen_reading(by_setting: dict[str, list[dict[str, Any]]], plan: str) -> list[str]:
+    """The plan's second tier read by its rule (the plan's ``screen``), on the tier's seeds: each screened setting's
+    full network against the recipe's and its sub-networks (BatchNorm re-estimated) against CT's, seed by seed,
+    whether it qualifies, and which setting the rule sends on (or that none does, or which runs it still waits for)."""
+    spec = PLANS.get(plan, {})
+    rule = spec.get("screen")
+    if not rule:
+        return []
+    recipe, ct = by_setting.get(PLAIN_KL_SETTING.name, []), by_setting.get("ct", [])
+    seeds = spec.get("then_seeds", spec["seeds"])
+    rows, qualified, waiting = [], [], []
+    for setting in spec["then"]:
+        runs = [r for r in by_setting.get(setting.name, []) if r["seed"] in seeds]
+        full = paired_differences(runs, recipe, "full_top1")
+        sub = paired_differences(runs, ct, "subnet_top1_recalibrated")
+        if set(full) != set(seeds) or set(sub) != set(seeds):
+            waiting.append(setting.name)
+            continue
+        passes = all(full[s] >= rule["full_gain"] and sub[s] >= rule["subnet_over_ct"] for s in seeds)
+        full_top1 = statistics.mean(r["full_top1"] for r in runs)
+        sub_top1 = statistics.mean(r["subnet_top1_recalibrated"] for r in runs)
+        if passes:
+            qualified.append((setting.name, full_top1, sub_top1))
+        rows.append(
+            f"| {setting.name} | {', '.join(map(str, seeds))} | {full_top1:.2f} | {_mean_std(list(full.values()))} "
+            f"| {sub_top1:.2f} | {_mean_std(list(sub.values()))} | {'yes' if passes else 'no'} |"
+        )
+    if waiting:
+        verdict = f"Waiting for {', '.join(waiting)}."
+    elif qualified:
+        best = max(full for _, full, _ in qualified)
+        name = max((q for q in qualified if q[1] >= best - rule["tie"]), key=lambda q: q[2])[0]
+        verdict = f"By the rule, {name} goes to the other seeds."
+    else:
+        verdict = f"No screened setting qualifies: by the rule the recipe ({PLAIN_KL_SETTING.name}) stays."
+    header = [
+        "",
+        f"The screen (the plan's second tier) by its rule: full network at least {rule['full_gain']:g} points above "
+        f"the recipe's ({PLAIN_KL_SETTING.name}) and sub-networks (BN re-est.) at least {rule['subnet_over_ct']:g} "
+        f"above CT's, on the same seeds; of several, the highest full network (within {rule['tie']:g}, the better "
+        "sub-networks).",
+        "",
+    ]
+    if rows:
+        header += [
+            "| setting | seeds | full top-1 | Δ vs recipe | sub-nets, BN re-est. | Δ vs CT | qualifies |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            *rows,
+            "",
+        ]
+    return [*header, verdict]
+
+
 def data_size_points(results: list[dict[str, Any]], plan: str) -> list[dict[str, Any]]:
     """The recipe-against-CT comparison in each plan ``plan`` names (``compare_with``, read from their committed
     ``results.json``) and in ``plan`` itself: per plan its scale, its CT and recipe runs and the paired differences
@@ -667,6 +724,7 @@ def report_markdown(results: list[dict[str, Any]], plan: str) -> str:
             f"| {_mean_std([r['subnet_top1_inherited'] for r in runs])} |"
         )
     lines += setting_comparisons(by_setting, plan)
+    lines += screen_reading(by_setting, plan)
     if PLANS.get(plan, {}).get("compare_with"):
         lines += data_size_comparison(results, plan)
     lines += [

@@ -241,6 +241,47 @@ def test_the_full_plan_reports_its_gain_beside_the_5k_plans(tmp_path, monkeypatc
     assert not study.plot_data_size([], "full", tmp_path / "none.png") and not (tmp_path / "none.png").exists()
 
 
+def _screen_report(study, screened: dict[str, tuple[float, float]]) -> list[str]:
+    """The full plan's report with CT (full 88, sub-nets 39) and the recipe (full 87, sub-nets 81) on seeds 1-3 and
+    the screened settings' seed-1 runs as given (full top-1, sub-nets)."""
+    runs = {(run.setting.name, run.seed): run for run in study.plan_runs("full")}
+    results = []
+    for seed in (1, 2, 3):
+        results += [_finished_record(study, runs["ct", seed], 88.0) | {"subnet_top1_recalibrated": 39.0}]
+        results += [
+            _finished_record(study, runs["stpp_l5_kl_cosine_up", seed], 87.0) | {"subnet_top1_recalibrated": 81.0}
+        ]
+    for name, (full, sub) in screened.items():
+        results.append(_finished_record(study, runs[name, 1], full) | {"subnet_top1_recalibrated": sub})
+    return study.report_markdown(results, "full").splitlines()
+
+
+def test_the_screen_is_read_by_its_rule():
+    study = load_study()
+    # Waiting while a screened run is missing; the finished one is shown.
+    lines = _screen_report(study, {"stpp_l1_kl_cosine_up": (87.6, 75.0)})
+    assert "Waiting for stpp_l2_kl_cosine_up." in lines
+    screen = lines[next(i for i, line in enumerate(lines) if line.startswith("The screen")) :]
+    row = next(line for line in screen if line.startswith("| stpp_l1_kl_cosine_up | 1 |"))
+    assert row.endswith("| 87.60 | 0.60 | 75.00 | 36.00 | yes |")  # +0.6 over the recipe, +36 over CT
+    # Both finished: one misses the full-network bar (+0.4), the other qualifies and is sent on.
+    lines = _screen_report(study, {"stpp_l1_kl_cosine_up": (87.4, 80.0), "stpp_l2_kl_cosine_up": (87.6, 75.0)})
+    assert "By the rule, stpp_l2_kl_cosine_up goes to the other seeds." in lines
+    # Sub-networks under CT + 30 disqualify a better full network.
+    lines = _screen_report(study, {"stpp_l1_kl_cosine_up": (89.0, 68.0), "stpp_l2_kl_cosine_up": (87.6, 75.0)})
+    assert "By the rule, stpp_l2_kl_cosine_up goes to the other seeds." in lines
+    # Two qualify within 0.2 of each other: the better sub-networks win; further apart, the better full network.
+    lines = _screen_report(study, {"stpp_l1_kl_cosine_up": (87.9, 70.0), "stpp_l2_kl_cosine_up": (87.75, 78.0)})
+    assert "By the rule, stpp_l2_kl_cosine_up goes to the other seeds." in lines
+    lines = _screen_report(study, {"stpp_l1_kl_cosine_up": (88.0, 70.0), "stpp_l2_kl_cosine_up": (87.75, 78.0)})
+    assert "By the rule, stpp_l1_kl_cosine_up goes to the other seeds." in lines
+    # None qualifies: the recipe stays.
+    lines = _screen_report(study, {"stpp_l1_kl_cosine_up": (87.2, 78.0), "stpp_l2_kl_cosine_up": (86.0, 80.0)})
+    assert "No screened setting qualifies: by the rule the recipe (stpp_l5_kl_cosine_up) stays." in lines
+    # Plans without a screen report none.
+    assert not any(line.startswith("The screen") for line in study.report_markdown([], "cpu").splitlines())
+
+
 @pytest.mark.skipif(not (CIFAR10_DIR / "train.parquet").is_file(), reason="shared CIFAR-10 parquet files not present")
 def test_a_tiny_study_trains_analyses_and_reports(tmp_path):
     study = load_study()
