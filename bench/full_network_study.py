@@ -9,7 +9,8 @@
   # the checkpoints of bench/subnet_payoff.py: the recipe's ST++ and CT ResNet-20, ResNet-14 and ResNet-8 from scratch
   python bench/full_network_study.py --plan payoff --out ~/stim_hf_study/payoff --parallel 2
   # the recipe against CT on all 50,000 CIFAR-10 training images (ResNet-20, 50 epochs, 3 seeds), then the
-  # recipe at lambda 1 and 2 on seed 1 (the screen of docs/results.md, 2b)
+  # recipe at lambda 1 and 2 on seed 1 (the screen of docs/results.md, 2b), then the lambda its rule picks, if any,
+  # on seeds 2 and 3
   python bench/full_network_study.py --plan full --out ~/stim_hf_study/full --parallel 2
   # tables and plot from whatever has finished
   python bench/full_network_study.py --plan cpu --out ~/stim_hf_study/cpu --report-only
@@ -40,7 +41,8 @@ it trains (``on_collapse``, stim_hf/training/collapse.py) and marked ``collapsed
 (one entry per finished run: method, kl_coef, kl_loss, intro, seed, epochs, train_samples, depth,
 full_top1, subnet_top1_recalibrated, subnet_top1_inherited, collapsed, ...), ``results.md`` (mean ±
 std per setting, paired differences seed by seed against CT and between the ST settings, with the
-paired t statistic, and a plan's screen read by its written rule) and ``learning_curves.png``; at the
+paired t statistic, and a plan's screen read by its written rule: the setting the rule picks joins the plan
+at the follow-up seeds, and the same call trains it) and ``learning_curves.png``; at the
 default place, ``docs/measurements/full_network_study/results.json`` then lists the finished runs of
 every plan, each with its ``plan``.
 """
@@ -217,10 +219,12 @@ PLANS: dict[str, dict[str, Any]] = {
             Setting("stpp", 2, kl_loss="kl", intro="cosine_up"),
         ],
         "then_seeds": [1],
-        # The screen's rule, written before it ran (docs/results.md 2b): a screened lambda goes to seeds 2 and 3 if
+        # The screen's rule, written before it ran (docs/results.md 2b): a screened lambda goes on to follow_seeds if
         # its full network beats the recipe's by full_gain points and its sub-networks beat CT's by subnet_over_ct;
-        # of several, the highest full network, and within tie points of it the best sub-networks.
-        "screen": {"full_gain": 0.5, "subnet_over_ct": 30.0, "tie": 0.2},
+        # of several, the highest full network, and within tie points of it the best sub-networks. The recipes take
+        # it if on every seed it then beats the recipe (mean gain at least full_gain) with sub-networks that still
+        # beat CT's by subnet_over_ct.
+        "screen": {"full_gain": 0.5, "subnet_over_ct": 30.0, "tie": 0.2, "follow_seeds": [2, 3]},
     },
     # A few seconds of training: the test suite's and a resume check's plan.
     "smoke": {"depth": 14, "epochs": 6, "train_samples": 256, "seeds": [1], "settings": [Setting("stpp", 1)]},
@@ -240,9 +244,10 @@ PLANS: dict[str, dict[str, Any]] = {
 }
 
 
-def plan_runs(plan: str) -> list[Run]:
+def plan_runs(plan: str, results: Iterable[dict[str, Any]] = ()) -> list[Run]:
     """The runs of ``plan`` in launch order: every setting of seed 1, then of seed 2, ..., then the same
-    for the plan's second tier of settings (``then``, at its own ``then_seeds`` if it names them)."""
+    for the plan's second tier of settings (``then``, at its own ``then_seeds`` if it names them), and, once
+    ``results`` hold the screen the plan names (``screen``), the setting its rule picks at the follow-up seeds."""
     spec = PLANS[plan]
     runs = []
     scale = {"epochs": spec["epochs"], "train_samples": spec["train_samples"], "lr_warmup": spec.get("warmup", "0")}
@@ -252,6 +257,9 @@ def plan_runs(plan: str) -> list[Run]:
             runs += [Run(setting, seed, spec["depth"], **scale) for setting in tier]
             if tier is spec["settings"]:  # CT at the plan's other depths, after the first tier's runs of the seed
                 runs += [Run(CT, seed, depth, **scale, depth_in_name=True) for depth in spec.get("other_depths", [])]
+    picked = screen_state(_by_setting(results), plan)["pick"] if "screen" in spec and results else None
+    if picked is not None:
+        runs += [Run(picked, seed, spec["depth"], **scale) for seed in spec["screen"]["follow_seeds"]]
     return runs
 
 
@@ -561,14 +569,19 @@ def setting_comparisons(by_setting: dict[str, list[dict[str, Any]]], plan: str) 
     ]
 
 
-def screen_reading(by_setting: dict[str, list[dict[str, Any]]], plan: str) -> list[str]:
-    """The plan's second tier read by its rule (the plan's ``screen``), on the tier's seeds: each screened setting's
-    full network against the recipe's and its sub-networks (BatchNorm re-estimated) against CT's, seed by seed,
-    whether it qualifies, and which setting the rule sends on (or that none does, or which runs it still waits for)."""
-    spec = PLANS.get(plan, {})
-    rule = spec.get("screen")
-    if not rule:
-        return []
+def _by_setting(results: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    by_setting: dict[str, list[dict[str, Any]]] = {}
+    for r in results:
+        by_setting.setdefault(r["setting"], []).append(r)
+    return by_setting
+
+
+def screen_state(by_setting: dict[str, list[dict[str, Any]]], plan: str) -> dict[str, Any]:
+    """The plan's screen (its second tier, on ``then_seeds``) by its rule (the plan's ``screen``): per screened
+    setting its full network against the recipe's and its sub-networks (BatchNorm re-estimated) against CT's, seed by
+    seed (``rows``), the settings still unfinished (``waiting``) and the one the rule sends on (``pick``, or None)."""
+    spec = PLANS[plan]
+    rule = spec["screen"]
     recipe, ct = by_setting.get(PLAIN_KL_SETTING.name, []), by_setting.get("ct", [])
     seeds = spec.get("then_seeds", spec["seeds"])
     rows, qualified, waiting = [], [], []
@@ -577,26 +590,63 @@ def screen_reading(by_setting: dict[str, list[dict[str, Any]]], plan: str) -> li
         full = paired_differences(runs, recipe, "full_top1")
         sub = paired_differences(runs, ct, "subnet_top1_recalibrated")
         if set(full) != set(seeds) or set(sub) != set(seeds):
-            waiting.append(setting.name)
+            waiting.append(setting)
             continue
         passes = all(full[s] >= rule["full_gain"] and sub[s] >= rule["subnet_over_ct"] for s in seeds)
-        full_top1 = statistics.mean(r["full_top1"] for r in runs)
-        sub_top1 = statistics.mean(r["subnet_top1_recalibrated"] for r in runs)
-        if passes:
-            qualified.append((setting.name, full_top1, sub_top1))
-        rows.append(
-            f"| {setting.name} | {', '.join(map(str, seeds))} | {full_top1:.2f} | {_mean_std(list(full.values()))} "
-            f"| {sub_top1:.2f} | {_mean_std(list(sub.values()))} | {'yes' if passes else 'no'} |"
-        )
-    if waiting:
-        verdict = f"Waiting for {', '.join(waiting)}."
-    elif qualified:
-        best = max(full for _, full, _ in qualified)
-        name = max((q for q in qualified if q[1] >= best - rule["tie"]), key=lambda q: q[2])[0]
-        verdict = f"By the rule, {name} goes to the other seeds."
+        row = {
+            "setting": setting, "full_top1": statistics.mean(r["full_top1"] for r in runs), "full": full,
+            "sub_top1": statistics.mean(r["subnet_top1_recalibrated"] for r in runs), "sub": sub, "passes": passes,
+        }  # fmt: skip
+        rows.append(row)
+        qualified += [row] if passes else []
+    pick = None
+    if qualified and not waiting:
+        best = max(row["full_top1"] for row in qualified)
+        pick = max((row for row in qualified if row["full_top1"] >= best - rule["tie"]), key=lambda r: r["sub_top1"])
+        pick = pick["setting"]
+    return {"rows": rows, "waiting": waiting, "pick": pick}
+
+
+def screen_confirmation(by_setting: dict[str, list[dict[str, Any]]], plan: str, picked: Setting) -> str:
+    """The rule's last step on the picked setting over the plan's seeds: does it beat the recipe on every seed, by a
+    mean of ``full_gain`` or more, with sub-networks ``subnet_over_ct`` above CT's on every seed?"""
+    spec = PLANS[plan]
+    rule, seeds = spec["screen"], spec["seeds"]
+    runs = by_setting.get(picked.name, [])
+    full = paired_differences(runs, by_setting.get(PLAIN_KL_SETTING.name, []), "full_top1")
+    sub = paired_differences(runs, by_setting.get("ct", []), "subnet_top1_recalibrated")
+    missing = [seed for seed in seeds if seed not in full or seed not in sub]
+    if missing:
+        return f"Waiting for {picked.name} on seed(s) {', '.join(map(str, missing))}."
+    diffs = [full[seed] for seed in seeds]
+    wins, subnets_hold = sum(d > 0 for d in diffs), all(sub[seed] >= rule["subnet_over_ct"] for seed in seeds)
+    taken = wins == len(seeds) and statistics.mean(diffs) >= rule["full_gain"] and subnets_hold
+    verdict = "the recipes take it" if taken else f"the recipe ({PLAIN_KL_SETTING.name}) stays"
+    return (
+        f"Over seeds {', '.join(map(str, seeds))}, {picked.name} − the recipe: {_mean_std(diffs)} points "
+        f"({paired_t(diffs)}), ahead on {wins} of {len(seeds)}; sub-networks at least {rule['subnet_over_ct']:g} above "
+        f"CT's on every seed: {'yes' if subnets_hold else 'no'}. By the rule, {verdict}."
+    )
+
+
+def screen_reading(by_setting: dict[str, list[dict[str, Any]]], plan: str) -> list[str]:
+    """The plan's screen as report lines (:func:`screen_state`): each screened setting, whether it qualifies, which
+    setting goes on (or that none does, or which runs the rule still waits for), and its reading over all seeds."""
+    if "screen" not in PLANS.get(plan, {}):
+        return []
+    rule, state = PLANS[plan]["screen"], screen_state(by_setting, plan)
+    if state["waiting"]:
+        verdict = [f"Waiting for {', '.join(setting.name for setting in state['waiting'])}."]
+    elif state["pick"] is not None:
+        seeds = ", ".join(map(str, rule["follow_seeds"]))
+        verdict = [
+            f"By the rule, {state['pick'].name} goes on to seeds {seeds}.",
+            "",
+            screen_confirmation(by_setting, plan, state["pick"]),
+        ]
     else:
-        verdict = f"No screened setting qualifies: by the rule the recipe ({PLAIN_KL_SETTING.name}) stays."
-    header = [
+        verdict = [f"No screened setting qualifies: by the rule the recipe ({PLAIN_KL_SETTING.name}) stays."]
+    lines = [
         "",
         f"The screen (the plan's second tier) by its rule: full network at least {rule['full_gain']:g} points above "
         f"the recipe's ({PLAIN_KL_SETTING.name}) and sub-networks (BN re-est.) at least {rule['subnet_over_ct']:g} "
@@ -604,14 +654,17 @@ def screen_reading(by_setting: dict[str, list[dict[str, Any]]], plan: str) -> li
         "sub-networks).",
         "",
     ]
-    if rows:
-        header += [
-            "| setting | seeds | full top-1 | Δ vs recipe | sub-nets, BN re-est. | Δ vs CT | qualifies |",
-            "| --- | --- | --- | --- | --- | --- | --- |",
-            *rows,
-            "",
-        ]
-    return [*header, verdict]
+    if state["rows"]:
+        lines += ["| setting | seeds | full top-1 | Δ vs recipe | sub-nets, BN re-est. | Δ vs CT | qualifies |"]
+        lines += ["| --- | --- | --- | --- | --- | --- | --- |"]
+        for row in state["rows"]:
+            lines.append(
+                f"| {row['setting'].name} | {', '.join(map(str, row['full']))} | {row['full_top1']:.2f} "
+                f"| {_mean_std(list(row['full'].values()))} | {row['sub_top1']:.2f} "
+                f"| {_mean_std(list(row['sub'].values()))} | {'yes' if row['passes'] else 'no'} |"
+            )
+        lines.append("")
+    return lines + verdict
 
 
 def data_size_points(results: list[dict[str, Any]], plan: str) -> list[dict[str, Any]]:
@@ -703,9 +756,7 @@ def _final_train_ce(runs: list[dict[str, Any]], seeds: Iterable[int]) -> str:
 
 def report_markdown(results: list[dict[str, Any]], plan: str) -> str:
     """Mean ± std per setting, the paired difference against CT and between ST settings, seed by seed."""
-    by_setting: dict[str, list[dict[str, Any]]] = {}
-    for r in results:
-        by_setting.setdefault(r["setting"], []).append(r)
+    by_setting = _by_setting(results)
     by_setting = {name: by_setting[name] for name in setting_order(by_setting, plan)}
     lines = [
         f"Plan `{plan}`: {len(results)} finished runs. Accuracies in %, on the whole test split.",
@@ -843,43 +894,53 @@ def main(argv: list[str] | None = None) -> None:
     if args.analyze_run is not None:
         analyze_run(args.analyze_run, args)
         return
-    plan = plan_runs(args.plan)
     carried = carried_results(args.report_dir)
-    # The report covers every finished run of the plan, also those an --only call does not train.
-    results = {run.key(): carried[run.key()] for run in plan if run.key() in carried}
-    for run in plan:
-        path = args.out / run.name / "result.json"
-        if run.key() not in results and path.exists():
-            results[run.key()] = json.loads(path.read_text())
-        state = args.out / run.name / "trainer_state.json"
-        if run.key() in results and "train_minutes" not in results[run.key()] and state.exists():
-            # Records written before train_minutes existed get it from their run's own log.
-            results[run.key()] |= training_minutes(state.parent, json.loads(state.read_text()))
-    runs = plan
-    if args.only:
-        wanted = set(args.only.split(","))
-        unknown = wanted - {run.name for run in plan}
-        if unknown:
-            sys.exit(
-                f"--only {','.join(sorted(unknown))}: not a run of plan {args.plan!r}; its runs are "
-                f"{', '.join(run.name for run in plan)}"
-            )
-        runs = [run for run in plan if run.name in wanted]
-    pending = [run for run in runs if run.key() not in results]
-    if not args.report_only and pending:
+    results: dict[tuple, dict[str, Any]] = {}
+    known: set[tuple] = set()
+    lock = threading.Lock()
+
+    def work(run: Run) -> None:
+        result = train_and_analyze(run, args)
+        if result is not None:
+            with lock:
+                results[run.key()] = result
+                write_report(list(results.values()), args.report_dir, args.plan)
+
+    while True:  # once more when finished runs add runs to the plan (the setting a screen picks)
+        plan = plan_runs(args.plan, results.values())
+        # The report covers every finished run of the plan, also those an --only call does not train.
+        for run in plan:
+            path = args.out / run.name / "result.json"
+            if run.key() not in results and run.key() in carried:
+                results[run.key()] = carried[run.key()]
+            elif run.key() not in results and path.exists():
+                results[run.key()] = json.loads(path.read_text())
+            state = args.out / run.name / "trainer_state.json"
+            if run.key() in results and "train_minutes" not in results[run.key()] and state.exists():
+                # Records written before train_minutes existed get it from their run's own log.
+                results[run.key()] |= training_minutes(state.parent, json.loads(state.read_text()))
+        if {run.key() for run in plan} != known:
+            known = {run.key() for run in plan}
+            continue  # the results just read may add runs
+        runs = plan
+        if args.only:
+            wanted = set(args.only.split(","))
+            unknown = wanted - {run.name for run in plan}
+            if unknown:
+                sys.exit(
+                    f"--only {','.join(sorted(unknown))}: not a run of plan {args.plan!r}; its runs are "
+                    f"{', '.join(run.name for run in plan)}"
+                )
+            runs = [run for run in plan if run.name in wanted]
+        pending = [run for run in runs if run.key() not in results]
+        if args.report_only or not pending:
+            break
         check_environment(args)
         print(f"{len(results)} runs finished before, {len(pending)} to train or resume", flush=True)
-        lock = threading.Lock()
-
-        def work(run: Run) -> None:
-            result = train_and_analyze(run, args)
-            if result is not None:
-                with lock:
-                    results[run.key()] = result
-                    write_report(list(results.values()), args.report_dir, args.plan)
-
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
             list(pool.map(work, pending))
+        if any(run.key() not in results for run in pending):
+            break  # a run failed: no follow-up on a partial screen
     write_report(list(results.values()), args.report_dir, args.plan)
     if args.report_dir.parent == MEASUREMENTS:
         write_combined_results(MEASUREMENTS)

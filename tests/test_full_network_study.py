@@ -7,6 +7,7 @@ import json
 import sys
 import threading
 import time
+from dataclasses import replace
 from types import ModuleType
 
 import pytest
@@ -241,18 +242,26 @@ def test_the_full_plan_reports_its_gain_beside_the_5k_plans(tmp_path, monkeypatc
     assert not study.plot_data_size([], "full", tmp_path / "none.png") and not (tmp_path / "none.png").exists()
 
 
-def _screen_report(study, screened: dict[str, tuple[float, float]]) -> list[str]:
-    """The full plan's report with CT (full 88, sub-nets 39) and the recipe (full 87, sub-nets 81) on seeds 1-3 and
-    the screened settings' seed-1 runs as given (full top-1, sub-nets)."""
+def _screen_results(study, screened: dict[tuple[str, int], tuple[float, float]]) -> list[dict]:
+    """The full plan's records: CT (full 88, sub-nets 39) and the recipe (full 87, sub-nets 81) on seeds 1-3, and the
+    screened settings' runs as given ((name, seed): (full top-1, sub-nets))."""
     runs = {(run.setting.name, run.seed): run for run in study.plan_runs("full")}
+    runs |= {(setting.name, seed): study.Run(setting, seed, 20, 50, None) for setting in study.PLANS["full"]["then"]
+             for seed in (2, 3)}  # fmt: skip
     results = []
     for seed in (1, 2, 3):
         results += [_finished_record(study, runs["ct", seed], 88.0) | {"subnet_top1_recalibrated": 39.0}]
         results += [
             _finished_record(study, runs["stpp_l5_kl_cosine_up", seed], 87.0) | {"subnet_top1_recalibrated": 81.0}
         ]
-    for name, (full, sub) in screened.items():
-        results.append(_finished_record(study, runs[name, 1], full) | {"subnet_top1_recalibrated": sub})
+    for key, (full, sub) in screened.items():
+        results.append(_finished_record(study, runs[key], full) | {"subnet_top1_recalibrated": sub})
+    return results
+
+
+def _screen_report(study, screened: dict[str, tuple[float, float]]) -> list[str]:
+    """The report with the screened settings' seed-1 runs as given (full top-1, sub-nets)."""
+    results = _screen_results(study, {(name, 1): values for name, values in screened.items()})
     return study.report_markdown(results, "full").splitlines()
 
 
@@ -265,21 +274,73 @@ def test_the_screen_is_read_by_its_rule():
     row = next(line for line in screen if line.startswith("| stpp_l1_kl_cosine_up | 1 |"))
     assert row.endswith("| 87.60 | 0.60 | 75.00 | 36.00 | yes |")  # +0.6 over the recipe, +36 over CT
     # Both finished: one misses the full-network bar (+0.4), the other qualifies and is sent on.
+    sent_on = "By the rule, {} goes on to seeds 2, 3."
     lines = _screen_report(study, {"stpp_l1_kl_cosine_up": (87.4, 80.0), "stpp_l2_kl_cosine_up": (87.6, 75.0)})
-    assert "By the rule, stpp_l2_kl_cosine_up goes to the other seeds." in lines
+    assert sent_on.format("stpp_l2_kl_cosine_up") in lines
+    assert "Waiting for stpp_l2_kl_cosine_up on seed(s) 2, 3." in lines
     # Sub-networks under CT + 30 disqualify a better full network.
     lines = _screen_report(study, {"stpp_l1_kl_cosine_up": (89.0, 68.0), "stpp_l2_kl_cosine_up": (87.6, 75.0)})
-    assert "By the rule, stpp_l2_kl_cosine_up goes to the other seeds." in lines
+    assert sent_on.format("stpp_l2_kl_cosine_up") in lines
     # Two qualify within 0.2 of each other: the better sub-networks win; further apart, the better full network.
     lines = _screen_report(study, {"stpp_l1_kl_cosine_up": (87.9, 70.0), "stpp_l2_kl_cosine_up": (87.75, 78.0)})
-    assert "By the rule, stpp_l2_kl_cosine_up goes to the other seeds." in lines
+    assert sent_on.format("stpp_l2_kl_cosine_up") in lines
     lines = _screen_report(study, {"stpp_l1_kl_cosine_up": (88.0, 70.0), "stpp_l2_kl_cosine_up": (87.75, 78.0)})
-    assert "By the rule, stpp_l1_kl_cosine_up goes to the other seeds." in lines
-    # None qualifies: the recipe stays.
-    lines = _screen_report(study, {"stpp_l1_kl_cosine_up": (87.2, 78.0), "stpp_l2_kl_cosine_up": (86.0, 80.0)})
+    assert sent_on.format("stpp_l1_kl_cosine_up") in lines
+    # None qualifies: the recipe stays, and the plan adds no run.
+    none = {("stpp_l1_kl_cosine_up", 1): (87.2, 78.0), ("stpp_l2_kl_cosine_up", 1): (86.0, 80.0)}
+    lines = study.report_markdown(_screen_results(study, none), "full").splitlines()
     assert "No screened setting qualifies: by the rule the recipe (stpp_l5_kl_cosine_up) stays." in lines
+    assert len(study.plan_runs("full", _screen_results(study, none))) == len(study.plan_runs("full")) == 8
     # Plans without a screen report none.
     assert not any(line.startswith("The screen") for line in study.report_markdown([], "cpu").splitlines())
+
+
+def test_the_picked_setting_runs_on_the_other_seeds_and_is_confirmed_or_not():
+    study = load_study()
+    screen = {("stpp_l1_kl_cosine_up", 1): (87.4, 80.0), ("stpp_l2_kl_cosine_up", 1): (87.6, 75.0)}
+    plan = study.plan_runs("full", _screen_results(study, screen))
+    assert [run.name for run in plan[8:]] == ["stpp_l2_kl_cosine_up_seed2", "stpp_l2_kl_cosine_up_seed3"]
+    assert plan[8] == study.Run(plan[7].setting, 2, 20, 50, None) == replace(plan[7], seed=2)  # the screen's run
+    # Ahead on every seed by a mean of 0.5 or more, sub-networks 30 above CT's on each: the recipes take it.
+    taken = screen | {("stpp_l2_kl_cosine_up", 2): (87.3, 76.0), ("stpp_l2_kl_cosine_up", 3): (87.7, 74.0)}
+    lines = study.report_markdown(_screen_results(study, taken), "full").splitlines()
+    verdict = next(line for line in lines if line.startswith("Over seeds 1, 2, 3"))
+    assert verdict.startswith("Over seeds 1, 2, 3, stpp_l2_kl_cosine_up − the recipe: 0.53 ± 0.21 points")
+    assert verdict.endswith("ahead on 3 of 3; sub-networks at least 30 above CT's on every seed: yes. By the rule, "
+                            "the recipes take it.")  # fmt: skip
+    # A mean under 0.5, a seed behind, or sub-networks that fall to CT + 30 on one seed: the recipe stays.
+    for seed_2, seed_3 in (((87.2, 76.0), (87.3, 74.0)), ((86.9, 76.0), (88.5, 74.0)), ((87.6, 68.0), (87.7, 74.0))):
+        results = _screen_results(
+            study, screen | {("stpp_l2_kl_cosine_up", 2): seed_2, ("stpp_l2_kl_cosine_up", 3): seed_3}
+        )
+        verdict = next(line for line in study.report_markdown(results, "full").splitlines() if line.startswith("Over"))
+        assert verdict.endswith("By the rule, the recipe (stpp_l5_kl_cosine_up) stays."), verdict
+
+
+def test_the_runner_goes_on_to_the_picked_setting_once_the_screen_is_in(tmp_path, monkeypatch):
+    # The screen's last run finishes in this call: the runner then trains the setting the rule picks on seeds 2 and 3,
+    # in the same call, and nothing else.
+    study = load_study()
+    records = {
+        (r["setting"], r["seed"]): r for r in _screen_results(study, {("stpp_l1_kl_cosine_up", 1): (87.4, 80.0)})
+    }
+    report_dir = tmp_path / "report"
+    report_dir.mkdir()
+    (report_dir / "results.json").write_text(json.dumps(list(records.values())))
+    trained = []
+
+    def fake_train(run, args):
+        trained.append(run.name)
+        full, sub = (87.6, 75.0) if run.seed == 1 else (87.7, 76.0)
+        return _finished_record(study, run, full) | {"subnet_top1_recalibrated": sub}
+
+    monkeypatch.setattr(study, "train_and_analyze", fake_train)
+    monkeypatch.setattr(study, "check_environment", lambda args: None)
+    study.main(["--plan", "full", "--out", str(tmp_path / "runs"), "--report-dir", str(report_dir)])
+    assert trained == ["stpp_l2_kl_cosine_up_seed1", "stpp_l2_kl_cosine_up_seed2", "stpp_l2_kl_cosine_up_seed3"]
+    report = (report_dir / "results.md").read_text()
+    assert "By the rule, stpp_l2_kl_cosine_up goes on to seeds 2, 3." in report and "the recipes take it." in report
+    assert len(json.loads((report_dir / "results.json").read_text())) == 10  # 6 + the screen 2 + its 2 follow-ups
 
 
 @pytest.mark.skipif(not (CIFAR10_DIR / "train.parquet").is_file(), reason="shared CIFAR-10 parquet files not present")
