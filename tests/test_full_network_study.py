@@ -80,6 +80,10 @@ def test_the_payoff_and_full_plans_train_the_recipe_against_ct_and_name_every_de
     assert [(run.name, run.depth, run.warmup) for run in gpu[:2]] == [
         ("stpp_l5_kl_cosine_up_seed1", 56, "0.005"), ("ct_seed1", 56, "0.005"),
     ]  # fmt: skip
+    # Then, at paper scale too, the full plan's smaller-lambda screen before the 5k study's grid.
+    assert [run.name for run in gpu[6:9]] == [
+        "stpp_l1_kl_cosine_up_seed1", "stpp_l2_kl_cosine_up_seed1", "stpp_l1_kl-_step0_seed1",
+    ]  # fmt: skip
     stpp_recipe = study.run_fields(gpu[0])
     assert stpp_recipe["lr_warmup"] == "0.005" and gpu[0].key() != study.Run(gpu[0].setting, 1, 56, 200, None).key()
     for name in ("ct", "st", "stpp"):
