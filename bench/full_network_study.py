@@ -256,7 +256,7 @@ def plan_runs(plan: str, results: Iterable[dict[str, Any]] = ()) -> list[Run]:
             runs += [Run(setting, seed, spec["depth"], **scale) for setting in tier]
             if tier is spec["settings"]:  # CT at the plan's other depths, after the first tier's runs of the seed
                 runs += [Run(CT, seed, depth, **scale, depth_in_name=True) for depth in spec.get("other_depths", [])]
-    picked = screen_state(_by_setting(results), plan)["pick"] if "screen" in spec and results else None
+    picked = screen_state(_by_setting(results), plan)["pick"] if "screen" in spec else None
     if picked is not None:
         runs += [Run(picked, seed, spec["depth"], **scale) for seed in spec["screen"]["follow_seeds"]]
     return runs
@@ -575,19 +575,25 @@ def _by_setting(results: Iterable[dict[str, Any]]) -> dict[str, list[dict[str, A
     return by_setting
 
 
+def _against_recipe_and_ct(
+    runs: list[dict[str, Any]], by_setting: dict[str, list[dict[str, Any]]]
+) -> tuple[dict, dict]:
+    """Seed by seed: the runs' full network minus the recipe's, and their sub-networks (BN re-est.) minus CT's."""
+    full = paired_differences(runs, by_setting.get(PLAIN_KL_SETTING.name, []), "full_top1")
+    return full, paired_differences(runs, by_setting.get("ct", []), "subnet_top1_recalibrated")
+
+
 def screen_state(by_setting: dict[str, list[dict[str, Any]]], plan: str) -> dict[str, Any]:
     """The plan's screen (its second tier, on ``then_seeds``) by its rule (the plan's ``screen``): per screened
     setting its full network against the recipe's and its sub-networks (BatchNorm re-estimated) against CT's, seed by
     seed (``rows``), the settings still unfinished (``waiting``) and the one the rule sends on (``pick``, or None)."""
     spec = PLANS[plan]
     rule = spec["screen"]
-    recipe, ct = by_setting.get(PLAIN_KL_SETTING.name, []), by_setting.get("ct", [])
     seeds = spec.get("then_seeds", spec["seeds"])
     rows, qualified, waiting = [], [], []
     for setting in spec["then"]:
         runs = [r for r in by_setting.get(setting.name, []) if r["seed"] in seeds]
-        full = paired_differences(runs, recipe, "full_top1")
-        sub = paired_differences(runs, ct, "subnet_top1_recalibrated")
+        full, sub = _against_recipe_and_ct(runs, by_setting)
         if set(full) != set(seeds) or set(sub) != set(seeds):
             waiting.append(setting)
             continue
@@ -611,9 +617,7 @@ def screen_confirmation(by_setting: dict[str, list[dict[str, Any]]], plan: str, 
     mean of ``full_gain`` or more, with sub-networks ``subnet_over_ct`` above CT's on every seed?"""
     spec = PLANS[plan]
     rule, seeds = spec["screen"], spec["seeds"]
-    runs = by_setting.get(picked.name, [])
-    full = paired_differences(runs, by_setting.get(PLAIN_KL_SETTING.name, []), "full_top1")
-    sub = paired_differences(runs, by_setting.get("ct", []), "subnet_top1_recalibrated")
+    full, sub = _against_recipe_and_ct(by_setting.get(picked.name, []), by_setting)
     missing = [seed for seed in seeds if seed not in full or seed not in sub]
     if missing:
         return f"Waiting for {picked.name} on seed(s) {', '.join(map(str, missing))}."
