@@ -181,14 +181,15 @@ PLANS: dict[str, dict[str, Any]] = {
             Setting("stpp", 1),
         ],
     },
-    # The CPU study, seed by seed; then plain KL against KL- at lambda 5, seed by seed.
+    # The CPU study, seed by seed; then plain KL against KL- at lambda 5, and plain KL at lambda 2 (the full plan's
+    # screen picked it at 50k; docs/results.md 2b: does one lambda serve both data sizes?), seed by seed.
     "cpu": {
         "depth": 20,
         "epochs": 100,
         "train_samples": 5000,
         "seeds": [1, 2, 3],
         "settings": LAMBDA_SETTINGS,
-        "then": [PLAIN_KL_SETTING],
+        "then": [PLAIN_KL_SETTING, SMALLER_LAMBDA_SETTINGS[1]],
     },
     # The from-scratch baseline of bench/subnet_payoff.py: a CIFAR ResNet-14 ([2, 2, 2], the shape of ResNet-20's
     # sub-network that drops one block per stage) trained as the cpu plan's CT. Give it its own --out.
@@ -671,34 +672,41 @@ def screen_reading(by_setting: dict[str, list[dict[str, Any]]], plan: str) -> li
 
 
 def data_size_points(results: list[dict[str, Any]], plan: str) -> list[dict[str, Any]]:
-    """The recipe-against-CT comparison in each plan ``plan`` names (``compare_with``, read from their committed
-    ``results.json``) and in ``plan`` itself: per plan its scale, its CT and recipe runs and the paired differences
-    by seed (full network and sub-networks). Plans without a paired seed are left out."""
-    recipe = PLAIN_KL_SETTING.name
-    points = []
+    """Plain KL with ``cosine_up`` (the recipe, and a smaller lambda) against CT in each plan ``plan`` names
+    (``compare_with``, read from their committed ``results.json``) and in ``plan`` itself: per setting measured
+    in two plans or more, per plan its scale, its CT and setting runs and the paired differences by seed (full
+    network and sub-networks), the recipe's lambda first. Plans without a paired seed are left out."""
+    by_plan = {}
     for name in [*PLANS[plan]["compare_with"], plan]:
         path = MEASUREMENTS / name / "results.json"
-        runs = results if name == plan else json.loads(path.read_text()) if path.exists() else []
-        ct, stpp = [r for r in runs if r["setting"] == "ct"], [r for r in runs if r["setting"] == recipe]
-        full = paired_differences(stpp, ct, "full_top1")
-        if full:
-            run = plan_runs(name)[0]  # the plan's scale: every run of a plan has the same
-            points.append({
-                "plan": name, "images": run.num_train_images, "epochs": run.epochs,
-                "steps": run.epochs * steps_per_epoch(run), "ct": ct, "recipe": stpp, "full": full,
-                "sub": paired_differences(stpp, ct, "subnet_top1_recalibrated"),
-            })  # fmt: skip
+        by_plan[name] = results if name == plan else json.loads(path.read_text()) if path.exists() else []
+    settings = [PLAIN_KL_SETTING, *(s for s in SMALLER_LAMBDA_SETTINGS if s != PLAIN_KL_SETTING)]
+    points = []
+    for setting in settings:
+        rows = []
+        for name, runs in by_plan.items():
+            ct, stpp = [r for r in runs if r["setting"] == "ct"], [r for r in runs if r["setting"] == setting.name]
+            full = paired_differences(stpp, ct, "full_top1")
+            if full:
+                run = plan_runs(name)[0]  # the plan's scale: every run of a plan has the same
+                rows.append({
+                    "plan": name, "setting": setting.name, "kl_coef": setting.kl_coef, "images": run.num_train_images, "epochs": run.epochs,
+                    "steps": run.epochs * steps_per_epoch(run), "ct": ct, "recipe": stpp, "full": full,
+                    "sub": paired_differences(stpp, ct, "subnet_top1_recalibrated"),
+                })  # fmt: skip
+        if len({row["images"] for row in rows}) > 1:
+            points += rows
     return points
 
 
 def data_size_comparison(results: list[dict[str, Any]], plan: str) -> list[str]:
-    """The plan's recipe-against-CT gain beside the same comparison in the plans it names: one row per plan, with
-    its data size, epochs and steps (:func:`data_size_points`)."""
+    """Each setting's gain over CT at each data size it was measured at (:func:`data_size_points`): one row per
+    setting and plan, with the plan's data size, epochs and steps."""
     rows = []
     for point in data_size_points(results, plan):
         full, diffs, ct, stpp = point["full"], list(point["full"].values()), point["ct"], point["recipe"]
         rows.append(
-            f"| {point['plan']} | {point['images']:,} | {point['epochs']} | {point['steps']:,} | "
+            f"| {point['setting']} | {point['plan']} | {point['images']:,} | {point['epochs']} | {point['steps']:,} | "
             f"{', '.join(map(str, full))} | {_mean_std([r['full_top1'] for r in ct if r['seed'] in full])} "
             f"| {_mean_std([r['full_top1'] for r in stpp if r['seed'] in full])} | {_mean_std(diffs)} "
             f"| {paired_t(diffs)} | {sum(d > 0 for d in diffs)} of {len(diffs)} | {_mean_std(list(point['sub'].values()))} "
@@ -708,12 +716,13 @@ def data_size_comparison(results: list[dict[str, Any]], plan: str) -> list[str]:
         return []
     return [
         "",
-        f"The recipe ({PLAIN_KL_SETTING.name}) against CT as the training data grow (ResNet-20; paired by seed; Δ in "
-        "points; [data_size.png](data_size.png)):",
+        f"Plain KL with `cosine_up` (the recipe, {PLAIN_KL_SETTING.name}, and a smaller lambda where it was measured at "
+        "both sizes) against CT as the training data grow (ResNet-20; paired by seed; Δ in points; "
+        "[data_size.png](data_size.png)):",
         "",
-        "| plan | training images | epochs | steps | seeds | CT full top-1 | recipe full top-1 | Δ | t (p) "
-        "| seeds with Δ > 0 | sub-net Δ, BN re-est. | last-epoch training CE, CT / recipe |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| setting | plan | training images | epochs | steps | seeds | CT full top-1 | setting full top-1 | Δ | t (p) "
+        "| seeds with Δ > 0 | sub-net Δ, BN re-est. | last-epoch training CE, CT / setting |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         *rows,
         "",
         "The training CE is the full network's cross-entropy on the augmented training images, averaged over the last "
@@ -722,8 +731,9 @@ def data_size_comparison(results: list[dict[str, Any]], plan: str) -> list[str]:
 
 
 def plot_data_size(results: list[dict[str, Any]], plan: str, path: Path) -> bool:
-    """The recipe's paired gain over CT against the training images, each seed a dot and each plan's mean a bar:
-    the full network (left) and the sub-networks with BatchNorm re-estimated (right). False if nothing to plot."""
+    """Each setting's paired gain over CT at each data size (:func:`data_size_points`), each seed a dot and each
+    mean a bar: the full network (left) and the sub-networks with BatchNorm re-estimated (right). False if nothing
+    to plot."""
     points = data_size_points(results, plan)
     if not points:
         return False
@@ -732,18 +742,19 @@ def plot_data_size(results: list[dict[str, Any]], plan: str, path: Path) -> bool
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    figure, axes = plt.subplots(1, 2, figsize=(12, 4))
     for ax, key, title in ((axes[0], "full", "full network"), (axes[1], "sub", "sub-networks, BN re-estimated")):
         for i, point in enumerate(points):
             values = list(point[key].values())
-            ax.scatter([i] * len(values), values, color=f"C{i}", zorder=3, label=f"{point['plan']}: seeds "
-                       + ", ".join(map(str, point[key])))  # fmt: skip
+            ax.scatter([i] * len(values), values, color=f"C{i}", zorder=3, label=f"{point['setting']}, "
+                       f"{point['plan']}: seeds " + ", ".join(map(str, point[key])))  # fmt: skip
             ax.hlines(statistics.mean(values), i - 0.25, i + 0.25, color=f"C{i}", linewidth=2)
         ax.axhline(0, color="grey", linewidth=0.8)
         ax.set_xticks(
-            range(len(points)), [f"{p['plan']}\n{p['images'] // 1000}k images, {p['epochs']} ep." for p in points]
+            range(len(points)),
+            [f"λ {p['kl_coef']:g}, {p['plan']}\n{p['images'] // 1000}k, {p['epochs']} ep." for p in points],
         )
-        ax.set(ylabel="recipe − CT, test top-1 (points)", title=title)
+        ax.set(ylabel="setting − CT, test top-1 (points)", title=title)
     axes[0].legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -31,8 +31,10 @@ def test_plans_run_seed_by_seed_and_each_setting_becomes_its_overrides():
     runs = study.plan_runs("cpu")
     main = [run for run in runs if run.setting.kl_loss == "kl_direction" or run.setting.method == "ct"]
     assert runs[: len(main)] == main and len(main) == 12  # CT and KL- first, plain KL after them
-    plain = runs[len(main) :]
-    assert [(run.setting.kl_loss, run.setting.kl_coef, run.seed) for run in plain] == [("kl", 5, s) for s in (1, 2, 3)]
+    plain = runs[len(main) :]  # lambda 5 (the 5k recipe), then lambda 2 (the full plan's pick), seed by seed
+    assert [(run.setting.kl_loss, run.setting.kl_coef, run.seed) for run in plain] == [
+        ("kl", lam, s) for s in (1, 2, 3) for lam in (5, 2)
+    ]
     assert [run.seed for run in main] == sorted(run.seed for run in main)  # a study cut short stays balanced
     assert len({run.name for run in runs}) == len(runs)
     assert {run.epochs for run in runs} == {100} and {run.depth for run in runs} == {20}
@@ -215,6 +217,9 @@ def test_the_full_plan_reports_its_gain_beside_the_5k_plans(tmp_path, monkeypatc
         for name, values in {"ct": [90.0, 91.0], "stpp_l5_kl_cosine_up": [90.5, 91.0]}.items()
         for seed, value in zip((1, 2), values, strict=True)
     ]
+    # The screen's lambda 1 and 2 on seed 1: lambda 2 is measured at 5k too (a row at each size), lambda 1 is not.
+    results += [_finished_record(study, runs["stpp_l1_kl_cosine_up", 1], 89.0)]
+    results += [_finished_record(study, runs["stpp_l2_kl_cosine_up", 1], 90.25)]
     # The 5k plans' records as committed, and one plan whose records are missing (no row, no error).
     measurements = tmp_path / "measurements"
     for plan, gains in (("cpu", [2.0, 1.0, 1.5]), ("payoff", [1.0, 1.0, 1.0])):
@@ -224,25 +229,40 @@ def test_the_full_plan_reports_its_gain_beside_the_5k_plans(tmp_path, monkeypatc
             _finished_record(study, plan_runs["stpp_l5_kl_cosine_up", s], 70.0 + g)
             for s, g in zip((1, 2, 3), gains, strict=True)
         ]
+        if plan == "cpu":
+            records += [_finished_record(study, plan_runs["stpp_l2_kl_cosine_up", s], 71.0) for s in (1, 2)]
         (measurements / plan).mkdir(parents=True)
         (measurements / plan / "results.json").write_text(json.dumps(records))
     monkeypatch.setattr(study, "MEASUREMENTS", measurements)
     lines = study.report_markdown(results, "full").splitlines()
-    rows = {line.split(" | ")[0][2:]: line for line in lines if line.startswith(("| cpu |", "| payoff |", "| full |"))}
-    assert list(rows) == ["cpu", "payoff", "full"]  # the 5k plans first, the full data last
-    assert "| 5,000 | 100 | 4,000 | 1, 2, 3 |" in rows["cpu"] and "| 1.50 ± 0.50 |" in rows["cpu"]
-    assert "| 1.00 ± 0.00 | - | 3 of 3 |" in rows["payoff"]
-    assert "| 50,000 | 50 | 19,550 | 1, 2 | 90.50 ± 0.71 | 90.75 ± 0.35 | 0.25 ± 0.35 |" in rows["full"]
-    assert "| 1 of 2 |" in rows["full"]  # seed 2 tied: not a gain
-    assert rows["full"].endswith("| 2.000 / 2.000 |")  # the last epoch's training CE, CT / recipe
-    # The figure: each plan's paired differences by seed, the same as the table's.
-    points = {point["plan"]: point for point in study.data_size_points(results, "full")}
-    assert points["cpu"]["full"] == {1: 2.0, 2: 1.0, 3: 1.5} and points["full"]["full"] == {1: 0.5, 2: 0.0}
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    rows = {
+        (c[0], c[1]): line for c, line in zip(cells, lines, strict=True) if c[1:2] in (["cpu"], ["payoff"], ["full"])
+    }
+    # The recipe first, the 5k plans before the full data; lambda 1 has no 5k runs: no row.
+    assert list(rows) == [
+        ("stpp_l5_kl_cosine_up", "cpu"), ("stpp_l5_kl_cosine_up", "payoff"), ("stpp_l5_kl_cosine_up", "full"),
+        ("stpp_l2_kl_cosine_up", "cpu"), ("stpp_l2_kl_cosine_up", "full"),
+    ]  # fmt: skip
+    recipe = {plan: line for (setting, plan), line in rows.items() if setting == "stpp_l5_kl_cosine_up"}
+    assert "| 5,000 | 100 | 4,000 | 1, 2, 3 |" in recipe["cpu"] and "| 1.50 ± 0.50 |" in recipe["cpu"]
+    assert "| 1.00 ± 0.00 | - | 3 of 3 |" in recipe["payoff"]
+    assert "| 50,000 | 50 | 19,550 | 1, 2 | 90.50 ± 0.71 | 90.75 ± 0.35 | 0.25 ± 0.35 |" in recipe["full"]
+    assert "| 1 of 2 |" in recipe["full"]  # seed 2 tied: not a gain
+    assert recipe["full"].endswith("| 2.000 / 2.000 |")  # the last epoch's training CE, CT / recipe
+    assert "| 1, 2 | 70.00 ± 0.00 | 71.00 ± 0.00 | 1.00 ± 0.00 |" in rows["stpp_l2_kl_cosine_up", "cpu"]
+    assert "| 50,000 | 50 | 19,550 | 1 | 90.00 | 90.25 | 0.25 |" in rows["stpp_l2_kl_cosine_up", "full"]
+    # The figure: each setting's paired differences by seed in each plan, the same as the table's.
+    points = {(p["setting"], p["plan"]): p for p in study.data_size_points(results, "full")}
+    assert points["stpp_l5_kl_cosine_up", "cpu"]["full"] == {1: 2.0, 2: 1.0, 3: 1.5}
+    assert points["stpp_l5_kl_cosine_up", "full"]["full"] == {1: 0.5, 2: 0.0}
+    assert points["stpp_l2_kl_cosine_up", "full"]["full"] == {1: 0.25}
     report_dir = tmp_path / "report"
     study.write_report(results, report_dir, "full")
     assert (report_dir / "data_size.png").stat().st_size > 0
     monkeypatch.setattr(study, "MEASUREMENTS", tmp_path / "nothing")
-    assert [line for line in study.report_markdown(results, "full").splitlines() if line.startswith("| cpu |")] == []
+    assert study.data_size_points(results, "full") == []  # one data size only: nothing to compare
+    assert not [line for line in study.report_markdown(results, "full").splitlines() if "| cpu |" in line]
     assert not study.plot_data_size([], "full", tmp_path / "none.png") and not (tmp_path / "none.png").exists()
 
 
