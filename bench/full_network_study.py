@@ -680,7 +680,7 @@ def data_size_points(results: list[dict[str, Any]], plan: str) -> list[dict[str,
     for name in [*PLANS[plan]["compare_with"], plan]:
         path = MEASUREMENTS / name / "results.json"
         by_plan[name] = results if name == plan else json.loads(path.read_text()) if path.exists() else []
-    settings = [PLAIN_KL_SETTING, *(s for s in SMALLER_LAMBDA_SETTINGS if s != PLAIN_KL_SETTING)]
+    settings = [PLAIN_KL_SETTING, *SMALLER_LAMBDA_SETTINGS]
     points = []
     for setting in settings:
         rows = []
