@@ -55,7 +55,8 @@ for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE"):
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "data" / "cifar10"
-# The CIFAR ST++ recipes' setting (lambda 5, plain KL, cosine_up: docs/results.md), as the study names it.
+# The CIFAR ST++ recipes' setting at 5k (lambda 5, plain KL, cosine_up: docs/results.md 2; at full data they take
+# lambda 2, section 2b), as the study names it.
 RECIPE_SETTING = "stpp_l5_kl_cosine_up"
 CT_SETTING = "ct"
 # The networks trained from scratch, by the study's setting names (the payoff plan's other depths).

@@ -67,24 +67,29 @@ def test_the_payoff_and_full_plans_train_the_recipe_against_ct_and_name_every_de
     assert [(run.name, run.train_samples, run.depth) for run in full[:2]] == [
         ("stpp_l5_kl_cosine_up_seed1", None, 20), ("ct_seed1", None, 20),
     ]  # fmt: skip
-    # The recipe's setting, as the CIFAR ST++ recipes set it.
-    recipe = (REPO_ROOT / "configs" / "cifar10_resnet56_stpp.yaml").read_text()
-    assert "kl_coef: 5.0" in recipe and "kl_coef_schedule: cosine_up" in recipe and "kl_loss: kl\n" in recipe
+    # The full plan began with the recipe at lambda 5; the CIFAR ST++ recipes now set the screen's pick, lambda 2.
     assert full[0].setting.overrides() == [
         "--kl_coef", "5", "--kl_loss", "kl", "--kl_coef_schedule", "cosine_up", "--stim_start_epoch", "0",
+    ]  # fmt: skip
+    for name in ("cifar10", "cifar100"):
+        recipe = (REPO_ROOT / "configs" / f"{name}_resnet56_stpp.yaml").read_text()
+        assert "kl_coef: 2.0" in recipe and "kl_coef_schedule: cosine_up" in recipe and "kl_loss: kl\n" in recipe
+    assert study.RECIPE_SETTING.overrides() == [
+        "--kl_coef", "2", "--kl_loss", "kl", "--kl_coef_schedule", "cosine_up", "--stim_start_epoch", "0",
     ]  # fmt: skip
     assert {run.warmup for run in full} == {"0"}  # as the 5k study: no warm-up at ResNet-20
     # Three seeds of the comparison first, then the smaller-lambda screen on seed 1 only.
     assert [run.name for run in full[6:]] == ["stpp_l1_kl_cosine_up_seed1", "stpp_l2_kl_cosine_up_seed1"]
     assert [run.seed for run in full[:6]] == [1, 1, 2, 2, 3, 3]
-    # The GPU plan: ResNet-56 with its recipes' one-epoch warm-up, the same in the run's key and its record.
+    # The GPU plan: today's recipe against CT at ResNet-56 with its recipes' one-epoch warm-up, the same in the run's
+    # key and its record.
     gpu = study.plan_runs("gpu")
     assert [(run.name, run.depth, run.warmup) for run in gpu[:2]] == [
-        ("stpp_l5_kl_cosine_up_seed1", 56, "0.005"), ("ct_seed1", 56, "0.005"),
+        ("stpp_l2_kl_cosine_up_seed1", 56, "0.005"), ("ct_seed1", 56, "0.005"),
     ]  # fmt: skip
-    # Then, at paper scale too, the full plan's smaller-lambda screen before the 5k study's grid.
+    # Then, at paper scale too, the recipe's lambda before and the screen's other lambda, before the 5k study's grid.
     assert [run.name for run in gpu[6:9]] == [
-        "stpp_l1_kl_cosine_up_seed1", "stpp_l2_kl_cosine_up_seed1", "stpp_l1_kl-_step0_seed1",
+        "stpp_l5_kl_cosine_up_seed1", "stpp_l1_kl_cosine_up_seed1", "stpp_l1_kl-_step0_seed1",
     ]  # fmt: skip
     stpp_recipe = study.run_fields(gpu[0])
     assert stpp_recipe["lr_warmup"] == "0.005" and gpu[0].key() != study.Run(gpu[0].setting, 1, 56, 200, None).key()

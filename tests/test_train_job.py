@@ -176,7 +176,7 @@ def test_changing_only_the_method_of_a_recipe_that_pins_its_settings(tmp_path, c
     caplog.clear()
     with caplog.at_level("WARNING", logger="stim_hf.training.config"):
         args = parse([recipe])
-    assert (args.stim_method, args.kl_loss, args.kl_coef, args.kl_coef_schedule) == ("stpp", "kl", 5.0, "cosine_up")
+    assert (args.stim_method, args.kl_loss, args.kl_coef, args.kl_coef_schedule) == ("stpp", "kl", 2.0, "cosine_up")
     assert args.preset_departures == "kl_loss" and "set explicitly" not in caplog.text
     with caplog.at_level("WARNING", logger="stim_hf.training.config"):
         parse([recipe, "--preset_departures", "null"])
