@@ -675,10 +675,10 @@ def screen_reading(by_setting: dict[str, list[dict[str, Any]]], plan: str) -> li
 
 
 def data_size_points(results: list[dict[str, Any]], plan: str) -> list[dict[str, Any]]:
-    """Plain KL with ``cosine_up`` (the recipe, and a smaller lambda) against CT in each plan ``plan`` names
-    (``compare_with``, read from their committed ``results.json``) and in ``plan`` itself: per setting measured
-    in two plans or more, per plan its scale, its CT and setting runs and the paired differences by seed (full
-    network and sub-networks), the recipe's lambda first. Plans without a paired seed are left out."""
+    """Plain KL with ``cosine_up`` (lambda 5, then the screened lambdas) against CT in each plan ``plan`` names
+    (``compare_with``, read from their committed ``results.json``) and in ``plan`` itself: for each setting
+    measured at two data sizes or more, per plan its scale, its CT and setting runs and the paired differences by
+    seed (full network and sub-networks). Plans without a paired seed are left out."""
     by_plan = {}
     for name in [*PLANS[plan]["compare_with"], plan]:
         path = MEASUREMENTS / name / "results.json"
@@ -693,9 +693,9 @@ def data_size_points(results: list[dict[str, Any]], plan: str) -> list[dict[str,
             if full:
                 run = plan_runs(name)[0]  # the plan's scale: every run of a plan has the same
                 rows.append({
-                    "plan": name, "setting": setting.name, "kl_coef": setting.kl_coef, "images": run.num_train_images, "epochs": run.epochs,
-                    "steps": run.epochs * steps_per_epoch(run), "ct": ct, "recipe": stpp, "full": full,
-                    "sub": paired_differences(stpp, ct, "subnet_top1_recalibrated"),
+                    "plan": name, "setting": setting.name, "kl_coef": setting.kl_coef, "images": run.num_train_images,
+                    "epochs": run.epochs, "steps": run.epochs * steps_per_epoch(run), "ct": ct, "setting_runs": stpp,
+                    "full": full, "sub": paired_differences(stpp, ct, "subnet_top1_recalibrated"),
                 })  # fmt: skip
         if len({row["images"] for row in rows}) > 1:
             points += rows
@@ -707,7 +707,7 @@ def data_size_comparison(results: list[dict[str, Any]], plan: str) -> list[str]:
     setting and plan, with the plan's data size, epochs and steps."""
     rows = []
     for point in data_size_points(results, plan):
-        full, diffs, ct, stpp = point["full"], list(point["full"].values()), point["ct"], point["recipe"]
+        full, diffs, ct, stpp = point["full"], list(point["full"].values()), point["ct"], point["setting_runs"]
         rows.append(
             f"| {point['setting']} | {point['plan']} | {point['images']:,} | {point['epochs']} | {point['steps']:,} | "
             f"{', '.join(map(str, full))} | {_mean_std([r['full_top1'] for r in ct if r['seed'] in full])} "
