@@ -679,23 +679,22 @@ def data_size_points(results: list[dict[str, Any]], plan: str) -> list[dict[str,
     (``compare_with``, read from their committed ``results.json``) and in ``plan`` itself: for each setting
     measured at two data sizes or more, per plan its scale, its CT and setting runs and the paired differences by
     seed (full network and sub-networks). Plans without a paired seed are left out."""
-    by_plan = {}
+    by_plan, scale = {}, {}
     for name in [*PLANS[plan]["compare_with"], plan]:
         path = MEASUREMENTS / name / "results.json"
         by_plan[name] = results if name == plan else json.loads(path.read_text()) if path.exists() else []
-    settings = [PLAIN_KL_SETTING, *SMALLER_LAMBDA_SETTINGS]
+        run = plan_runs(name)[0]  # the plan's scale: every run of a plan has the same
+        scale[name] = {"images": run.num_train_images, "epochs": run.epochs, "steps": run.epochs * steps_per_epoch(run)}
     points = []
-    for setting in settings:
+    for setting in [PLAIN_KL_SETTING, *SMALLER_LAMBDA_SETTINGS]:
         rows = []
         for name, runs in by_plan.items():
             ct, stpp = [r for r in runs if r["setting"] == "ct"], [r for r in runs if r["setting"] == setting.name]
             full = paired_differences(stpp, ct, "full_top1")
             if full:
-                run = plan_runs(name)[0]  # the plan's scale: every run of a plan has the same
                 rows.append({
-                    "plan": name, "setting": setting.name, "kl_coef": setting.kl_coef, "images": run.num_train_images,
-                    "epochs": run.epochs, "steps": run.epochs * steps_per_epoch(run), "ct": ct, "setting_runs": stpp,
-                    "full": full, "sub": paired_differences(stpp, ct, "subnet_top1_recalibrated"),
+                    "plan": name, "setting": setting.name, "kl_coef": setting.kl_coef, **scale[name], "ct": ct,
+                    "setting_runs": stpp, "full": full, "sub": paired_differences(stpp, ct, "subnet_top1_recalibrated"),
                 })  # fmt: skip
         if len({row["images"] for row in rows}) > 1:
             points += rows
