@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
 import sys
 from types import ModuleType
 
@@ -121,6 +122,13 @@ def test_one_seed_end_to_end_with_its_cache_and_a_seed_not_finished(tmp_path, ca
     assert payoff.main(argv) == 0
     assert not SCORED.search(capsys.readouterr().out)
     assert json.loads((report / "results.json").read_text()) == [record]
+    # The cache stands without the run folders (a new machine writes the same report again) ...
+    shutil.rmtree(study)
+    assert payoff.main(argv) == 0
+    assert json.loads((report / "results.json").read_text()) == [record]
+    # ... but never answers for another ST++ setting.
+    with pytest.raises(SystemExit, match="holds the search of stpp_l5_kl_cosine_up, not of --st-setting stpp_l2"):
+        payoff.main([*argv, "--st-setting", "stpp_l2_kl_cosine_up"])
 
 
 def test_fine_tuning_the_st_pick_kept_per_seed_and_reported(tmp_path, capsys):
