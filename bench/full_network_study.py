@@ -197,7 +197,7 @@ PLANS: dict[str, dict[str, Any]] = {
     # The from-scratch baseline of bench/subnet_payoff.py: a CIFAR ResNet-14 ([2, 2, 2], the shape of ResNet-20's
     # sub-network that drops one block per stage) trained as the cpu plan's CT. Give it its own --out.
     "r14": {"depth": 14, "epochs": 100, "train_samples": 5000, "seeds": [1, 2, 3], "settings": [CT]},
-    # bench/subnet_payoff.py (issue 30): per seed, the recipe's ST++ and CT ResNet-20 side by side (their wall times
+    # bench/subnet_payoff.py (issue 30): per seed, ST++ (lambda 5) and CT ResNet-20 side by side (their wall times
     # compared), then the from-scratch ResNet-14 and ResNet-8 ([1, 1, 1]) trained as CT. ST++ first and the two short
     # runs last keep two workers busy to the end of each seed.
     "payoff": {
@@ -208,8 +208,8 @@ PLANS: dict[str, dict[str, Any]] = {
         "settings": [PLAIN_KL_SETTING, CT],
         "other_depths": [14, 8],
     },
-    # Issue 27: the recipe's ST++ against CT on all 50,000 training images (ResNet-20, 50 epochs: a pair takes about
-    # 3 hours on 2 cores, two runs at once), seed by seed; the decision rule is in docs/results.md.
+    # Issue 27: the recipe's ST++ (then lambda 5) against CT on all 50,000 training images (ResNet-20, 50 epochs: a
+    # pair takes about 3 hours on 2 cores, two runs at once), seed by seed; the decision rule is in docs/results.md.
     # Its report sets the gain beside the same comparison on 5,000 images (the cpu and payoff plans' records).
     "full": {
         "depth": 20,

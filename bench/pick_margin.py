@@ -3,7 +3,7 @@
   # after bench/subnet_payoff.py has searched and scored the payoff study's seeds
   python bench/pick_margin.py --study ~/stim_hf_study/payoff
 
-Per seed of the payoff study (``bench/full_network_study.py --plan payoff``), the recipe's ST++ ResNet-20 is searched
+Per seed of the payoff study (``bench/full_network_study.py --plan payoff``), its ST++ ResNet-20 (lambda 5) is searched
 exactly as ``bench/subnet_payoff.py`` searches it: every prefix sub-network at each of ``--input-sizes``, BatchNorm
 re-estimated on ``--search-recalibrate-bn`` training images, scored on the seed's ``--holdout-samples`` held-out
 training images (the payoff study's ``heldout_seed*.parquet``, never the test split). At each of ``--budgets`` the
@@ -107,8 +107,9 @@ def report_markdown(records: list[dict[str, Any]], args: argparse.Namespace) -> 
     seeds = ", ".join(str(r["seed"]) for r in records)
     margins = [f"{m:g}" for m in args.margin_values]
     lines = [
-        f"The recipe's ST++ ResNet-20 of the payoff study (seeds {seeds}): its pick at each FLOPs budget and pick "
-        f"margin (paired standard errors on {args.holdout_samples:,} held-out training images; 0: the most accurate). "
+        f"The ST++ ResNet-20 of the payoff study (`{args.st_setting}`; seeds {seeds}): its pick at each FLOPs "
+        f"budget and pick margin (paired standard errors on {args.holdout_samples:,} held-out training images; 0: the "
+        "most accurate). "
         "Test top-1 on the whole test split, each pick exported with its BatchNorm statistics re-estimated; mean ± "
         "std over seeds, the difference to margin 0 paired by seed.",
         "",
