@@ -33,9 +33,10 @@ Per seed, all checkpoints trained on the same 5,000 CIFAR-10 images for the same
    dedicated trainings plus theirs.
 
 Writes ``results.json`` (every figure; checkpoints keyed by their study setting, the payoff plan's ST++ setting
-marked), ``results.md`` (the budget table over seeds with the paired difference, per-seed tables, fronts, cost) and ``payoff.png`` (per
-seed: the fronts on the test split and the picks; last panel: the picks against the budget, mean and std over
-seeds) to ``--report-dir`` (default ``docs/measurements/subnet_payoff``).
+marked), ``results.md`` (the budget table over seeds with the paired difference, per-seed tables, fronts, cost) and
+``payoff.png`` (per seed: the fronts on the test split and the picks; last panel: the picks against the budget, mean
+and std over seeds) to ``--report-dir`` (default ``docs/measurements/subnet_payoff``). A seed scored before is read
+from its ``seed*/payoff.json`` there, with or without the study's run folders (``--redo`` scores it again).
 """
 
 from __future__ import annotations
@@ -339,7 +340,8 @@ def cost_fields(result: dict[str, Any]) -> dict[str, Any]:
 
 
 def payoff_for_seed(seed: int, args: argparse.Namespace) -> dict[str, Any] | None:
-    """Search, pick, export and score one seed's checkpoints; None if one of its runs has not finished."""
+    """Search, pick, export and score one seed's checkpoints (or read the seed's record, written before); None if one
+    of its runs has not finished."""
     from stim_hf.analysis.pareto import pareto_front
 
     cache = args.report_dir / f"seed{seed}" / "payoff.json"
