@@ -67,6 +67,12 @@ def test_two_processes_match_each_other_and_one_process(tmp_path):
     for rank in (0, 1):
         for key, value in load_rank(sequential, rank)[0].items():
             torch.testing.assert_close(value, rank0[key], rtol=0, atol=1e-6)
+    # Ending the run joins gloo's threads, so none of them is left to free tensors while Python shuts down.
+    for out in (multi, sequential):
+        for rank in (0, 1):
+            teardown = json.loads((out / f"rank{rank}_teardown.json").read_text())
+            if teardown["threads_before_end"] is not None:  # Linux lists a process's threads in /proc
+                assert teardown["threads_after_end"] < teardown["threads_before_end"], teardown
     rank1, record1 = load_rank(multi, 1)
     alone, record_alone = load_rank(single, 0)
     assert record0["world_size"] == 2 and record_alone["world_size"] == 1

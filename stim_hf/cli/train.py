@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import sys
@@ -247,12 +248,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def end_distributed_run() -> None:
-    """Once every process is done, destroy the process group (nothing to do in a single process).
+    """Once every process is done, destroy the process group and join its threads (nothing to do in a
+    single process).
 
-    A process that exits with its process group alive can abort in the communication library's
-    teardown or exit non-zero after a finished run (torch's documented advice is to destroy it).
+    Call it once the trainer is out of reach. ``destroy_process_group`` alone leaves gloo's worker
+    threads running while the finished trainer's DDP model still holds the group; a worker that drops
+    the last reference to a finished collective while the interpreter shuts down must take the GIL to
+    free that collective's tensors, and the process aborts ("terminate called without an active
+    exception", SIGABRT; caught in a core dump of tests/test_distributed.py, about 1 launch in 10 to 70).
+    Collecting the trainer's reference cycles here destroys the group, which joins its threads first.
     """
     state = PartialState()
     if state.use_distributed:
         state.wait_for_everyone()
         state.destroy_process_group()
+        gc.collect()

@@ -88,7 +88,25 @@ def dataset(n: int = 64, size: int = 16) -> Dataset:
     return Dataset.from_dict({"pixel_values": images, "labels": labels}, features=features).with_format("torch")
 
 
+def live_threads() -> int | None:
+    """The process's threads, C++ ones included (Linux); None where /proc does not list them."""
+    tasks = Path("/proc/self/task")
+    return len(list(tasks.iterdir())) if tasks.is_dir() else None
+
+
 def main() -> None:
+    """Train and record (the trainer is out of reach afterwards, as in the training job), then end the run as the
+    training job ends it and record the threads before and after (gloo's are joined then)."""
+    args = train_and_record()
+    threads_before = live_threads()
+    end_distributed_run()
+    teardown = {"threads_before_end": threads_before, "threads_after_end": live_threads()}
+    rank = os.environ.get("RANK", "0")
+    (Path(args.out) / f"rank{rank}_teardown.json").write_text(json.dumps(teardown))
+
+
+def train_and_record() -> argparse.Namespace:
+    """Parse the arguments, train, and write this rank's parameters and record."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", choices=["nonorm", "stem_bn", "cifar"], default="nonorm")
@@ -173,7 +191,7 @@ def main() -> None:
         "subnet_results": subnet_results,
     }
     (out / f"rank{rank}_subnets.json").write_text(json.dumps(record))
-    end_distributed_run()  # as the training job ends
+    return args
 
 
 if __name__ == "__main__":
