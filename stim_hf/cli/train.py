@@ -6,6 +6,7 @@ import gc
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -262,4 +263,7 @@ def end_distributed_run() -> None:
     if state.use_distributed:
         state.wait_for_everyone()
         state.destroy_process_group()
+        # A worker frees the collective it just finished right after it completes; the pause hands it the GIL for
+        # that, so that the join below (which may run with the GIL held) does not wait on a thread waiting for it.
+        time.sleep(0.1)
         gc.collect()

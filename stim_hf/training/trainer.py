@@ -399,6 +399,10 @@ class StimulativeTrainer(ReliableTrainer):
         pixel_values, labels = inputs["pixel_values"], inputs["labels"]
         if self.args.channels_last and pixel_values.dim() == 4:
             pixel_values = pixel_values.contiguous(memory_format=torch.channels_last)
+        elif self.args.world_size > 1:
+            # Channels-last images (the predecoded pipeline's) into a channels-first model give channels-last
+            # weight gradients, which DDP, its buckets laid out like the parameters, copies and warns about.
+            pixel_values = pixel_values.contiguous()
         with phase(self.profiling and model.training, "stim_hf/full_forward"):
             outputs = model(pixel_values=pixel_values)
             logits = outputs.logits

@@ -88,6 +88,12 @@ def dataset(n: int = 64, size: int = 16) -> Dataset:
     return Dataset.from_dict({"pixel_values": images, "labels": labels}, features=features).with_format("torch")
 
 
+def channels_last_batches(examples: list[dict]) -> dict[str, torch.Tensor]:
+    """Stack examples into a batch whose images are in channels-last memory order."""
+    pixels = torch.stack([e["pixel_values"] for e in examples]).contiguous(memory_format=torch.channels_last)
+    return {"pixel_values": pixels, "labels": torch.stack([e["labels"] for e in examples])}
+
+
 def live_threads() -> int | None:
     """The process's threads, C++ ones included (Linux); None where /proc does not list them."""
     tasks = Path("/proc/self/task")
@@ -117,6 +123,9 @@ def train_and_record() -> argparse.Namespace:
     parser.add_argument("--bf16", action="store_true")
     parser.add_argument("--sync_batchnorm", action="store_true")
     parser.add_argument("--channels_last", action="store_true")
+    parser.add_argument(
+        "--channels_last_images", action="store_true", help="batches in channels-last order, as the predecoded pipeline"
+    )
     parser.add_argument("--backward_strategy", default="summed")
     parser.add_argument("--on_nonfinite_loss", default="stop")
     parser.add_argument("--poison_step", type=int, default=0, help="the last rank's CE is inf at this step")
@@ -156,7 +165,8 @@ def train_and_record() -> argparse.Namespace:
         disable_tqdm=True,
         train_sampling_strategy="sequential",
     )
-    trainer = StimulativeTrainer(model=model, args=training_args, train_dataset=dataset())
+    collator = channels_last_batches if args.channels_last_images else None
+    trainer = StimulativeTrainer(model=model, args=training_args, train_dataset=dataset(), data_collator=collator)
     if args.poison_step:
         main_loss = trainer.main_loss
 
