@@ -153,7 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--budgets", default="0.10,0.25,0.50,ResNet-14,1.00",
         help="FLOPs budgets: shares of the ResNet-20 at 32 px, or ResNet-8 / ResNet-14 (their FLOPs)",
     )  # fmt: skip
-    parser.add_argument("--st-setting", default="stpp_l5_kl_cosine_up", help="the study setting searched")
+    parser.add_argument("--st-setting", default=payoff.PAYOFF_ST_SETTING, help="the study setting searched")
     parser.add_argument("--report-dir", type=Path, default=REPO / "docs" / "measurements" / "pick_margin")
     parser.add_argument(
         "--payoff-report", type=Path, default=REPO / "docs" / "measurements" / "subnet_payoff",

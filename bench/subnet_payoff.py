@@ -59,7 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "data" / "cifar10"
 # The ST++ the payoff plan trains, as the study names it: lambda 5, plain KL, cosine_up, the 5k study's pick
 # (docs/results.md 2) and the CIFAR ST++ recipes' setting until section 2b moved them to lambda 2.
-RECIPE_SETTING = "stpp_l5_kl_cosine_up"
+PAYOFF_ST_SETTING = "stpp_l5_kl_cosine_up"
 CT_SETTING = "ct"
 # The networks trained from scratch, by the study's setting names (the payoff plan's other depths).
 SCRATCH = {"ResNet-20": "ct", "ResNet-14": "ct_r14", "ResNet-8": "ct_r8"}
@@ -388,7 +388,7 @@ def payoff_for_seed(seed: int, args: argparse.Namespace) -> dict[str, Any] | Non
         front = sorted((x for x in c.candidates if x.pareto_flops), key=lambda x: x.flops)
         checkpoints[settings[c.label]] = {
             "label": c.label,
-            "recipe": settings[c.label] == RECIPE_SETTING,
+            "recipe": settings[c.label] == PAYOFF_ST_SETTING,
             "full_test_top1": results[c.label]["full_top1"],
             "search_seconds": search_seconds[c.label],
             **cost_fields(results[c.label]),
@@ -409,7 +409,7 @@ def payoff_for_seed(seed: int, args: argparse.Namespace) -> dict[str, Any] | Non
     record: dict[str, Any] = {
         "seed": seed,
         "reference_flops": reference,
-        "recipe_setting": RECIPE_SETTING,
+        "recipe_setting": PAYOFF_ST_SETTING,
         "st_setting": args.st_setting,
         "checkpoints": checkpoints,
         "scratch_points": sorted(points, key=lambda p: p["flops"]),
@@ -545,7 +545,7 @@ def report_markdown(records: list[dict[str, Any]], args: argparse.Namespace) -> 
         f"Test top-1 (%) on {test}. ST++: `{setting}`"
         + (
             " (the 5k study's pick, the CIFAR ST++ recipes' setting until docs/results.md 2b moved them to λ 2)"
-            if setting == RECIPE_SETTING
+            if setting == PAYOFF_ST_SETTING
             else ""
         )
         + f"; seeds {', '.join(str(r['seed']) for r in records)}. Every pick is chosen on "
@@ -661,7 +661,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--study", type=Path, required=True, help="--out of the full-network study's payoff plan")
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument(
-        "--st-setting", default=RECIPE_SETTING, help="the study setting whose ResNet-20 gives the ST++ sub-networks"
+        "--st-setting", default=PAYOFF_ST_SETTING, help="the study setting whose ResNet-20 gives the ST++ sub-networks"
     )
     parser.add_argument(
         "--budgets", default=BUDGETS, help="FLOPs budgets: shares of the ResNet-20 at 32 px, or ResNet-8 / ResNet-14"
