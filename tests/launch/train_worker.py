@@ -103,16 +103,15 @@ def live_threads() -> int | None:
 def main() -> None:
     """Train and record (the trainer is out of reach afterwards, as in the training job), then end the run as the
     training job ends it and record the threads before and after (gloo's are joined then)."""
-    args = train_and_record()
+    out, rank = train_and_record()
     threads_before = live_threads()
     end_distributed_run()
     teardown = {"threads_before_end": threads_before, "threads_after_end": live_threads()}
-    rank = os.environ.get("RANK", "0")
-    (Path(args.out) / f"rank{rank}_teardown.json").write_text(json.dumps(teardown))
+    (out / f"rank{rank}_teardown.json").write_text(json.dumps(teardown))
 
 
-def train_and_record() -> argparse.Namespace:
-    """Parse the arguments, train, and write this rank's parameters and record."""
+def train_and_record() -> tuple[Path, int]:
+    """Parse the arguments, train, and write this rank's parameters and record; returns the folder and the rank."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
     parser.add_argument("--model", choices=["nonorm", "stem_bn", "cifar"], default="nonorm")
@@ -201,7 +200,7 @@ def train_and_record() -> argparse.Namespace:
         "subnet_results": subnet_results,
     }
     (out / f"rank{rank}_subnets.json").write_text(json.dumps(record))
-    return args
+    return out, rank
 
 
 if __name__ == "__main__":
