@@ -79,21 +79,41 @@ class Setting:
     kl_coef: float = 0.0
     kl_loss: str = "kl_direction"
     intro: str = "step0"  # step0 | start<E> (stim_start_epoch E) | cosine_up | warmup<R> (lr warm-up, R of the run)
+    # The full network's input: "batch" (32 px), "random" (full_input_scale RANDOM_INPUT_SCALE: the sizes ST++ draws
+    # for its sub-networks, 13..32) or "px<S>" (the images at S px: --image_size S, as a user training for S does).
+    input: str = "batch"
 
     @property
     def name(self) -> str:
-        """A short name, e.g. ``ct`` or ``stpp_l5_kl-_cosine_up``."""
+        """A short name, e.g. ``ct``, ``ct_random``, ``ct_px13`` or ``stpp_l5_kl-_cosine_up``."""
         if self.method == "ct":
-            return "ct"
+            return "ct" if self.input == "batch" else f"ct_{self.input}"
         kl = "kl-" if self.kl_loss == "kl_direction" else "kl"
         return f"stpp_l{self.kl_coef:g}_{kl}_{self.intro}"
+
+    @property
+    def image_size(self) -> int:
+        """The side the run's images are loaded at (and its analysis evaluates at)."""
+        return int(self.input.removeprefix("px")) if self.input.startswith("px") else 32
+
+    def input_overrides(self) -> list[str]:
+        """The training command-line overrides of the full network's input."""
+        if self.input == "random":
+            return ["--full_input_scale", f"{RANDOM_INPUT_SCALE:g}"]
+        if self.input.startswith("px"):
+            return ["--image_size", str(self.image_size)]
+        if self.input != "batch":
+            raise ValueError(f"unknown input {self.input!r}")
+        return []
 
     def overrides(self) -> list[str]:
         """The training command-line overrides of this setting (beyond the recipe). Lambda, the KL and
         how lambda comes in are always given, so that the study keeps meaning the same runs when the
         recipes' own values change."""
         if self.method == "ct":
-            return []
+            return self.input_overrides()
+        if self.input != "batch":
+            raise ValueError(f"{self.name}: only CT takes another input ({self.input!r})")
         if self.intro not in ("step0", "cosine_up") and not self.intro.startswith(("start", "warmup")):
             raise ValueError(f"unknown intro {self.intro!r}")
         schedule = "cosine_up" if self.intro == "cosine_up" else "constant"
@@ -145,11 +165,14 @@ class Run:
         """What makes two runs the same run (for results carried over from an earlier session)."""
         s = self.setting
         return (s.method, s.kl_coef, s.kl_loss, s.intro, self.seed, self.depth, self.epochs, self.train_samples,
-                self.lr_warmup)  # fmt: skip
+                self.lr_warmup, s.input)  # fmt: skip
 
 
 WALL_CLOCK_EVERY_S = 30
+# full_input_scale of the random-size trainings: floor(0.43 * 32) = 13, the ST++ recipes' min_input_scale.
+RANDOM_INPUT_SCALE = 0.43
 CT = Setting("ct")
+CT_RANDOM = Setting("ct", input="random")
 # CT against ST++ at lambda 1 (the recipes' value before this study, from step 0) and at 5 and 10, which collapse from step 0
 # in the pilot and are brought in with cosine_up.
 LAMBDA_SETTINGS = [
@@ -229,6 +252,25 @@ PLANS: dict[str, dict[str, Any]] = {
         # beat CT's by subnet_over_ct.
         "screen": {"full_gain": 0.5, "subnet_over_ct": 30.0, "tie": 0.2, "follow_seeds": [2, 3]},
     },
+    # Issue 41: the fair from-scratch front of bench/subnet_payoff.py at 5k (its payoff plan's scale and subsets), for
+    # the payoff plan's records (lambda 5) and today's recipe (lambda 2). Tiers in order of what the front needs most:
+    # ResNet-20, -14 and -8 trained at the random sizes ST++ draws for its sub-networks, seed by seed; then the
+    # dedicated-size check (each network at a size it would be deployed at, --image_size), one size at a time over the
+    # three seeds, cheapest first, so that a study cut short leaves whole comparisons; then the recipe's ST++.
+    "payoff_fair": {
+        "depth": 20,
+        "epochs": 100,
+        "train_samples": 5000,
+        "seeds": [1, 2, 3],
+        "tiers": [
+            [(CT_RANDOM, 20), (CT_RANDOM, 14), (CT_RANDOM, 8)],
+            *[
+                [(Setting("ct", input=f"px{size}"), depth)]
+                for depth, size in ((8, 13), (8, 19), (14, 19), (8, 26), (20, 19), (14, 26), (20, 26))
+            ],
+            [(RECIPE_SETTING, 20)],
+        ],
+    },
     # A few seconds of training: the test suite's and a resume check's plan.
     "smoke": {"depth": 14, "epochs": 6, "train_samples": 256, "seeds": [1], "settings": [Setting("stpp", 1)]},
     # Paper scale on a GPU: ResNet-56, all 50k images, 200 epochs, the ResNet-56 recipes' one-epoch learning-rate
@@ -254,6 +296,11 @@ def plan_runs(plan: str, results: Iterable[dict[str, Any]] = ()) -> list[Run]:
     spec = PLANS[plan]
     runs = []
     scale = {"epochs": spec["epochs"], "train_samples": spec["train_samples"], "lr_warmup": spec.get("warmup", "0")}
+    for tier in spec.get("tiers", []):  # (setting, depth) pairs, seed by seed; a depth not the plan's is named
+        for seed in spec["seeds"]:
+            runs += [Run(s, seed, depth, **scale, depth_in_name=depth != spec["depth"]) for s, depth in tier]
+    if "tiers" in spec:
+        return runs
     tiers = ((spec["settings"], spec["seeds"]), (spec.get("then", []), spec.get("then_seeds", spec["seeds"])))
     for tier, seeds in tiers:
         for seed in seeds:
@@ -373,6 +420,7 @@ def train_and_analyze(run: Run, args: argparse.Namespace) -> dict[str, Any] | No
     command = [sys.executable, __file__, "--analyze-run", str(output_dir), "--data-dir", str(args.data_dir)]
     command += ["--num-subnets", str(args.num_subnets), "--recalibrate-bn", str(args.recalibrate_bn)]
     command += ["--device", args.device, "--test-samples", str(args.test_samples)]
+    command += ["--image-size", str(run.setting.image_size)]
     print(f"[{run.name}] analysing", flush=True)
     with open(output_dir / "analysis.log", "w") as log:
         code = subprocess.run(command, cwd=REPO, env=_environment(args.threads), stdout=log, stderr=log).returncode
@@ -471,7 +519,7 @@ def analyze_run(output_dir: Path, args: argparse.Namespace) -> None:
         train_file=str(args.data_dir / "train.parquet"),
         validation_file=str(args.data_dir / "test.parquet"),
         max_eval_samples=args.test_samples or None,
-        image_size=32,
+        image_size=args.image_size,
         augmentation="cifar",
     )
     loafing_args = LoafingArguments(
@@ -873,6 +921,7 @@ def carried_results(report_dir: Path) -> dict[tuple, dict[str, Any]]:
             r["epochs"],
             r["train_samples"],
             r.get("lr_warmup", "0"),  # records from before plans had a warm-up of their own
+            r.get("input", "batch"),  # records from before the full network's input was a setting
         )
         carried[key] = r
     return carried
@@ -898,6 +947,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--only", default=None, help="comma-separated run names: run just these")
     parser.add_argument("--report-only", action="store_true", help="write the report from the finished runs")
     parser.add_argument("--analyze-run", type=Path, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--image-size", type=int, default=32, help=argparse.SUPPRESS)  # the analysed run's
     args = parser.parse_args(argv)
     args.out = args.out.expanduser().resolve()
     args.report_dir = (args.report_dir or MEASUREMENTS / args.plan).resolve()

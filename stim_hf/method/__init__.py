@@ -7,6 +7,7 @@ sub-networks (:mod:`stim_hf.method.batchnorm`), imported from their modules.
 from stim_hf.method.running import resize_for_subnet, resize_input, use_subnet
 from stim_hf.method.sampling import (
     EVAL_SUBNET_STREAM,
+    FULL_INPUT_STREAM,
     SAMPLING_RULES,
     Subnet,
     SubnetSampler,
@@ -29,6 +30,7 @@ from stim_hf.method import families  # noqa: E402,F401  isort: skip
 
 __all__ = [
     "EVAL_SUBNET_STREAM",
+    "FULL_INPUT_STREAM",
     "SAMPLING_RULES",
     "ResidualFamily",
     "ResidualStage",

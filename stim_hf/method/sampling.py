@@ -20,6 +20,8 @@ from stim_hf.method.stages import ResidualStage
 SAMPLING_RULES = ("prefix", "subset")
 # Random stream of the fixed evaluation sub-networks (training draws use stream 0).
 EVAL_SUBNET_STREAM = 1
+# Random stream of the full network's own input sizes (multi-resolution training, ``full_input_scale``).
+FULL_INPUT_STREAM = 2
 
 
 @dataclass(frozen=True)

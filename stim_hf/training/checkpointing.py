@@ -62,6 +62,7 @@ RESUME_SENSITIVE_ARGUMENTS = (
     "subnet_sampling",
     "sample_space",
     "min_input_scale",
+    "full_input_scale",
     "sandwich",
     "subnet_size_bias",
     "lr_floor",

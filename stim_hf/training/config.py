@@ -90,6 +90,7 @@ NUMERIC_FIELDS: dict[str, NumberRange] = {
     "kl_temperature": NumberRange(0.0, low_open=True),
     "logit_amplitude": NumberRange(0.0, low_open=True),
     "min_input_scale": NumberRange(0.0, 1.0, low_open=True),
+    "full_input_scale": NumberRange(0.0, 1.0, low_open=True),
     "subnet_size_bias": NumberRange(0.0, 1.0, high_open=True),
     "lr_floor": NumberRange(0.0, 1.0, high_open=True),
     "bn_recalibration_samples": NumberRange(1, integer=True),
@@ -277,6 +278,15 @@ class StimulativeTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "Sub-network input side ~ UniformInt[floor(scale*S), S] for batch side S; 1.0 disables. Preset: stpp 0.43."
+        },
+    )
+    full_input_scale: float = field(
+        default=1.0,
+        metadata={
+            "help": "Multi-resolution training of the full network: each training step runs it on the batch resized "
+            "to a side ~ UniformInt[floor(scale*S), S] for batch side S, by the sub-networks' rule (min_input_scale), "
+            "drawn from the seed and the step alike on every process; evaluation stays at S. 1.0 (default) keeps "
+            "the batch's size. 0.43 draws the sizes ST++ draws for its sub-networks (13..32 at 32 px)."
         },
     )
     sandwich: bool = field(

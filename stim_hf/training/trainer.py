@@ -20,12 +20,14 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
 from stim_hf.errors import ConfigError, ModelStructureError
 from stim_hf.method import (
     EVAL_SUBNET_STREAM,
+    FULL_INPUT_STREAM,
     ResidualFamily,
     ResidualStage,
     Subnet,
     SubnetSampler,
     find_residual_family,
     resize_for_subnet,
+    resize_input,
     use_subnet,
     zero_init_residual_branches,
 )
@@ -55,7 +57,7 @@ from stim_hf.training.reliable_trainer import ReliableTrainer
 logger = logging.getLogger(__name__)
 
 # Logged training scalars (means over the logging interval, reduced across processes).
-_LOG_KEYS = ("ce_loss", "kl_loss", "kl_coef", "subnet_depth_fraction", "subnet_input_size")
+_LOG_KEYS = ("ce_loss", "kl_loss", "kl_coef", "subnet_depth_fraction", "subnet_input_size", "full_input_size")
 # With sandwich sampling: the smallest sub-network's KL summed over the steps that ran it, and their number.
 _SANDWICH_KEYS = ("smallest_kl_loss", "smallest_subnets")
 # Set on a model once zero_init_residual has zeroed it: a second trainer on the same model leaves it alone.
@@ -168,9 +170,33 @@ def method_structures(
         family, stages = None, None
     if args.zero_init_residual:
         check_zero_init_residual(model, family)
+    if args.full_input_scale < 1.0:
+        full_input_sampler(model, family, stages, args)
     if family is None:
         return None, None, None
     return family, stages, build_subnet_sampler(model, family, stages, args, args.seed, args.min_input_scale)
+
+
+def full_input_sampler(
+    model: nn.Module,
+    family: ResidualFamily | None,
+    stages: list[ResidualStage] | None,
+    args: StimulativeTrainingArguments,
+) -> SubnetSampler | None:
+    """The draws of the full network's input size under ``full_input_scale`` (None at 1.0, the batch's own size).
+
+    The sub-networks' size rule and seed-and-step draw, in a stream of its own, so that turning multi-resolution
+    training on leaves the sub-networks' draws as they were. ConfigError for a model that cannot run smaller inputs.
+    """
+    if args.full_input_scale >= 1.0:
+        return None
+    if family is None or not family.supports_smaller_inputs:
+        which = f"{type(model).__name__} ({family.name} family)" if family is not None else type(model).__name__
+        raise ConfigError(
+            f"full_input_scale={args.full_input_scale}: {which} is not a model stim_hf can run on inputs smaller "
+            "than its training size; set full_input_scale: 1.0"
+        )
+    return build_subnet_sampler(model, family, stages, args, args.seed, args.full_input_scale, FULL_INPUT_STREAM)
 
 
 def refuse_zero_init_of_pretrained(source: str) -> ConfigError:
@@ -238,6 +264,7 @@ class StimulativeTrainer(ReliableTrainer):
         self._num_parameters: int | None = None
         self._walks = ModelWalks()
         self.family, self.stages, self.subnet_sampler = method_structures(self.model, args)
+        self.full_input_sampler = full_input_sampler(self.model, self.family, self.stages, args)
         self._zero_init_residual(self.model)
         self._stim_sums: dict[str, Any] = {}
         self._stim_count = 0
@@ -272,6 +299,7 @@ class StimulativeTrainer(ReliableTrainer):
         model = prepare_model(super().call_model_init(trial), self.args)
         if hasattr(self, "stages"):  # called by train(), after __init__ found the first model's
             self.family, self.stages, self.subnet_sampler = method_structures(model, self.args)
+            self.full_input_sampler = full_input_sampler(model, self.family, self.stages, self.args)
             self._zero_init_residual(model)
         return model
 
@@ -403,14 +431,21 @@ class StimulativeTrainer(ReliableTrainer):
             # Channels-last images (the predecoded pipeline's) into a channels-first model give channels-last
             # weight gradients, which DDP, its buckets laid out like the parameters, copies and warns about.
             pixel_values = pixel_values.contiguous()
-        with phase(self.profiling and model.training, "stim_hf/full_forward"):
-            outputs = model(pixel_values=pixel_values)
-            logits = outputs.logits
-            ce = self.main_loss(logits, labels)
         if not model.training:
+            outputs = model(pixel_values=pixel_values)
+            ce = self.main_loss(outputs.logits, labels)
             return (ce, outputs) if return_outputs else ce
 
         step, micro_step = self._next_micro_step()
+        full_size = pixel_values.shape[-2]
+        if self.full_input_sampler is not None:  # multi-resolution training: the full network at a drawn size
+            full_size = self.full_input_sampler.sample(step, micro_step, 0, image_size=full_size).input_size
+        full_input = resize_input(pixel_values, full_size)
+        forward_kwargs = self.family.resized_forward_kwargs if full_input is not pixel_values else {}
+        with phase(self.profiling, "stim_hf/full_forward"):
+            outputs = model(pixel_values=full_input, **forward_kwargs)
+            logits = outputs.logits
+            ce = self.main_loss(logits, labels)
         coef = self.current_kl_coef()
         loss = ce
         terms: list[tuple[str, torch.Tensor, Subnet | None]] = [("ce_loss", ce, None)]
@@ -443,7 +478,7 @@ class StimulativeTrainer(ReliableTrainer):
         if num_subnets:
             loss = loss + coef * kl_sum
         self.note_loss_terms(step, micro_step, terms, labels)
-        self._record(ce, kl_sum / max(num_subnets, 1), coef, depth_sum, size_sum, num_subnets, smallest_kl)
+        self._record(ce, kl_sum / max(num_subnets, 1), coef, depth_sum, size_sum, num_subnets, smallest_kl, full_size)
         return (loss, outputs) if return_outputs else loss
 
     def training_step(
@@ -620,6 +655,7 @@ class StimulativeTrainer(ReliableTrainer):
         size_sum: float,
         num_subnets: int,
         smallest_kl: torch.Tensor | None = None,
+        full_size: int = 0,
     ) -> None:
         # Device tensors are summed without .item(): no host-device sync inside the step.
         sums = self._stim_sums
@@ -631,6 +667,7 @@ class StimulativeTrainer(ReliableTrainer):
         sums["kl_coef"] = sums.get("kl_coef", 0.0) + coef
         sums["subnet_depth_fraction"] = sums.get("subnet_depth_fraction", 0.0) + depth_sum
         sums["subnet_input_size"] = sums.get("subnet_input_size", 0.0) + size_sum
+        sums["full_input_size"] = sums.get("full_input_size", 0.0) + full_size
         sums["subnets"] = sums.get("subnets", 0) + num_subnets
         self._stim_count += 1
 
@@ -677,6 +714,8 @@ class StimulativeTrainer(ReliableTrainer):
             if subnets:
                 logs["subnet_depth_fraction"] = values[3] / subnets
                 logs["subnet_input_size"] = values[4] / subnets
+            if self.full_input_sampler is not None:
+                logs["full_input_size"] = values[5] / steps
             if sandwich_keys and values[len(_LOG_KEYS) + 1]:
                 logs["smallest_kl_loss"] = values[len(_LOG_KEYS)] / values[len(_LOG_KEYS) + 1]
             self._stim_sums, self._stim_count = {}, 0
