@@ -1,4 +1,24 @@
-"""The payoff of ST++ for deployment: one training's searched sub-networks against networks trained alone (issue 30).
+"""The payoff of ST++ for deployment: one training's searched sub-networks against networks trained alone (issues 30, 41).
+
+The fair front (issue 41, ``--front fair``, the default):
+
+  # the trainings: ResNet-20, -14 and -8 at the random sizes ST++ draws for its sub-networks, the dedicated-size
+  # trainings, then today's recipe (lambda 2); resumable, run it again to go on
+  python bench/full_network_study.py --plan payoff_fair --out ~/stim_hf_study/payoff_fair --parallel 2
+  # score every finished training that has no record yet, then write the report from the committed records
+  python bench/subnet_payoff.py --study ~/stim_hf_study/payoff_fair
+  # the report alone, from the records (a new machine, no run folders)
+  python bench/subnet_payoff.py
+
+Each training is scored once, as soon as it has finished (:func:`score_network`): searched on the seed's held-out
+images, its held-out front exported and scored on the test split, and kept as ``networks/seed*/RUN.json`` in
+``--report-dir``, to be committed at once. The 32-px trainings and the lambda-5 ST++ of issue 30 enter from their
+``seed*/payoff.json``. Per seed and budget, ST++'s pick is set against the pick of every network trained alone (at
+32 px, at random sizes, at a dedicated size), and, to name what changed, against the 32-px trainings alone; the
+dedicated-size check compares each dedicated training with the random-size one at its size. Writes
+``fair/results.json``, ``fair/results.md`` and ``fair/payoff.png``.
+
+Issue 30's search of the payoff plan's four runs per seed (``--front 32px``):
 
   # the checkpoints, per seed: ST++ (lambda 5, plain KL, cosine_up) and CT ResNet-20 side by side, then ResNet-14
   # and ResNet-8 as CT
@@ -75,15 +95,16 @@ def finished(folder: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def data_arguments(args: argparse.Namespace, with_test: bool):
-    """CIFAR-10 as the recipes load it; the test split only where a figure is meant to be a test figure."""
+def data_arguments(args: argparse.Namespace, with_test: bool, image_size: int = 32):
+    """CIFAR-10 as the recipes load it (at ``image_size``: a network trained at S px sees its images as its training
+    did); the test split only where a figure is meant to be a test figure."""
     from stim_hf.data.image_datasets import DataArguments
 
     return DataArguments(
         train_file=str(args.data_dir / "train.parquet"),
         validation_file=str(args.data_dir / "test.parquet") if with_test else None,
         max_eval_samples=args.test_samples or None,
-        image_size=32,
+        image_size=image_size,
         augmentation="cifar",
     )
 
@@ -91,27 +112,28 @@ def data_arguments(args: argparse.Namespace, with_test: bool):
 _TEST_SPLIT: dict[str, Any] = {}
 
 
-def test_batches(args: argparse.Namespace) -> tuple[list[Any], Any]:
-    """The test split with the evaluation transforms at the trained size, decoded once per process: (image batches,
-    labels). Every export here takes it as ``pipeline()`` would: a CIFAR ResNet at a smaller input resizes it
-    itself (``resize_input_to``), so one decoding serves every input size."""
-    if "batches" not in _TEST_SPLIT:
+def test_batches(args: argparse.Namespace, image_size: int = 32) -> tuple[list[Any], Any]:
+    """The test split with the evaluation transforms at ``image_size``, decoded once per process and size: (image
+    batches, labels). Every export here takes it as ``pipeline()`` would: a CIFAR ResNet at a smaller input resizes it
+    itself (``resize_input_to``), so one decoding at 32 px serves every input size of a network trained at 32 px; a
+    network trained at S px ships an image processor at S, which these batches at S reproduce."""
+    if image_size not in _TEST_SPLIT:
         import torch
 
         from stim_hf.data.image_datasets import load_image_datasets
         from stim_hf.data.transforms import with_image_transforms
 
-        data = data_arguments(args, with_test=True)
+        data = data_arguments(args, with_test=True, image_size=image_size)
         split = with_image_transforms(load_image_datasets(data, seed=42)["validation"], data, train=False)
         images = torch.stack([row["pixel_values"] for row in split])
         labels = torch.tensor(split.with_format(None)[data.label_column_name])
-        _TEST_SPLIT["batches"], _TEST_SPLIT["labels"] = list(images.split(500)), labels
-    return _TEST_SPLIT["batches"], _TEST_SPLIT["labels"]
+        _TEST_SPLIT[image_size] = list(images.split(500)), labels
+    return _TEST_SPLIT[image_size]
 
 
-def test_top1(checkpoint: Path, depths, input_size: int, args: argparse.Namespace) -> float:
+def test_top1(checkpoint: Path, depths, input_size: int, args: argparse.Namespace, image_size: int = 32) -> float:
     """Top-1 (%) on the test split of a sub-network, exported with re-estimated BatchNorm statistics (what the export's
-    own ``--evaluate`` measures, on images decoded once)."""
+    own ``--evaluate`` measures, on images decoded once); ``image_size``: the size the network trained at."""
     import torch
 
     from stim_hf.tools.export import export_subnet
@@ -122,14 +144,14 @@ def test_top1(checkpoint: Path, depths, input_size: int, args: argparse.Namespac
             list(depths),
             Path(out) / "export",
             recalibrate_bn=args.recalibrate_bn,
-            data_args=data_arguments(args, with_test=True),
+            data_args=data_arguments(args, with_test=True, image_size=image_size),
             seed=42,
             input_size=input_size,
         )
         info = json.loads((Path(out) / "export" / "export_info.json").read_text())
     if info["input_resized_by"] == "image processor":
         raise SystemExit(f"{checkpoint}: its export resizes in the image processor; score it with --evaluate instead")
-    batches, labels = test_batches(args)
+    batches, labels = test_batches(args, image_size)
     with torch.no_grad():
         predicted = torch.cat([model(pixel_values=batch).logits.argmax(-1) for batch in batches])
     return round(100 * (predicted == labels).float().mean().item(), 2)
@@ -210,15 +232,25 @@ def heldout_file(seed: int, train_samples: int | None, args: argparse.Namespace)
     return path
 
 
-def search(folders: dict[str, Path], sample_space: str, out: Path, heldout: Path, args: argparse.Namespace):
+def search(
+    folders: dict[str, Path],
+    sample_space: str,
+    out: Path,
+    heldout: Path,
+    args: argparse.Namespace,
+    image_size: int = 32,
+    input_sizes: str | None = None,
+):
     """One exhaustive search, without a budget, over ``folders`` (label -> checkpoint); writes ``pareto.*``.
 
-    Candidates are scored on the ``heldout`` images (unseen training-split images, :func:`heldout_file`) with
-    BatchNorm re-estimated on training images."""
+    Candidates are scored on the ``heldout`` images (unseen training-split images, :func:`heldout_file`), loaded at
+    ``image_size``, at ``input_sizes`` (default ``--input-sizes``) with BatchNorm re-estimated on training images."""
     from stim_hf.tools.search import SearchArguments, search_subnets
 
     data = dataclasses.replace(
-        data_arguments(args, with_test=False), validation_file=str(heldout), max_eval_samples=None
+        data_arguments(args, with_test=False, image_size=image_size),
+        validation_file=str(heldout),
+        max_eval_samples=None,
     )
     return search_subnets(
         [str(folder) for folder in folders.values()],
@@ -226,7 +258,7 @@ def search(folders: dict[str, Path], sample_space: str, out: Path, heldout: Path
         SearchArguments(
             sampling="prefix",
             sample_space=sample_space,
-            input_sizes=args.input_sizes,
+            input_sizes=input_sizes or args.input_sizes,
             labels=list(folders),
             score_split="validation",
             holdout_samples=args.holdout_samples,
@@ -420,6 +452,416 @@ def payoff_for_seed(seed: int, args: argparse.Namespace) -> dict[str, Any] | Non
     cache.parent.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+# -- network records: each training scored once, as soon as it has trained (issue 41) ------------------------------
+
+NETWORK_NAMES = {20: "ResNet-20", 14: "ResNet-14", 8: "ResNet-8"}
+
+
+def trained_at(result: dict[str, Any]) -> int | str:
+    """The size a run trained its full network at: 32, S (``--image_size S``) or ``"random"`` (``full_input_scale``)."""
+    source = result.get("input", "batch")
+    if source == "random":
+        return "random"
+    return int(source.removeprefix("px")) if source.startswith("px") else 32
+
+
+def network_label(result: dict[str, Any]) -> str:
+    """``ResNet-8``, or ``ST++ (lambda 2)`` for a stimulatively trained ResNet-20."""
+    if result["method"] != "ct":
+        return f"ST++ (λ {result['kl_coef']:g})"
+    return NETWORK_NAMES.get(result["depth"], f"ResNet-{result['depth']}")
+
+
+def reference_flops(folder: Path) -> int:
+    """FLOPs of the ResNet-20 of the network's own configuration at 32 px (the budgets' unit, whatever depth and size
+    ``folder``'s network trained at)."""
+    import torch
+
+    from stim_hf.analysis.flops import count_flops
+    from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification
+
+    config = CifarResNetConfig.from_pretrained(folder)
+    config.depth = 20
+    return count_flops(CifarResNetForImageClassification(config), torch.zeros(1, 3, 32, 32))
+
+
+def network_record_path(args: argparse.Namespace, seed: int, run: str) -> Path:
+    """Where the record of the seed's run ``run`` is kept (committed)."""
+    return args.report_dir / "networks" / f"seed{seed}" / f"{run}.json"
+
+
+def score_network(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Search one finished training of the study (``folder``) on the seed's held-out images and score its front on the
+    test split; write and return its record (:func:`network_record_path`).
+
+    A network trained alone is searched whole (sample space 0,0,0) at every ``--input-sizes`` size, BatchNorm
+    re-estimated at each, or, trained at one size S (``--image_size S``), at S on images loaded at S as its training
+    loaded them; an ST++ ResNet-20 over every prefix sub-network at every size. Every candidate keeps its held-out
+    top-1; the held-out front's members are exported and scored on the test split (the best candidate within any
+    budget is one of them)."""
+    result = finished(folder)
+    if result is None:
+        raise SystemExit(f"{folder}: not a finished run of the study (no result.json)")
+    seed, size = result["seed"], trained_at(result)
+    image_size = size if isinstance(size, int) else 32
+    stimulative = result["method"] != "ct"
+    start = time.perf_counter()
+    heldout = heldout_file(seed, result["train_samples"], args)
+    label = network_label(result)
+    reference = reference_flops(folder)
+    with tempfile.TemporaryDirectory() as out:
+        searched = search(
+            {label: folder}, "full" if stimulative else "0,0,0", Path(out), heldout, args,
+            image_size=image_size, input_sizes=None if image_size == 32 else str(image_size),
+        )  # fmt: skip
+    (checkpoint,) = searched.checkpoints
+    candidates = []
+    for candidate in sorted(checkpoint.candidates, key=lambda c: (c.flops, c.depths)):
+        point = {
+            "network": label,
+            "depths": list(candidate.depths),
+            "trained_at": size,
+            "input_size": candidate.input_size,
+            "flops": candidate.flops,
+            "flop_share": round(candidate.flops / reference, 4),
+            "heldout_top1": round(100 * candidate.accuracy, 2),
+            "on_front": bool(candidate.pareto_flops),
+        }
+        if candidate.pareto_flops or not stimulative:  # a network alone has a point per size: all of them scored
+            point["test_top1"] = test_top1(folder, candidate.depths, candidate.input_size, args, image_size)
+            print(f"  {folder.name} {point['depths']} @{point['input_size']}: test {point['test_top1']}", flush=True)
+        candidates.append(point)
+    record = {
+        "run": folder.name,
+        "seed": seed,
+        "network": label,
+        "setting": result["setting"],
+        "method": result["method"],
+        "kl_coef": result["kl_coef"],
+        "depth": result["depth"],
+        "trained_at": size,
+        "train_samples": result["train_samples"],
+        "epochs": result["epochs"],
+        "heldout": {"images": args.holdout_samples, "file": heldout.name, "seen_in_training": False},
+        "full_test_top1": result["full_top1"],
+        "subnet_top1_recalibrated": result.get("subnet_top1_recalibrated"),
+        **cost_fields(result),
+        "search_seconds": round(checkpoint.timing.get("total", 0.0), 1),
+        "seconds": round(time.perf_counter() - start, 1),
+        "reference_flops": reference,
+        "candidates": candidates,
+    }
+    path = network_record_path(args, seed, folder.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def score_finished_networks(args: argparse.Namespace) -> list[Path]:
+    """Score every finished run of ``--study`` of the seeds asked for that has no record yet; the records written."""
+    seeds = {int(s) for s in args.seeds.split(",")}
+    written = []
+    for folder in sorted(p for p in args.study.iterdir() if (p / "result.json").is_file()):
+        result = finished(folder)
+        if result["seed"] in seeds and not network_record_path(args, result["seed"], folder.name).is_file():
+            print(f"scoring {folder.name}", flush=True)
+            record = score_network(folder, args)
+            print(f"{folder.name}: {len(record['candidates'])} candidates in {record['seconds']} s", flush=True)
+            written.append(network_record_path(args, result["seed"], folder.name))
+    return written
+
+
+def records_from_payoff(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """The network records of a seed scored before network records existed (``seed*/payoff.json``): the 32-px
+    trainings alone, every point scored on the held-out and the test images, and the ST++ ResNet-20's front."""
+    networks = []
+    for name, checkpoint in record["checkpoints"].items():
+        scratch = checkpoint.get("scratch_label")
+        if scratch is not None:
+            points = [dict(p) for p in record["scratch_points"] if p["network"] == scratch]
+        else:
+            points = [dict(p, on_front=True) for p in checkpoint["front"]]
+        label = scratch or f"ST++ (λ {5 if name == PAYOFF_ST_SETTING else '?'})"
+        for point in points:
+            point["network"], point["trained_at"] = label, 32
+            point["on_front"] = True  # of its own network: every point kept is one the picks may take
+        networks.append(
+            {
+                "run": f"{name}_seed{record['seed']}",
+                "seed": record["seed"],
+                "network": label,
+                "setting": name,
+                "method": "ct" if scratch else "stpp",
+                "trained_at": 32,
+                "heldout": record["heldout"],
+                "full_test_top1": checkpoint["full_test_top1"],
+                **{k: checkpoint.get(k) for k in ("train_minutes", "wall_minutes", "images_per_second")},
+                "search_seconds": checkpoint.get("scratch_search_seconds", checkpoint.get("search_seconds")),
+                "reference_flops": record["reference_flops"],
+                "candidates": points,
+                "from": f"seed{record['seed']}/payoff.json",
+            }
+        )
+    return networks
+
+
+# -- the fair front: ST++'s picks against every network trained alone (issue 41) ------------------------------------
+
+# The from-scratch fronts compared, by the trainings they take: the fair front (every training alone), without the
+# dedicated-size trainings, and the 32-px trainings only (the front of issue 30's figures).
+FRONTS = {
+    SCRATCH_LABEL: lambda size: True,
+    "from scratch, 32 px and random sizes": lambda size: size in (32, "random"),
+    "from scratch, 32 px only": lambda size: size == 32,
+}
+
+
+def network_records(args: argparse.Namespace, seed: int) -> list[dict[str, Any]]:
+    """Every committed network record of ``seed``: the 32-px trainings and lambda-5 ST++ of ``seed*/payoff.json`` and
+    the records written since (``networks/seed*/``)."""
+    records = []
+    payoff = args.report_dir / f"seed{seed}" / "payoff.json"
+    if payoff.is_file():
+        records += records_from_payoff(json.loads(payoff.read_text()))
+    folder = args.report_dir / "networks" / f"seed{seed}"
+    records += [json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))]
+    return records
+
+
+def pick(points: list[dict[str, Any]], limit: float) -> dict[str, Any] | None:
+    """The most accurate point on the held-out images within ``limit`` FLOPs (ties: fewer FLOPs, the smaller input):
+    the search's rule (:func:`stim_hf.tools.search.pick_candidate`) on records."""
+    within = [p for p in points if "test_top1" in p and p["flops"] <= limit * (1 + 1e-9)]
+    return min(within, key=lambda p: (-p["heldout_top1"], p["flops"], p["input_size"]), default=None)
+
+
+def budget_shares(records: list[dict[str, Any]], names: str, reference: int) -> list[tuple[str, float]]:
+    """``--budgets`` as (name, share of the ResNet-20's FLOPs, ``reference``); a network's name is its FLOPs at 32
+    px."""
+    at_32 = {
+        r["network"]: p["flops"] / reference
+        for r in records
+        if r["method"] == "ct"
+        for p in r["candidates"]
+        if p["input_size"] == 32 and r["trained_at"] == 32
+    }
+    shares = []
+    for name in names.split(","):
+        if name in SCRATCH:
+            if name not in at_32:
+                raise SystemExit(f"budget {name}: no record of a {name} trained at 32 px to take its FLOPs from")
+            shares.append((name, round(at_32[name], 4)))
+        else:
+            shares.append((name, float(name)))
+    return shares
+
+
+def fair_seed_record(seed: int, st_setting: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """One seed's picks for the ST++ ``st_setting``: per budget, ST++'s pick and each front's (:data:`FRONTS`), from the
+    committed network records; None if the seed has no record of that ST++."""
+    records = network_records(args, seed)
+    st = [r for r in records if r["method"] != "ct" and r["setting"] == st_setting]
+    if not st:
+        return None
+    scratch = [r for r in records if r["method"] == "ct"]
+    points = [p | {"run": r["run"]} for r in scratch for p in r["candidates"]]
+    budgets = []
+    reference = st[0]["reference_flops"]
+    if any(r["reference_flops"] != reference for r in scratch):
+        raise SystemExit(f"seed {seed}: the records' ResNet-20 FLOPs differ; every network must share one reference")
+    for name, share in budget_shares(records, args.budgets, reference):
+        picks = {"ST++": pick(st[0]["candidates"], share * reference)}
+        for front, takes in FRONTS.items():
+            picks[front] = pick([p for p in points if takes(p["trained_at"])], share * reference)
+        budgets.append({"budget": share, "budget_name": name, "picks": picks})
+    return {
+        "seed": seed,
+        "st_setting": st_setting,
+        "st_network": st[0]["network"],
+        "train_samples": st[0].get("train_samples", 5000),
+        "heldout": st[0]["heldout"],
+        "reference_flops": reference,
+        "networks": {
+            r["run"]: {
+                **{k: r.get(k) for k in ("network", "trained_at", "train_minutes", "wall_minutes", "search_seconds")},
+                "top1": network_top1(r),
+            }
+            for r in [*st, *scratch]
+        },
+        "scratch_points": sorted(
+            (p for p in points if "test_top1" in p), key=lambda p: (p["flops"], str(p["trained_at"]))
+        ),
+        "budgets": budgets,
+    }
+
+
+def network_top1(record: dict[str, Any]) -> float:
+    """The test top-1 of a network as it would ship whole: ST++'s full ResNet-20 (the study's analysis), a network
+    trained alone at its largest size scored, BatchNorm re-estimated (its running statistics mix every size it
+    trained at when it trained at random sizes)."""
+    if record["method"] != "ct":
+        return record["full_test_top1"]
+    scored = [p for p in record["candidates"] if "test_top1" in p]
+    return max(scored, key=lambda p: p["input_size"])["test_top1"]
+
+
+def dedicated_check(records: list[dict[str, Any]]) -> list[str]:
+    """Each dedicated-size training against the same network trained at random sizes, run at that size (test top-1,
+    paired by seed): the rule that carries a dedicated training into the 50k front (more than +0.5 in the mean)."""
+    pairs: dict[tuple[str, int], list[tuple[int, float, float]]] = {}
+    for r in records:
+        at = {}
+        for p in r["scratch_points"]:
+            at[p["network"], p["trained_at"], p["input_size"]] = p["test_top1"]
+        for (network, trained, size), top1 in at.items():
+            if isinstance(trained, int) and trained != 32 and (network, "random", size) in at:
+                pairs.setdefault((network, size), []).append((r["seed"], top1, at[network, "random", size]))
+    lines = [
+        "| network @ size | seeds | trained at that size | trained at random sizes | dedicated − random (paired) "
+        "| into the 50k front (> +0.5) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for (network, size), rows in sorted(pairs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        diffs = [a - b for _, a, b in rows]
+        verdict = "yes" if len(rows) >= 3 and statistics.mean(diffs) > 0.5 else ("no" if len(rows) >= 3 else "-")
+        lines.append(
+            f"| {network} @{size} | {', '.join(str(seed) for seed, _, _ in rows)} "
+            f"| {_mean_std([a for _, a, _ in rows])} | {_mean_std([b for _, _, b in rows])} | {_mean_std(diffs)} "
+            f"| {verdict} |"
+        )
+    return lines if len(lines) > 2 else []
+
+
+def _fair_pick_text(p: dict[str, Any] | None) -> str:
+    if p is None:
+        return "-"
+    network = p["network"] if not p["network"].startswith("ST++") else ",".join(map(str, p["depths"]))
+    trained = "" if p["network"].startswith("ST++") else f", trained at {p['trained_at']}"
+    return f"{p['test_top1']:.2f} ({network} @{p['input_size']}{trained}, {100 * p['flop_share']:.0f}%)"
+
+
+def fair_budget_table(records: list[dict[str, Any]]) -> list[str]:
+    """Per budget, over the seeds: ST++'s pick against each front's, paired."""
+    fronts = list(FRONTS)
+    lines = [
+        "| budget | ST++ pick | " + " | ".join(f"{f} | ST++ − it (t, p) | seeds ST++ ahead" for f in fronts) + " |",
+        "| --- | --- |" + " --- | --- | --- |" * len(fronts),
+    ]
+    for i, budget in enumerate(records[0]["budgets"]):
+        st = [r["budgets"][i]["picks"]["ST++"] for r in records]
+        cells = [_budget_text(budget), _mean_std([p["test_top1"] for p in st if p])]
+        for front in fronts:
+            other = [r["budgets"][i]["picks"][front] for r in records]
+            diffs = [a["test_top1"] - b["test_top1"] for a, b in zip(st, other, strict=True) if a and b]
+            cells += [
+                _mean_std([p["test_top1"] for p in other if p]),
+                f"{_mean_std(diffs)} ({_paired_t(diffs)})",
+                f"{sum(d > 0 for d in diffs)} of {len(diffs)}",
+            ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def fair_markdown(by_setting: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> str:
+    """The fair report: per ST++ setting the budget table and the per-seed picks, then the dedicated-size check and
+    the networks' records (which trainings each seed's fronts hold)."""
+    lines = [
+        "ST++'s searched sub-networks against networks trained alone (issue 41), CIFAR-10, 5,000 training images, 100 "
+        "epochs. Test top-1 (%) on all 10,000 test images. Every pick is chosen on "
+        f"{args.holdout_samples:,} held-out training images none of the seed's networks trained on, BatchNorm "
+        "re-estimated at its size, then exported (BatchNorm re-estimated again) and scored on the test split as "
+        "exported. From scratch: the best of ResNet-8, -14 and -20 trained alone, each at 32 px, at the random sizes "
+        "ST++ draws for its sub-networks (13..32 px, `full_input_scale 0.43`) and at dedicated sizes "
+        "(`--image_size S`), each scored at 13, 19, 26 and 32 px (a dedicated training at its own size only). "
+        "'32 px only' is the front of the figures published before (issue 30).",
+        "",
+    ]
+    for setting, records in by_setting.items():
+        seeds = ", ".join(str(r["seed"]) for r in records)
+        lines += [f"### {records[0]['st_network']} (`{setting}`), seeds {seeds}", "", *fair_budget_table(records), ""]
+        lines += [
+            "| seed | budget | ST++ pick | " + " | ".join(FRONTS) + " |",
+            "| --- | --- | --- |" + " --- |" * len(FRONTS),
+        ]
+        for r in records:
+            for b in r["budgets"]:
+                cells = [_fair_pick_text(b["picks"][k]) for k in ("ST++", *FRONTS)]
+                lines.append(f"| {r['seed']} | {_budget_text(b)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    any_records = next(iter(by_setting.values()))
+    check = dedicated_check(any_records)
+    if check:
+        lines += ["Dedicated-size check (test top-1 at the size; paired by seed):", "", *check, ""]
+    lines += [
+        "Trainings each seed's fronts hold (test top-1 of the whole network: ST++'s full ResNet-20; a network trained "
+        "alone at its largest size, BatchNorm re-estimated; training minutes from the logged pace / wall clock, two "
+        "runs at once):",
+        "",
+        "| seed | run | network | trained at | top-1 | train / wall min |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in any_records:
+        for run, n in sorted(r["networks"].items()):
+            lines.append(
+                f"| {r['seed']} | {run} | {n['network']} | {n['trained_at']} | {n['top1']} "
+                f"| {n['train_minutes']} / {n['wall_minutes']} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def fair_plot(by_setting: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    """Per ST++ setting, the picks against the budget (mean and std over seeds): ST++ and each from-scratch front."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(by_setting), figsize=(6 * len(by_setting), 4.5), squeeze=False)
+    styles = {"ST++": ("tab:orange", "o-"), SCRATCH_LABEL: ("black", "D-")}
+    styles |= {
+        "from scratch, 32 px and random sizes": ("tab:gray", "D--"),
+        "from scratch, 32 px only": ("tab:blue", "s:"),
+    }
+    for ax, records in zip(axes[0], by_setting.values(), strict=True):
+        shares = [100 * b["budget"] for b in records[0]["budgets"]]
+        for label, (color, style) in styles.items():
+            values = [[r["budgets"][i]["picks"][label] for r in records] for i in range(len(shares))]
+            means = [statistics.mean(p["test_top1"] for p in v) if all(v) else float("nan") for v in values]
+            stds = [statistics.stdev(p["test_top1"] for p in v) if all(v) and len(v) > 1 else 0.0 for v in values]
+            ax.errorbar(shares, means, yerr=stds, fmt=style, color=color, capsize=3, label=label, ms=4)
+        ax.set(xlabel="budget (FLOPs, % of ResNet-20 at 32 px)", ylabel="test top-1 (%)",
+               title=f"{records[0]['st_network']}, {len(records)} seed{'s' * (len(records) > 1)}")  # fmt: skip
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def fair_report(args: argparse.Namespace) -> int:
+    """Score the study's finished trainings that have no record yet (with ``--study``), then write the fair report
+    (``fair/results.json``, ``results.md``, ``payoff.png`` in ``--report-dir``) from the committed records."""
+    if args.study is not None and args.study.is_dir():
+        score_finished_networks(args)
+    by_setting: dict[str, list[dict[str, Any]]] = {}
+    for setting in args.st_settings.split(","):
+        for seed in (int(s) for s in args.seeds.split(",")):
+            record = fair_seed_record(seed, setting, args)
+            if record is not None:
+                by_setting.setdefault(setting, []).append(record)
+    if not by_setting:
+        print("no seed has a record of the ST++ settings asked for", file=sys.stderr)
+        return 1
+    out = args.report_dir / "fair"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps([r for rs in by_setting.values() for r in rs], indent=1) + "\n")
+    text = fair_markdown(by_setting, args)
+    (out / "results.md").write_text(text)
+    fair_plot(by_setting, out / "payoff.png")
+    print(text)
+    return 0
 
 
 # -- report ------------------------------------------------------------------------------------------
@@ -658,7 +1100,21 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line settings."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--study", type=Path, required=True, help="--out of the full-network study's payoff plan")
+    parser.add_argument(
+        "--front",
+        choices=("fair", "32px"),
+        default="fair",
+        help="fair (issue 41): ST++ against every training alone, from the network records (scoring what --study has "
+        "finished first); 32px: issue 30's search of the payoff plan's four runs per seed",
+    )
+    parser.add_argument(
+        "--study", type=Path, default=None, help="--out of the full-network study's payoff (or payoff_fair) plan"
+    )
+    parser.add_argument(
+        "--st-settings",
+        default=f"{PAYOFF_ST_SETTING},stpp_l2_kl_cosine_up",
+        help="--front fair: the ST++ settings whose picks are reported",
+    )
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument(
         "--st-setting", default=PAYOFF_ST_SETTING, help="the study setting whose ResNet-20 gives the ST++ sub-networks"
@@ -688,7 +1144,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "the from-scratch pick least in the mean",
     )
     args = parser.parse_args(argv)
-    args.study = args.study.expanduser().resolve()
+    if args.front == "32px" and args.study is None:
+        parser.error("--front 32px needs --study")
+    args.study = args.study.expanduser().resolve() if args.study is not None else None
     args.report_dir = args.report_dir.resolve()
     return args
 
@@ -699,6 +1157,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as transformers_logging
 
     transformers_logging.disable_progress_bar()  # one loading and one writing bar per export otherwise
+    if args.front == "fair":
+        return fair_report(args)
     records = []
     for seed in (int(s) for s in args.seeds.split(",")):
         record = payoff_for_seed(seed, args)

@@ -31,9 +31,9 @@ def load_payoff() -> ModuleType:
     return module
 
 
-def save_run(folder, depth: int, full_top1: float, seed: int) -> None:
+def save_run(folder, depth: int, full_top1: float, seed: int, **fields) -> None:
     """A finished study run: a tiny CIFAR ResNet with random weights and statistics, and its result.json (with the
-    study's cost fields)."""
+    study's cost fields, and ``fields``)."""
     torch.manual_seed(seed)
     model = CifarResNetForImageClassification(CifarResNetConfig(depth=depth, widths=[4, 8, 8], num_labels=10))
     with torch.no_grad():
@@ -42,7 +42,7 @@ def save_run(folder, depth: int, full_top1: float, seed: int) -> None:
     model.save_pretrained(folder)
     cost = {"train_minutes": depth / 2, "wall_minutes": depth / 1.5, "images_per_second": 100.0}
     (folder / "result.json").write_text(
-        json.dumps({"full_top1": full_top1, "seed": seed, "train_samples": 300, **cost})
+        json.dumps({"full_top1": full_top1, "seed": seed, "train_samples": 300, "depth": depth, **cost, **fields})
     )
 
 
@@ -66,7 +66,8 @@ def test_one_seed_end_to_end_with_its_cache_and_a_seed_not_finished(tmp_path, ca
     save_run(study / "ct_r8_seed1", 8, 60.0, seed=4)
     save_run(study / "ct_seed2", 20, 70.0, seed=5)  # seed 2 lacks its other runs
     report = tmp_path / "report"
-    argv = ["--study", str(study), "--seeds", "1,2", "--report-dir", str(report), "--data-dir", str(data)]
+    argv = ["--front", "32px", "--study", str(study), "--seeds", "1,2", "--report-dir", str(report)]
+    argv += ["--data-dir", str(data)]
     argv += ["--input-sizes", "16,32", "--budgets", "0.05,0.25,ResNet-14,1.0", "--holdout-samples", "96"]
     argv += ["--search-recalibrate-bn", "64", "--recalibrate-bn", "32", "--test-samples", "64"]
     assert payoff.main(argv) == 0
@@ -138,7 +139,8 @@ def test_fine_tuning_the_st_pick_kept_per_seed_and_reported(tmp_path, capsys):
     for i, (name, depth) in enumerate([("ct", 20), ("stpp_l5_kl_cosine_up", 20), ("ct_r14", 14), ("ct_r8", 8)]):
         save_run(study / f"{name}_seed1", depth, 70.0, seed=i + 1)
     report = tmp_path / "report"
-    argv = ["--study", str(study), "--seeds", "1", "--report-dir", str(report), "--data-dir", str(data)]
+    argv = ["--front", "32px", "--study", str(study), "--seeds", "1", "--report-dir", str(report)]
+    argv += ["--data-dir", str(data)]
     argv += ["--input-sizes", "16,32", "--budgets", "0.25,1.0", "--holdout-samples", "96"]
     argv += ["--search-recalibrate-bn", "64", "--recalibrate-bn", "32", "--test-samples", "0"]
     assert payoff.main([*argv, "--finetune-epochs", "1,2", "--finetune-budgets", "1.0"]) == 0
@@ -169,3 +171,73 @@ def test_fine_tuning_the_st_pick_kept_per_seed_and_reported(tmp_path, capsys):
     assert payoff.finetune_budgets([synthetic], payoff.parse_args(argv)) == ["0.5", "1.0"]
     with pytest.raises(SystemExit, match="0.5: not among --budgets 0.25,1.0"):
         payoff.finetune_budgets([record], payoff.parse_args([*argv, "--finetune-budgets", "0.5"]))
+
+
+def test_fair_front_scores_each_network_once_and_reports_from_the_records(tmp_path, capsys):
+    payoff = load_payoff()
+    data = digits_data(tmp_path)
+    study = tmp_path / "study"
+    runs = {  # run name: depth, the study's input setting
+        "stpp_l2_kl_cosine_up_seed1": (20, "batch"),
+        "ct_seed1": (20, "batch"),
+        "ct_r14_seed1": (14, "batch"),
+        "ct_r8_seed1": (8, "batch"),
+        "ct_random_r8_seed1": (8, "random"),
+        "ct_px16_r8_seed1": (8, "px16"),
+    }
+    for i, (name, (depth, source)) in enumerate(runs.items()):
+        method = "stpp" if name.startswith("stpp") else "ct"
+        setting = name.removesuffix("_seed1")
+        save_run(study / name, depth, 70.0, seed=i + 1, method=method, setting=setting, input=source,
+                 kl_coef=2.0 if method == "stpp" else 0.0, epochs=3)  # fmt: skip
+    # The seed's first search draws the held-out images from the runs' own seed (1), whatever their weights' seeds.
+    for folder in study.iterdir():
+        result = json.loads((folder / "result.json").read_text())
+        (folder / "result.json").write_text(json.dumps(result | {"seed": 1}))
+    report = tmp_path / "report"
+    argv = ["--study", str(study), "--seeds", "1", "--report-dir", str(report), "--data-dir", str(data)]
+    argv += ["--input-sizes", "16,32", "--budgets", "0.05,0.25,ResNet-14,1.0", "--holdout-samples", "96"]
+    argv += ["--search-recalibrate-bn", "64", "--recalibrate-bn", "32", "--test-samples", "64"]
+    argv += ["--st-settings", "stpp_l2_kl_cosine_up"]
+    assert payoff.main(argv) == 0
+    out = capsys.readouterr().out
+    assert all(f"scoring {name}" in out for name in runs)
+    records = {name: json.loads((report / "networks" / "seed1" / f"{name}.json").read_text()) for name in runs}
+    st = records["stpp_l2_kl_cosine_up_seed1"]
+    assert st["network"] == "ST++ (λ 2)" and len(st["candidates"]) == 27 * 2
+    assert all(("test_top1" in p) == p["on_front"] for p in st["candidates"]) and st["heldout"]["images"] == 96
+    # Trained alone: the network whole at every size, each point scored; a dedicated training at its size only.
+    assert [(p["input_size"], p["trained_at"]) for p in records["ct_random_r8_seed1"]["candidates"]] == [
+        (16, "random"), (32, "random")]  # fmt: skip
+    assert [(p["input_size"], p["trained_at"]) for p in records["ct_px16_r8_seed1"]["candidates"]] == [(16, 16)]
+    assert all("test_top1" in p for name in runs if name.startswith("ct") for p in records[name]["candidates"])
+    assert records["ct_seed1"]["candidates"][-1]["flop_share"] == 1.0
+    [seed] = json.loads((report / "fair" / "results.json").read_text())
+    assert seed["train_samples"] == 300 and seed["heldout"]["seen_in_training"] is False
+    assert [b["budget_name"] for b in seed["budgets"]] == ["0.05", "0.25", "ResNet-14", "1.0"]
+    points = seed["scratch_points"]
+    for budget in seed["budgets"]:
+        picks = budget["picks"]
+        assert set(picks) == {
+            "ST++",
+            "from scratch",
+            "from scratch, 32 px and random sizes",
+            "from scratch, 32 px only",
+        }
+        for pick in picks.values():
+            assert pick is None or pick["flop_share"] <= budget["budget"] + 1e-6
+        # The fair front holds every training: its pick is at least as good on the held-out images as the others'.
+        fair, only_32 = picks["from scratch"], picks["from scratch, 32 px only"]
+        if only_32 is not None:
+            assert fair["heldout_top1"] >= only_32["heldout_top1"] and only_32["trained_at"] == 32
+    whole = seed["budgets"][-1]["picks"]["from scratch"]
+    assert whole["heldout_top1"] == max(p["heldout_top1"] for p in points)
+    text = (report / "fair" / "results.md").read_text()
+    assert "| ResNet-8 @16 | 1 |" in text  # the dedicated check: the 16-px training against the random one at 16
+    assert (report / "fair" / "payoff.png").stat().st_size > 0
+    # Scored once: a rerun scores nothing, and the records stand without the study's run folders.
+    assert payoff.main(argv) == 0
+    assert "scoring" not in capsys.readouterr().out
+    shutil.rmtree(study)
+    assert payoff.main(argv) == 0
+    assert json.loads((report / "fair" / "results.json").read_text()) == [seed]
