@@ -265,6 +265,13 @@ class StimulativeTrainer(ReliableTrainer):
         self._walks = ModelWalks()
         self.family, self.stages, self.subnet_sampler = method_structures(self.model, args)
         self.full_input_sampler = full_input_sampler(self.model, self.family, self.stages, args)
+        if self.full_input_sampler is not None and args.bn_policy != "recalibrate":
+            logger.warning(
+                "full_input_scale=%s: the BatchNorm running statistics average every input size the full network "
+                "trains at, so evaluations and the saved model at the batch's own size score below what the "
+                "network can (docs/training.md, 'Multi-resolution training'); bn_policy: recalibrate re-estimates them at that size before every evaluation and save",
+                args.full_input_scale,
+            )
         self._zero_init_residual(self.model)
         self._stim_sums: dict[str, Any] = {}
         self._stim_count = 0
