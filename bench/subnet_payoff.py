@@ -95,13 +95,14 @@ def finished(folder: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def data_arguments(args: argparse.Namespace, with_test: bool, image_size: int = 32):
+def data_arguments(args: argparse.Namespace, with_test: bool, image_size: int = 32, train_file: Path | None = None):
     """CIFAR-10 as the recipes load it (at ``image_size``: a network trained at S px sees its images as its training
-    did); the test split only where a figure is meant to be a test figure."""
+    did; ``train_file``: the images a plan with a fixed split trains on, default the whole training split); the test
+    split only where a figure is meant to be a test figure."""
     from stim_hf.data.image_datasets import DataArguments
 
     return DataArguments(
-        train_file=str(args.data_dir / "train.parquet"),
+        train_file=str(train_file or args.data_dir / "train.parquet"),
         validation_file=str(args.data_dir / "test.parquet") if with_test else None,
         max_eval_samples=args.test_samples or None,
         image_size=image_size,
@@ -131,9 +132,17 @@ def test_batches(args: argparse.Namespace, image_size: int = 32) -> tuple[list[A
     return _TEST_SPLIT[image_size]
 
 
-def test_top1(checkpoint: Path, depths, input_size: int, args: argparse.Namespace, image_size: int = 32) -> float:
+def test_top1(
+    checkpoint: Path,
+    depths,
+    input_size: int,
+    args: argparse.Namespace,
+    image_size: int = 32,
+    train_file: Path | None = None,
+) -> float:
     """Top-1 (%) on the test split of a sub-network, exported with re-estimated BatchNorm statistics (what the export's
-    own ``--evaluate`` measures, on images decoded once); ``image_size``: the size the network trained at."""
+    own ``--evaluate`` measures, on images decoded once); ``image_size``: the size the network trained at,
+    ``train_file``: the images its statistics are re-estimated on (default: the training split)."""
     import torch
 
     from stim_hf.tools.export import export_subnet
@@ -144,7 +153,7 @@ def test_top1(checkpoint: Path, depths, input_size: int, args: argparse.Namespac
             list(depths),
             Path(out) / "export",
             recalibrate_bn=args.recalibrate_bn,
-            data_args=data_arguments(args, with_test=True, image_size=image_size),
+            data_args=data_arguments(args, with_test=True, image_size=image_size, train_file=train_file),
             seed=42,
             input_size=input_size,
         )
@@ -240,6 +249,8 @@ def search(
     args: argparse.Namespace,
     image_size: int = 32,
     input_sizes: str | None = None,
+    train_file: Path | None = None,
+    holdout_samples: int | None = None,
 ):
     """One exhaustive search, without a budget, over ``folders`` (label -> checkpoint); writes ``pareto.*``.
 
@@ -248,7 +259,7 @@ def search(
     from stim_hf.tools.search import SearchArguments, search_subnets
 
     data = dataclasses.replace(
-        data_arguments(args, with_test=False, image_size=image_size),
+        data_arguments(args, with_test=False, image_size=image_size, train_file=train_file),
         validation_file=str(heldout),
         max_eval_samples=None,
     )
@@ -261,7 +272,7 @@ def search(
             input_sizes=input_sizes or args.input_sizes,
             labels=list(folders),
             score_split="validation",
-            holdout_samples=args.holdout_samples,
+            holdout_samples=holdout_samples or args.holdout_samples,
             recalibrate_bn=args.search_recalibrate_bn,
             halving_rounds=1,  # every candidate on all the held-out images
             latency="none",  # a shared CPU's latencies say little; FLOPs are the budget here
@@ -508,13 +519,19 @@ def score_network(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
     image_size = size if isinstance(size, int) else 32
     stimulative = result["method"] != "ct"
     start = time.perf_counter()
-    heldout = heldout_file(seed, result["train_samples"], args)
+    train_file, holdout_samples = None, args.holdout_samples
+    if result.get("heldout_file"):  # a plan with a fixed split (payoff_full): its held-out part, all of it
+        heldout, train_file = folder.parent / result["heldout_file"], folder.parent / result["train_file"]
+        holdout_samples = result["heldout"]
+    else:
+        heldout = heldout_file(seed, result["train_samples"], args)
     label = network_label(result)
     reference = reference_flops(folder)
     with tempfile.TemporaryDirectory() as out:
         searched = search(
             {label: folder}, "full" if stimulative else "0,0,0", Path(out), heldout, args,
-            image_size=image_size, input_sizes=None if image_size == 32 else str(image_size),
+            image_size=image_size, input_sizes=None if image_size == 32 else str(image_size), train_file=train_file,
+            holdout_samples=holdout_samples,
         )  # fmt: skip
     (checkpoint,) = searched.checkpoints
     candidates = []
@@ -530,7 +547,7 @@ def score_network(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
             "on_front": bool(candidate.pareto_flops),
         }
         if candidate.pareto_flops or not stimulative:  # a network alone has a point per size: all of them scored
-            point["test_top1"] = test_top1(folder, candidate.depths, candidate.input_size, args, image_size)
+            point["test_top1"] = test_top1(folder, candidate.depths, candidate.input_size, args, image_size, train_file)
             print(f"  {folder.name} {point['depths']} @{point['input_size']}: test {point['test_top1']}", flush=True)
         candidates.append(point)
     record = {
@@ -542,9 +559,9 @@ def score_network(folder: Path, args: argparse.Namespace) -> dict[str, Any]:
         "kl_coef": result["kl_coef"],
         "depth": result["depth"],
         "trained_at": size,
-        "train_samples": result["train_samples"],
+        "train_samples": result["train_samples"] or 50_000 - result.get("heldout", 0),
         "epochs": result["epochs"],
-        "heldout": {"images": args.holdout_samples, "file": heldout.name, "seen_in_training": False},
+        "heldout": {"images": holdout_samples, "file": heldout.name, "seen_in_training": False},
         "full_test_top1": result["full_top1"],
         "subnet_top1_recalibrated": result.get("subnet_top1_recalibrated"),
         **cost_fields(result),
@@ -680,7 +697,8 @@ def fair_seed_record(seed: int, st_setting: str, args: argparse.Namespace) -> di
         "seed": seed,
         "st_setting": st_setting,
         "st_network": st[0]["network"],
-        "train_samples": st[0].get("train_samples", 5000),
+        "train_samples": st[0].get("train_samples", 5000),  # issue 30's records: its payoff plan's 5,000
+        "epochs": st[0].get("epochs", 100),
         "heldout": st[0]["heldout"],
         "reference_flops": reference,
         "networks": {
@@ -767,10 +785,12 @@ def fair_budget_table(records: list[dict[str, Any]]) -> list[str]:
 def fair_markdown(by_setting: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> str:
     """The fair report: per ST++ setting the budget table and the per-seed picks, then the dedicated-size check and
     the networks' records (which trainings each seed's fronts hold)."""
+    first = next(iter(by_setting.values()))[0]
+    test = f"{args.test_samples:,} CIFAR-10 test images" if args.test_samples else "all 10,000 test images"
     lines = [
-        "ST++'s searched sub-networks against networks trained alone (issue 41), CIFAR-10, 5,000 training images, 100 "
-        "epochs. Test top-1 (%) on all 10,000 test images. Every pick is chosen on "
-        f"{args.holdout_samples:,} held-out training images none of the seed's networks trained on, BatchNorm "
+        f"ST++'s searched sub-networks against networks trained alone (issue 41), CIFAR-10, {first['train_samples']:,} "
+        f"training images, {first['epochs']} epochs. Test top-1 (%) on {test}. Every pick is chosen on "
+        f"{first['heldout']['images']:,} held-out training images none of the seed's networks trained on, BatchNorm "
         "re-estimated at its size, then exported (BatchNorm re-estimated again) and scored on the test split as "
         "exported. From scratch: the best of ResNet-8, -14 and -20 trained alone, each at 32 px, at the random sizes "
         "ST++ draws for its sub-networks (13..32 px, `full_input_scale 0.43`) and at dedicated sizes "

@@ -388,3 +388,61 @@ def test_a_tiny_study_trains_analyses_and_reports(tmp_path):
     assert 0 <= result["full_top1"] <= 100 and 0 <= result["subnet_top1_recalibrated"] <= 100
     assert result == json.loads((tmp_path / "runs" / result["name"] / "result.json").read_text())
     assert result["train_minutes"] > 0 and result["sessions"] == 1
+
+
+def test_the_fair_payoff_plans_train_networks_alone_at_random_and_dedicated_sizes(tmp_path):
+    """Issue 41: payoff_fair (5k) and payoff_full (45,000 images of a fixed split)."""
+    study = load_study()
+    fair = study.plan_runs("payoff_fair")
+    assert [run.name for run in fair[:6]] == [
+        "ct_px13_r8_seed1", "ct_px13_r8_seed2", "ct_px13_r8_seed3", "ct_random_seed1", "ct_random_r14_seed1",
+        "ct_random_r8_seed1",
+    ]  # fmt: skip
+    assert len({run.key() for run in fair}) == len(fair) == 33 and {run.train_samples for run in fair} == {5000}
+    assert fair[-1].name == "stpp_l2_kl_cosine_up_seed3"
+    # The full network's input: the random sizes ST++ draws for its sub-networks, or one size as a user would train.
+    assert study.CT_RANDOM.overrides() == ["--full_input_scale", "0.43"] and study.CT_RANDOM.image_size == 32
+    dedicated = study.Setting("ct", input="px19")
+    assert (
+        dedicated.overrides() == ["--image_size", "19"] and dedicated.image_size == 19 and dedicated.name == "ct_px19"
+    )
+    assert study.run_fields(fair[0])["input"] == "px13"
+    with pytest.raises(ValueError, match="only CT takes another input"):
+        study.Setting("stpp", 2, input="random").overrides()
+    # A record from before inputs were a setting is the 32-px training it was.
+    assert study.Run(study.CT, 1, 20, 100, 5000).key() != study.Run(study.CT_RANDOM, 1, 20, 100, 5000).key()
+    full = study.plan_runs("payoff_full")
+    assert [run.name for run in full[:8]] == [
+        "stpp_l2_kl_cosine_up_seed1", "ct_seed1", "ct_r14_seed1", "ct_r8_seed1", "ct_random_seed1",
+        "ct_random_r14_seed1", "ct_random_r8_seed1", "stpp_l5_kl_cosine_up_seed1",
+    ]  # fmt: skip
+    assert {run.num_train_images for run in full} == {45_000} and len(full) == 22
+    assert {run.epochs for run in full} == {50} and study.steps_per_epoch(full[0]) == 352
+    # Not the full plan's runs, which trained on all 50,000.
+    assert full[1].key() != study.Run(study.CT, 1, 20, 50, None).key()
+
+
+def test_the_fixed_split_is_class_balanced_disjoint_and_the_same_for_every_run(tmp_path):
+    from datasets import Dataset
+
+    study = load_study()
+    labels = [i % 10 for i in range(300)]
+    data = tmp_path / "data"
+    data.mkdir()
+    Dataset.from_dict({"image_id": list(range(300)), "label": labels}).to_parquet(str(data / "train.parquet"))
+    train, heldout = study.fixed_split(data, tmp_path / "study", 40)
+    held, kept = Dataset.from_parquet(str(heldout)).to_dict(), Dataset.from_parquet(str(train)).to_dict()
+    assert sorted(held["label"]) == sorted(list(range(10)) * 4)  # as many of every class
+    assert sorted(held["image_id"] + kept["image_id"]) == list(range(300))  # disjoint, together the whole split
+    assert held["image_id"] == sorted(held["image_id"])
+    first = held["image_id"]
+    again = study.fixed_split(data, tmp_path / "other", 40)[1]  # another study folder: the same rows
+    assert Dataset.from_parquet(str(again)).to_dict()["image_id"] == first
+    args = study.parse_args(["--plan", "payoff_full", "--out", str(tmp_path / "study"), "--data-dir", str(data)])
+    run = study.plan_runs("payoff_full")[0]
+    run = replace(run, heldout=40)
+    command = study.train_command(run, tmp_path / "study" / run.name, args)
+    assert command[command.index("--train_file") + 1] == str(train) and "--max_train_samples" not in command
+    assert study.run_fields(run)["heldout_file"] == heldout.name
+    with pytest.raises(SystemExit, match="cannot hold as many of each of 10 classes"):
+        study.fixed_split(data, tmp_path / "odd", 45)

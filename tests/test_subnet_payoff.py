@@ -241,3 +241,25 @@ def test_fair_front_scores_each_network_once_and_reports_from_the_records(tmp_pa
     shutil.rmtree(study)
     assert payoff.main(argv) == 0
     assert json.loads((report / "fair" / "results.json").read_text()) == [seed]
+
+
+def test_a_fixed_split_plan_is_scored_on_its_whole_held_out_part(tmp_path):
+    """payoff_full's runs train on a fixed split: the search picks on all of its held-out part, and the networks'
+    statistics are re-estimated on the part they trained on."""
+    spec = importlib.util.spec_from_file_location("full_network_study", REPO_ROOT / "bench" / "full_network_study.py")
+    runner = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = runner
+    spec.loader.exec_module(runner)
+    payoff = load_payoff()
+    data = digits_data(tmp_path)
+    study = tmp_path / "study"
+    train, heldout = runner.fixed_split(data, study, 40)
+    split = {"heldout": 40, "train_file": train.name, "heldout_file": heldout.name, "train_samples": None}
+    save_run(study / "ct_r8_seed1", 8, 60.0, seed=1, method="ct", setting="ct_r8", kl_coef=0.0, epochs=3, **split)
+    report = tmp_path / "report"
+    argv = ["--study", str(study), "--report-dir", str(report), "--data-dir", str(data), "--input-sizes", "16,32"]
+    args = payoff.parse_args([*argv, "--search-recalibrate-bn", "64", "--recalibrate-bn", "32", "--test-samples", "64"])
+    record = payoff.score_network(study / "ct_r8_seed1", args)
+    assert record["heldout"] == {"images": 40, "file": heldout.name, "seen_in_training": False}
+    assert record["train_samples"] == 50_000 - 40 and len(record["candidates"]) == 2
+    assert not list(study.glob("heldout_seed*"))  # no draw of its own: the plan's split
