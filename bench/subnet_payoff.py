@@ -760,25 +760,36 @@ def _fair_pick_text(p: dict[str, Any] | None) -> str:
     return f"{p['test_top1']:.2f} ({network} @{p['input_size']}{trained}, {100 * p['flop_share']:.0f}%)"
 
 
+def bar_verdict(diffs: list[float]) -> str:
+    """Issue 41's bar at one budget, from ST++'s pick minus the fair front's by seed: ``lead`` (at least +0.5 in the
+    mean and ahead on every seed), ``level`` (at least level in the mean) or ``short``."""
+    if not diffs:
+        return "-"
+    if statistics.mean(diffs) >= 0.5 and all(d > 0 for d in diffs):
+        return "lead"
+    return "level" if statistics.mean(diffs) >= 0 else "short"
+
+
 def fair_budget_table(records: list[dict[str, Any]]) -> list[str]:
-    """Per budget, over the seeds: ST++'s pick against each front's, paired."""
-    fronts = list(FRONTS)
+    """Per budget, over the seeds: ST++'s pick against the fair front's (paired, with the bar's verdict) and against
+    the 32-px trainings' alone (what was published before)."""
     lines = [
-        "| budget | ST++ pick | " + " | ".join(f"{f} | ST++ − it (t, p) | seeds ST++ ahead" for f in fronts) + " |",
-        "| --- | --- |" + " --- | --- | --- |" * len(fronts),
+        "| budget | ST++ pick | from-scratch pick (fair front) | ST++ − it | t (p) | seeds ST++ ahead | bar "
+        "| 32-px-only pick | ST++ − it |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for i, budget in enumerate(records[0]["budgets"]):
         st = [r["budgets"][i]["picks"]["ST++"] for r in records]
-        cells = [_budget_text(budget), _mean_std([p["test_top1"] for p in st if p])]
-        for front in fronts:
-            other = [r["budgets"][i]["picks"][front] for r in records]
-            diffs = [a["test_top1"] - b["test_top1"] for a, b in zip(st, other, strict=True) if a and b]
-            cells += [
-                _mean_std([p["test_top1"] for p in other if p]),
-                f"{_mean_std(diffs)} ({_paired_t(diffs)})",
-                f"{sum(d > 0 for d in diffs)} of {len(diffs)}",
-            ]
-        lines.append("| " + " | ".join(cells) + " |")
+        fair = [r["budgets"][i]["picks"][SCRATCH_LABEL] for r in records]
+        only_32 = [r["budgets"][i]["picks"]["from scratch, 32 px only"] for r in records]
+        diffs = [a["test_top1"] - b["test_top1"] for a, b in zip(st, fair, strict=True) if a and b]
+        old = [a["test_top1"] - b["test_top1"] for a, b in zip(st, only_32, strict=True) if a and b]
+        lines.append(
+            f"| {_budget_text(budget)} | {_mean_std([p['test_top1'] for p in st if p])} "
+            f"| {_mean_std([p['test_top1'] for p in fair if p])} | {_mean_std(diffs)} | {_paired_t(diffs)} "
+            f"| {sum(d > 0 for d in diffs)} of {len(diffs)} | {bar_verdict(diffs)} "
+            f"| {_mean_std([p['test_top1'] for p in only_32 if p])} | {_mean_std(old)} |"
+        )
     return lines
 
 
@@ -796,6 +807,20 @@ def fair_markdown(by_setting: dict[str, list[dict[str, Any]]], args: argparse.Na
         "ST++ draws for its sub-networks (13..32 px, `full_input_scale 0.43`) and at dedicated sizes "
         "(`--image_size S`), each scored at 13, 19, 26 and 32 px (a dedicated training at its own size only). "
         "'32 px only' is the front of the figures published before (issue 30).",
+        "",
+    ]
+    held: dict[tuple[str, str], list[int]] = {}
+    for r in next(iter(by_setting.values())):
+        for n in r["networks"].values():
+            if not n["network"].startswith("ST++"):
+                held.setdefault((n["network"], str(n["trained_at"])), []).append(r["seed"])
+    lines += [
+        "The fair front holds, by seed: "
+        + "; ".join(
+            f"{network} trained at {at}{' px' if at.isdigit() else ' sizes'} (seeds {', '.join(map(str, seeds))})"
+            for (network, at), seeds in sorted(held.items(), key=lambda kv: (kv[0][1], kv[0][0]))
+        )
+        + ". The bar: `lead` is at least +0.5 in the mean and ahead on every seed, `level` at least level in the mean.",
         "",
     ]
     for setting, records in by_setting.items():
