@@ -823,6 +823,13 @@ def fair_markdown(by_setting: dict[str, list[dict[str, Any]]], args: argparse.Na
         + ". The bar: `lead` is at least +0.5 in the mean and ahead on every seed, `level` at least level in the mean.",
         "",
     ]
+    seeds = {r["seed"] for r in next(iter(by_setting.values()))}
+    if any(set(held_seeds) != seeds for held_seeds in held.values()):
+        lines += [
+            "**Not every seed's front holds the same trainings yet** (some are still to train): until they do, the "
+            "fair-front columns compare unlike fronts across seeds, and the bar's verdict is provisional.",
+            "",
+        ]
     for setting, records in by_setting.items():
         seeds = ", ".join(str(r["seed"]) for r in records)
         lines += [f"### {records[0]['st_network']} (`{setting}`), seeds {seeds}", "", *fair_budget_table(records), ""]
