@@ -793,6 +793,30 @@ def fair_budget_table(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def fair_cost_table(records: list[dict[str, Any]]) -> list[str]:
+    """Per seed: the ST++ training plus its search, the trainings alone its front's picks came from, all of them."""
+    lines = [
+        "| seed | ST++: train / wall min, search s | picked trainings alone | their train / wall min, search s "
+        "| every training alone: train / wall min |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for r in records:
+        networks = r["networks"]
+        st = next(n for n in networks.values() if n["network"].startswith("ST++"))
+        alone = {run: n for run, n in networks.items() if not n["network"].startswith("ST++")}
+        picked = sorted({b["picks"][SCRATCH_LABEL]["run"] for b in r["budgets"] if b["picks"][SCRATCH_LABEL]})
+        total = lambda key, runs, alone=alone: sum(alone[run].get(key) or 0.0 for run in runs)  # noqa: E731
+
+        names = ", ".join(f"{alone[run]['network']} at {alone[run]['trained_at']}" for run in picked)
+        lines.append(
+            f"| {r['seed']} | {st['train_minutes']} / {st['wall_minutes']}, {st['search_seconds']} | {names} "
+            f"| {total('train_minutes', picked):.1f} / {total('wall_minutes', picked):.1f}, "
+            f"{total('search_seconds', picked):.1f} | {total('train_minutes', alone):.1f} / "
+            f"{total('wall_minutes', alone):.1f} |"
+        )
+    return lines
+
+
 def fair_markdown(by_setting: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> str:
     """The fair report: per ST++ setting the budget table and the per-seed picks, then the dedicated-size check and
     the networks' records (which trainings each seed's fronts hold)."""
@@ -842,6 +866,15 @@ def fair_markdown(by_setting: dict[str, list[dict[str, Any]]], args: argparse.Na
                 cells = [_fair_pick_text(b["picks"][k]) for k in ("ST++", *FRONTS)]
                 lines.append(f"| {r['seed']} | {_budget_text(b)} | " + " | ".join(cells) + " |")
         lines.append("")
+    for records in by_setting.values():
+        lines += [
+            f"Cost, {records[0]['st_network']}: one ST++ training and its search against the trainings alone whose "
+            "points the fair front picked at some budget (what a user would have trained to match every pick), and "
+            "against every training the front holds (minutes of training from the logged pace / wall clock):",
+            "",
+            *fair_cost_table(records),
+            "",
+        ]
     any_records = next(iter(by_setting.values()))
     check = dedicated_check(any_records)
     if check:
