@@ -115,8 +115,9 @@ def test_skip_leaves_parameters_and_optimizer_state_untouched(tmp_path, tiny_cif
 
     def exploding_ce(logits, labels):
         ce = original(logits, labels)
-        # Called before the micro-batch counter moves: (1, 1) means "2nd micro-batch of step 2".
-        return ce * float("inf") if trainer.model.training and trainer._micro_step_key == (1, 1) else ce
+        # Called once the micro-batch counter has moved (the full network's input size is drawn from it): (1, 2)
+        # means "2nd micro-batch of step 2".
+        return ce * float("inf") if trainer.model.training and trainer._micro_step_key == (1, 2) else ce
 
     trainer.main_loss = exploding_ce
     recorder = RecordSteps()
