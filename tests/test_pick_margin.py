@@ -22,7 +22,8 @@ def test_margin_zero_reproduces_the_payoff_picks_and_a_wide_margin_takes_the_che
     shared += ["--holdout-samples", "96", "--search-recalibrate-bn", "64", "--recalibrate-bn", "32"]
     payoff_report = tmp_path / "payoff"
     budgets = ["--budgets", "0.25,ResNet-14,1.0"]
-    assert subnet_payoff.main([*shared, *budgets, "--report-dir", str(payoff_report), "--test-samples", "64"]) == 0
+    argv = ["--front", "32px", *shared, *budgets, "--report-dir", str(payoff_report), "--test-samples", "64"]
+    assert subnet_payoff.main(argv) == 0
     capsys.readouterr()
 
     report = tmp_path / "margins"
