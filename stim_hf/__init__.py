@@ -4,7 +4,7 @@ from stim_hf import (
     _moved,
     models,  # noqa: F401  (registers the CIFAR ResNets with the Auto classes)
 )
-from stim_hf.errors import ConfigError, DataError, ModelStructureError, StimError
+from stim_hf.errors import ConfigError, DataError, ModelStructureError, StimError, StorageError
 from stim_hf.method import (
     ResidualStage,
     Subnet,
@@ -30,6 +30,7 @@ __all__ = [
     "StimError",
     "StimulativeTrainer",
     "StimulativeTrainingArguments",
+    "StorageError",
     "Subnet",
     "SubnetSampler",
     "find_residual_stages",

@@ -21,3 +21,7 @@ class DataError(StimError, ValueError):
 
 class ModelStructureError(StimError, ValueError):
     """A model cannot be trained stimulatively as given (for example it has no residual stages)."""
+
+
+class StorageError(StimError, OSError):
+    """A folder could not be written (no space, a quota, no permission, a read-only or vanished folder)."""

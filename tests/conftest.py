@@ -55,3 +55,45 @@ def tiny_cifar_resnet():
         return CifarResNetForImageClassification(config)
 
     return build
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """``small_disk(size)`` mounts a tmpfs of ``size`` (``"4m"``) under ``tmp_path`` and returns its path: a real
+    filesystem that fills up (a failed write gets the OS's own error). Unmounted afterwards. Skips, naming why, where
+    no tmpfs can be mounted (it takes root, or CAP_SYS_ADMIN)."""
+    import gc
+    import subprocess
+
+    mounted: list[Path] = []
+
+    def mount(size: str) -> Path:
+        point = tmp_path / f"disk{len(mounted)}"
+        point.mkdir()
+        try:
+            result = subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(point)], capture_output=True, text=True
+            )
+        except FileNotFoundError:
+            pytest.skip("no mount command here: the full-disk tests need a small tmpfs")
+        if result.returncode != 0:
+            why = (result.stderr or result.stdout).strip().splitlines()[-1:] or [f"status {result.returncode}"]
+            pytest.skip(f"cannot mount a tmpfs here ({why[0]}; it takes root or CAP_SYS_ADMIN): no real full disk")
+        mounted.append(point)
+        return point
+
+    yield mount
+    gc.collect()  # a writer torch left open on a failed write holds the filesystem busy until it is collected
+    for point in reversed(mounted):
+        if subprocess.run(["umount", str(point)], capture_output=True).returncode != 0:
+            subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def fill_disk(disk: Path, leave: int = 0) -> Path:
+    """Fill the filesystem of ``disk`` with a file of zeros until ``leave`` bytes are free (to the page); its path."""
+    stat = os.statvfs(disk)
+    free = stat.f_bavail * stat.f_frsize
+    filler = disk / "filler"
+    with open(filler, "ab") as handle:
+        handle.write(bytes(max(0, free - leave)))
+    return filler

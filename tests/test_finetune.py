@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import REPO_ROOT
+from conftest import REPO_ROOT, fill_disk
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageClassification, TrainerCallback, pipeline
@@ -20,10 +20,12 @@ from stim_hf.cli.train import main as train_main
 from stim_hf.data.builtin_datasets import load_builtin_dataset
 from stim_hf.data.image_datasets import DataArguments, load_image_datasets
 from stim_hf.data.transforms import collate_image_batch, with_image_transforms
+from stim_hf.errors import StorageError
 from stim_hf.method import resize_input
 from stim_hf.method.losses import kl_divergence
 from stim_hf.tools.finetune import finetune_export
 from stim_hf.tools.finetune_config import FinetuneArguments
+from stim_hf.training.integrity import folder_problems, write_folder_manifest
 
 QUICKSTART = str(REPO_ROOT / "configs" / "quickstart.yaml")
 # Quick runs: 512 training images in batches of 32 (16 steps an epoch), 256 images to re-estimate BatchNorm.
@@ -53,6 +55,7 @@ def export(run, tmp_path_factory):
     weights = load_file(str(folder / "model.safetensors"))
     weights["classifier.bias"][0] += SABOTAGE
     save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    write_folder_manifest(folder)  # changed on purpose: its hashes recorded again, else every reader refuses it
     return folder
 
 
@@ -107,6 +110,8 @@ def test_the_folder_is_written_back_and_still_loads(tuned, run):
     folder, before = tuned
     assert set(digests(folder)) == set(before["files"])  # the same files, nothing left over
     assert not any(p.name.startswith(".") for p in folder.parent.iterdir())  # no staging folder left
+    manifest = json.loads((folder / "stim_hf_manifest.json").read_text())  # sealed again, with the new weights
+    assert set(manifest["hashes"]) == set(before["files"]) - {"stim_hf_manifest.json"} and folder_problems(folder) == []
     model = AutoModelForImageClassification.from_pretrained(folder).eval()
     assert model.config.blocks_per_stage == [1, 2, 2]
     image = load_builtin_dataset("sklearn:digits")["train"][0]["image"]
@@ -182,6 +187,30 @@ def test_a_run_that_fails_midway_leaves_the_export_intact(export, tmp_path):
     AutoModelForImageClassification.from_pretrained(folder)
 
 
+def test_a_full_disk_at_the_write_back_leaves_the_export_intact(export, small_disk):
+    """The disk fills up while fine-tuning runs: the write-back fails with one line, the export as it was."""
+    disk = small_disk("4m")
+    folder = disk / "export"
+    shutil.copytree(export, folder)
+    kept = digests(folder)
+
+    class FillTheDisk(TrainerCallback):
+        def on_train_end(self, args, state, control, **kwargs):
+            fill_disk(disk)
+
+    data_args = DataArguments(dataset_name="sklearn:digits", train_val_split=0.2, image_size=16, max_train_samples=128)
+    with pytest.raises(StorageError) as raised:
+        finetune_export(folder, data_args, FinetuneArguments(epochs=1, batch_size=32), callbacks=[FillTheDisk()])
+    message = str(raised.value)
+    assert message.startswith(f"could not write the fine-tuned model to '{folder}': No space left on device (ENOSPC"), (
+        message
+    )
+    assert f"the partial folder '{disk / '.export.finetune' / 'model'}' was removed" in message
+    assert f"the export '{folder}' is as it was;" in message and "\n" not in message
+    assert digests(folder) == kept and folder_problems(folder) == []
+    assert sorted(p.name for p in disk.iterdir()) == ["export", "filler"]  # the staging folder is gone
+
+
 # --------------------------------------------------------------------------------------------------
 # Bad inputs: one line, before any training
 # --------------------------------------------------------------------------------------------------
@@ -236,6 +265,7 @@ def test_a_teacher_that_is_gone_is_refused_with_the_fix(export, tmp_path, capsys
     info = json.loads((folder / "export_info.json").read_text())
     info["source"] = str(tmp_path / "moved_away")
     (folder / "export_info.json").write_text(json.dumps(info))
+    write_folder_manifest(folder)  # edited on purpose
     kept = digests(folder)
     err = _refused(capsys, [str(folder), "--epochs", "1", "--config", QUICKSTART])
     assert f"'{tmp_path / 'moved_away'}'" in err and "give it with --teacher PATH" in err

@@ -62,14 +62,22 @@ COMMANDS: dict[str, tuple[Callable[[Sequence[str]], object], str]] = {
 def run_guarded(runner: Callable[[], object], prog: str = "stim-hf") -> int:
     """Run ``runner``; report a :class:`StimError` as one clear line instead of a traceback.
 
+    So is an ``OSError`` that only a write raises (no space, a quota, a read-only filesystem).
+
     The line starts on a line of its own and ends with a line break, also when the error stopped a
     progress bar mid-line (a non-finite loss stops training with the Trainer's bar drawn).
     """
+    from stim_hf.training.write_failures import stray_write_failure
+
     try:
         runner()
-    except StimError as err:
+    except (StimError, OSError) as err:
+        # An OSError: a full disk or a read-only filesystem outside the guarded writes, or re-raised.
+        reported = err if isinstance(err, StimError) else stray_write_failure(err)
+        if reported is None:
+            raise
         end_progress_bars()
-        sys.stderr.write(f"{prog}: error: {str(err).rstrip()}\n")
+        sys.stderr.write(f"{prog}: error: {str(reported).rstrip()}\n")
         sys.stderr.flush()
         return 2
     return 0

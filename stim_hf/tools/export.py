@@ -18,8 +18,9 @@ import copy
 import json
 import logging
 import os
+import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -44,8 +45,11 @@ from stim_hf.method.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from stim_hf.tools.hub import check_push_to_hub, missing_for_sharing, push_folder
 from stim_hf.tools.model_cards import describe_data, export_card, hub_base_model, write_card
 from stim_hf.tools.output_folders import check_new_folder
+from stim_hf.training.checkpointing import publish_files
+from stim_hf.training.integrity import folder_files, write_folder_manifest
 from stim_hf.training.modeling import load_saved_classifier, without_transformers_progress_bars
 from stim_hf.training.parser import SubcommandArgumentParser, load_recipe, recipe_defaults
+from stim_hf.training.write_failures import reported_write_failures
 
 logger = logging.getLogger(__name__)
 
@@ -236,6 +240,7 @@ def export_subnet(
     overwrite: bool = False,
     input_size: int | None = None,
     push_to_hub: str | None = None,
+    describe: Callable[[Path], None] | None = None,
 ) -> PreTrainedModel:
     """Write the prefix sub-network ``depths`` of a model to ``output_dir`` as a standalone model.
 
@@ -253,7 +258,10 @@ def export_subnet(
     ``export_info.json``; returns the exported model (eval mode). ``push_to_hub`` (a repository id)
     uploads the folder; whether it can is checked before anything else. An existing, non-empty
     ``output_dir`` is refused unless ``overwrite``, and a training checkpoint always (see
-    :func:`check_output_dir`).
+    :func:`check_output_dir`). The folder is written beside ``output_dir`` first, sealed with a
+    manifest of its files' sizes and hashes (``stim_hf_manifest.json``) and then put in place
+    (:func:`write_model_folder`); ``describe`` is called with the folder before it is sealed (the
+    search adds its record there).
     """
     num_recal = resolve_recalibration_samples(recalibrate_bn, data_args, "--recalibrate-bn")
     if evaluate and data_args is None:
@@ -341,23 +349,59 @@ def export_subnet(
             info["full_metrics"] = _evaluate(model, splits["validation"], data_args, batch_size)
 
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    for path in _replaced_files(output_dir):
-        path.unlink()  # left by an earlier export that --overwrite replaces
-    with without_transformers_progress_bars():
-        exported.save_pretrained(output_dir)
-    if processor is not None:
-        processor.save_pretrained(output_dir)
-    else:
+    if processor is None:
         logger.warning(
             "no image processor written: the checkpoint has none and no data arguments were given; give those of "
             "training (--config RECIPE.yaml) so that pipeline('image-classification') can load the export"
         )
-    write_export_record(output_dir, info)
+
+    def write(folder: Path) -> None:
+        with without_transformers_progress_bars():
+            exported.save_pretrained(folder)
+        if processor is not None:
+            processor.save_pretrained(folder)
+        write_export_record(folder, info)
+        if describe is not None:
+            describe(folder)
+
+    write_model_folder(output_dir, write, "the export", "--output")
     logger.info("exported %s to %s", subnet.describe(), output_dir)
     if push_to_hub is not None:
         push_export(output_dir, push_to_hub)
     return exported
+
+
+def write_model_folder(output_dir: str | os.PathLike, write: Callable[[Path], None], what: str, flag: str) -> None:
+    """Write a model folder with ``write(folder)`` beside ``output_dir``, seal it with its manifest, then move it in.
+
+    The folder is written into ``.<name>.staging`` next to ``output_dir`` (the same filesystem) and
+    gets ``stim_hf_manifest.json`` (each file's size and hash). It then becomes ``output_dir``
+    with one rename, or, when ``output_dir`` holds files already (``--overwrite``), its files
+    replace their namesakes one rename each, the weights and the manifest last, and an earlier
+    export's processor, card and code that this one lacks are removed. A failed write removes the
+    staging folder and raises :class:`~stim_hf.errors.StorageError` (``what`` and ``flag`` name it);
+    ``output_dir`` is then as it was.
+    """
+    target = Path(output_dir)
+    absolute = Path(os.path.abspath(target))
+    staging = absolute.parent / f".{absolute.name}.staging"
+    shutil.rmtree(staging, ignore_errors=True)
+
+    def intact() -> str:
+        return f"'{target}' is as it was" if target.exists() else f"nothing was written to '{target}'"
+
+    with reported_write_failures(what, str(target), partial=(str(staging),), intact=intact, flag=flag):
+        staging.mkdir(parents=True)
+        write(staging)
+        write_folder_manifest(staging)
+        if not target.exists() or (target.is_dir() and not any(target.iterdir())):
+            os.replace(staging, target)  # one rename (onto an empty folder, too)
+            return
+        new_files = set(folder_files(staging))
+        publish_files(str(staging), str(target))
+        for path in _replaced_files(target):
+            if path.name not in new_files:
+                path.unlink()  # left by an earlier export that --overwrite replaces
 
 
 def write_export_record(folder: str | os.PathLike, info: dict[str, Any]) -> None:

@@ -8,11 +8,12 @@ asked; the student sees the batch resized bilinearly to its input size, as train
 sub-network inputs. It runs through :class:`~stim_hf.training.reliable_trainer.ReliableTrainer`
 (the non-finite loss guard, safetensors only) with a short cosine schedule, then re-estimates the
 student's BatchNorm statistics at its input size, measures it before and after on the validation
-split, and writes the folder back: the whole folder is written to a staging folder first and its
-files then replace the export's, each with one rename, so the export stays loadable whenever the
-run stops. ``export_info.json`` gains a ``finetune`` record and the model card says what was done
-and what it gave. OFA fine-tunes its sub-networks the same way (+0.4 / +0.9 top-1 points after 25 /
-75 epochs in its paper).
+split, and writes the folder back: the whole folder is written to a staging folder first, sealed
+with a manifest of its files' sizes and hashes, and its files then replace the export's, each with
+one rename, so the export stays loadable whenever the run stops (a failed write: one
+:class:`~stim_hf.errors.StorageError` line, the export as it was). ``export_info.json`` gains a
+``finetune`` record and the model card says what was done and what it gave. OFA fine-tunes its
+sub-networks the same way (+0.4 / +0.9 top-1 points after 25 / 75 epochs in its paper).
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ from stim_hf.tools.model_cards import describe_data
 from stim_hf.tools.output_folders import check_new_folder
 from stim_hf.training.checkpointing import publish_files
 from stim_hf.training.config import StimulativeTrainingArguments
+from stim_hf.training.integrity import MANIFEST_NAMES, write_folder_manifest
 from stim_hf.training.modeling import check_saved_model_dir, load_saved_classifier, without_transformers_progress_bars
 from stim_hf.training.reliable_trainer import ReliableTrainer
+from stim_hf.training.write_failures import reported_write_failures
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +148,7 @@ def read_export_record(export_dir: str | os.PathLike) -> dict[str, Any]:
             "came from); export a sub-network first ('stim-hf export CHECKPOINT --depths ... --output DIR') and "
             "fine-tune that folder"
         )
+    check_saved_model_dir(folder, f"export folder '{export_dir}'")  # its files as written, the record included
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
@@ -152,7 +156,6 @@ def read_export_record(export_dir: str | os.PathLike) -> dict[str, Any]:
     missing = [key for key in _RECORD_KEYS if not isinstance(info, dict) or key not in info]
     if missing:
         raise ConfigError(f"'{path}' lacks {', '.join(missing)}; export the sub-network again")
-    check_saved_model_dir(folder, f"export folder '{export_dir}'")
     return info
 
 
@@ -436,7 +439,11 @@ def finetune_export(
         }
         info = updated_record(info, record, data_args, args.seed)
         record["seconds"] = round(time.perf_counter() - started, 1)
-        _write_folder(source, target, student, info, work, in_place)
+        kept = f"the export '{source}' is as it was" + ("" if in_place else f", and nothing was written to '{target}'")
+        with reported_write_failures(
+            "the fine-tuned model", str(target), partial=(str(work / "model"),), intact=lambda: kept, flag="--output"
+        ):
+            _write_folder(source, target, student, info, work, in_place)
     except BaseException:
         _clean_up(work, run_dir)
         raise
@@ -482,15 +489,19 @@ def _reestimate_batchnorm(student, train_split, data_args, args: FinetuneArgumen
 def _write_folder(
     source: Path, target: Path, student: PreTrainedModel, info: dict[str, Any], work: Path, in_place: bool
 ) -> None:
-    """Write the fine-tuned folder to ``work/model``, then into place (see :func:`finetune_export`)."""
+    """Write the fine-tuned folder to ``work/model``, seal it with its manifest (sizes, hashes), then put it in place.
+
+    See :func:`finetune_export`.
+    """
     staged = work / "model"
     staged.mkdir(parents=True)
     for path in source.iterdir():
-        if path.is_file() and not any(path.match(pattern) for pattern in _WEIGHT_PATTERNS):
+        if path.is_file() and not any(path.match(pattern) for pattern in (*_WEIGHT_PATTERNS, *MANIFEST_NAMES)):
             shutil.copy2(path, staged / path.name)
     with without_transformers_progress_bars():
         student.save_pretrained(staged)
     write_export_record(staged, info)
+    write_folder_manifest(staged)
     new_files = {path.name for path in staged.iterdir()}
     if in_place:
         publish_files(str(staged), str(target))  # each file one rename, the weights last

@@ -3,13 +3,14 @@
 What this module guarantees (see ``docs/reliability.md``):
 
 - A checkpoint is written into a staging directory (``.staging-checkpoint-N/checkpoint-N``) and
-  renamed to ``checkpoint-N`` only once every file is written, with a manifest of the files and
-  their sizes (:data:`MANIFEST_NAME`) written last. A process killed while writing leaves a
-  staging directory, which nothing ever resumes from.
+  renamed to ``checkpoint-N`` only once every file is written, with a manifest of the files, their
+  sizes and a hash of their bytes (:data:`MANIFEST_NAME`, :mod:`stim_hf.training.integrity`) written last.
+  A process killed while writing leaves a staging directory, which nothing ever resumes from; no
+  complete checkpoint is deleted before its successor is complete.
 - :func:`find_last_complete_checkpoint` picks the newest ``checkpoint-N`` whose files are all
-  there and readable (manifest sizes, safetensors headers, torch zip archives), so a checkpoint
-  written by another tool, half-copied or truncated is skipped with a reason instead of failing
-  mid-resume. Nothing here unpickles anything.
+  there, as written (manifest sizes and hashes) and readable (safetensors headers, torch zip
+  archives), so a checkpoint written by another tool, half-copied, truncated or damaged is skipped
+  with a reason instead of failing mid-resume. Nothing here unpickles anything.
 - :class:`SeededBatchDataset` runs a dataset's random transforms under a random state derived
   from ``(seed, batch indices)`` alone, so the augmentation of every batch is the same after a
   resume (and with any number of DataLoader workers).
@@ -35,12 +36,14 @@ import torch
 from torch.utils.data import Dataset
 
 from stim_hf.errors import ConfigError
+from stim_hf.training.integrity import CHECKPOINT_MANIFEST_NAME, MANIFEST_NAMES, content_problems, write_folder_manifest
+from stim_hf.training.write_failures import describe_size
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "checkpoint"
-MANIFEST_NAME = "stim_hf_checkpoint.json"
-"""Written last into every checkpoint: the step and each file's size, a completeness marker."""
+MANIFEST_NAME = CHECKPOINT_MANIFEST_NAME
+"""Written last into every checkpoint: the step and each file's size and hash, a completeness marker."""
 TRAINER_STATE_NAME = "trainer_state.json"
 TRAINING_ARGS_JSON_NAME = "training_args.json"
 """The training arguments as JSON; written instead of the Trainer's pickled ``training_args.bin``."""
@@ -90,13 +93,26 @@ def staging_dir(run_dir: str, step: int) -> str:
 
 
 def remove_stale_staging(run_dir: str) -> list[str]:
-    """Delete staging and replaced-checkpoint leftovers of earlier, interrupted saves in ``run_dir``."""
+    """Delete staging and replaced-checkpoint leftovers of earlier, interrupted saves in ``run_dir``.
+
+    A ``.replaced-checkpoint-N`` whose ``checkpoint-N`` is absent and which is complete is the only
+    copy of that checkpoint (a kill between the two renames of :func:`publish_checkpoint`, or before
+    a rotation deleted it): it is renamed back instead.
+    """
     removed = []
     if not os.path.isdir(run_dir):
         return removed
     for name in os.listdir(run_dir):
+        path = os.path.join(run_dir, name)
+        if name.startswith(REPLACED_PREFIX):
+            original = os.path.join(run_dir, f"{CHECKPOINT_PREFIX}-{name[len(REPLACED_PREFIX) :]}")
+            listed = os.path.isfile(os.path.join(path, MANIFEST_NAME))
+            if not os.path.lexists(original) and listed and not checkpoint_problems(path):
+                os.replace(path, original)
+                logger.warning("restored %s, left aside by an interrupted save", original)
+                continue
         if name.startswith((STAGING_PREFIX, REPLACED_PREFIX)) or name == MODEL_STAGING_NAME:
-            shutil.rmtree(os.path.join(run_dir, name), ignore_errors=True)
+            shutil.rmtree(path, ignore_errors=True)
             removed.append(name)
     if removed:
         logger.info("removed leftovers of interrupted checkpoint writes in %s: %s", run_dir, ", ".join(removed))
@@ -104,18 +120,8 @@ def remove_stale_staging(run_dir: str) -> list[str]:
 
 
 def write_manifest(checkpoint_dir: str, step: int) -> dict[str, Any]:
-    """Record every file of ``checkpoint_dir`` and its size in :data:`MANIFEST_NAME` (written last, fsynced)."""
-    files = {}
-    for path in sorted(Path(checkpoint_dir).rglob("*")):
-        if path.is_file() and path.name != MANIFEST_NAME:
-            files[path.relative_to(checkpoint_dir).as_posix()] = path.stat().st_size
-    manifest = {"format": 1, "global_step": int(step), "files": files}
-    target = os.path.join(checkpoint_dir, MANIFEST_NAME)
-    with open(target, "w", encoding="utf-8") as handle:
-        json.dump(manifest, handle, indent=1, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    return manifest
+    """Record every file of ``checkpoint_dir`` with its size and hash in :data:`MANIFEST_NAME` (last, fsynced)."""
+    return write_folder_manifest(checkpoint_dir, MANIFEST_NAME, {"global_step": int(step)})
 
 
 def publish_checkpoint(staged: str, final: str) -> None:
@@ -128,7 +134,12 @@ def publish_checkpoint(staged: str, final: str) -> None:
     _fsync_tree(staged)
     parent = os.path.dirname(os.path.abspath(final))
     replaced = _move_aside(final) if os.path.lexists(final) else None
-    os.replace(staged, final)
+    try:
+        os.replace(staged, final)
+    except OSError:
+        if replaced is not None:  # the older checkpoint back in its place: nothing complete is lost
+            os.replace(replaced, final)
+        raise
     _fsync_path(parent)
     if replaced is not None:
         shutil.rmtree(replaced, ignore_errors=True)
@@ -165,13 +176,19 @@ def rotate_checkpoints(
     def usefulness(path: str) -> tuple[bool, bool, float, int]:
         step = checkpoint_step(path) or 0
         from_abandoned_run = current_step is not None and step > current_step
-        return (not from_abandoned_run, not checkpoint_problems(path), os.path.getmtime(path), step)
+        # Sizes only: a save never hashes the checkpoints it keeps again.
+        return (not from_abandoned_run, not checkpoint_problems(path, hashes=False), os.path.getmtime(path), step)
 
     candidates.sort(key=usefulness)
     removed = []
     for path in candidates[:excess]:
         logger.info("deleting checkpoint %s (save_total_limit=%d)", path, save_total_limit)
-        shutil.rmtree(_move_aside(path), ignore_errors=True)
+        try:
+            aside = _move_aside(path)
+        except OSError as error:  # the new checkpoint is published: a folder that cannot go stays, with a warning
+            logger.warning("could not delete checkpoint %s (save_total_limit): %s", path, error.strerror or error)
+            continue
+        shutil.rmtree(aside, ignore_errors=True)
         removed.append(path)
     return removed
 
@@ -209,9 +226,10 @@ def merge_local_files(staged: str, final: str) -> None:
 
 
 def _move_files(source: str, target_dir: str) -> None:
-    """``os.replace`` each file under ``source`` to the same relative path under ``target_dir``, weights last."""
+    """``os.replace`` each file under ``source`` to its path under ``target_dir``, the weights and the manifest last."""
     files = sorted(
-        (path for path in Path(source).rglob("*") if path.is_file()), key=lambda p: (p.suffix == ".safetensors", p)
+        (path for path in Path(source).rglob("*") if path.is_file()),
+        key=lambda p: (p.name in MANIFEST_NAMES, p.suffix == ".safetensors", p),
     )
     for path in files:
         target = Path(target_dir) / path.relative_to(source)
@@ -251,26 +269,28 @@ def checkpoint_step(path: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def checkpoint_problems(path: str) -> list[str]:
-    """Why ``path`` cannot be resumed from; an empty list when it looks complete.
+def checkpoint_problems(path: str, hashes: bool = True) -> list[str]:
+    """Why ``path`` cannot be resumed from; an empty list when it is complete and as written.
 
     With a manifest (checkpoints written by stim_hf), the manifest must be of this folder's step
     and list the trainer state and the weights, and every listed file must exist with its recorded
-    size. Without one (other tools), the checkpoint needs a readable ``trainer_state.json``, model
-    weights in safetensors, and the optimizer, scheduler and random states that an exact
-    continuation needs; every ``*.safetensors`` file must have a complete header and every torch
-    archive (``*.pt``, ``*.pth``, ``*.bin``) must be a complete zip file. Only headers and zip directories
-    are read: nothing is unpickled.
+    size and, with ``hashes`` and a manifest that records them, its recorded hash (a checkpoint
+    written before content hashes is checked for sizes, with a one-time note). Without one (other
+    tools), the checkpoint needs a readable ``trainer_state.json``, model weights in safetensors,
+    and the optimizer, scheduler and random states that an exact continuation needs; every
+    ``*.safetensors`` file must have a complete header and every torch archive (``*.pt``,
+    ``*.pth``, ``*.bin``) must be a complete zip file. Only headers and zip directories are read
+    then: nothing is unpickled.
     """
     if not os.path.isdir(path):
         return [f"'{path}' is not a directory"]
     manifest_path = os.path.join(path, MANIFEST_NAME)
     if os.path.isfile(manifest_path):
-        return _manifest_problems(path, manifest_path)
+        return _manifest_problems(path, manifest_path, hashes)
     return _unlisted_checkpoint_problems(path)
 
 
-def _manifest_problems(path: str, manifest_path: str) -> list[str]:
+def _manifest_problems(path: str, manifest_path: str, hashes: bool) -> list[str]:
     try:
         with open(manifest_path, encoding="utf-8") as handle:
             manifest = json.load(handle)
@@ -288,13 +308,7 @@ def _manifest_problems(path: str, manifest_path: str) -> list[str]:
         problems.append(f"its {MANIFEST_NAME} does not list {TRAINER_STATE_NAME}")
     if not _has_weights(listed):
         problems.append(f"its {MANIFEST_NAME} does not list model weights (model.safetensors)")
-    for name, size in files.items():
-        file = os.path.join(path, name)
-        if not os.path.isfile(file):
-            problems.append(f"{name} is missing")
-        elif os.path.getsize(file) != size:
-            problems.append(f"{name} has {os.path.getsize(file)} bytes instead of {size}")
-    return problems
+    return problems + content_problems(path, manifest, MANIFEST_NAME, hashes=hashes)
 
 
 def _unlisted_checkpoint_problems(path: str) -> list[str]:
@@ -388,6 +402,30 @@ def find_last_complete_checkpoint(output_dir: str) -> tuple[str | None, list[tup
     return None, skipped
 
 
+def describe_last_complete(output_dir: str) -> str:
+    """What a resume from ``output_dir`` would start from, in words (after a failed write)."""
+    last, _ = find_last_complete_checkpoint(output_dir)
+    if last is None:
+        return f"'{output_dir}' holds no complete checkpoint, so a resume would start the run over"
+    return (
+        f"nothing was lost: the last complete checkpoint, which a resume (resume_from_checkpoint: true) would use, "
+        f"is '{last}'"
+    )
+
+
+def checkpoint_size(output_dir: str) -> str | None:
+    """``a checkpoint of this run takes about 3.4 MB`` (its newest one, by its manifest), or None without one."""
+    for path in reversed(list_checkpoints(output_dir)):
+        try:
+            with open(os.path.join(path, MANIFEST_NAME), encoding="utf-8") as handle:
+                files = json.load(handle)["files"]
+            size = sum(int(v) for v in files.values())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+        return f"a checkpoint of this run takes about {describe_size(size)}"
+    return None
+
+
 def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str | None:
     """Turn ``resume_from_checkpoint`` into the checkpoint directory to resume from, or None.
 
@@ -401,11 +439,11 @@ def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str 
     if value is True or (isinstance(value, str) and value.strip().lower() in _TRUE_WORDS):
         last, skipped = find_last_complete_checkpoint(output_dir)
         for path, problems in skipped:
-            logger.warning("skipping incomplete checkpoint %s: %s", path, "; ".join(problems))
+            logger.warning("skipping %s checkpoint %s: %s", _broken(problems), path, "; ".join(problems))
         if last is None:
             where = f"'{output_dir}' holds no checkpoint-* folder"
             if skipped:
-                where = f"no checkpoint in '{output_dir}' is complete ({_describe_skipped(skipped)})"
+                where = f"no checkpoint in '{output_dir}' is complete and undamaged ({_describe_skipped(skipped)})"
             raise ConfigError(
                 f"resume_from_checkpoint=true but {where}; give the path of a complete checkpoint or start "
                 "without resume_from_checkpoint"
@@ -433,12 +471,23 @@ def resolve_resume_checkpoint(value: str | bool | None, output_dir: str) -> str 
                 f"resume_from_checkpoint='{path}' is a run's folder, not a checkpoint ({'; '.join(problems)}); give "
                 f"one of its checkpoint-* folders{example}, or 'true' with output_dir '{path}'"
             )
+        if _broken(problems) == "damaged":
+            raise ConfigError(
+                f"resume_from_checkpoint='{path}' is damaged ({'; '.join(problems)}), on disk or in a copy; copy it "
+                "again from where it was written, or give an earlier checkpoint, or 'true' for the last complete one "
+                "in output_dir"
+            )
         raise ConfigError(
             f"resume_from_checkpoint='{path}' is incomplete ({'; '.join(problems)}), probably from an interrupted "
             "write or copy; give an earlier checkpoint, or 'true' for the last complete one in output_dir"
         )
     logger.info("resuming from %s", path)
     return path
+
+
+def _broken(problems: Sequence[str]) -> str:
+    """``damaged`` when a file's bytes differ from those written, else ``incomplete``."""
+    return "damaged" if any(" damaged (the bytes differ" in problem for problem in problems) else "incomplete"
 
 
 def _describe_skipped(skipped: Sequence[tuple[str, list[str]]]) -> str:

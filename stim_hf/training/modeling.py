@@ -15,6 +15,7 @@ from stim_hf.errors import ConfigError
 from stim_hf.models import CifarResNetConfigError  # importing it registers the CIFAR ResNets
 from stim_hf.training.checkpointing import safetensors_problem
 from stim_hf.training.config import ModelArguments
+from stim_hf.training.integrity import damage_remedy, folder_problems
 
 SAFETENSORS_WEIGHTS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -70,7 +71,9 @@ def check_saved_model_dir(path: str | os.PathLike, label: str) -> None:
     ``label`` names the setting in the message (``model_name_or_path='x'``, ``checkpoint 'x'``).
     A missing folder, one without ``config.json``, one whose weights are not safetensors
     (``pytorch_model.bin`` is a pickle, and stim_hf never unpickles), a shard index that names
-    other files or missing shards, or a truncated safetensors file: each is a :class:`ConfigError`.
+    other files or missing shards, a truncated safetensors file, or a file that differs from what
+    its stim_hf manifest recorded (size or hash; :func:`~stim_hf.training.integrity.folder_problems`,
+    the training state of a checkpoint left unread): each is a :class:`ConfigError`.
     """
     path = os.path.expanduser(str(path))
     if not os.path.isdir(path):
@@ -80,6 +83,9 @@ def check_saved_model_dir(path: str | os.PathLike, label: str) -> None:
             f"(config.json + model.safetensors), e.g. a training output_dir or one of its checkpoint-* folders "
             f"(relative paths start from {os.getcwd()})"
         )
+    problems = folder_problems(path)
+    if problems:
+        raise ConfigError(f"{label} is not as it was written: {'; '.join(problems)}; {damage_remedy(path)}")
     files = set(os.listdir(path))
     if "config.json" not in files:
         raise ConfigError(

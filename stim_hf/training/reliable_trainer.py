@@ -38,7 +38,9 @@ from stim_hf.training.checkpointing import (
     changed_training_arguments,
     check_checkpoint_matches_model,
     checkpoint_global_step,
+    checkpoint_size,
     describe_changes,
+    describe_last_complete,
     merge_local_files,
     publish_checkpoint,
     publish_files,
@@ -50,7 +52,9 @@ from stim_hf.training.checkpointing import (
     write_manifest,
     write_nonfinite_report,
 )
+from stim_hf.training.integrity import damage_remedy, folder_problems, write_folder_manifest
 from stim_hf.training.modeling import without_transformers_progress_bars
+from stim_hf.training.write_failures import reported_write_failures
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +296,10 @@ class ReliableTrainer(Trainer):
 
         Every process writes its files (model, optimizer, scheduler, RNG states, trainer state)
         into ``.staging-checkpoint-N/checkpoint-N``; after a barrier the saving process writes the
-        manifest and renames the folder to ``checkpoint-N``, then rotates old checkpoints. With
+        manifest (sizes and hashes) and renames the folder to ``checkpoint-N``, then rotates old
+        checkpoints. A write that fails (no space, a quota, a read-only or vanished folder) removes
+        the staging folder and raises :class:`~stim_hf.errors.StorageError` naming the cause and the
+        last complete checkpoint; nothing is rotated away before its successor is published. With
         ``push_to_hub`` (which uploads from the folder in the background) the Trainer's own
         non-atomic save is used.
         """
@@ -302,25 +309,34 @@ class ReliableTrainer(Trainer):
         step = self.state.global_step
         name = f"{PREFIX_CHECKPOINT_DIR}-{step}"
         staging = staging_dir(run_dir, step)
+        staged, final = os.path.join(staging, name), os.path.join(run_dir, name)
         if self.args.should_save:
             remove_stale_staging(run_dir)
         self.accelerator.wait_for_everyone()
-        self._checkpoint_staging_dir = staging
-        try:
-            super()._save_checkpoint(model, trial)
-        finally:
-            self._checkpoint_staging_dir = None
-        staged, final = os.path.join(staging, name), os.path.join(run_dir, name)
-        best = self.state.best_model_checkpoint
-        if best is not None and os.path.abspath(best).startswith(os.path.abspath(staging) + os.sep):
-            # The Trainer pointed the best checkpoint into the staging directory: point it at the final one.
-            self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+        with reported_write_failures(
+            name,
+            run_dir,
+            partial=(staging,),
+            intact=lambda: describe_last_complete(run_dir),
+            needed=lambda: checkpoint_size(run_dir),
+        ):
+            os.makedirs(staged, exist_ok=True)
+            self._checkpoint_staging_dir = staging
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self._checkpoint_staging_dir = None
+            best = self.state.best_model_checkpoint
+            if best is not None and os.path.abspath(best).startswith(os.path.abspath(staging) + os.sep):
+                # The Trainer pointed the best checkpoint into the staging directory: point it at the final one.
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+                if self.args.should_save:
+                    self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+            self.accelerator.wait_for_everyone()
             if self.args.should_save:
-                self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
-        self.accelerator.wait_for_everyone()
+                write_manifest(staged, step)
+                publish_checkpoint(staged, final)
         if self.args.should_save:
-            write_manifest(staged, step)
-            publish_checkpoint(staged, final)
             logger.info("saved checkpoint %s", final)
             rotate_checkpoints(
                 run_dir, self.args.save_total_limit, keep=(final, self.state.best_model_checkpoint), current_step=step
@@ -336,7 +352,9 @@ class ReliableTrainer(Trainer):
         writes or reads one: the arguments go to ``training_args.json``, the weights are safetensors
         (``save_pretrained``). Outside a checkpoint (which is staged as a whole), the files are
         written into ``output_dir/.staging-model`` first and then each replaces its namesake in
-        ``output_dir`` with one rename: a crash while saving leaves the previous model intact.
+        ``output_dir`` with one rename, the manifest (``stim_hf_manifest.json``: each file's size and
+        hash) last: a crash while saving leaves the previous model intact, and a failed write
+        removes the staging folder and raises :class:`~stim_hf.errors.StorageError` naming the cause.
         """
         output_dir = output_dir if output_dir is not None else self.args.output_dir
         distributed_write = getattr(self, "is_distributed_loading_by_transformers", False)
@@ -344,8 +362,16 @@ class ReliableTrainer(Trainer):
             return self._write_model(output_dir, state_dict)
         staging = os.path.join(output_dir, MODEL_STAGING_NAME)
         shutil.rmtree(staging, ignore_errors=True)
-        self._write_model(staging, state_dict)
-        publish_files(staging, output_dir)
+        run_dir = self.args.output_dir
+
+        def intact() -> str:
+            return f"'{output_dir}' keeps the files of its previous save, if any; {describe_last_complete(run_dir)}"
+
+        with reported_write_failures("the model", output_dir, partial=(staging,), intact=intact):
+            os.makedirs(staging)
+            self._write_model(staging, state_dict)
+            write_folder_manifest(staging)
+            publish_files(staging, output_dir)
 
     def _write_model(self, output_dir: str, state_dict: dict | None) -> None:
         """Write the model (safetensors), the processor and ``training_args.json`` into ``output_dir``."""
@@ -426,6 +452,17 @@ class ReliableTrainer(Trainer):
             return self.get_optimizer_cls_and_kwargs(probe)[0]
         except Exception:  # an unknown name, or an optimizer whose package is not installed
             return None
+
+    def _load_best_model(self) -> None:
+        """``Trainer._load_best_model`` once the best checkpoint's model is as written (sizes, hashes); else ConfigError."""
+        best = self.state.best_model_checkpoint
+        problems = folder_problems(best) if best is not None and os.path.isdir(best) else []  # what the load reads
+        if problems:
+            raise ConfigError(
+                f"the best checkpoint '{best}' (load_best_model_at_end) is not as it was written: "
+                f"{'; '.join(problems)}; {damage_remedy(best)}, or resume from another checkpoint"
+            )
+        super()._load_best_model()
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """``Trainer._load_optimizer_and_scheduler``; a state that cannot be loaded is a ConfigError naming the fix."""

@@ -35,10 +35,11 @@ def export_pick(
     """Export ``candidate`` with the BatchNorm statistics it was scored with, and describe the search in its card.
 
     Re-estimates the statistics of ``model`` run as the candidate, on the search's re-estimation
-    images at its input size, exports through :func:`stim_hf.tools.export.export_subnet` and restores
-    ``model``'s statistics. The image processor comes from the search's data arguments (the
-    preprocessing the candidates were scored with) at the candidate's input size, so
-    ``pipeline("image-classification")`` runs the export as it was scored. The card and
+    images at its input size, exports through :func:`stim_hf.tools.export.export_subnet` (the search's
+    record added before the folder is sealed with its hashes) and restores ``model``'s statistics.
+    The image processor comes from the search's data arguments (the preprocessing the candidates
+    were scored with) at the candidate's input size, so ``pipeline("image-classification")`` runs
+    the export as it was scored. The card and
     ``export_info.json`` get the accuracy, FLOPs, parameters, latency, input size and depths; with
     ``push_to_hub`` in the search's settings the folder is then uploaded.
     """
@@ -53,10 +54,10 @@ def export_pick(
             model, list(candidate.depths), output_dir, recalibrate_bn=0, data_args=search_data_arguments(result),
             seed=result.settings["seed"], command=command, overwrite=result.settings["overwrite"],
             input_size=size if _runs_alone_at(family, size, images.full_size) else None,
+            describe=lambda folder: _describe_export(folder, checkpoint, candidate, result),
         )  # fmt: skip
     finally:
         restore_batchnorm_state(model, saved)
-    _describe_export(Path(output_dir), checkpoint, candidate, result)
     if result.settings.get("push_to_hub"):
         push_export(output_dir, result.settings["push_to_hub"])
     return exported
