@@ -107,9 +107,9 @@ def train_command(args: argparse.Namespace, method: str, output_dir: Path) -> li
         "true",
         "--seed",
         str(args.seed),
-        # lambda and KL as these short-budget figures (README, docs/loafing.md, docs/results.md's 2-epoch study)
-        # were measured: 1 from step 0 and each method's own KL (ST plain, ST++ KL-), the recipes' values
-        # before the 100-epoch study of docs/results.md set them.
+        # lambda and KL as these short-budget figures (README, docs/loafing.md, the 2-epoch study of
+        # docs/measurements/reproduce_cifar10/) were measured: 1 from step 0 and each method's own KL (ST plain,
+        # ST++ KL-), the recipes' values before the 100-epoch study of docs/results.md set them.
         *(
             ["--kl_coef", "1", "--kl_coef_schedule", "constant", "--kl_loss", METHOD_PRESETS[method]["kl_loss"]]
             if method != "ct"

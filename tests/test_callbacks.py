@@ -126,3 +126,33 @@ def test_monitor_leaves_training_unchanged(tmp_path, tiny_cifar_resnet):
         runs[count] = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     for key, value in runs[0].items():
         assert value.equal(runs[3][key]), key
+
+
+@pytest.mark.parametrize("report_to", ["tensorboard", "none"])
+def test_final_report_goes_to_the_runs_events(tmp_path, tiny_cifar_resnet, report_to):
+    """The end-of-training report (stim-hf train's printout) in the same run: text table, scalars, loafing image."""
+    from tensorboard.util import tensor_util
+
+    from stim_hf.training.callbacks import log_subnet_report
+
+    trainer = _train(tmp_path, tiny_cifar_resnet(), report_to)
+    metrics = trainer.evaluate()
+    results = trainer.evaluate_subnets(num_subnets=2)
+    assert log_subnet_report(trainer, metrics, results)
+    events = _events(trainer.args.output_dir)
+    assert [s.value for s in events.Scalars("final/accuracy")] == [pytest.approx(metrics["eval_accuracy"])]
+    mean = sum(r["accuracy"] for r in results) / 2
+    assert [s.value for s in events.Scalars("final/subnet_accuracy_mean")] == [pytest.approx(mean)]
+    assert [s.step for s in events.Scalars("final/subnet_accuracy_mean_inherited_bn")] == [4]
+    (text,) = events.Tensors("final/report/text_summary")
+    table = tensor_util.make_ndarray(text.tensor_proto).item().decode()
+    assert table.count("| sub-network ") == 2 and f"| {100 * results[1]['accuracy']:.2f}% |" in table
+    assert [i.step for i in events.Images("final/loafing")] == [4]
+
+
+def test_final_report_writes_nothing_where_no_events_were_asked_for(tmp_path, tiny_cifar_resnet):
+    from stim_hf.training.callbacks import log_subnet_report
+
+    trainer = _train(tmp_path, tiny_cifar_resnet(), "none", subnet_monitor_count=0)
+    assert not log_subnet_report(trainer, trainer.evaluate(), trainer.evaluate_subnets(num_subnets=2))
+    assert not (tmp_path / "out" / "runs").exists()

@@ -4,7 +4,12 @@ import re
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-PAGES = [REPO_ROOT / "README.md", *sorted((REPO_ROOT / "docs").glob("*.md"))]
+PAGES = [
+    REPO_ROOT / "README.md",
+    REPO_ROOT / "bench" / "README.md",
+    *sorted((REPO_ROOT / "docs").glob("*.md")),
+    *sorted((REPO_ROOT / "docs" / "measurements").glob("**/README.md")),  # the studies' logs and the records' index
+]
 
 
 def test_relative_links_resolve():

@@ -168,10 +168,10 @@ def test_the_training_step_figure_draws(tmp_path):
         assert (PACKAGE / name).is_file(), f"the figure names {name}, which does not exist"
 
 
-SCRIPTS = sorted((PACKAGE.parent / "bench").glob("*.py")) + sorted((PACKAGE.parent / "scripts").glob("*.py"))
+SCRIPTS = sorted((PACKAGE.parent / "bench").rglob("*.py")) + sorted((PACKAGE.parent / "scripts").glob("*.py"))
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: str(p.relative_to(PACKAGE.parent)))
 def test_scripts_import_only_what_the_package_has(script):
     """Every ``stim_hf`` name a benchmark or script imports, at module level or inside a function, exists: a
     renamed or removed function breaks the script when it runs, hours into a study, not when it is imported."""

@@ -278,6 +278,52 @@ def test_budget_is_respected_and_the_pick_is_the_best_under_it(checkpoint, tmp_p
     assert {c.subnet for c in final} <= last and len(last) > len(final)
 
 
+def test_progress_in_a_log_is_a_line_per_phase_with_a_fixed_total(checkpoint, capsys):
+    """stderr is no terminal here (as in a log file): whole lines, no carriage returns, each phase's total fixed."""
+    args = SearchArguments(
+        input_sizes="8,12,16", budget="flops=0.45", halving_margin=0.0, **{**QUICK, "progress": True}
+    )
+    (searched,) = search_subnets([checkpoint], digits(), args).checkpoints
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    lines = [line for line in err.splitlines() if line.startswith("search resnet14, ")]
+    scored = {}  # candidates each round scored, by the records: 6, 24 and 96 images
+    for c in searched.candidates:
+        scored[c.scored_images] = scored.get(c.scored_images, 0) + 1
+    rounds = [sum(n for images, n in scored.items() if images >= share) for share in (6, 24, 96)]
+    for number, (total, share) in enumerate(zip(rounds, (6, 25, 100), strict=True), start=1):
+        name = f"search resnet14, round {number} of 3 ({share}% of the images)"
+        phase = [line for line in lines if line.startswith(name + ": ")]
+        assert phase[0].startswith(f"{name}: 0/{total} subnets (0%)"), phase
+        assert re.fullmatch(rf"{re.escape(name)}: {total}/{total} subnets \(100%\), \d+ s, done", phase[-1]), phase
+        assert all(f"/{total} subnets" in line for line in phase)  # the total never changes within a phase
+    assert len(lines) == sum(len([x for x in lines if f"round {n} of 3" in x]) for n in (1, 2, 3))
+
+
+def test_line_progress_writes_a_line_every_few_seconds(monkeypatch):
+    import io
+
+    from stim_hf.tools import progress as progress_module
+
+    clock = iter([0.0, 1.0, 6.0, 7.0, 13.0, 14.0])
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: next(clock))
+    stream = io.StringIO()
+    with progress_module.progress(10, "phase", "subnet", every_s=5.0, file=stream) as bar:
+        assert isinstance(bar, progress_module.LineProgress)
+        for _ in range(4):
+            bar.update(2)  # at 1 s (no line), 6 s (a line), 7 s (none), 13 s (a line)
+    assert stream.getvalue().splitlines() == [
+        "phase: 0/10 subnets (0%), 0 s",
+        "phase: 4/10 subnets (40%), 6 s, 0.667 subnets/s, about 9 s left",
+        "phase: 8/10 subnets (80%), 13 s, 0.615 subnets/s, about 3 s left",
+        "phase: 8/10 subnets (80%), 14 s, stopped",
+    ]
+    silent = io.StringIO()
+    with progress_module.progress(3, "off", enabled=False, file=silent) as bar:
+        bar.update(3)
+    assert silent.getvalue() == ""
+
+
 def test_a_pick_margin_trades_a_lead_the_images_cannot_resolve_for_fewer_flops(checkpoint, tmp_path):
     quick = {**QUICK, "halving_rounds": 1, "input_sizes": "8,12,16", "budget": "flops=0.8"}
     exact = search_subnets([checkpoint], digits(), SearchArguments(**quick)).checkpoints[0]

@@ -54,6 +54,7 @@ def test_quickstart_reduced(tmp_path, capsys):
     for tag in ("train/loss", "train/ce_loss", "train/kl_loss", "train/kl_coef", "train/subnet_depth_fraction"):
         assert tag in tags, tags
     assert "eval/accuracy" in tags
+    assert_tensorboard_tells_the_story(out, metrics, printed)
     # The saved model loads with the Auto class after `import stim_hf`.
     from transformers import AutoModelForImageClassification
 
@@ -65,6 +66,42 @@ def test_quickstart_reduced(tmp_path, capsys):
     assert "preprocessor_config.json" in manifest["files"]
     assert (out / "preprocessor_config.json").is_file()
     assert_pipeline_matches_evaluation(out, metrics["eval_accuracy"])
+
+
+def assert_tensorboard_tells_the_story(out: Path, metrics: dict, printed: str) -> None:
+    """What `tensorboard --logdir outputs/quickstart` shows: the full network's curve, the sub-networks' accuracy
+    (re-estimated and inherited) at every evaluation, and at the end the printed report and the loafing plot."""
+    runs = list((out / "runs").iterdir())
+    assert len(runs) == 1, runs  # one run: the final report lands beside the Trainer's own scalars
+    events = EventAccumulator(str(runs[0]), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    evaluations = [e["step"] for e in json.loads((out / "trainer_state.json").read_text())["log_history"]
+                   if "eval_loss" in e]  # fmt: skip
+    assert len(evaluations) == 4  # one an epoch
+    final_step = evaluations[-1]
+    assert [s.step for s in events.Scalars("eval/accuracy")] == [*evaluations, final_step]  # + the final evaluation
+    for tag in ("eval/subnet_accuracy_mean", "eval/subnet_accuracy_mean_inherited_bn", "eval/subnet_accuracy_min"):
+        assert [s.step for s in events.Scalars(tag)] == [*evaluations, final_step], tag
+    assert [i.step for i in events.Images("eval/loafing")] == [*evaluations, final_step]
+    # The final report: the printed figures, as scalars and as the printed table.
+    final = {tag.removeprefix("final/"): events.Scalars(tag) for tag in events.Tags()["scalars"] if "final/" in tag}
+    assert all([s.step for s in scalars] == [final_step] for scalars in final.values())
+    assert final["accuracy"][0].value == pytest.approx(metrics["eval_accuracy"])
+    for name in ("subnet_accuracy_mean", "subnet_accuracy_mean_inherited_bn", "subnet_accuracy_max"):
+        assert final[name][0].value == pytest.approx(metrics[f"eval_{name}"]), name
+    from tensorboard.util import tensor_util
+
+    (report,) = events.Tensors("final/report/text_summary")
+    text = tensor_util.make_ndarray(report.tensor_proto).item().decode()
+    assert f"| full network | 3,3,3 | 100% | 100% | {100 * metrics['eval_accuracy']:.2f}% | |" in text
+    for index, subnet in enumerate(metrics["subnets"], start=1):
+        accuracy, inherited = 100 * subnet["accuracy"], 100 * subnet["accuracy_inherited_bn"]
+        (row,) = [line for line in text.splitlines() if line.startswith(f"| sub-network {index} |")]
+        assert row.startswith(f"| sub-network {index} | {','.join(map(str, subnet['depths']))} | ")
+        assert row.endswith(f"| {accuracy:.2f}% | {inherited:.2f}% |")
+        assert f"top-1 {accuracy:.2f}%   inherited {inherited:.2f}%" in printed  # as printed
+    (image,) = events.Images("final/loafing")
+    assert image.step == final_step and image.width > 100
 
 
 def assert_pipeline_matches_evaluation(model_dir, accuracy, input_size=None, max_eval_samples=None):

@@ -23,12 +23,14 @@ from stim_hf.data.transforms import build_image_processor, collate_image_batch, 
 from stim_hf.errors import ConfigError
 from stim_hf.tools.hub import push_folder
 from stim_hf.tools.model_cards import CARD_NAME, hub_base_model, training_card, write_card
+from stim_hf.training.callbacks import log_subnet_report
 from stim_hf.training.checkpointing import resolve_resume_checkpoint as resolve_checkpoint
 from stim_hf.training.config import ModelArguments, StimulativeTrainingArguments
 from stim_hf.training.metrics import build_compute_metrics, top_k_indices
+from stim_hf.training.model_setup import method_structures, refuse_zero_init_of_pretrained
 from stim_hf.training.modeling import build_model, check_saved_model_dir
 from stim_hf.training.parser import StimArgumentParser
-from stim_hf.training.trainer import StimulativeTrainer, method_structures, refuse_zero_init_of_pretrained
+from stim_hf.training.trainer import StimulativeTrainer
 
 logger = logging.getLogger("stim_hf.cli.train")
 
@@ -93,7 +95,8 @@ def run_training(
     Leaves in ``output_dir`` the model (safetensors; with its code where transformers does not ship
     the class) with its image processor (``preprocessor_config.json``, the evaluation's
     preprocessing), a model card ``README.md`` (after training), the Trainer's ``*_results.json``,
-    ``trainer_state.json`` and, when ``report_to`` includes tensorboard, the event files.
+    ``trainer_state.json`` and, when ``report_to`` includes tensorboard, the event files (with the
+    final sub-network report: :func:`~stim_hf.training.callbacks.log_subnet_report`).
     """
     _setup_logging(training_args)
     set_seed(training_args.seed)
@@ -160,6 +163,7 @@ def run_training(
         metrics["subnets"] = subnet_results
         if trainer.is_world_process_zero():
             print(format_subnet_table(eval_metrics, subnet_results), flush=True)
+        log_subnet_report(trainer, eval_metrics, subnet_results)  # the same figures, and the loafing plot
     if training_args.do_train and trainer.is_world_process_zero():
         write_model_card(trainer, model_args, data_args, eval_metrics, subnet_results)
     return metrics

@@ -2,7 +2,7 @@
 
 The default pipeline (:mod:`stim_hf.data.transforms`) runs every step of a preset on each image in the
 DataLoader workers. For the ``imagenet`` preset, colour jitter and the conversion to float take
-about a third of a worker's time per image (``bench/jpeg_steps.py``), and the float image is 4x
+about a third of a worker's time per image (docs/benchmarks.md, data pipeline), and the float image is 4x
 the bytes of a uint8 one through the worker queue, the collate and the copy to the device. This
 pipeline keeps decoding and the geometric steps in the workers, exactly as the default pipeline
 does them, and sends uint8 images with each image's colour-jitter parameters, drawn in the

@@ -177,7 +177,7 @@ def decode_rgb(value: Any, row: int | None = None) -> torch.Tensor | PIL.Image.I
 
     With TorchCodec installed (``pip install "stim_hf[fast-decode]"``), JPEG and PNG images in the
     modes of ``_TORCHCODEC_DECODES`` are decoded by it: the same pixels as :func:`decode_image`
-    followed by ``v2.RGB()``, in less time (``bench/jpeg_steps.py``). PIL reads the header first, so
+    followed by ``v2.RGB()``, in less time (docs/benchmarks.md, data pipeline). PIL reads the header first, so
     its decompression-bomb check still applies. Anything else (other formats or modes, a PNG with an
     EXIF orientation, a path that is not local, a file TorchCodec refuses) goes through
     :func:`decode_image`, which names a corrupt file in a :class:`DataError`.

@@ -22,6 +22,10 @@ one (``report_to: tensorboard``), so they land in the same run; otherwise throug
 its own in the directory that callback would use (``TENSORBOARD_LOGGING_DIR``, else
 ``output_dir/runs/<date>_<host>``). Only the main process writes; every process evaluates (the
 evaluation data is sharded and the results gathered).
+
+:func:`log_subnet_report` writes the end-of-training sub-network report (what ``stim-hf train`` prints)
+into the same events: ``final/report`` (text), ``final/accuracy``, ``final/subnet_accuracy_*`` and
+``final/loafing``.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from transformers.integrations.integration_utils import default_logdir
 from stim_hf.analysis.evaluation import evaluate_model
 from stim_hf.analysis.flops import count_flops
 from stim_hf.analysis.plotting import LoafingSeries, figure_to_array, plot_loafing
+from stim_hf.method import Subnet
 from stim_hf.method.batchnorm import preserved_rng_state
 
 if TYPE_CHECKING:
@@ -49,13 +54,16 @@ if TYPE_CHECKING:
     from torch import nn
     from torch.utils.tensorboard import SummaryWriter
 
-    from stim_hf.method import ResidualStage, Subnet
+    from stim_hf.method import ResidualStage
 
 logger = logging.getLogger(__name__)
 
 SUBNET_METRICS = ("subnet_accuracy_mean", "subnet_accuracy_min", "subnet_accuracy_max")
 """Metric names the monitor adds, after the evaluation prefix (``eval_subnet_accuracy_mean``...); with
 re-estimated BatchNorm statistics also each of them with the suffix ``_inherited_bn``."""
+
+REPORT_TAG = "final"
+"""TensorBoard group of :func:`log_subnet_report`: ``final/report``, ``final/accuracy``, ``final/loafing``, ..."""
 
 
 class MonitoredTrainer(Protocol):
@@ -66,6 +74,7 @@ class MonitoredTrainer(Protocol):
     """
 
     args: TrainingArguments
+    state: TrainerState
     model: nn.Module
     accelerator: Accelerator
     stages: list[ResidualStage] | None
@@ -75,6 +84,8 @@ class MonitoredTrainer(Protocol):
     sampled_subnets: deque[tuple[int, float, int]]
 
     def fixed_subnets(self, num_subnets: int, seed: int | None = None) -> list[Subnet]: ...
+
+    def is_world_process_zero(self) -> bool: ...
 
     def get_eval_dataloader(self, eval_dataset: Any = None) -> Iterator[dict[str, Any]]: ...
 
@@ -197,6 +208,10 @@ class SubnetMonitorCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any
     ) -> None:
         """Close this callback's own writer, if it has one (a later evaluation reopens the same folder)."""
+        self.close_writer()
+
+    def close_writer(self) -> None:
+        """Close this callback's own ``SummaryWriter``, if it opened one; a later event reopens the same folder."""
         if self._own_writer is not None:
             self._own_writer.close()
             self._own_writer = None
@@ -245,22 +260,13 @@ class SubnetMonitorCallback(TrainerCallback):
                         continue
                     with trainer.subnet_bn_statistics(subnet, estimation):
                         own.append(evaluate_model(model, batches, trainer.stages, subnet, gather=gather)["accuracy"])
-        # float(): a pre-decoded pipeline's uint8 images count the same FLOPs as the normalised ones.
-        example = _example_input(trainer, dataset, loader).to(next(model.parameters()).device).float()
-        shares = []
-        for subnet in subnets:
-            key = (subnet, tuple(example.shape[1:]))
-            if key not in self._flop_shares:
-                full = count_flops(model, example)
-                part = full if subnet is None else count_flops(model, example, trainer.stages, subnet)
-                self._flop_shares[key] = part / full if full else float("nan")
-            shares.append(self._flop_shares[key])
+        shares = _flop_shares(trainer, dataset, subnets, self._flop_shares)
         return (own, inherited, shares) if own is not None else (inherited, None, shares)
 
     def _writer(self, args: TrainingArguments) -> SummaryWriter:
-        for callback in self.trainer.callback_handler.callbacks:
-            if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
-                return callback.tb_writer
+        shared = _tensorboard_writer(self.trainer)
+        if shared is not None:
+            return shared
         if self._own_writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -273,6 +279,145 @@ class SubnetMonitorCallback(TrainerCallback):
                 self._own_log_dir = os.path.expanduser(log_dir or os.path.join(args.output_dir, default_logdir()))
             self._own_writer = SummaryWriter(log_dir=self._own_log_dir)
         return self._own_writer
+
+
+def log_subnet_report(
+    trainer: MonitoredTrainer, eval_metrics: dict[str, Any], subnet_results: list[dict[str, Any]]
+) -> bool:
+    """Write the end-of-training sub-network report into the run's TensorBoard events; whether it was written.
+
+    ``subnet_results`` are :meth:`~stim_hf.training.trainer.StimulativeTrainer.evaluate_subnets`'s,
+    ``eval_metrics`` the final evaluation's (``eval_accuracy``, ``eval_subnet_accuracy_*`` as
+    ``stim-hf train`` summarises them). At the trainer's current step it writes
+
+    - ``final/report`` (text): a Markdown table of the full network and each sub-network, their
+      share of the blocks and of the FLOPs, top-1 with BatchNorm statistics re-estimated for each
+      and with the full network's (inherited), and the mean: the figures ``stim-hf train`` prints;
+    - ``final/accuracy``, ``final/subnet_accuracy_mean`` (``_min``, ``_max``, and each with
+      ``_inherited_bn`` when re-estimated) as scalars;
+    - ``final/loafing`` (image): those sub-networks' accuracy against their FLOP share.
+
+    The events go to the Trainer's TensorBoard run (``report_to: tensorboard``), else to the
+    sub-network monitor's when it is on; with neither, nothing is written (no event files were
+    asked for). Only the main process writes.
+    """
+    if not subnet_results or trainer.stages is None or not trainer.is_world_process_zero():
+        return False
+    monitor = next((c for c in trainer.callback_handler.callbacks if isinstance(c, SubnetMonitorCallback)), None)
+    writer = _tensorboard_writer(trainer)
+    if writer is None and monitor is not None:
+        writer = monitor._writer(trainer.args)
+    if writer is None:
+        return False
+    step = trainer.state.global_step
+    num_blocks = tuple(stage.num_blocks for stage in trainer.stages)
+    subnets = [Subnet(tuple(tuple(kept) for kept in r["kept"]), num_blocks) for r in subnet_results]
+    dataset = trainer.eval_dataset
+    if isinstance(dataset, dict):  # several evaluation sets: the shares are counted at the first one's size
+        dataset = next(iter(dataset.values()))
+    shares = _flop_shares(trainer, dataset, subnets, monitor._flop_shares if monitor else {})
+    full_accuracy = eval_metrics.get("eval_accuracy")
+    re_estimated = bool(subnet_results[0]["bn_recalibration_samples"])
+    own = [float(r["accuracy"]) for r in subnet_results]
+    inherited = [float(r["accuracy_inherited_bn"]) for r in subnet_results]
+
+    report = _report_markdown(full_accuracy, num_blocks, subnet_results, shares, step)
+    writer.add_text(f"{REPORT_TAG}/report", report, step)
+    scalars = {} if full_accuracy is None else {"accuracy": float(full_accuracy)}
+    for suffix, scores in (("", own), ("_inherited_bn", inherited if re_estimated else None)):
+        if scores is not None:
+            scalars.update(
+                {
+                    f"subnet_accuracy_mean{suffix}": float(np.mean(scores)),
+                    f"subnet_accuracy_min{suffix}": float(np.min(scores)),
+                    f"subnet_accuracy_max{suffix}": float(np.max(scores)),
+                }
+            )
+    for name, value in scalars.items():
+        writer.add_scalar(f"{REPORT_TAG}/{name}", value, step)
+    figure = plot_loafing(
+        [
+            LoafingSeries(
+                f"step {step}",
+                float("nan") if full_accuracy is None else float(full_accuracy),
+                shares,
+                inherited,
+                own if re_estimated else None,
+            )
+        ],
+        title=f"Loafing at the end of training, step {step} ({len(subnets)} fixed sub-networks; dashed: mean)",
+        chance=_chance(trainer),
+    )
+    writer.add_image(f"{REPORT_TAG}/loafing", figure_to_array(figure), step, dataformats="HWC")
+    writer.flush()
+    if monitor is not None:
+        monitor.close_writer()  # its own writer, if it opened one for this; the Trainer's stays the Trainer's
+    return True
+
+
+def _report_markdown(
+    full_accuracy: float | None,
+    num_blocks: tuple[int, ...],
+    subnet_results: list[dict[str, Any]],
+    shares: list[float],
+    step: int,
+) -> str:
+    """The final report as a Markdown table (TensorBoard's text dashboard renders it)."""
+    samples = subnet_results[0]["bn_recalibration_samples"]
+
+    def percent(value: float | None) -> str:
+        return "" if value is None else f"{100 * value:.2f}%"
+
+    header = "| network | depths | blocks | FLOPs | top-1 | top-1, inherited BatchNorm statistics |"
+    lines = [
+        f"Step {step}. Each sub-network is scored with BatchNorm statistics re-estimated for it on {samples} "
+        "training images and, beside it, with the full network's (inherited: the papers' loafing measure)."
+        if samples
+        else f"Step {step}. The sub-networks are scored with the full network's BatchNorm statistics (inherited).",
+        "",
+        header,
+        "| --- | --- | --- | --- | --- | --- |",
+        f"| full network | {','.join(map(str, num_blocks))} | 100% | 100% | {percent(full_accuracy)} | |",
+    ]
+    for index, (result, share) in enumerate(zip(subnet_results, shares, strict=True), start=1):
+        inherited = percent(result["accuracy_inherited_bn"]) if samples else ""
+        lines.append(
+            f"| sub-network {index} | {','.join(map(str, result['depths']))} | {100 * result['depth_fraction']:.0f}% "
+            f"| {100 * share:.0f}% | {percent(result['accuracy'])} | {inherited} |"
+        )
+    own = [r["accuracy"] for r in subnet_results]
+    inherited = [r["accuracy_inherited_bn"] for r in subnet_results]
+    lines.append(
+        f"| mean of {len(subnet_results)} sub-networks | | | | {percent(float(np.mean(own)))} "
+        f"| {percent(float(np.mean(inherited))) if samples else ''} |"
+    )
+    return "\n".join(lines)
+
+
+def _tensorboard_writer(trainer: MonitoredTrainer) -> SummaryWriter | None:
+    """The open ``SummaryWriter`` of the Trainer's ``TensorBoardCallback``, if it has one."""
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
+            return callback.tb_writer
+    return None
+
+
+def _flop_shares(
+    trainer: MonitoredTrainer, dataset, subnets: list[Subnet | None], cache: dict[tuple, float]
+) -> list[float]:
+    """Each network's share of the full network's FLOPs at the evaluation size (``None``: the full network)."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    # float(): a pre-decoded pipeline's uint8 images count the same FLOPs as the normalised ones.
+    example = _example_input(trainer, dataset).to(next(model.parameters()).device).float()
+    shares = []
+    for subnet in subnets:
+        key = (subnet, tuple(example.shape[1:]))
+        if key not in cache:
+            full = count_flops(model, example)
+            part = full if subnet is None else count_flops(model, example, trainer.stages, subnet)
+            cache[key] = part / full if full else float("nan")
+        shares.append(cache[key])
+    return shares
 
 
 def _metric_prefix(metrics: dict[str, Any]) -> str:
@@ -308,12 +453,13 @@ class _PreparedBatches:
         return (self.trainer._prepare_inputs(batch) for batch in self.loader)
 
 
-def _example_input(trainer: MonitoredTrainer, dataset, loader) -> torch.Tensor:
+def _example_input(trainer: MonitoredTrainer, dataset) -> torch.Tensor:
     """One collated evaluation image ``(1, C, H, W)``, for counting FLOPs at the evaluation size."""
     try:
         return trainer.data_collator([dataset[0]])["pixel_values"][:1]
     except (TypeError, KeyError, IndexError, NotImplementedError):  # e.g. an IterableDataset
-        return next(iter(loader))["pixel_values"][:1]
+        with preserved_rng_state():  # the loader draws its seed from torch's RNG: keep the training stream
+            return next(iter(trainer.get_eval_dataloader(dataset)))["pixel_values"][:1]
 
 
 def _chance(trainer: MonitoredTrainer) -> float | None:

@@ -24,7 +24,7 @@ off.
 
 The remedies depend on the lambda in effect: below ``STABLE_KL_COEF`` the KL term is an unlikely
 cause, and the learning rate a likely one (common training stalls at chance early on too: a ResNet-56
-at lr 0.1 without warm-up on 5,000 CIFAR-10 images, docs/results.md). A stall can be transient, so
+at lr 0.1 without warm-up on 5,000 CIFAR-10 images, docs/measurements/full_network_study/README.md). A stall can be transient, so
 after a warning the monitor keeps watching the evaluations: one at least ``RECOVERY_MARGIN`` above
 chance, and not a near-constant predictor, is logged as a recovery (``{"collapse_recovered": message,
 ...}``).
@@ -239,7 +239,7 @@ def _remedy(args: TrainingArguments, kl_coef_now: float | None = None) -> str:
     if kl_coef_now is not None and kl_coef_now < STABLE_KL_COEF:
         return (
             f"{settings} Lambda is still below {STABLE_KL_COEF:g} here, where the KL term has not collapsed a run; "
-            "the learning rate more likely did (common training stalls the same way, docs/results.md). "
+            "the learning rate more likely did (common training stalls the same way: docs/results.md and the study log it links). "
             f"Remedies: {lr_remedies}"
         )
     # Ordered by what the pilot of docs/results.md measured: cosine_up kept lambda 5 and 10 training;

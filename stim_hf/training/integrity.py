@@ -8,7 +8,7 @@ the files, through :func:`content_problems`: a file whose bytes changed while it
 (bit rot, an interrupted copy onto a preallocated file, a faulty network filesystem) is named,
 never used.
 
-Why xxh3-128 and not sha256 (``python bench/checkpoint_hashing.py``, docs/reliability.md): on a
+Why xxh3-128 and not sha256 (``python bench/performance/checkpoint_hashing.py``, docs/reliability.md): on a
 ResNet-50 checkpoint (205 MB: weights and momentum) the manifest took 5-6 % of the time of writing
 the checkpoint with xxh3-128 (the ``xxhash`` package, which ``datasets`` requires too; 9-13 GB/s)
 and 22-36 % with sha256 (0.9-1.4 GB/s, on a CPU with the SHA extensions; CPUs without them hash

@@ -5,8 +5,8 @@ BatchNorm layers (each sub-network pass freezes their statistics) and calls ``mo
 each is a walk over 208 modules, 0.1 to 0.8 ms on a CPU. On a GPU the step of a CIFAR ResNet is
 bound by the host, so those walks are step time (docs/benchmarks.md, framework overhead).
 
-What pays for the patching here: ``python bench/model_walks.py`` on CIFAR ResNet-56, µs per call
-before and now, ``model.train()`` 488.8 and 70.0, ``model.zero_grad()`` 261.2 and 10.8, freezing
+What pays for the patching here, measured on CIFAR ResNet-56 (µs per call
+before and now; record in ``docs/measurements/cpu_2026-11-26b/``, by a script since retired: bench/README.md), ``model.train()`` 488.8 and 70.0, ``model.zero_grad()`` 261.2 and 10.8, freezing
 the BatchNorm statistics of a sub-network pass 310.2 and 13.6 (docs/architecture.md).
 """
 

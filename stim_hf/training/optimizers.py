@@ -3,8 +3,8 @@
 The Trainer builds ``optim: sgd`` and ``optim: adamw_torch`` without ``fused``, so torch updates
 the parameters one tensor at a time on a CPU and in a few multi-tensor kernels per step on a GPU.
 The fused kernel does the whole update in one pass: 5x less host time for SGD over CIFAR
-ResNet-56's 173 tensors on this project's CPU, bit-identical there (docs/benchmarks.md,
-``bench/optimizer_step.py``).
+ResNet-56's 173 tensors on this project's CPU, bit-identical there (docs/benchmarks.md; record in
+``docs/measurements/cpu_2026-11-26c/optimizer_step.txt``).
 """
 
 from __future__ import annotations

@@ -1,4 +1,11 @@
-"""The stimulative ``Trainer``: full-network cross-entropy plus KL towards sampled sub-networks."""
+"""The stimulative ``Trainer``: full-network cross-entropy plus KL towards sampled sub-networks.
+
+This module holds the training step: the loss (:meth:`StimulativeTrainer.compute_loss`, lambda's
+schedule), the backward strategies, the logged scalars and the Trainer's per-step bookkeeping made
+cheap. Beside it: :mod:`~stim_hf.training.model_setup` (fitting the method to a model, before any data
+is loaded) and :mod:`~stim_hf.training.subnet_evaluation` (BatchNorm estimation and sub-network
+scoring); the crash-safety half is :mod:`~stim_hf.training.reliable_trainer`.
+"""
 
 from __future__ import annotations
 
@@ -7,42 +14,38 @@ import math
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.utils import DistributedType
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset
+from torch.utils.data import DataLoader
 
-from stim_hf.errors import ConfigError, ModelStructureError
+from stim_hf.errors import ConfigError
 from stim_hf.method import (
-    EVAL_SUBNET_STREAM,
-    FULL_INPUT_STREAM,
-    ResidualFamily,
-    ResidualStage,
     Subnet,
     SubnetSampler,
-    find_residual_family,
     resize_for_subnet,
     resize_input,
     use_subnet,
     zero_init_residual_branches,
 )
-from stim_hf.method.batchnorm import (
-    frozen_running_stats,
-    preserved_rng_state,
-    recalibrate_batchnorm,
-    recalibration_indices,
-    subnet_batchnorm_statistics,
-)
+from stim_hf.method.batchnorm import frozen_running_stats
 from stim_hf.method.losses import distillation_loss, normalize_logits
-from stim_hf.method.stages import zero_init_families
 from stim_hf.training.callbacks import SubnetMonitorCallback
 from stim_hf.training.collapse import CollapseMonitorCallback
 from stim_hf.training.config import StimulativeTrainingArguments
+from stim_hf.training.model_setup import (
+    MIN_SUBNET_INPUT_SIZE,  # noqa: F401  (re-exported: where it was)
+    build_subnet_sampler,
+    check_zero_init_residual,  # noqa: F401  (re-exported: where it was)
+    full_input_sampler,
+    method_structures,
+    prepare_model,
+    refuse_zero_init_of_pretrained,  # noqa: F401  (re-exported: where it was)
+)
 from stim_hf.training.model_walks import (
     ModelWalks,
     fast_zero_grad_once,
@@ -53,6 +56,7 @@ from stim_hf.training.optimizers import with_fused_kernel
 from stim_hf.training.pace import PaceCallback, TrainingPace
 from stim_hf.training.profiling import StepProfilerCallback, left_out_of_window, parse_profile_steps, phase
 from stim_hf.training.reliable_trainer import ReliableTrainer
+from stim_hf.training.subnet_evaluation import SubnetEvaluationMixin
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +70,6 @@ _ZERO_INIT_MARK = "_stim_hf_zero_init_residual_done"
 _PLAIN_GRADS = (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU)
 # Optimizer parameter-group keys that choose how the update runs, not what it computes.
 _KERNEL_CHOICES = ("fused", "foreach")
-# Sub-network inputs are never resized below this side, whatever min_input_scale says.
-MIN_SUBNET_INPUT_SIZE = 8
 
 
 def kl_coef_at(base: float, schedule: str, progress: float) -> float:
@@ -95,137 +97,7 @@ def average_gradients(model: nn.Module) -> None:
         grad.copy_(reduced)
 
 
-def prepare_model(model: nn.Module, args: StimulativeTrainingArguments) -> nn.Module:
-    """Apply ``sync_batchnorm`` and ``channels_last`` before the Trainer wraps the model.
-
-    SyncBatchNorm only matters with several processes, and torch implements it for accelerators
-    only: with several CPU processes it is refused before training starts.
-    """
-    if args.sync_batchnorm and args.world_size > 1:
-        if args.use_cpu or not torch.cuda.is_available():
-            raise ConfigError(
-                "sync_batchnorm=true needs GPUs: torch has no SyncBatchNorm for CPU processes; "
-                "set sync_batchnorm: false for CPU runs"
-            )
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif args.sync_batchnorm:
-        logger.info("sync_batchnorm: a single process, so BatchNorm is left as is")
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
-def build_subnet_sampler(
-    model: nn.Module,
-    family: ResidualFamily,
-    stages: list[ResidualStage],
-    args: StimulativeTrainingArguments,
-    seed: int,
-    min_input_scale: float,
-    stream: int = 0,
-) -> SubnetSampler:
-    """The sub-network sampler of ``model`` under ``args``; ConfigError if the settings cannot work for it."""
-    if min_input_scale < 1.0 and not family.supports_smaller_inputs:
-        raise ConfigError(
-            f"min_input_scale={min_input_scale}: {type(model).__name__} ({family.name}) cannot run "
-            "on inputs smaller than its training size; set min_input_scale: 1.0 (depth sampling only)"
-        )
-    sampler = SubnetSampler(
-        stages,
-        rule=args.subnet_sampling,
-        sample_space=args.sample_space,
-        min_input_scale=min_input_scale,
-        seed=seed,
-        min_input_size=max(MIN_SUBNET_INPUT_SIZE, family.min_input_size(model) if family.min_input_size else 0),
-        stream=stream,
-        # The bias shapes the training draws only; the fixed evaluation sub-networks stay uniform.
-        size_bias=args.subnet_size_bias if stream == 0 else 0.0,
-    )
-    if stream == 0 and args.uses_subnets and not any(sampler.space) and min_input_scale >= 1.0:
-        raise ConfigError(
-            f"sample_space={args.sample_space!r} lets sampling drop no block of "
-            f"{type(model).__name__} (at most {[s.max_droppable(args.subnet_sampling) for s in stages]} "
-            "per stage: a stage keeps its first block and blocks that change shape), and min_input_scale=1.0 keeps "
-            "the full input size, so every sub-network would be the full network; use a deeper model, a larger "
-            "sample_space, min_input_scale < 1, or stim_method: ct"
-        )
-    return sampler
-
-
-def method_structures(
-    model: nn.Module, args: StimulativeTrainingArguments
-) -> tuple[ResidualFamily | None, list[ResidualStage] | None, SubnetSampler | None]:
-    """``model``'s residual family, stages and training sampler; the errors a misfit of model and method raises.
-
-    :class:`StimulativeTrainer` calls it when built; the training job calls it first, so that a
-    model without residual stages or a ``sample_space`` that does not fit is reported before any
-    data is loaded or decoded.
-    """
-    try:
-        family, stages = find_residual_family(model)
-    except ModelStructureError:
-        if args.uses_subnets:
-            raise
-        logger.info("no residual stages found: sub-network evaluation is disabled for this model")
-        family, stages = None, None
-    if args.zero_init_residual:
-        check_zero_init_residual(model, family)
-    if args.full_input_scale < 1.0:
-        full_input_sampler(model, family, stages, args)
-    if family is None:
-        return None, None, None
-    return family, stages, build_subnet_sampler(model, family, stages, args, args.seed, args.min_input_scale)
-
-
-def full_input_sampler(
-    model: nn.Module,
-    family: ResidualFamily | None,
-    stages: list[ResidualStage] | None,
-    args: StimulativeTrainingArguments,
-) -> SubnetSampler | None:
-    """The draws of the full network's input size under ``full_input_scale`` (None at 1.0, the batch's own size).
-
-    The sub-networks' size rule and seed-and-step draw, in a stream of its own, so that turning multi-resolution
-    training on leaves the sub-networks' draws as they were. ConfigError for a model that cannot run smaller inputs.
-    """
-    if args.full_input_scale >= 1.0:
-        return None
-    if family is None or not family.supports_smaller_inputs:
-        which = f"{type(model).__name__} ({family.name} family)" if family is not None else type(model).__name__
-        raise ConfigError(
-            f"full_input_scale={args.full_input_scale}: {which} is not a model stim_hf can run on inputs smaller "
-            "than its training size; set full_input_scale: 1.0"
-        )
-    return build_subnet_sampler(model, family, stages, args, args.seed, args.full_input_scale, FULL_INPUT_STREAM)
-
-
-def refuse_zero_init_of_pretrained(source: str) -> ConfigError:
-    """The error for ``zero_init_residual`` on the pretrained model ``source``: zeroing would discard trained branches."""
-    return ConfigError(
-        f"zero_init_residual=true would zero the last BatchNorm weight of every residual branch of the pretrained "
-        f"model '{source}', discarding what those branches learned; it is for a model built from a config "
-        "(model_type, fresh weights): set zero_init_residual: false to fine-tune"
-    )
-
-
-def check_zero_init_residual(model: nn.Module, family: ResidualFamily | None) -> None:
-    """Refuse ``zero_init_residual`` for a model it cannot or must not change (ConfigError, one line).
-
-    A model loaded with ``from_pretrained`` (its ``name_or_path`` is set) is refused: its branches
-    were trained. So is a model of a family without a normalisation layer ending its branches.
-    """
-    source = getattr(model, "name_or_path", "") or ""
-    if source:
-        raise refuse_zero_init_of_pretrained(str(source))
-    if family is None or family.last_branch_norm is None:
-        which = f"{type(model).__name__} ({family.name} family)" if family is not None else type(model).__name__
-        raise ConfigError(
-            f"zero_init_residual=true: {which} has no BatchNorm ending its residual branches that stim_hf knows "
-            f"(families with one: {', '.join(zero_init_families())}); set zero_init_residual: false"
-        )
-
-
-class StimulativeTrainer(ReliableTrainer):
+class StimulativeTrainer(SubnetEvaluationMixin, ReliableTrainer):
     """A ``transformers.Trainer`` that trains a residual network stimulatively (ST / ST++).
 
     Each training step computes the full network's cross-entropy and, for ``num_subnets``
@@ -729,45 +601,8 @@ class StimulativeTrainer(ReliableTrainer):
         super().log(logs, start_time)
 
     # ----------------------------------------------------------------------------------------------
-    # BatchNorm recalibration
+    # Evaluation and saving: BatchNorm recalibration first (subnet_evaluation.py holds the rest)
     # ----------------------------------------------------------------------------------------------
-
-    def recalibrate_bn(self, num_samples: int | None = None) -> int:
-        """Re-estimate the full network's BatchNorm statistics on training images.
-
-        Uses ``num_samples`` (default ``bn_recalibration_samples``) images drawn with a seed that
-        depends on the step, as many on every process, and pools the statistics over the
-        processes exactly (:func:`~stim_hf.method.batchnorm.recalibrate_batchnorm`). Random states are
-        restored afterwards so training continues unchanged.
-        """
-        if self.train_dataset is None:
-            raise ConfigError("bn_policy='recalibrate' needs a train_dataset to re-estimate BatchNorm statistics")
-        num_samples = num_samples or self.args.bn_recalibration_samples
-        model = self.accelerator.unwrap_model(self.model)
-        batches = self.bn_estimation_batches(num_samples, seed=[self.args.seed, self.state.global_step])
-        with preserved_rng_state(), self.compute_loss_context_manager():
-            seen = recalibrate_batchnorm(model, batches, batches.num_samples, all_reduce_sum=self._all_reduce_sum())
-        self._bn_recalibrated_at = self.state.global_step
-        logger.info("re-estimated BatchNorm statistics on %d images at step %d", seen, self.state.global_step)
-        return seen
-
-    def bn_estimation_batches(self, num_samples: int, seed: int | list[int]) -> _EstimationBatches:
-        """This process's share of ``num_samples`` training images drawn with ``seed``, as prepared batches.
-
-        Re-iterable, and every pass yields the same images with the same augmentation (the data
-        loader runs under a fixed seed), so each sub-network is re-estimated on the same inputs.
-        The images are dealt out equally over the processes
-        (:func:`~stim_hf.method.batchnorm.recalibration_indices`); iterate inside ``preserved_rng_state``.
-        """
-        shard = recalibration_indices(
-            len(self.train_dataset), num_samples, seed, self.args.process_index, self.args.world_size
-        )
-        return _EstimationBatches(self, shard, int(np.random.default_rng(seed).integers(2**62)))
-
-    def _all_reduce_sum(self) -> Callable[[torch.Tensor], torch.Tensor] | None:
-        if self.accelerator.num_processes == 1:
-            return None
-        return lambda tensor: self.accelerator.reduce(tensor, reduction="sum")
 
     def _maybe_recalibrate_bn(self) -> None:
         if self.args.bn_policy == "recalibrate" and self._bn_recalibrated_at != self.state.global_step:
@@ -791,143 +626,3 @@ class StimulativeTrainer(ReliableTrainer):
         """``Trainer.save_model`` after BatchNorm recalibration when ``bn_policy='recalibrate'``."""
         self._maybe_recalibrate_bn()
         super().save_model(output_dir, _internal_call)
-
-    # ----------------------------------------------------------------------------------------------
-    # Sub-network evaluation
-    # ----------------------------------------------------------------------------------------------
-
-    def fixed_subnets(self, num_subnets: int, seed: int | None = None) -> list[Subnet]:
-        """``num_subnets`` distinct sub-networks (never the full one) from the training sampling rule.
-
-        The same seed gives the same sub-networks for any checkpoint of the same architecture,
-        which makes runs (CT against ST++, epochs of one run) comparable.
-        """
-        if self.stages is None:
-            return []
-        sampler = self._build_sampler(self.args.seed if seed is None else seed, 1.0, stream=EVAL_SUBNET_STREAM)
-        return sampler.distinct_subnets(num_subnets)
-
-    @contextmanager
-    def _accuracy_metrics(self) -> Iterator[None]:
-        """Top-1 / top-5 accuracy for the predictions made inside, where the trainer was given no metrics."""
-        if self.compute_metrics is not None:
-            yield
-            return
-        from stim_hf.training.metrics import build_compute_metrics, top_k_indices
-
-        self.compute_metrics, self.preprocess_logits_for_metrics = build_compute_metrics(), top_k_indices
-        try:
-            yield
-        finally:
-            self.compute_metrics, self.preprocess_logits_for_metrics = None, None
-
-    def evaluate_subnets(
-        self,
-        eval_dataset: Dataset | None = None,
-        subnets: list[Subnet] | None = None,
-        num_subnets: int | None = None,
-        bn_recalibration_samples: int | None = None,
-    ) -> list[dict[str, Any]]:
-        """Evaluate sub-networks at full resolution, each with BatchNorm statistics re-estimated for it.
-
-        Each sub-network is scored with its BatchNorm statistics re-estimated on
-        ``bn_recalibration_samples`` training images (default ``subnet_bn_recalibration_samples``; the
-        same images for each, drawn with ``seed``; :meth:`subnet_bn_statistics`) and, beside it, with
-        the full network's statistics, the papers' measure of loafing. Returns one dict per
-        sub-network: its depths, kept blocks, depth fraction, ``accuracy``, ``top5_accuracy`` and
-        ``loss`` with re-estimated statistics, the same with the suffix ``_inherited_bn``, and
-        ``bn_recalibration_samples`` (0: the statistics are the full network's in both). The full
-        network's statistics are restored bit for bit after each sub-network.
-        """
-        if subnets is None:
-            subnets = self.fixed_subnets(self.args.num_eval_subnets if num_subnets is None else num_subnets)
-        eval_dataset = self.eval_dataset if eval_dataset is None else eval_dataset
-        if bn_recalibration_samples is None:
-            bn_recalibration_samples = self.args.subnet_bn_recalibration_samples
-        batches = self._subnet_estimation_batches(bn_recalibration_samples)
-        used = batches.num_samples * self.args.world_size if batches is not None else 0
-        results = []
-        with self._accuracy_metrics():
-            for subnet in subnets:
-                with use_subnet(self.stages, subnet):
-                    inherited = self._subnet_metrics(eval_dataset)
-                own = inherited
-                if batches is not None:
-                    with self.subnet_bn_statistics(subnet, batches), use_subnet(self.stages, subnet):
-                        own = self._subnet_metrics(eval_dataset)
-                results.append(
-                    {
-                        "depths": list(subnet.depths),
-                        "kept": [list(k) for k in subnet.kept],
-                        "depth_fraction": subnet.depth_fraction,
-                        **own,
-                        **{f"{key}_inherited_bn": value for key, value in inherited.items()},
-                        "bn_recalibration_samples": used,
-                    }
-                )
-        return results
-
-    def _subnet_metrics(self, eval_dataset: Dataset) -> dict[str, float]:
-        output = self.predict(eval_dataset, metric_key_prefix="subnet")
-        metrics = {k.removeprefix("subnet_"): v for k, v in output.metrics.items()}
-        return {k: v for k, v in metrics.items() if k in ("accuracy", "top5_accuracy", "loss")}
-
-    def _subnet_estimation_batches(self, num_samples: int) -> _EstimationBatches | None:
-        """The batches sub-networks are re-estimated on (``None`` for 0, or without usable training data)."""
-        if not num_samples or self.stages is None:
-            return None
-        if self.train_dataset is None or isinstance(self.train_dataset, IterableDataset):
-            if not self._warned_no_estimation_data:
-                self._warned_no_estimation_data = True
-                logger.warning(
-                    "sub-networks are scored with the full network's BatchNorm statistics: re-estimating them "
-                    "(subnet_bn_recalibration_samples=%d) needs a map-style train_dataset; pass one to the trainer, "
-                    "or set subnet_bn_recalibration_samples=0",
-                    num_samples,
-                )
-            return None
-        return self.bn_estimation_batches(num_samples, seed=self.args.seed)
-
-    @contextmanager
-    def subnet_bn_statistics(self, subnet: Subnet | None, batches: _EstimationBatches) -> Iterator[int]:
-        """Inside the block, the model's BatchNorm statistics are re-estimated for ``subnet`` on ``batches``.
-
-        ``batches`` come from :meth:`bn_estimation_batches`; every process runs its share and the
-        statistics are pooled over the processes exactly. The estimation runs under the training's
-        autocast and leaves the random states unchanged; the full network's statistics are put back
-        bit for bit on exit. Yields the number of images this process used.
-        """
-        model = self.accelerator.unwrap_model(self.model)
-        with ExitStack() as restore:
-            with preserved_rng_state(), self.compute_loss_context_manager():
-                seen = restore.enter_context(
-                    subnet_batchnorm_statistics(
-                        model,
-                        batches,
-                        batches.num_samples,
-                        self.stages,
-                        subnet,
-                        all_reduce_sum=self._all_reduce_sum(),
-                    )
-                )
-            yield seen
-
-
-class _EstimationBatches:
-    """The batches of :meth:`StimulativeTrainer.bn_estimation_batches`: re-read, the same, at every pass."""
-
-    def __init__(self, trainer: StimulativeTrainer, indices: list[int], seed: int) -> None:
-        self.trainer, self.indices, self.seed = trainer, indices, seed
-        self.num_samples = len(indices)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        trainer = self.trainer
-        loader = DataLoader(
-            Subset(trainer.train_dataset, self.indices),
-            batch_size=trainer.args.per_device_train_batch_size,
-            collate_fn=trainer.data_collator,
-            num_workers=trainer.args.dataloader_num_workers,
-        )
-        torch.manual_seed(self.seed)  # the augmentation, in this process and in the workers it starts
-        for batch in loader:
-            yield trainer._prepare_inputs(batch)

@@ -15,7 +15,6 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from stim_hf.analysis.costs import CostModel, measure_latency, resolve_device
@@ -29,6 +28,7 @@ from stim_hf.method import ResidualFamily, ResidualStage, Subnet, find_residual_
 from stim_hf.method.batchnorm import preserved_rng_state
 from stim_hf.tools.loafing import checkpoint_labels, load_checkpoint
 from stim_hf.tools.output_folders import check_new_folder
+from stim_hf.tools.progress import progress
 from stim_hf.tools.search.arguments import FIT_MINIMUM, SearchArguments, subset_export_error, training_sampling
 from stim_hf.tools.search.budget import format_count
 from stim_hf.tools.search.results import Candidate, CheckpointSearch, SearchResult, pick_candidate
@@ -435,41 +435,43 @@ def _search_one(item: SearchModel, images: SearchImages, args: SearchArguments, 
             candidates[subnet] = Candidate(subnet, item.costs.flops(subnet), item.costs.parameters(subnet))
         return candidates[subnet]
 
-    bar = tqdm(total=0, desc=f"search {item.label}", unit="subnet", disable=not args.progress, dynamic_ncols=True)
+    phases = 0  # scoring phases so far: the rounds of successive halving, or the generations of evolution
 
     def score(subnets: Sequence[Subnet], fraction: float = 1.0) -> None:
-        bar.total += len(subnets)
-        bar.refresh()
-        counts = (math.ceil(fraction * images.num_scored), math.ceil(fraction * images.num_recalibration))
-        for size in sorted({s.input_size for s in subnets}):
-            group = [s for s in subnets if s.input_size == size]
-            batches = images.at(size).head(*counts)
-            results = score_subnets(
-                item.model, item.stages, group, batches, sharing, item.forward_kwargs(size), bar.update, timing
-            )
-            for subnet, result in zip(group, results, strict=True):
-                candidate = make(subnet)
-                candidate.accuracy, candidate.loss, candidate.scored_images = result.accuracy, result.loss, counts[0]
-                candidate.hits = result.hits
+        nonlocal phases
+        phases += 1
+        # One bar per phase, its total known before it starts: a phase's candidates are fixed when it begins.
+        name = f"search {item.label}, {_phase_name(strategy, phases, fraction, args)}"
+        with progress(len(subnets), name, "subnet", enabled=args.progress) as bar:
+            counts = (math.ceil(fraction * images.num_scored), math.ceil(fraction * images.num_recalibration))
+            for size in sorted({s.input_size for s in subnets}):
+                group = [s for s in subnets if s.input_size == size]
+                batches = images.at(size).head(*counts)
+                results = score_subnets(
+                    item.model, item.stages, group, batches, sharing, item.forward_kwargs(size), bar.update, timing
+                )
+                for subnet, result in zip(group, results, strict=True):
+                    candidate = make(subnet)
+                    candidate.accuracy, candidate.loss = result.accuracy, result.loss
+                    candidate.scored_images, candidate.hits = counts[0], result.hits
 
-    try:
-        if strategy == "enumerate":
-            everything = space.enumerate()
-            if args.latency_mode == "all":
-                tick = time.perf_counter()
+    if strategy == "enumerate":
+        everything = space.enumerate()
+        if args.latency_mode == "all":
+            tick = time.perf_counter()
+            with progress(len(everything), f"search {item.label}, latency", "subnet", enabled=args.progress) as bar:
                 for subnet in everything:
                     make(subnet).latency_ms = _latency(item, subnet, 1, args, device)
-                timing["latency"] += time.perf_counter() - tick
-            timing["rounds"] = _successive_halving(everything, score, make, args)
-        else:
-            rank = lambda s: (-make(s).accuracy, make(s).flops, make(s).loss, s.input_size, s.kept)  # noqa: E731
-            evolve(
-                space, np.random.default_rng([args.seed, 16]), lambda s: _within(item, make(s), args, device),
-                lambda subnets: score(subnets), rank, args.population, args.generations, args.parent_ratio,
-                args.mutation_ratio, args.mutation_prob, first=[space.cheapest(item.block_flops)],
-            )  # fmt: skip
-    finally:
-        bar.close()
+                    bar.update()
+            timing["latency"] += time.perf_counter() - tick
+        timing["rounds"] = _successive_halving(everything, score, make, args)
+    else:
+        rank = lambda s: (-make(s).accuracy, make(s).flops, make(s).loss, s.input_size, s.kept)  # noqa: E731
+        evolve(
+            space, np.random.default_rng([args.seed, 16]), lambda s: _within(item, make(s), args, device),
+            lambda subnets: score(subnets), rank, args.population, args.generations, args.parent_ratio,
+            args.mutation_ratio, args.mutation_prob, first=[space.cheapest(item.block_flops)],
+        )  # fmt: skip
     scored = [c for c in candidates.values() if c.accuracy is not None]
     final = [c for c in scored if c.scored_images == images.num_scored]
     for c in scored:
@@ -513,6 +515,18 @@ def halving_image_shares(rounds: int, keep: float) -> list[float]:
     return [keep ** (rounds - 1 - r) for r in range(rounds)]
 
 
+def _halving_rounds(args: SearchArguments) -> int:
+    return args.halving_rounds if args.halving_keep < 1.0 else 1
+
+
+def _phase_name(strategy: str, phase: int, fraction: float, args: SearchArguments) -> str:
+    """How the progress display names a scoring phase: its round or generation, and its share of the images."""
+    if strategy == "enumerate":
+        rounds = _halving_rounds(args)
+        return f"round {phase} of {rounds} ({100 * fraction:.0f}% of the images)" if rounds > 1 else "every candidate"
+    return "first population" if phase == 1 else f"generation {phase - 1} of at most {args.generations}"
+
+
 def _successive_halving(
     subnets: list[Subnet],
     score: Callable[[Sequence[Subnet], float], None],
@@ -529,7 +543,7 @@ def _successive_halving(
     (:func:`~stim_hf.analysis.pareto.near_front`): those the round cannot tell from the front.
     Returns, per round, the candidates scored, the share of the images and the seconds it took.
     """
-    rounds = args.halving_rounds if args.halving_keep < 1.0 else 1
+    rounds = _halving_rounds(args)
     survivors = subnets
     report = []
     for r, fraction in enumerate(halving_image_shares(rounds, args.halving_keep)):

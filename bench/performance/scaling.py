@@ -1,11 +1,11 @@
 """Scaling of the step time with K (sub-networks per step) and with depth: is it linear in the FLOPs?
 
-  python bench/scaling.py                                    # CIFAR ResNet-20/56/110, CT + ST++ K=1,2,4,6, batch 64
-  python bench/scaling.py --json bench/out/scaling_cpu.json  # the same, and write JSON
-  python bench/scaling.py --depths 20 --ks 1,2 --batch 8 --steps 2 --warmup 1   # smoke test of the script
+  python bench/performance/scaling.py                                    # CIFAR ResNet-20/56/110, CT + ST++ K=1,2,4,6, batch 64
+  python bench/performance/scaling.py --json bench/out/scaling_cpu.json  # the same, and write JSON
+  python bench/performance/scaling.py --depths 20 --ks 1,2 --batch 8 --steps 2 --warmup 1   # smoke test of the script
 
 For every depth in ``--depths`` it measures CT and ST++ with each K in ``--ks``, each configuration
-built fresh, with ``measure`` of bench/step_cost.py: ``--warmup`` + ``--steps`` optimizer steps on
+built fresh, with ``measure`` of bench/performance/step_cost.py: ``--warmup`` + ``--steps`` optimizer steps on
 one synthetic batch that lives on the device, through ``StimulativeTrainer.training_step`` plus the
 optimizer step (bf16 autocast and channels_last on CUDA, synchronised around every timed step). Per
 configuration it reports the median step time and the forward FLOPs per image that the step actually
@@ -39,7 +39,7 @@ import torch
 
 
 def load_step_cost() -> ModuleType:
-    """Import bench/step_cost.py (next to this file) as a module, for its ``measure``."""
+    """Import bench/performance/step_cost.py (next to this file) as a module, for its ``measure``."""
     path = Path(__file__).resolve().with_name("step_cost.py")
     spec = importlib.util.spec_from_file_location("step_cost", path)
     module = importlib.util.module_from_spec(spec)

@@ -1,10 +1,10 @@
 """Framework overhead: ST++ through StimulativeTrainer against a plain PyTorch loop doing the same arithmetic.
 
-  python bench/framework_overhead.py                      # CIFAR ResNet-20, batch 64, K=1, CPU
-  python bench/framework_overhead.py --depth 56 --num-subnets 6
-  python bench/framework_overhead.py --depth 56 --batch 128 --warmup 30 --steps 100   # on a GPU (bf16, channels_last)
-  python bench/framework_overhead.py --workers 2            # the trainer's batches from 2 loader processes
-  python bench/framework_overhead.py --depth 56 --batch 1 --image-size 8 --threads 1 --warmup 30 --steps 300 --paired
+  python bench/performance/framework_overhead.py                      # CIFAR ResNet-20, batch 64, K=1, CPU
+  python bench/performance/framework_overhead.py --depth 56 --num-subnets 6
+  python bench/performance/framework_overhead.py --depth 56 --batch 128 --warmup 30 --steps 100   # on a GPU (bf16, channels_last)
+  python bench/performance/framework_overhead.py --workers 2            # the trainer's batches from 2 loader processes
+  python bench/performance/framework_overhead.py --depth 56 --batch 1 --image-size 8 --threads 1 --warmup 30 --steps 300 --paired
                                                             # host-bound CPU stand-in, steps interleaved
 
 With ``--paired`` the two loops are interleaved step by step (one plain step after each trainer

@@ -1,8 +1,8 @@
 """Data pipeline: can the `datasets` image pipeline feed stimulative training without the model waiting?
 
-  python bench/data_pipeline.py                                   # CPU: CIFAR-10 parquet + 224 px JPEGs
-  python bench/data_pipeline.py --cifar-dir shared/data/cifar10 --warmup 30 --steps 150 --jpeg-workers 0,8 \
-      --jpeg-count 1600 --jpeg-batch 64                                  # on a GPU machine (bench/gpu_check.sh)
+  python bench/performance/data_pipeline.py                                   # CPU: CIFAR-10 parquet + 224 px JPEGs
+  python bench/performance/data_pipeline.py --cifar-dir shared/data/cifar10 --warmup 30 --steps 150 --jpeg-workers 0,8 \
+      --jpeg-count 1600 --jpeg-batch 64                                  # on a GPU machine (bench/performance/gpu_check.sh)
 
 Three measurements, each printed as a table and written to JSON with --json:
 
@@ -17,7 +17,7 @@ Three measurements, each printed as a table and written to JSON with --json:
    throughput with pre-made tensors in memory, then end to end with each pipeline. Target
    (issue 6): end to end >= 0.9 x pre-made.
 3. For the JPEGs: the ResNet-50 (224 px) training step throughput on a device-resident batch
-   (bench/step_cost.py), to say how many workers the JPEG pipeline needs to keep up.
+   (bench/performance/step_cost.py), to say how many workers the JPEG pipeline needs to keep up.
 
 The CIFAR parquet files are read from --cifar-dir (the project's shared data folder); the JPEGs are
 written to a temporary folder. The one-off decoding of the 'predecoded' pipeline is timed cold
@@ -46,8 +46,8 @@ from stim_hf.data.transforms import collate_image_batch
 from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import framework_overhead  # noqa: E402  (bench/framework_overhead.py: in-memory tensors, the step timer)
-import step_cost  # noqa: E402  (bench/step_cost.py: the model step on a device-resident batch)
+import framework_overhead  # noqa: E402  (bench/performance/framework_overhead.py: in-memory tensors, the step timer)
+import step_cost  # noqa: E402  (bench/performance/step_cost.py: the model step on a device-resident batch)
 
 
 def training_args(a: argparse.Namespace, workers: int, max_steps: int) -> StimulativeTrainingArguments:
@@ -262,7 +262,7 @@ def measure_jpegs(a: argparse.Namespace, device: str) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cifar-dir", default=os.path.join(os.path.dirname(__file__), "../../shared/data/cifar10"))
+    parser.add_argument("--cifar-dir", default=os.path.join(os.path.dirname(__file__), "../../../shared/data/cifar10"))
     parser.add_argument("--depth", type=int, default=56)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--num-subnets", type=int, default=1)

@@ -1,10 +1,10 @@
 """Where a training step's host time goes: cProfile of StimulativeTrainer.train() against the plain loop.
 
-  python bench/profile_step.py                       # CIFAR ResNet-56, batch 128, ST++ K=1 (GPU if there is one)
-  python bench/profile_step.py --depth 20 --steps 20 # quicker, on a CPU
-  python bench/profile_step.py --steps 20 --torch-profiler bench/out/trace  # torch.profiler (traces: ~1 MB/step)
+  python bench/performance/profile_step.py                       # CIFAR ResNet-56, batch 128, ST++ K=1 (GPU if there is one)
+  python bench/performance/profile_step.py --depth 20 --steps 20 # quicker, on a CPU
+  python bench/performance/profile_step.py --steps 20 --torch-profiler bench/out/trace  # torch.profiler (traces: ~1 MB/step)
 
-Runs bench/framework_overhead.py's two loops (same model, data, sub-networks and sizes) under
+Runs bench/performance/framework_overhead.py's two loops (same model, data, sub-networks and sizes) under
 cProfile and prints, for each, the functions with the most own time and the most cumulative time.
 On a GPU the step of a CIFAR ResNet is bound by the host's kernel launches, so host time is step time.
 

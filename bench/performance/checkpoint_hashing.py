@@ -1,7 +1,7 @@
 """What the content hashes of a checkpoint cost: on write (the manifest) and on read (checked before use).
 
-  python bench/checkpoint_hashing.py                  # a ResNet-50 (25.6 M parameters, 102 MB of weights)
-  python bench/checkpoint_hashing.py --dir /scratch   # checkpoints written on another filesystem
+  python bench/performance/checkpoint_hashing.py                  # a ResNet-50 (25.6 M parameters, 102 MB of weights)
+  python bench/performance/checkpoint_hashing.py --dir /scratch   # checkpoints written on another filesystem
 
 The checkpoint is the one ``StimulativeTrainer`` writes for a ResNet-50 (transformers'
 ``ResNetForImageClassification``, 1000 classes) after one SGD step with momentum: weights,

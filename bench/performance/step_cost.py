@@ -1,9 +1,9 @@
 """Step cost of CT, ST (K=1), ST++ (K=1) and ST++ (K=6) against their FLOP floor, side by side.
 
-  python bench/step_cost.py --model resnet50                 # GPU check: HF ResNet-50, 224 px, bf16, channels_last
-  python bench/step_cost.py --model cifar_resnet56 --batch 128 --image-size 32   # CPU
-  python bench/step_cost.py --model resnet50 --tiny          # smoke test of the script on a CPU
-  python bench/step_cost.py --model resnet50 --batch 16 --steps 3 --warmup 1 --twice   # ResNet-50 on a CPU
+  python bench/performance/step_cost.py --model resnet50                 # GPU check: HF ResNet-50, 224 px, bf16, channels_last
+  python bench/performance/step_cost.py --model cifar_resnet56 --batch 128 --image-size 32   # CPU
+  python bench/performance/step_cost.py --model resnet50 --tiny          # smoke test of the script on a CPU
+  python bench/performance/step_cost.py --model resnet50 --batch 16 --steps 3 --warmup 1 --twice   # ResNet-50 on a CPU
 
 ST++ draws a new input size for each sub-network (14..32 px at 32, 96..224 at 224): the first step at
 a size pays a one-off kernel creation, far above the step itself. Warm up until every size was
