@@ -220,11 +220,14 @@ class CifarResNetModel(CifarResNetPreTrainedModel):
             return_dict = self.config.return_dict
 
         size = self.config.resize_input_to
-        if size is not None and pixel_values.shape[-2] != size:
-            height, width = pixel_values.shape[-2:]
-            pixel_values = F.interpolate(
-                pixel_values, size=(size, max(1, round(width * size / height))), mode="bilinear", align_corners=False
-            )
+        # int(): under torch.onnx.export(dynamo=False) (TorchScript tracing) the sizes are 0-d tensors, which round()
+        # refuses; as ints the arithmetic is today's exactly (banker's rounding included), and the exported graph
+        # keeps its spatial size fixed either way (only the batch is dynamic).
+        if size is not None:
+            height, width = int(pixel_values.shape[-2]), int(pixel_values.shape[-1])
+            if height != size:
+                new_width = max(1, round(width * size / height))
+                pixel_values = F.interpolate(pixel_values, size=(size, new_width), mode="bilinear", align_corners=False)
         hidden = self.stem(pixel_values)
         all_hidden: tuple[Tensor, ...] | None = (hidden,) if output_hidden_states else None
         for stage in self.stages:

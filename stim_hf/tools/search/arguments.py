@@ -11,6 +11,7 @@ from typing import Any
 from stim_hf.errors import ConfigError
 from stim_hf.method import SAMPLING_RULES
 from stim_hf.tools.hub import check_push_to_hub
+from stim_hf.tools.onnx_export import require_onnx
 from stim_hf.tools.search.budget import parse_budget
 from stim_hf.tools.search.space import parse_input_sizes
 from stim_hf.training.checkpointing import TRAINING_ARGS_JSON_NAME
@@ -18,6 +19,7 @@ from stim_hf.training.config import method_settings, parse_sample_space
 
 STRATEGIES = ("auto", "enumerate", "evolution")
 LATENCY_MODES = ("auto", "all", "front", "none")
+LATENCY_RUNTIMES = ("pytorch", "onnxruntime")
 SCORE_SPLITS = ("train", "validation")
 SHARING = ("auto", "tree", "naive")
 # Chosen with bench/halving_fidelity.py (docs/search.md, "Speed").
@@ -40,7 +42,8 @@ class SearchArguments:
         default=None,
         metadata={
             "help": "Limit(s) the pick must meet, comma-separated: flops=0.5 (share of the full network) or "
-            "flops=12M, params=..., latency_ms=2.5 (batch 1 on --device). Without one, the most accurate."
+            "flops=12M, params=..., latency_ms=2.5 (batch 1 on --device, or in ONNX Runtime on the CPU with "
+            "--latency-runtime onnxruntime). Without one, the most accurate."
         },
     )
     pick_margin: float = field(
@@ -153,6 +156,15 @@ class SearchArguments:
     serving_batch_size: int = field(default=32, metadata={"help": "Batch of the second latency (0: batch 1 only)."})
     latency_warmup: int = field(default=3, metadata={"help": "Untimed passes before the timed ones."})
     latency_repeats: int = field(default=10, metadata={"help": "Timed passes; the median is reported."})
+    latency_runtime: str = field(
+        default="pytorch",
+        metadata={
+            "help": "Where latency is timed: 'pytorch' (the sub-network inside the model, on --device) or "
+            "'onnxruntime' (each timed candidate exported to ONNX as a standalone model at its input size and run "
+            "in ONNX Runtime on the CPU, with torch's thread count; a few seconds of export per candidate; needs "
+            'pip install "stim_hf[onnx]").'
+        },
+    )
     # Output
     output_dir: str | None = field(
         default="search", metadata={"help": "Where pareto.json, pareto.csv and pareto.png are written."}
@@ -207,6 +219,7 @@ class SearchArguments:
         for name, choices in (
             ("strategy", STRATEGIES),
             ("latency", LATENCY_MODES),
+            ("latency_runtime", LATENCY_RUNTIMES),
             ("score_split", SCORE_SPLITS),
             ("sharing", SHARING),
         ):
@@ -228,6 +241,8 @@ class SearchArguments:
         if self.sample_space is not None:
             parsed = parse_sample_space(self.sample_space)
             self.sample_space = parsed if parsed == "full" else ",".join(map(str, parsed))
+        if self.latency_runtime == "onnxruntime":
+            require_onnx()  # the extra's packages, named before any model or data is loaded
         self.budget_limits = parse_budget(self.budget)
         self.sizes = parse_input_sizes(self.input_sizes)
         if self.export is not None and self.sampling == "subset":

@@ -244,6 +244,8 @@ class SearchResult:
             flops_limit = _limit_value(limits["flops"], self.checkpoints[0].full_flops) / 1e6
         latency_limit = limits["latency_ms"]["value"] if "latency_ms" in limits else None
         where = self.settings.get("device", "")
+        if self.settings.get("latency_runtime") == "onnxruntime":  # timed as ONNX files (search.run)
+            where = f"ONNX Runtime, {self.settings.get('latency_device', 'cpu')}"
         return plot_search(
             series,
             budget_flops=flops_limit,
@@ -253,8 +255,10 @@ class SearchResult:
 
     def summary(self) -> str:
         """A Markdown table: per checkpoint, the pick (or the best) and the front's size."""
+        runtime = " ONNX Runtime" if self.settings.get("latency_runtime") == "onnxruntime" else ""
         lines = [
-            "| checkpoint | pick: depths | input | FLOPs (share) | params | latency (ms) | top-1 (held-out) | front |",
+            f"| checkpoint | pick: depths | input | FLOPs (share) | params | latency{runtime} (ms) | top-1 (held-out) "
+            "| front |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for c in self.checkpoints:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ from stim_hf.errors import ConfigError, DataError, ModelStructureError
 from stim_hf.method import ResidualFamily, ResidualStage, Subnet, find_residual_family, resize_for_subnet
 from stim_hf.method.batchnorm import preserved_rng_state
 from stim_hf.tools.loafing import checkpoint_labels, load_checkpoint
+from stim_hf.tools.onnx_export import onnx_session, onnxruntime_latency_ms, require_onnx, write_onnx
 from stim_hf.tools.output_folders import check_new_folder
 from stim_hf.tools.progress import progress
 from stim_hf.tools.search.arguments import FIT_MINIMUM, SearchArguments, subset_export_error, training_sampling
@@ -201,6 +203,8 @@ class SearchModel:
     costs: CostModel
     space: CandidateSpace
     latency: dict[tuple[Subnet, int], float] = field(default_factory=dict)
+    # --latency-runtime onnxruntime: the last candidate exported, its ONNX Runtime session and image shape (C, H, W).
+    onnx_export: tuple[Subnet, Any, tuple[int, ...]] | None = None
 
     def forward_kwargs(self, size: int) -> dict:
         """Extra forward arguments at input side ``size`` (position-embedding models off their size)."""
@@ -337,11 +341,42 @@ def _same(a: str | os.PathLike, b: str | os.PathLike) -> bool:
 def _latency(item: SearchModel, subnet: Subnet, batch: int, args: SearchArguments, device: torch.device) -> float:
     key = (subnet, batch)
     if key not in item.latency:
-        item.latency[key] = measure_latency(
-            item.model, item.stages, subnet, batch, item.costs.full_size, device,
-            args.latency_warmup, args.latency_repeats, item.forward_kwargs(subnet.input_size),
-        )  # fmt: skip
+        if args.latency_runtime == "onnxruntime":
+            item.latency[key] = _onnxruntime_latency(item, subnet, batch, args)
+        else:
+            item.latency[key] = measure_latency(
+                item.model, item.stages, subnet, batch, item.costs.full_size, device,
+                args.latency_warmup, args.latency_repeats, item.forward_kwargs(subnet.input_size),
+            )  # fmt: skip
     return item.latency[key]
+
+
+def _onnxruntime_latency(item: SearchModel, subnet: Subnet, batch: int, args: SearchArguments) -> float:
+    """Median ms of a batch of ``subnet`` exported to ONNX as a standalone model, in ONNX Runtime on the CPU.
+
+    The same batch, warm-up and repeats as :func:`~stim_hf.analysis.costs.measure_latency`, at the sub-network's
+    input size (the resize stays outside the timing, as there). A subset sub-network is timed as the prefix one of
+    its depths: the same layers and shapes, so the same cost. The last export is kept, so that a candidate's batch-1
+    and serving-batch latencies share one export.
+    """
+    from stim_hf.tools.export import build_subnet_model
+
+    if item.onnx_export is None or item.onnx_export[0] != subnet:
+        full = item.costs.full_size
+        example = resize_for_subnet(torch.zeros(2, 3, full, full), subnet)
+        standalone = build_subnet_model(item.model, subnet.depths, item.family).to("cpu", torch.float32)
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.onnx"
+            write_onnx(standalone, path, example, forward_kwargs=item.forward_kwargs(subnet.input_size))
+            session = onnx_session(path.read_bytes())
+        item.onnx_export = (subnet, session, tuple(int(d) for d in example.shape[1:]))
+    _, session, shape = item.onnx_export
+    return onnxruntime_latency_ms(session, shape, batch, args.latency_warmup, args.latency_repeats)
+
+
+def _latency_where(args: SearchArguments, device: torch.device) -> str:
+    """Where latency is timed, in words: ``on cuda:0``, or ``in ONNX Runtime on the CPU``."""
+    return "in ONNX Runtime on the CPU" if args.latency_runtime == "onnxruntime" else f"on {device}"
 
 
 def _costs(item: SearchModel, candidate: Candidate, key: str, args, device) -> tuple[float, float | None]:
@@ -365,7 +400,7 @@ def _check_budget_reachable(item: SearchModel, args: SearchArguments, device: to
         cost, full = _costs(item, candidate, limit.key, args, device)
         if not limit.allows(cost, full):
             if full is None:
-                needs = f"{cost:.3f} ms on {device}"
+                needs = f"{cost:.3f} ms {_latency_where(args, device)}"
             else:
                 needs = f"{format_count(cost)} ({100 * cost / full:.1f}% of the full network's {format_count(full)})"
             raise ConfigError(
@@ -600,7 +635,17 @@ def _settings(args, data_args, device, images: SearchImages, models: Sequence[Se
             "device": str(device),
             "torch_threads": torch.get_num_threads(),
             "latency_mode": args.latency_mode,
+            "latency_device": "cpu" if args.latency_runtime == "onnxruntime" else str(device),
             "data": {k: v for k, v in asdict(data_args).items() if v is not None},
         }
     )
+    if args.latency_runtime == "onnxruntime":
+        onnx, ort = require_onnx()
+        settings["onnxruntime"] = {
+            "version": ort.__version__,
+            "onnx_version": onnx.__version__,
+            "provider": "CPUExecutionProvider",
+            "intra_op_threads": torch.get_num_threads(),
+            "exporter": "dynamo",
+        }
     return settings
