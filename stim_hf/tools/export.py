@@ -44,6 +44,7 @@ from stim_hf.method import ResidualFamily, ResidualStage, Subnet, find_residual_
 from stim_hf.method.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from stim_hf.tools.hub import check_push_to_hub, missing_for_sharing, push_folder
 from stim_hf.tools.model_cards import describe_data, export_card, hub_base_model, write_card
+from stim_hf.tools.onnx_files import check_onnx_request, load_onnx_images, write_onnx_files
 from stim_hf.tools.output_folders import check_new_folder
 from stim_hf.training.checkpointing import publish_files
 from stim_hf.training.integrity import folder_files, write_folder_manifest
@@ -95,7 +96,7 @@ def prefix_subnet(stages: Sequence[ResidualStage], depths: Sequence[int] | Subne
     return subnet_from_depths(stages, [int(d) for d in depths])
 
 
-def _container_paths(model: nn.Module, stages: Sequence[ResidualStage]) -> list[str]:
+def container_paths(model: nn.Module, stages: Sequence[ResidualStage]) -> list[str]:
     """Module path of each stage's container inside ``model`` (found by identity, not by name)."""
     paths = {id(module): name for name, module in model.named_modules()}
     result = []
@@ -135,7 +136,7 @@ def subnet_state_dict(
     ``new_stages`` are the stages of the shallower model (they give the new blocks' names); every
     tensor outside the stages keeps its key.
     """
-    paths = _container_paths(model, stages)
+    paths = container_paths(model, stages)
     mapping = _block_key_map(paths, stages, new_stages, subnet)
     stage_prefixes = tuple(f"{path}." for path in paths)
     state = {}
@@ -241,6 +242,8 @@ def export_subnet(
     input_size: int | None = None,
     push_to_hub: str | None = None,
     describe: Callable[[Path], None] | None = None,
+    onnx: bool = False,
+    int8: bool = False,
 ) -> PreTrainedModel:
     """Write the prefix sub-network ``depths`` of a model to ``output_dir`` as a standalone model.
 
@@ -261,7 +264,10 @@ def export_subnet(
     :func:`check_output_dir`). The folder is written beside ``output_dir`` first, sealed with a
     manifest of its files' sizes and hashes (``stim_hf_manifest.json``) and then put in place
     (:func:`write_model_folder`); ``describe`` is called with the folder before it is sealed (the
-    search adds its record there).
+    search adds its record there). ``onnx`` also writes ``model.onnx``, checked in ONNX Runtime
+    against PyTorch on validation images and timed in both; ``int8`` adds ``model.int8.onnx``
+    (static, calibrated on training images) with validation top-1 before and after
+    (:mod:`stim_hf.tools.onnx_files`).
     """
     num_recal = resolve_recalibration_samples(recalibrate_bn, data_args, "--recalibrate-bn")
     if evaluate and data_args is None:
@@ -275,6 +281,7 @@ def export_subnet(
         raise ConfigError(f"--batch-size {batch_size!r} must be an integer >= 1 (images per batch)")
     if push_to_hub is not None:
         check_push_to_hub(push_to_hub)
+    check_onnx_request(onnx, int8, data_args)
     from_folder = isinstance(model_or_checkpoint, (str, os.PathLike))
     if from_folder and Path(model_or_checkpoint).resolve() == Path(output_dir).resolve():
         raise ConfigError(
@@ -355,11 +362,17 @@ def export_subnet(
             "training (--config RECIPE.yaml) so that pipeline('image-classification') can load the export"
         )
 
+    onnx_images = None
+    if onnx:
+        onnx_images = load_onnx_images(data_args, seed, None if resized_by_model else input_size, int8, batch_size)
+
     def write(folder: Path) -> None:
         with without_transformers_progress_bars():
             exported.save_pretrained(folder)
         if processor is not None:
             processor.save_pretrained(folder)
+        if onnx_images is not None:
+            info["onnx"] = write_onnx_files(exported, folder, "model", onnx_images)
         write_export_record(folder, info)
         if describe is not None:
             describe(folder)
@@ -520,6 +533,13 @@ class ExportArguments:
         metadata={"help": "Blocks to keep per stage, comma-separated (e.g. 3,2,1): the first depths[s] of stage s."},
     )
     output: str = field(default=None, metadata={"help": "Directory to write the exported model to."})
+    front: str | None = field(
+        default=None,
+        metadata={
+            "help": "A 'stim-hf search' --output-dir: write one budget-switching folder holding every point of its "
+            "FLOPs front (model.set_budget(flops=0.3) switches at run time) instead of one sub-network (--depths)."
+        },
+    )
     recalibrate_bn: int | None = field(
         default=None,
         metadata={
@@ -557,6 +577,21 @@ class ExportArguments:
         metadata={
             "help": "Replace the model in an --output folder that exists and is not empty (never a training "
             "checkpoint)."
+        },
+    )
+    onnx: bool = field(
+        default=False,
+        metadata={
+            "help": "Also write model.onnx (dynamic batch; with --front one file per point under onnx/), checked in "
+            "ONNX Runtime against PyTorch on validation images, with batch-1 and batch-32 latency of both on this "
+            'machine in export_info.json and the card. Needs the onnx extra: pip install "stim_hf[onnx]".'
+        },
+    )
+    int8: bool = field(
+        default=False,
+        metadata={
+            "help": "With --onnx, also write model.int8.onnx: ONNX Runtime static quantization calibrated on 256 "
+            "training images, with validation top-1 before and after."
         },
     )
     push_to_hub: str | None = field(
@@ -602,11 +637,14 @@ def parse_export_args(
     parser.refuse_unknown(remaining)
     values = vars(namespace)
     export_args = ExportArguments(**{f.name: values[f.name] for f in fields(ExportArguments)})
-    if export_args.depths is None or export_args.output is None:
+    if export_args.front is not None:
+        _check_front_arguments(export_args, argv)
+    elif export_args.depths is None or export_args.output is None:
         missing = [name for name in ("depths", "output") if getattr(export_args, name) is None]
         raise ConfigError(
             f"stim-hf export needs {' and '.join('--' + m for m in missing)}, e.g. "
-            "'stim-hf export outputs/run --depths 3,2,1 --output exported/'"
+            "'stim-hf export outputs/run --depths 3,2,1 --output exported/' (or --front SEARCH_DIR for every point "
+            "of a search's front in one folder)"
         )
     data_values = {f.name: values[f.name] for f in fields(DataArguments) if f.init}
     given = any(data_values[k] is not None for k in _DATA_SOURCE_FIELDS)
@@ -614,10 +652,66 @@ def parse_export_args(
     return namespace.checkpoint, export_args, data_args
 
 
-def main(argv: Sequence[str] | None = None) -> PreTrainedModel:
+def _check_front_arguments(args: ExportArguments, argv: Sequence[str]) -> None:
+    """Refuse options that ``--front`` does not take: the points, sizes and statistics come from the search."""
+    if args.output is None:
+        raise ConfigError("stim-hf export --front needs --output DIR, the folder to write the switching model to")
+    taken = [flag for flag in ("--depths", "--input-size", "--recalibrate-bn", "--evaluate", "--push-to-hub")
+             if any(a == flag or a.startswith(flag + "=") for a in argv)]  # fmt: skip
+    if taken:
+        raise ConfigError(
+            f"--front takes its points, input sizes and BatchNorm statistics from the search; drop {', '.join(taken)} "
+            "(export one point on its own with --depths instead)"
+        )
+
+
+def onnx_summary(record: dict[str, Any]) -> str:
+    """One clause on an ONNX file for the command's summary line: its check and batch-1 latency in both runtimes."""
+    latency = record["latency_ms"]
+    text = (
+        f"; {record['file']}: largest logit difference to PyTorch {record['check']['max_abs_diff']:.2g}, batch 1 "
+        f"{latency['onnxruntime']['batch_1']:.2f} ms in ONNX Runtime ({latency['pytorch']['batch_1']:.2f} in PyTorch)"
+    )
+    if "int8" in record:
+        top1 = record["int8"]["top1"]
+        text += f", int8 top-1 {100 * top1['int8']:.2f}% (fp32 {100 * top1['fp32']:.2f}%)"
+    return text
+
+
+def main_front(checkpoint: str, args: ExportArguments, argv: Sequence[str]) -> dict[str, Any]:
+    """``stim-hf export CHECKPOINT --front SEARCH_DIR --output DIR``: the budget-switching folder, and its summary."""
+    from stim_hf.tools.budget_export import export_budget_model  # noqa: PLC0415 (it builds on this module)
+
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("stim_hf").setLevel(logging.INFO)
+    info = export_budget_model(
+        checkpoint, args.front, args.output, overwrite=args.overwrite, device=args.device,
+        command="stim-hf export " + " ".join(argv), onnx=args.onnx, int8=args.int8,
+    )  # fmt: skip
+    sizes = info["size_bytes"]
+    extra = sizes["switching_weights"] - sizes["full_model_weights"]
+    print(
+        f"wrote {len(info['points'])} front points of {checkpoint} to {args.output} "
+        f"({100 * extra / sizes['full_model_weights']:.2f} % more than the full model's weights; largest logit "
+        f"difference to the standalone exports {max(info['checks']['max_abs_diff_to_standalone'].values()):.2g})",
+        flush=True,
+    )
+    for point in info["points"]:
+        mark = " (default)" if point["name"] == info["default_point"] else ""
+        accuracy = "n/a" if point["accuracy"] is None else f"{100 * point['accuracy']:.2f}%"
+        onnx = onnx_summary(info["onnx"][point["name"]]) if "onnx" in info else ""
+        print(
+            f"  {point['name']}{mark}: {100 * point['flop_share']:.1f}% of the FLOPs, held-out top-1 {accuracy}{onnx}"
+        )
+    return info
+
+
+def main(argv: Sequence[str] | None = None) -> PreTrainedModel | dict[str, Any]:
     """Entry point of ``stim-hf export``; configuration errors propagate as :class:`StimError`."""
     argv = list(sys.argv[1:] if argv is None else argv)
     checkpoint, args, data_args = parse_export_args(argv)
+    if args.front is not None:
+        return main_front(checkpoint, args, argv)
     notes: list[str] = []  # said after the summary, so that an error is the only line before it
     recalibrate_bn = resolve_recalibration_samples(args.recalibrate_bn, data_args, "--recalibrate-bn", notes.append)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
@@ -636,6 +730,8 @@ def main(argv: Sequence[str] | None = None) -> PreTrainedModel:
         overwrite=args.overwrite,
         input_size=args.input_size,
         push_to_hub=args.push_to_hub,
+        onnx=args.onnx,
+        int8=args.int8,
     )
     info = json.loads((Path(args.output) / "export_info.json").read_text())
     summary = (
@@ -647,6 +743,8 @@ def main(argv: Sequence[str] | None = None) -> PreTrainedModel:
             f", top-1 {100 * info['metrics']['accuracy']:.2f}% (full model "
             f"{100 * info['full_metrics']['accuracy']:.2f}%)"
         )
+    if "onnx" in info:
+        summary += onnx_summary(info["onnx"])
     if args.push_to_hub:
         summary += f"; pushed to the Hub repository {args.push_to_hub}"
     print(summary, flush=True)

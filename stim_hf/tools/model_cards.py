@@ -348,12 +348,141 @@ def export_card(folder: str | os.PathLike, info: dict[str, Any]) -> str:
         lines += ["", *_finetune_section(info)]
     if "search" in info:
         lines += ["", *_search_section(info)]
+    if info.get("onnx"):
+        lines += ["", *onnx_section({"model": info["onnx"]})]
     processor_size = (info.get("image_processor_size") or info["input_size"]) if info["image_processor"] else None
     lines += ["", *usage_section(folder, info["family"], processor_size)]
     if info.get("command"):
         lines += ["", "Exported with:", "", "```bash", info["command"], "```"]
     if tuned and tuned.get("command"):
         lines += ["", "Fine-tuned with:", "", "```bash", tuned["command"], "```"]
+    return "\n".join(lines) + "\n"
+
+
+def onnx_section(records: dict[str, dict[str, Any]], folder_prefix: str = "") -> list[str]:
+    """The card's "ONNX" section: per file, its check against PyTorch, its latency in both runtimes, int8 before/after."""
+    first = next(iter(records.values()))
+    lines = [
+        "## ONNX",
+        "",
+        f"Exported with torch {first['torch_version']} ({first['exporter']} exporter, opset {first['opset']}), checked "
+        f"in ONNX Runtime {first['onnxruntime_version']} against PyTorch on {first['check']['images']} validation "
+        f"images, and timed on the machine that exported it ({first['latency_device']}, {first['threads']} "
+        f"thread(s), median of {first['repeats']} runs): measure yours.",
+        "",
+        "| file | max logit difference | PyTorch b1 / b32 (ms) | ONNX Runtime b1 / b32 (ms) | int8 file | top-1 fp32 -> int8 "
+        "| int8 b1 / b32 (ms) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for record in records.values():
+        torch_ms, ort_ms = record["latency_ms"]["pytorch"], record["latency_ms"]["onnxruntime"]
+        row = (
+            f"| `{folder_prefix}{record['file']}` | {record['check']['max_abs_diff']:.2g} | "
+            f"{torch_ms['batch_1']:.2f} / {torch_ms['batch_32']:.2f} | {ort_ms['batch_1']:.2f} / {ort_ms['batch_32']:.2f} |"
+        )
+        int8 = record.get("int8")
+        if int8:
+            top1, ms = int8["top1"], int8["latency_ms"]["onnxruntime_int8"]
+            row += (
+                f" `{folder_prefix}{int8['file']}` | {_pct(top1['fp32'])} -> {_pct(top1['int8'])} | "
+                f"{ms['batch_1']:.2f} / {ms['batch_32']:.2f} |"
+            )
+        else:
+            row += " - | - | - |"
+        lines.append(row)
+    int8 = next((r["int8"] for r in records.values() if r.get("int8")), None)
+    if int8:
+        lines += [
+            "",
+            f"int8: ONNX Runtime static quantization ({int8['format']}, weights {int8['weights']}, activations "
+            f"{int8['activations']}), calibrated on {int8['calibration']['images']} training images; top-1 on "
+            f"{int8['top1']['source']}.",
+        ]
+    lines += [
+        "",
+        "```python",
+        "import onnxruntime",
+        "",
+        f'session = onnxruntime.InferenceSession("{folder_prefix}{first["file"]}")',
+        'logits = session.run(["logits"], {"pixel_values": pixel_values.numpy()})[0]  # the image processor\'s output',
+        "```",
+    ]
+    return lines
+
+
+def budget_card(folder: str | os.PathLike, info: dict[str, Any]) -> str:
+    """The ``README.md`` of a budget-switching folder: budget -> accuracy for every point, and the lines that switch."""
+    search, points = info["search"], info["points"]
+    title = f"{info['model_class']} of {info['source']}, switching between {len(points)} budgets"
+    data = {"type": "local", "name": search.get("scored_on") or "held-out images", "split": "train (held out)"}
+    results = [
+        accuracy_result(p["accuracy"], f"Top-1 accuracy, front point {p['name']} (scored by stim-hf search)", data)
+        for p in points
+        if p.get("accuracy") is not None
+    ]
+    latency = f"latency (ms, batch 1, {search.get('latency_runtime', 'pytorch')} on {search.get('device')})"
+    checks = info["checks"]["max_abs_diff_to_standalone"]
+    lines = [
+        card_header(
+            title,
+            results,
+            tags=[info["family"].replace("_", "-"), "budget-switching"],
+            base_model=info.get("base_model"),
+        ),  # fmt: skip
+        f"# {title}",
+        "",
+        f"One {info['model_class']} ({info['family']} family, trained with stim_hf) that runs any point of the front "
+        f"its search found: the full weights once, and for each point the blocks it keeps, the input side it runs at "
+        "and its own BatchNorm statistics, re-estimated once at export on the search's images. Switching changes "
+        "which blocks run, which statistics BatchNorm uses and the size the input is resized to (bilinear, as in "
+        "training); nothing is re-estimated at load or switch time.",
+        "",
+        "## Budget -> accuracy",
+        "",
+        f"Top-1 on {search.get('scored_on') or 'the search images'} (the search's score, BatchNorm re-estimated). "
+        "Latency as the search measured it, on its machine; measure yours.",
+        "",
+        f"| point | depths | input (px) | FLOPs (share) | {latency} | top-1 (held-out) |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for p in points:
+        ms = "n/a" if p.get("latency_ms") is None else f"{p['latency_ms']:.2f}"
+        default = " (default)" if p["name"] == info["default_point"] else ""
+        lines.append(
+            f"| `{p['name']}`{default} | {','.join(map(str, p['depths']))} | {p['input_size']} | "
+            f"{p['flops'] / 1e6:.2f}M ({100 * p['flop_share']:.1f}%) | {ms} | {_pct(p.get('accuracy'))} |"
+        )
+    sizes = info["size_bytes"]
+    extra = sizes["switching_weights"] - sizes["full_model_weights"]
+    cheapest = points[0]
+    lines += [
+        "",
+        "## Switching",
+        "",
+        "```python",
+        "from transformers import pipeline",
+        "",
+        'classify = pipeline("image-classification", model="path/to/this/folder", trust_remote_code=True)',
+        f"classify.model.set_budget(flops={min(1.0, round(cheapest['flop_share'] + 0.05, 2))})  "
+        '# or set_budget(latency_ms=...), or set_budget("' + cheapest["name"] + '")',
+        'print(classify("image.png"))',
+        "```",
+        "",
+        "`set_budget(flops=x)` runs the most accurate point with at most `x` of the full network's FLOPs (`x` > 1: "
+        "FLOPs); a budget no point fits is refused with the cheapest point named. `model.budget_points` lists them; "
+        "the chosen point is saved with `save_pretrained`. Loading needs `trust_remote_code=True` (the folder's own "
+        "`modeling_budget_switching.py` and `budget_switching.py`, torch and transformers only: read them first).",
+        "",
+        "## Checked at export",
+        "",
+        f"Each point was run from this folder against its standalone export on {info['checks']['images']} images: "
+        f"largest logit difference {max(checks.values()):.2g}. The per-point statistics add {extra:,} bytes to the "
+        f"full model's {sizes['full_model_weights']:,} ({100 * extra / sizes['full_model_weights']:.2f} %).",
+    ]
+    if info.get("onnx"):
+        lines += ["", *onnx_section(info["onnx"], "onnx/")]
+    if info.get("command"):
+        lines += ["", "Exported with:", "", "```bash", info["command"], "```"]
     return "\n".join(lines) + "\n"
 
 
