@@ -283,23 +283,38 @@ def test_a_standalone_export_below_its_trained_size_gets_a_checked_onnx_file(cif
 # --------------------------------------------------------------------------------------------------
 
 
-def test_an_hf_resnet_front_switches_through_a_small_wrapper(tmp_path):
-    checkpoint, search, switch = tmp_path / "resnet", tmp_path / "search", tmp_path / "switch"
-    perturbed("hf_resnet").save_pretrained(checkpoint)
-    assert cli_main(["search", str(checkpoint), "--dataset_name", "sklearn:digits", "--image_size", "16", *SEARCH,
-                     "--latency", "none", "--output-dir", str(search)]) == 0  # fmt: skip
+@pytest.mark.parametrize(
+    ("name", "sizes", "native"),
+    [
+        ("hf_resnet", "8,12,16", "from transformers import ResNetConfig"),
+        # Swin at its trained size: transformers 5 renames its saved keys by model_type on loading, which the
+        # switching folder's type (swin_budget) must share, else its blocks load as missing (caught by the check).
+        ("hf_swin", "16", "from transformers import SwinConfig"),
+    ],
+)
+def test_a_front_of_a_family_transformers_ships_switches_through_a_small_wrapper(tmp_path, name, sizes, native):
+    checkpoint, search, switch = tmp_path / "model", tmp_path / "search", tmp_path / "switch"
+    perturbed(name).save_pretrained(checkpoint)
+    search_args = [*SEARCH[:-1], sizes, "--latency", "none", "--output-dir", str(search)]
+    assert cli_main(["search", str(checkpoint), "--dataset_name", "sklearn:digits", "--image_size", "16",
+                     *search_args]) == 0  # fmt: skip
     assert cli_main(["export", str(checkpoint), "--front", str(search), "--output", str(switch)]) == 0
     assert sorted(p.name for p in switch.glob("*.py")) == ["budget_switching.py", "modeling_budget_switching.py"]
-    wrapper = (switch / "modeling_budget_switching.py").read_text()
-    assert "from transformers import ResNetConfig" in wrapper and "ResNetForImageClassification" in wrapper
+    assert native in (switch / "modeling_budget_switching.py").read_text()
     model = load(switch)
-    assert model.config.model_type == "resnet_budget" and model.config.budget_stages[0].startswith("resnet.encoder")
+    original = AutoModelForImageClassification.from_pretrained(checkpoint).eval()
+    assert all(
+        torch.equal(v, original.state_dict()[k]) for k, v in model.state_dict().items() if k in original.state_dict()
+    )
     info = json.loads((switch / "export_info.json").read_text())
     assert max(info["checks"]["max_abs_diff_to_standalone"].values()) <= 1e-5
     with pytest.raises(ValueError, match="this front has no latencies"):
         model.set_budget(latency_ms=5)
     with pytest.raises(ValueError, match="trust_remote_code"):
         AutoModelForImageClassification.from_pretrained(switch, trust_remote_code=False)
+    assert model.config.model_type == f"{original.config.model_type}_budget"
+    prefix = {"hf_resnet": "resnet.encoder.stages.", "hf_swin": "swin.encoder.layers."}[name]
+    assert all(path.startswith(prefix) for path in model.config.budget_stages)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -114,6 +114,19 @@ def test_families_without_depth_config_are_refused(tmp_path, name, message):
     assert not (tmp_path / "export").exists()
 
 
+@pytest.mark.parametrize("name", ["hf_regnet", "timm_resnet"])
+def test_the_smallest_sub_network_exports_where_it_keeps_no_skippable_block(name):
+    # Each stage's first block changes shape: the sub-network keeping only those has nothing left to drop, and is
+    # still a model to deploy (the search's cheapest point); it used to be refused as "no sub-network to train".
+    model = perturbed(name).eval()
+    stages = find_residual_stages(model)
+    ones = [1] * len(stages)
+    smallest = build_subnet_model(model, ones)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(), use_subnet(stages, subnet_from_depths(stages, ones)):
+        torch.testing.assert_close(smallest(pixel_values=x).logits, model(pixel_values=x).logits)
+
+
 def test_export_errors_name_the_problem(tmp_path):
     model = perturbed("cifar_resnet")
     stages = find_residual_stages(model)

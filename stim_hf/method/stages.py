@@ -157,17 +157,20 @@ def zero_init_families() -> list[str]:
     return [name for name in registered_families() if _FAMILIES[name].last_branch_norm is not None]
 
 
-def find_residual_family(model: nn.Module) -> tuple[ResidualFamily, list[ResidualStage]]:
+def find_residual_family(
+    model: nn.Module, require_skippable: bool = True
+) -> tuple[ResidualFamily, list[ResidualStage]]:
     """Return the family of ``model`` and its residual stages.
 
-    Raises :class:`ModelStructureError` when no registered family recognises the model or when
-    the stages found contain no skippable block.
+    Raises :class:`ModelStructureError` when no registered family recognises the model or, with
+    ``require_skippable`` (training, search), when the stages found contain no skippable block; an
+    exported sub-network that keeps only the shape-changing blocks has none and is still a model.
     """
     for family in reversed(list(_FAMILIES.values())):
         stages = family.find_stages(model)
         if stages is None:
             continue
-        if not stages or not any(stage.num_skippable for stage in stages):
+        if require_skippable and (not stages or not any(stage.num_skippable for stage in stages)):
             why = (
                 "(every block changes its input's shape)" if any(s.num_blocks for s in stages) else "(it has no blocks)"
             )

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["BudgetError", "BudgetSwitchingMixin", "resize_to_side"]
+__all__ = ["BudgetError", "BudgetSwitchingMixin", "resize_to_side", "share_weight_renamings"]
 
 STATISTICS_MODULE = "budget_statistics"
 """Name of the submodule that holds every point's BatchNorm statistics."""
@@ -47,6 +47,26 @@ def resize_to_side(pixel_values: Tensor, side: int) -> Tensor:
         return pixel_values
     new_width = side if height == width else max(1, round(int(width) * side / int(height)))
     return F.interpolate(pixel_values, size=(side, new_width), mode="bilinear", align_corners=False)
+
+
+def share_weight_renamings(base_type: str, budget_type: str) -> None:
+    """Let ``budget_type`` load (and save) weights under the key names ``base_type``'s folders use.
+
+    transformers 5 renames some families' saved keys when it loads them (and back when it saves),
+    looked up by ``model_type``; the switching folder's type is the family's with ``_budget``, so
+    it needs the same renamings (without them a Swin, for one, would load with its blocks missing).
+    Older transformers have no such table: nothing to do.
+    """
+    try:
+        from transformers.conversion_mapping import (
+            get_checkpoint_conversion_mapping,
+            register_checkpoint_conversion_mapping,
+        )
+    except ImportError:
+        return
+    mapping = get_checkpoint_conversion_mapping(base_type)
+    if mapping:
+        register_checkpoint_conversion_mapping(budget_type, mapping, overwrite=True)
 
 
 class BudgetSwitchingMixin:

@@ -63,7 +63,9 @@ Needs torch and transformers only: `budget_switching.py` beside it holds the swi
 {config_import}
 {model_import}
 
-from .budget_switching import BudgetSwitchingMixin
+from .budget_switching import BudgetSwitchingMixin, share_weight_renamings
+
+share_weight_renamings("{model_type}", "{model_type}_budget")
 
 
 class BudgetSwitchingConfig({config_class}):
@@ -206,8 +208,8 @@ class StatisticsPool:
         return self._offsets[key]
 
     def tensor(self) -> torch.Tensor:
-        """The pool as one contiguous ``(2, size)`` float tensor."""
-        return torch.cat(self._segments, dim=1).contiguous()
+        """The pool as one contiguous ``(2, size)`` float tensor (``(2, 0)`` for a model without BatchNorm)."""
+        return torch.cat(self._segments, dim=1).contiguous() if self._segments else torch.zeros(2, 0)
 
 
 def _subnet(point: dict[str, Any], stages: Sequence[ResidualStage]) -> Subnet:

@@ -189,7 +189,7 @@ def build_subnet_model(
             f"cannot build a {type(model).__name__} with depths {list(subnet.depths)} from the {family.name} config: "
             f"{err}"
         ) from err
-    new_family, new_stages = find_residual_family(new_model)
+    new_family, new_stages = find_residual_family(new_model, require_skippable=False)
     if new_family.name != family.name or tuple(s.num_blocks for s in new_stages) != subnet.depths:
         raise ModelStructureError(
             f"the {family.name} config for depths {list(subnet.depths)} built a model with blocks per stage "
