@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForImageClassification, PreTrainedModel
+from transformers import PreTrainedModel
 
 from stim_hf.analysis.scoring import reestimate_batchnorm
 from stim_hf.data.transforms import build_image_processor
@@ -32,7 +32,12 @@ from stim_hf.method import ResidualFamily, ResidualStage, Subnet, find_residual_
 from stim_hf.method.batchnorm import batchnorm_state, restore_batchnorm_state
 from stim_hf.method.running import use_subnet
 from stim_hf.models import budget_switching
-from stim_hf.models.budget_switching import STATISTICS_MODULE, resize_to_side
+from stim_hf.models.budget_switching import (
+    STATISTICS_MODULE,
+    BudgetSwitchingMixin,
+    resize_to_side,
+    share_weight_renamings,
+)
 from stim_hf.tools.export import (
     build_subnet_model,
     check_output_dir,
@@ -220,6 +225,18 @@ def _subnet(point: dict[str, Any], stages: Sequence[ResidualStage]) -> Subnet:
     )
 
 
+def switching_class(model_class: type[PreTrainedModel], config_class: type) -> type[PreTrainedModel]:
+    """The class a switching folder's ``modeling_budget_switching.py`` defines for ``model_class``, built in memory.
+
+    The mixin in front of the family's class, and a config class of type ``<model_type>_budget``
+    that shares the family's weight renamings, as the generated file does.
+    """
+    base_type = config_class.model_type
+    config = type("BudgetSwitchingConfig", (config_class,), {"model_type": f"{base_type}_budget"})
+    share_weight_renamings(base_type, f"{base_type}_budget")
+    return type("BudgetSwitchingForImageClassification", (BudgetSwitchingMixin, model_class), {"config_class": config})
+
+
 def _wrapper_source(model: PreTrainedModel) -> str:
     """The ``modeling_budget_switching.py`` for ``model``'s class: native classes from transformers, others from their code."""
     model_class, config_class = type(model), type(model.config)
@@ -373,7 +390,9 @@ def export_budget_model(
             "AutoModelForImageClassification": f"{stem}.BudgetSwitchingForImageClassification",
         }
         (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        switching, info["checks"] = _check_points(folder, points, standalone_logits, check_batch)
+        switching, info["checks"] = _check_points(
+            folder, type(model), type(model.config), points, standalone_logits, check_batch
+        )
         if onnx_images is not None:
             info["onnx"] = {}
             for i, point in enumerate(points, 1):
@@ -421,11 +440,21 @@ def _standalone_logits(
 
 
 def _check_points(
-    folder: Path, points: list[dict[str, Any]], expected: list[torch.Tensor], batch: torch.Tensor
+    folder: Path,
+    model_class: type[PreTrainedModel],
+    config_class: type,
+    points: list[dict[str, Any]],
+    expected: list[torch.Tensor],
+    batch: torch.Tensor,
 ) -> tuple[PreTrainedModel, dict[str, Any]]:
-    """Run every point from the written ``folder`` (its own code) against ``expected``; the model and the differences."""
+    """Load the written ``folder`` and run every point against ``expected``; the model and the differences.
+
+    The folder is loaded as transformers loads it for a user (its ``model_type``, its weight
+    renamings), with stim_hf's own copy of the classes the folder's code holds, so nothing is run
+    from disk (the package never trusts remote code; the suite runs the folder's own files without stim_hf).
+    """
     with without_transformers_progress_bars():
-        switching = AutoModelForImageClassification.from_pretrained(folder, trust_remote_code=True).eval()
+        switching = switching_class(model_class, config_class).from_pretrained(folder).eval()
     switching.to(batch.device)
     differences = {}
     for point, want in zip(points, expected, strict=True):
