@@ -16,7 +16,8 @@ from stim_hf.errors import ConfigError, ModelStructureError
 from stim_hf.method import Subnet, find_residual_stages, subnet_from_depths, use_subnet
 from stim_hf.method.batchnorm import batchnorm_layers
 from stim_hf.models import CifarResNetConfig, CifarResNetForImageClassification
-from stim_hf.tools.export import build_subnet_model, export_subnet, parse_export_args
+from stim_hf.tools.export import build_subnet_model, export_subnet
+from stim_hf.tools.export_cli import parse_export_args
 
 # Family -> depths to export (shallower than the full model in every stage that can lose blocks).
 EXPORTS = {

@@ -23,7 +23,7 @@ def _train(argv: Sequence[str]) -> None:
 
 
 def _export(argv: Sequence[str]) -> None:
-    from stim_hf.tools.export import main
+    from stim_hf.tools.export_cli import main
 
     main(argv)
 
