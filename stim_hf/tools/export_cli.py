@@ -23,7 +23,7 @@ from stim_hf.data.image_datasets import DataArguments, EvaluationDataArguments
 from stim_hf.errors import ConfigError
 from stim_hf.tools.budget_export import export_budget_model
 from stim_hf.tools.export import export_subnet
-from stim_hf.training.parser import SubcommandArgumentParser, load_recipe, recipe_defaults
+from stim_hf.training.parser import SubcommandArgumentParser
 
 # The data source fields of DataArguments: a data set is configured when one of them is set.
 _DATA_SOURCE_FIELDS = ("dataset_name", "train_dir", "train_file", "validation_file", "validation_dir")
@@ -135,11 +135,7 @@ def parse_export_args(
     """Parse ``CHECKPOINT --depths ... --output DIR [...]``; data arguments only when a source is given."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    namespace, remaining = parser.parse_known_args(argv)
-    if namespace.config:
-        parser.set_defaults(**recipe_defaults(load_recipe(namespace.config), _RECIPE_KEYS))
-        namespace, remaining = parser.parse_known_args(argv)
-    parser.refuse_unknown(remaining)
+    namespace = parser.parse_with_recipe(argv, _RECIPE_KEYS)
     values = vars(namespace)
     export_args = ExportArguments(**{f.name: values[f.name] for f in fields(ExportArguments)})
     if export_args.front is not None:

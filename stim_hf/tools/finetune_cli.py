@@ -14,7 +14,7 @@ from stim_hf.data.image_datasets import DataArguments
 from stim_hf.errors import ConfigError
 from stim_hf.tools.finetune import FinetuneResult, finetune_export
 from stim_hf.tools.finetune_config import FinetuneArguments
-from stim_hf.training.parser import SubcommandArgumentParser, load_recipe, recipe_defaults
+from stim_hf.training.parser import SubcommandArgumentParser
 
 # Training-recipe keys that --config maps onto FinetuneArguments fields (the data fields map as they are).
 _RECIPE_KEYS = {
@@ -37,11 +37,7 @@ def parse_finetune_args(argv: Sequence[str] | None = None) -> tuple[str, Finetun
     """Parse ``EXPORT_DIR --epochs N [--config RECIPE.yaml] [--field value ...]``; every value checked here."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
-    namespace, remaining = parser.parse_known_args(argv)
-    if namespace.config:
-        parser.set_defaults(**recipe_defaults(load_recipe(namespace.config), _RECIPE_KEYS))
-        namespace, remaining = parser.parse_known_args(argv)
-    parser.refuse_unknown(remaining)
+    namespace = parser.parse_with_recipe(argv, _RECIPE_KEYS)
     values = vars(namespace)
     if not any(values.get(name) is not None for name in _DATA_SOURCE_FIELDS):
         raise ConfigError(

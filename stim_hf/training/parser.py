@@ -272,6 +272,16 @@ class SubcommandArgumentParser(StimArgumentParser):
         super().__init__(dataclass_types, **kwargs)
         self.help_hint = f"'{self.prog} --help'"
 
+    def parse_with_recipe(self, argv: Sequence[str], renamed: Mapping[str, str]) -> Any:
+        """Parse ``argv``; with ``--config RECIPE.yaml`` the recipe's values (:func:`recipe_defaults`) become the
+        defaults the command line overrides. Unknown options are refused (:meth:`refuse_unknown`)."""
+        namespace, remaining = self.parse_known_args(argv)
+        if namespace.config:
+            self.set_defaults(**recipe_defaults(load_recipe(namespace.config), renamed))
+            namespace, remaining = self.parse_known_args(argv)
+        self.refuse_unknown(remaining)
+        return namespace
+
     def parse_known_args(
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
