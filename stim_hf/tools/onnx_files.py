@@ -29,6 +29,8 @@ CALIBRATION_IMAGES = 256
 """Training images int8 calibration runs on."""
 MAX_VALIDATION_IMAGES = 10_000
 """At most this many validation images score fp32 against int8 (all of CIFAR's test split); the record says how many."""
+MAX_VALIDATION_BYTES = 1 << 30
+"""...and at most this much memory for them: 10,000 CIFAR images take 123 MB, 10,000 ImageNet crops 6 GB (1,782 fit)."""
 
 
 @dataclass
@@ -61,15 +63,24 @@ def load_onnx_images(
     """Validation images (evaluation transforms at ``input_size``) and, for ``int8``, seeded training images."""
     splits = load_image_datasets(data_args, seed=seed)
     validation = with_image_transforms(splits["validation"], data_args, train=False, input_size=input_size)
-    count = min(len(validation), MAX_VALIDATION_IMAGES if int8 else CHECK_IMAGES)
-    images, labels = _load(Subset(validation, range(count)), batch_size)
+    image_bytes = 4 * validation[0]["pixel_values"].numel()
+    limit = min(MAX_VALIDATION_IMAGES, max(CHECK_IMAGES, MAX_VALIDATION_BYTES // image_bytes))
+    count = min(len(validation), limit if int8 else CHECK_IMAGES)
+    rows = list(range(count))
+    if count < len(validation):  # a seeded sample: validation files are often sorted by class
+        rows = sorted(np.random.default_rng(seed).permutation(len(validation))[:count].tolist())
+    images, labels = _load(Subset(validation, rows), batch_size)
     result = OnnxImages(check=images[:CHECK_IMAGES])
     if int8:
         train = with_image_transforms(splits["train"], data_args, train=False, input_size=input_size)
         rows = np.random.default_rng(seed).permutation(len(train))[:CALIBRATION_IMAGES].tolist()
         result.calibration = _load(Subset(train, rows), batch_size)[0]
         result.validation = (images, labels)
-        result.validation_source = f"the first {count:,} images of the validation split"
+        whole = count == len(validation)
+        result.validation_source = (
+            f"all {count:,} images of the validation split" if whole else
+            f"{count:,} of the {len(validation):,} validation images (seed {seed})"
+        )  # fmt: skip
     return result
 
 
