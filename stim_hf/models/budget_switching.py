@@ -26,7 +26,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["BudgetError", "BudgetSwitchingMixin", "resize_to_side", "share_weight_renamings"]
+__all__ = [
+    "BudgetError",
+    "BudgetSwitchingMixin",
+    "resize_to_side",
+    "running_batchnorm_indices",
+    "share_weight_renamings",
+]
 
 STATISTICS_MODULE = "budget_statistics"
 """Name of the submodule that holds every point's BatchNorm statistics."""
@@ -69,6 +75,20 @@ def share_weight_renamings(base_type: str, budget_type: str) -> None:
         register_checkpoint_conversion_mapping(budget_type, mapping, overwrite=True)
 
 
+def running_batchnorm_indices(model: nn.Module, stage_paths: list[str], kept: list[list[int]]) -> list[int]:
+    """Indices (module order) of the BatchNorm layers tracking statistics that a point runs: those outside the blocks
+    it drops (``kept[s]``: the indices kept in the container at ``stage_paths[s]``). The export writes a point's
+    statistics for these layers, and the model reads them back for the same ones."""
+    dropped = tuple(
+        f"{path}.{key}."
+        for path, keep in zip(stage_paths, kept, strict=True)
+        for index, key in enumerate(model.get_submodule(path)._modules)
+        if index not in keep
+    )
+    names = [n for n, m in model.named_modules() if isinstance(m, _BatchNorm) and m.track_running_stats]
+    return [j for j, name in enumerate(names) if not f"{name}.".startswith(dropped)]
+
+
 class BudgetSwitchingMixin:
     """Put in front of an image classifier whose config carries a front (``budget_front``); adds :meth:`set_budget`.
 
@@ -101,13 +121,7 @@ class BudgetSwitchingMixin:
         self._budget_statistics: list[list[tuple[int, int, int]]] = []  # per point: (layer, offset, features)
         for point in front:
             self._check_point(point)
-            dropped = tuple(
-                f"{path}.{key}."
-                for path, container, kept in zip(stages, self._budget_containers, point["kept"], strict=True)
-                for index, key in enumerate(container._modules)
-                if index not in kept
-            )
-            active = [j for j, (name, _) in enumerate(named) if not f"{name}.".startswith(dropped)]
+            active = running_batchnorm_indices(self, stages, point["kept"])
             offsets = {int(j): int(offset) for j, offset in point["statistics"]}
             if sorted(offsets) != active:
                 raise BudgetError(

@@ -29,13 +29,14 @@ from stim_hf.analysis.scoring import reestimate_batchnorm
 from stim_hf.data.transforms import build_image_processor
 from stim_hf.errors import ConfigError, ModelStructureError
 from stim_hf.method import ResidualFamily, ResidualStage, Subnet, find_residual_family
-from stim_hf.method.batchnorm import batchnorm_state, restore_batchnorm_state
+from stim_hf.method.batchnorm import batchnorm_layers, batchnorm_state, restore_batchnorm_state
 from stim_hf.method.running import use_subnet
 from stim_hf.models import budget_switching
 from stim_hf.models.budget_switching import (
     STATISTICS_MODULE,
     BudgetSwitchingMixin,
     resize_to_side,
+    running_batchnorm_indices,
     share_weight_renamings,
 )
 from stim_hf.tools.export import (
@@ -170,26 +171,6 @@ def search_images(record: dict[str, Any], device: torch.device):
 # --------------------------------------------------------------------------------------------------
 
 
-def active_batchnorm_indices(model: torch.nn.Module, paths: Sequence[str], kept: Sequence[Sequence[int]]) -> list[int]:
-    """Indices (in module order) of the BatchNorm layers a point runs: those outside its dropped blocks.
-
-    The same rule as :class:`~stim_hf.models.budget_switching.BudgetSwitchingMixin` uses to name
-    the point's statistics tensors.
-    """
-    dropped = tuple(
-        f"{path}.{key}."
-        for path, keep in zip(paths, kept, strict=True)
-        for index, key in enumerate(model.get_submodule(path)._modules)
-        if index not in keep
-    )
-    named = [
-        name
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
-    return [j for j, name in enumerate(named) if not f"{name}.".startswith(dropped)]
-
-
 class StatisticsPool:
     """Every point's BatchNorm statistics as segments of one ``(2, size)`` tensor, each distinct segment once.
 
@@ -314,9 +295,7 @@ def export_budget_model(
     pool = StatisticsPool()
     standalone_logits: list[torch.Tensor] = []
     saved = batchnorm_state(model)
-    layers = [
-        m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
+    layers = batchnorm_layers(model)
     for point in points:
         subnet = _subnet(point, stages)
         size = point["input_size"]
@@ -325,7 +304,7 @@ def export_budget_model(
                 kwargs = {} if size == full_size else family.resized_forward_kwargs
                 reestimate_batchnorm(model, images.at(size).recalibration, stages, subnet, kwargs)
             point["statistics"] = []
-            for j in active_batchnorm_indices(model, paths, point["kept"]):
+            for j in running_batchnorm_indices(model, paths, point["kept"]):
                 segment = torch.stack([layers[j].running_mean, layers[j].running_var]).detach().float().cpu()
                 point["statistics"].append([j, pool.offset_of(segment)])
             standalone_logits.append(_standalone_logits(model, family, stages, subnet, point, full_size, check_batch))
