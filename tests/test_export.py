@@ -41,8 +41,12 @@ def perturbed(name: str) -> nn.Module:
     (ConvNeXt's layer scale starts at 1e-6 and BatchNorm statistics at 0 / 1: left alone, dropping a
     block would hardly change the logits, and a wrong weight mapping could go unnoticed.)
     """
-    model = build(name)
-    generator = torch.Generator().manual_seed(1)
+    return perturb(build(name))
+
+
+def perturb(model: nn.Module, seed: int = 1) -> nn.Module:
+    """``model`` with random weights and BatchNorm statistics added (every layer matters), in eval mode."""
+    generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.parameters():
             parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_export import perturb
 from torch.nn import functional as F
 from transformers import ResNetConfig, ResNetForImageClassification
 
 from stim_hf.errors import ConfigError
-from stim_hf.method.batchnorm import batchnorm_layers
 from stim_hf.models.cifar_resnet import CifarResNetConfig, CifarResNetForImageClassification
 from stim_hf.tools import onnx_export
 from stim_hf.tools.onnx_export import OnnxCheckError, export_onnx, onnx_session, quantize_int8
@@ -27,18 +27,6 @@ RECORD_KEYS = {
     "file", "exporter", "opset", "onnx_version", "onnxruntime_version", "check", "latency_ms", "threads", "warmup",
     "repeats", "size_bytes",
 }  # fmt: skip
-
-
-def perturb(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
-    """Random weights and BatchNorm statistics (every layer matters), eval mode."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            parameter.add_(0.1 * torch.randn(parameter.shape, generator=generator))
-        for layer in batchnorm_layers(model):
-            layer.running_mean.normal_(0, 0.1, generator=generator)
-            layer.running_var.uniform_(0.5, 1.5, generator=generator)
-    return model.eval()
 
 
 def cifar_resnet(**kwargs) -> CifarResNetForImageClassification:
