@@ -18,6 +18,13 @@ images, its held-out front exported and scored on the test split, and kept as ``
 dedicated-size check compares each dedicated training with the random-size one at its size. Writes
 ``fair/results.json``, ``fair/results.md`` and ``fair/payoff.png``.
 
+The first lever where ST++ falls short of the bar (issue 41), screened on seed 1 first:
+
+  # fine-tune ST++'s picks 5 and 10 epochs at every budget where it misses the bar, seed 1; kept (committed) as
+  # finetune/seed1/RUN.json, reported beside the picks and in the cost table
+  python bench/subnet_payoff.py --study ~/stim_hf_study/payoff_fair --finetune-epochs 5,10 \
+      --finetune-budgets behind --finetune-seeds 1
+
 Issue 30's search of the payoff plan's four runs per seed (``--front 32px``):
 
   # the checkpoints, per seed: ST++ (lambda 5, plain KL, cosine_up) and CT ResNet-20 side by side, then ResNet-14
@@ -286,13 +293,17 @@ def search(
 
 def finetune_pick(checkpoint: Path, pick: dict[str, Any], epochs: int, train: dict[str, Any], args) -> dict[str, Any]:
     """Export ``pick`` as :func:`test_top1` does, fine-tune it ``epochs`` epochs towards ``checkpoint`` on the images
-    that network was trained on (``train``: its study result), and score it on the test split before and after."""
+    that network was trained on (``train``: its study result: the seeded subset of ``train_samples`` images, or a
+    fixed split's ``train_file``), and score it on the test split before and after."""
     from stim_hf.tools.export import export_subnet
     from stim_hf.tools.finetune import finetune_export
     from stim_hf.tools.finetune_config import FinetuneArguments
 
-    # The training run's seeded subset: the same seed picks it again.
-    data = dataclasses.replace(data_arguments(args, with_test=True), max_train_samples=train["train_samples"])
+    train_file = checkpoint.parent / train["train_file"] if train.get("train_file") else None
+    # The training run's seeded subset: the same seed picks it again (a fixed split: all of its training part).
+    data = dataclasses.replace(
+        data_arguments(args, with_test=True, train_file=train_file), max_train_samples=train["train_samples"]
+    )
     with tempfile.TemporaryDirectory() as out:
         export = Path(out) / "export"
         export_subnet(
@@ -300,7 +311,7 @@ def finetune_pick(checkpoint: Path, pick: dict[str, Any], epochs: int, train: di
             list(pick["depths"]),
             export,
             recalibrate_bn=args.recalibrate_bn,
-            data_args=data_arguments(args, with_test=True),
+            data_args=data_arguments(args, with_test=True, train_file=train_file),
             seed=42,
             input_size=pick["input_size"],
         )
@@ -323,20 +334,24 @@ def finetune_pick(checkpoint: Path, pick: dict[str, Any], epochs: int, train: di
 
 
 def finetune_budgets(records: list[dict[str, Any]], args: argparse.Namespace) -> list[str]:
-    """The budgets to fine-tune at: ``--finetune-budgets``, or the two where ST++ leads the from-scratch pick least."""
+    """The budgets to fine-tune at: ``--finetune-budgets`` by name; ``shortest``: the two where ST++ leads the
+    from-scratch pick least in the mean; ``behind``: every budget where it does not meet the bar (:func:`bar_verdict`
+    is not ``lead``), the budgets issue 41's levers are for."""
     names = [b["budget_name"] for b in records[0]["budgets"]]
-    if args.finetune_budgets != "shortest":
+    if args.finetune_budgets not in ("shortest", "behind"):
         wanted = args.finetune_budgets.split(",")
         unknown = [name for name in wanted if name not in names]
         if unknown:
             raise SystemExit(f"--finetune-budgets {','.join(unknown)}: not among --budgets {','.join(names)}")
         return wanted
-    leads = {}
+    diffs = {}
     for i, name in enumerate(names):
         pairs = [(_top1(r, i, "ST++"), _top1(r, i, SCRATCH_LABEL)) for r in records]
-        diffs = [a - b for a, b in pairs if a is not None and b is not None]
-        leads[name] = statistics.mean(diffs) if diffs else float("inf")
-    return sorted(names, key=lambda name: leads[name])[:2]
+        diffs[name] = [a - b for a, b in pairs if a is not None and b is not None]
+    if args.finetune_budgets == "behind":
+        return [name for name in names if diffs[name] and bar_verdict(diffs[name]) != "lead"]
+    lead = {name: statistics.mean(d) if d else float("inf") for name, d in diffs.items()}
+    return sorted(names, key=lambda name: lead[name])[:2]
 
 
 def add_finetuning(records: list[dict[str, Any]], args: argparse.Namespace) -> None:
@@ -347,30 +362,39 @@ def add_finetuning(records: list[dict[str, Any]], args: argparse.Namespace) -> N
     if epochs:
         print(f"fine-tuning ST++'s picks at budgets {', '.join(budgets)} for {epochs} epochs", flush=True)
     for r in records:
-        path = args.report_dir / f"seed{r['seed']}" / "finetune.json"
-        done: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
-        folder = args.study / f"{r['st_setting']}_seed{r['seed']}"
-        picks = [(b, b["picks"]["ST++"]) for b in r["budgets"] if b["picks"]["ST++"] is not None]
-        for budget, pick in picks:
-            for n in epochs if budget["budget_name"] in budgets else []:
-                key = f"{_shape_key(pick)} {n} epochs"
-                if key in done:
-                    continue
-                train = finished(folder)
-                if train is None:
-                    raise SystemExit(f"{folder}: no finished run to fine-tune from; give the study's --study")
-                done[key] = entry = finetune_pick(folder, pick, n, train, args)
-                print(
-                    f"  seed {r['seed']}, {key}: test top-1 {entry['test_top1_before']} -> "
-                    f"{entry['test_top1_after']} ({entry['minutes']} min)",
-                    flush=True,
-                )
-                path.write_text(json.dumps(done, indent=1, sort_keys=True) + "\n")
-        for budget, pick in picks:  # a pick fine-tuned at one budget is the same network at every budget it wins
-            prefix = _shape_key(pick) + " "
-            finetuned = {k[len(prefix) :].split()[0]: v for k, v in done.items() if k.startswith(prefix)}
-            if finetuned:
-                budget["finetuned"] = finetuned
+        folder = args.study / f"{r['st_setting']}_seed{r['seed']}" if args.study is not None else None
+        finetune_seed(r, folder, args.report_dir / f"seed{r['seed']}" / "finetune.json", budgets, epochs, args)
+
+
+def finetune_seed(
+    record: dict[str, Any], folder: Path | None, path: Path, budgets: list[str], epochs: list[int], args
+) -> None:
+    """One seed's fine-tuned ST++ picks, kept in ``path`` (JSON, written after each): fine-tune the picks at
+    ``budgets`` for each of ``epochs`` that ``path`` does not hold yet (from the ST++ run in ``folder``), then attach
+    every one held to the budgets whose pick it is (``finetuned``: epochs -> entry)."""
+    done: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    picks = [(b, b["picks"]["ST++"]) for b in record["budgets"] if b["picks"]["ST++"] is not None]
+    for budget, pick in picks:
+        for n in epochs if budget["budget_name"] in budgets else []:
+            key = f"{_shape_key(pick)} {n} epochs"
+            if key in done:
+                continue
+            train = finished(folder) if folder is not None else None
+            if train is None:
+                raise SystemExit(f"{folder}: no finished ST++ run to fine-tune from; give the study's --study")
+            done[key] = entry = finetune_pick(folder, pick, n, train, args)
+            print(
+                f"  seed {record['seed']}, {key}: test top-1 {entry['test_top1_before']} -> "
+                f"{entry['test_top1_after']} ({entry['minutes']} min)",
+                flush=True,
+            )
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(done, indent=1, sort_keys=True) + "\n")
+    for budget, pick in picks:  # a pick fine-tuned at one budget is the same network at every budget it wins
+        prefix = _shape_key(pick) + " "
+        finetuned = {k[len(prefix) :].split()[0]: v for k, v in done.items() if k.startswith(prefix)}
+        if finetuned:
+            budget["finetuned"] = dict(sorted(finetuned.items(), key=lambda item: int(item[0])))
 
 
 def _shape_key(pick: dict[str, Any]) -> str:
@@ -675,6 +699,31 @@ def budget_shares(records: list[dict[str, Any]], names: str, reference: int) -> 
     return shares
 
 
+def finetune_path(record: dict[str, Any], args: argparse.Namespace) -> Path:
+    """Where a seed's fine-tuned picks of its ST++ run are kept: ``finetune/seed*/RUN.json`` in ``--report-dir``, or,
+    for a run scored by issue 30's search (its record from ``seed*/payoff.json``), that seed's ``finetune.json``."""
+    if record.get("st_from"):
+        return args.report_dir / Path(record["st_from"]).with_name("finetune.json")
+    return args.report_dir / "finetune" / f"seed{record['seed']}" / f"{record['st_run']}.json"
+
+
+def add_fair_finetuning(by_setting: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> None:
+    """Per ST++ setting: with ``--finetune-epochs``, fine-tune its picks at ``--finetune-budgets`` on
+    ``--finetune-seeds`` (issue 41's first lever; screened on seed 1 first); then attach every seed's fine-tuned picks
+    kept (:func:`finetune_path`) to the budgets they were picked at."""
+    epochs = [int(e) for e in args.finetune_epochs.split(",") if e.strip()]
+    seeds = {int(s) for s in (args.finetune_seeds or args.seeds).split(",")}
+    for setting, records in by_setting.items():
+        budgets = finetune_budgets(records, args) if epochs else []
+        if budgets:
+            print(f"fine-tuning {setting}'s picks at budgets {', '.join(budgets)} for {epochs} epochs, seeds "
+                  f"{', '.join(str(r['seed']) for r in records if r['seed'] in seeds)}", flush=True)  # fmt: skip
+        for r in records:
+            folder = args.study / r["st_run"] if args.study is not None else None
+            chosen = budgets if r["seed"] in seeds else []
+            finetune_seed(r, folder, finetune_path(r, args), chosen, epochs, args)
+
+
 def fair_seed_record(seed: int, st_setting: str, args: argparse.Namespace) -> dict[str, Any] | None:
     """One seed's picks for the ST++ ``st_setting``: per budget, ST++'s pick and each front's (:data:`FRONTS`), from the
     committed network records; None if the seed has no record of that ST++."""
@@ -697,6 +746,8 @@ def fair_seed_record(seed: int, st_setting: str, args: argparse.Namespace) -> di
         "seed": seed,
         "st_setting": st_setting,
         "st_network": st[0]["network"],
+        "st_run": st[0]["run"],
+        **({"st_from": st[0]["from"]} if st[0].get("from") else {}),
         "train_samples": st[0].get("train_samples", 5000),  # issue 30's records: its payoff plan's 5,000
         "epochs": st[0].get("epochs", 100),
         "heldout": st[0]["heldout"],
@@ -794,11 +845,12 @@ def fair_budget_table(records: list[dict[str, Any]]) -> list[str]:
 
 
 def fair_cost_table(records: list[dict[str, Any]]) -> list[str]:
-    """Per seed: the ST++ training plus its search, the trainings alone its front's picks came from, all of them."""
+    """Per seed: the ST++ training plus its search (plus the fine-tuning of its picks, if any), the trainings alone its
+    front's picks came from, all of them."""
     lines = [
-        "| seed | ST++: train / wall min, search s | picked trainings alone | their train / wall min, search s "
-        "| every training alone: train / wall min |",
-        "| --- | --- | --- | --- | --- |",
+        "| seed | ST++: train / wall min, search s | fine-tuning its picks: min | picked trainings alone "
+        "| their train / wall min, search s | every training alone: train / wall min |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for r in records:
         networks = r["networks"]
@@ -806,11 +858,15 @@ def fair_cost_table(records: list[dict[str, Any]]) -> list[str]:
         alone = {run: n for run, n in networks.items() if not n["network"].startswith("ST++")}
         picked = sorted({b["picks"][SCRATCH_LABEL]["run"] for b in r["budgets"] if b["picks"][SCRATCH_LABEL]})
         total = lambda key, runs, alone=alone: sum(alone[run].get(key) or 0.0 for run in runs)  # noqa: E731
-
+        once: dict[str, float] = {}  # a pick fine-tuned once counts once, whatever the budgets it wins
+        for b in r["budgets"]:
+            for n, f in b.get("finetuned", {}).items():
+                once.setdefault(f"{n} ep. {_shape_key(f)}", f["minutes"])
+        tuning = ", ".join(f"{key}: {minutes:.1f}" for key, minutes in once.items()) or "-"
         names = ", ".join(f"{alone[run]['network']} at {alone[run]['trained_at']}" for run in picked)
         lines.append(
-            f"| {r['seed']} | {st['train_minutes']} / {st['wall_minutes']}, {st['search_seconds']} | {names} "
-            f"| {total('train_minutes', picked):.1f} / {total('wall_minutes', picked):.1f}, "
+            f"| {r['seed']} | {st['train_minutes']} / {st['wall_minutes']}, {st['search_seconds']} | {tuning} "
+            f"| {names} | {total('train_minutes', picked):.1f} / {total('wall_minutes', picked):.1f}, "
             f"{total('search_seconds', picked):.1f} | {total('train_minutes', alone):.1f} / "
             f"{total('wall_minutes', alone):.1f} |"
         )
@@ -866,6 +922,17 @@ def fair_markdown(by_setting: dict[str, list[dict[str, Any]]], args: argparse.Na
                 cells = [_fair_pick_text(b["picks"][k]) for k in ("ST++", *FRONTS)]
                 lines.append(f"| {r['seed']} | {_budget_text(b)} | " + " | ".join(cells) + " |")
         lines.append("")
+        finetuned = finetune_table(records)
+        if finetuned:
+            lines += [
+                "Fine-tuning ST++'s pick (issue 41's first lever; `stim-hf finetune`'s defaults: KL from its frozen "
+                "ResNet-20, SGD lr 0.01 cosine, on the images the ResNet-20 trained on), scored on the test split "
+                "before and after, against the fair front's pick (paired by the seeds fine-tuned); minutes of the "
+                "whole fine-tuning, its training in brackets:",
+                "",
+                *finetuned,
+                "",
+            ]
     for records in by_setting.values():
         lines += [
             f"Cost, {records[0]['st_network']}: one ST++ training and its search against the trainings alone whose "
@@ -939,6 +1006,7 @@ def fair_report(args: argparse.Namespace) -> int:
     if not by_setting:
         print("no seed has a record of the ST++ settings asked for", file=sys.stderr)
         return 1
+    add_fair_finetuning(by_setting, args)
     out = args.report_dir / "fair"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps([r for rs in by_setting.values() for r in rs], indent=1) + "\n")
@@ -1226,7 +1294,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--finetune-budgets",
         default="shortest",
         help="budgets (as --budgets names them) whose ST++ pick is fine-tuned; 'shortest': the two where ST++ leads "
-        "the from-scratch pick least in the mean",
+        "the from-scratch pick least in the mean; 'behind': every budget where it does not meet issue 41's bar (a "
+        "lead of +0.5 in the mean, ahead on every seed)",
+    )
+    parser.add_argument(
+        "--finetune-seeds",
+        default="",
+        help="--front fair: the seeds whose picks are fine-tuned (a lever is screened on seed 1 first); '': --seeds",
     )
     args = parser.parse_args(argv)
     if args.front == "32px" and args.study is None:

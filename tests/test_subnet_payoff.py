@@ -235,9 +235,31 @@ def test_fair_front_scores_each_network_once_and_reports_from_the_records(tmp_pa
     text = (report / "fair" / "results.md").read_text()
     assert "| ResNet-8 @16 | 1 |" in text  # the dedicated check: the 16-px training against the random one at 16
     assert (report / "fair" / "payoff.png").stat().st_size > 0
-    # Scored once: a rerun scores nothing, and the records stand without the study's run folders.
+    # Scored once: a rerun scores nothing.
     assert payoff.main(argv) == 0
     assert "scoring" not in capsys.readouterr().out
+    # The first lever: ST++'s pick fine-tuned at a budget, kept per run (committed) and reported with its minutes.
+    assert payoff.main([*argv, "--finetune-epochs", "1", "--finetune-budgets", "1.0", "--finetune-seeds", "1"]) == 0
+    assert "fine-tuning stpp_l2_kl_cosine_up's picks at budgets 1.0 for [1] epochs, seeds 1" in capsys.readouterr().out
+    [(key, entry)] = json.loads((report / "finetune" / "seed1" / "stpp_l2_kl_cosine_up_seed1.json").read_text()).items()
+    [seed] = json.loads((report / "fair" / "results.json").read_text())
+    whole = seed["budgets"][-1]
+    st_pick = whole["picks"]["ST++"]
+    assert key == f"{','.join(map(str, st_pick['depths']))} @{st_pick['input_size']} 1 epochs"
+    assert whole["finetuned"] == {"1": entry} and entry["train_samples"] == 300  # the images the run trained on
+    assert 0 <= entry["test_top1_after"] <= 100 and entry["minutes"] > 0
+    text = (report / "fair" / "results.md").read_text()
+    assert (
+        "Fine-tuning ST++'s pick (issue 41's first lever" in text
+        and f"| 1 ep. {key.removesuffix(' 1 epochs')}: " in text
+    )
+    # 'behind' takes the budgets where ST++ misses the bar (level or short), not where it leads.
+    rows = {"0.1": [(50.0, 40.0)], "0.5": [(60.0, 59.8)], "1.0": [(70.0, 71.0)]}  # ST++ and fair picks by seed
+    synthetic = [{"budgets": [{"budget_name": name, "picks": {"ST++": {"test_top1": pairs[i][0]}, "from scratch":
+                  {"test_top1": pairs[i][1]}}} for name, pairs in rows.items()]} for i in range(1)]  # fmt: skip
+    assert payoff.finetune_budgets(synthetic, payoff.parse_args([*argv, "--finetune-budgets", "behind"])) == [
+        "0.5", "1.0"]  # fmt: skip
+    # The records stand without the study's run folders.
     shutil.rmtree(study)
     assert payoff.main(argv) == 0
     assert json.loads((report / "fair" / "results.json").read_text()) == [seed]
