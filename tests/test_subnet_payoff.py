@@ -285,3 +285,9 @@ def test_a_fixed_split_plan_is_scored_on_its_whole_held_out_part(tmp_path):
     assert record["heldout"] == {"images": 40, "file": heldout.name, "seen_in_training": False}
     assert record["train_samples"] == 50_000 - 40 and len(record["candidates"]) == 2
     assert not list(study.glob("heldout_seed*"))  # no draw of its own: the plan's split
+    # Fine-tuning a pick of such a run trains on the split's training part, all of it.
+    pick = record["candidates"][0] | {"depths": [1, 1, 1]}
+    entry = payoff.finetune_pick(
+        study / "ct_r8_seed1", pick, 1, json.loads((study / "ct_r8_seed1" / "result.json").read_text()), args
+    )
+    assert entry["train_samples"] == 400 - 40 and entry["epochs"] == 1
