@@ -547,7 +547,7 @@ def test_early_halving_rounds_score_a_uniform_sample_of_a_class_sorted_file(tmp_
 
 
 def _counts(num_train: int, **given) -> tuple[int, int]:
-    from stim_hf.tools.search.run import fit_sample_counts
+    from stim_hf.tools.search.images import fit_sample_counts
 
     return fit_sample_counts(SearchArguments(**given), num_train)
 
@@ -555,7 +555,7 @@ def _counts(num_train: int, **given) -> tuple[int, int]:
 def test_default_counts_shrink_to_half_the_split_each_and_say_so(caplog):
     assert _counts(50_000) == (2000, 2000)
     assert _counts(4000) == (2000, 2000)
-    with caplog.at_level("WARNING", logger="stim_hf.tools.search.run"):
+    with caplog.at_level("WARNING", logger="stim_hf.tools.search.images"):
         assert _counts(1437) == (718, 719)
     assert "1,437 images, too few for the default 2,000 held-out and 2,000 re-estimation images: using 718 held-out " \
            "and 719 re-estimation images" in caplog.text  # fmt: skip

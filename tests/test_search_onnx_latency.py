@@ -77,10 +77,10 @@ def test_an_unknown_runtime_is_refused():
 
 
 def test_missing_onnxruntime_is_named_before_any_data_is_loaded(checkpoint, tmp_path, monkeypatch, capsys):
-    import stim_hf.tools.search.run as run
+    import stim_hf.tools.search.images as images
 
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
-    monkeypatch.setattr(run, "load_image_datasets", lambda *a, **k: pytest.fail("data loaded before the check"))
+    monkeypatch.setattr(images, "load_image_datasets", lambda *a, **k: pytest.fail("data loaded before the check"))
     argv = ["search", checkpoint, *DIGITS, "--output-dir", str(tmp_path / "out"), "--latency-runtime", "onnxruntime"]
     assert cli_main([*argv, "--progress", "false"]) == 2
     err = capsys.readouterr().err.strip()

@@ -50,6 +50,7 @@ from stim_hf.tools.model_cards import budget_card, hub_base_model, write_card
 from stim_hf.tools.onnx_files import check_onnx_request, load_onnx_images, write_onnx_files
 from stim_hf.tools.search.arguments import SearchArguments
 from stim_hf.tools.search.exporting import search_data_arguments
+from stim_hf.tools.search.images import SearchImages
 from stim_hf.tools.search.results import REPORT_FILES, SearchResult
 from stim_hf.training.modeling import without_transformers_progress_bars
 
@@ -154,8 +155,6 @@ def front_points(entry: dict[str, Any]) -> list[dict[str, Any]]:
 
 def search_images(record: dict[str, Any], device: torch.device):
     """The search's scored and re-estimation images, loaded again from its recorded data and seed."""
-    from stim_hf.tools.search.run import SearchImages
-
     settings = record["settings"]
     data_args = search_data_arguments(SearchResult(settings, []))
     if data_args is None:

@@ -22,8 +22,9 @@ Modules: ``arguments`` (settings, where the sampling rule comes from), ``budget`
 from stim_hf.tools.search.arguments import SearchArguments, training_sampling
 from stim_hf.tools.search.budget import BudgetLimit, parse_budget
 from stim_hf.tools.search.cli import main, parse_search_args
+from stim_hf.tools.search.images import SearchImages
 from stim_hf.tools.search.results import Candidate, CheckpointSearch, SearchResult, pick_candidate
-from stim_hf.tools.search.run import SearchImages, SearchModel, prepare_model, search_subnets
+from stim_hf.tools.search.run import SearchModel, prepare_model, search_subnets
 from stim_hf.tools.search.space import CandidateSpace, default_input_sizes, evolve
 
 __all__ = [

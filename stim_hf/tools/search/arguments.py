@@ -193,7 +193,7 @@ class SearchArguments:
     progress: bool = field(default=True, metadata={"help": "Show a progress bar."})
 
     def __post_init__(self) -> None:
-        # Counts left unset are fitted to the training split once it is loaded (search.run.fit_sample_counts).
+        # Counts left unset are fitted to the training split once it is loaded (search.images.fit_sample_counts).
         self.fitted_counts = tuple(
             name for name in ("holdout_samples", "recalibrate_bn") if getattr(self, name) is None
         )

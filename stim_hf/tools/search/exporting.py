@@ -7,7 +7,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from transformers import PreTrainedModel
 
@@ -16,10 +16,8 @@ from stim_hf.data.image_datasets import DataArguments, EvaluationDataArguments
 from stim_hf.method import ResidualFamily, ResidualStage, find_residual_family
 from stim_hf.method.batchnorm import batchnorm_state, restore_batchnorm_state
 from stim_hf.tools.export import export_subnet, push_export, write_export_record
+from stim_hf.tools.search.images import SearchImages
 from stim_hf.tools.search.results import Candidate, CheckpointSearch, SearchResult
-
-if TYPE_CHECKING:
-    from stim_hf.tools.search.run import SearchImages
 
 
 def export_pick(
