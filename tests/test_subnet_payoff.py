@@ -263,6 +263,21 @@ def test_fair_front_scores_each_network_once_and_reports_from_the_records(tmp_pa
     shutil.rmtree(study)
     assert payoff.main(argv) == 0
     assert json.loads((report / "fair" / "results.json").read_text()) == [seed]
+    # Two data sizes side by side, from their fair reports alone (here a second report of a subset of the records).
+    full = tmp_path / "full"
+    shutil.copytree(report / "networks", full / "networks")
+    assert payoff.main([*argv, "--report-dir", str(full), "--budgets", "0.25,1.0"]) == 0
+    both = tmp_path / "both"
+    assert payoff.main(["--data-sizes", f"{report},{full}", "--report-dir", str(both)]) == 0
+    text = (both / "by_data_size.md").read_text()
+    assert "(../report/fair/results.md)" in text and "(../full/fair/results.md)" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ") and " % " in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| 5 %", "| 25 %", rows[2].split(" | ")[0], "| 100 %"]
+    assert all(row.count(" / ") == 6 for row in rows)
+    assert rows[2].endswith(" | - / - / - / - |") and not rows[3].endswith(" - |")  # ResNet-14: not a budget of full
+    assert (both / "by_data_size.png").stat().st_size > 0
+    with pytest.raises(SystemExit, match="no fair report there; write it first"):
+        payoff.main(["--data-sizes", f"{report},{tmp_path / 'nowhere'}"])
 
 
 def test_a_fixed_split_plan_is_scored_on_its_whole_held_out_part(tmp_path):
