@@ -875,6 +875,53 @@ def fair_cost_table(records: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+# The lambda-5 screen at full data (issue 41): lambda 5 goes on to seeds 2 and 3 if its picks beat lambda 2's by at least
+# SCREEN_GAIN points at SCREEN_BUDGETS or more budgets.
+SCREEN_GAIN, SCREEN_BUDGETS = 0.5, 3
+
+
+def setting_comparison(first: list[dict[str, Any]], second: list[dict[str, Any]]) -> list[str]:
+    """Two ST++ settings' picks at each budget and their full networks, paired over the seeds both have, with the
+    lambda screen's rule (the first setting's picks ahead by at least ``SCREEN_GAIN`` at ``SCREEN_BUDGETS`` budgets)."""
+    a_name, b_name = first[0]["st_network"], second[0]["st_network"]
+    pairs = [(a, b) for a in first for b in second if a["seed"] == b["seed"]]
+    if not pairs:
+        return []
+    lines = [
+        f"{a_name} against {b_name}, seeds {', '.join(str(a['seed']) for a, _ in pairs)} (test top-1; paired by seed):",
+        "",
+        f"| budget | {a_name} pick | {b_name} pick | {a_name} − {b_name} | seeds {a_name} ahead |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    ahead = 0
+    for i, budget in enumerate(first[0]["budgets"]):
+        both = [(a["budgets"][i]["picks"]["ST++"], b["budgets"][i]["picks"]["ST++"]) for a, b in pairs]
+        both = [(x["test_top1"], y["test_top1"]) for x, y in both if x and y]
+        diffs = [x - y for x, y in both]
+        if diffs and statistics.mean(diffs) >= SCREEN_GAIN:
+            ahead += 1
+        lines.append(
+            f"| {_budget_text(budget)} | {_mean_std([x for x, _ in both])} | {_mean_std([y for _, y in both])} "
+            f"| {_mean_std(diffs)} | {sum(d > 0 for d in diffs)} of {len(diffs)} |"
+        )
+    full = [(network_top1_of(a), network_top1_of(b)) for a, b in pairs]
+    lines += [
+        f"| full ResNet-20 | {_mean_std([x for x, _ in full])} | {_mean_std([y for _, y in full])} "
+        f"| {_mean_std([x - y for x, y in full])} | {sum(x > y for x, y in full)} of {len(full)} |",
+        "",
+        f"{a_name}'s picks beat {b_name}'s by at least +{SCREEN_GAIN} points at {ahead} of "
+        f"{len(first[0]['budgets'])} budgets (the full-data screen's rule: at {SCREEN_BUDGETS} or more, {a_name} "
+        f"goes on to seeds 2 and 3): {'met' if ahead >= SCREEN_BUDGETS else 'not met'}.",
+        "",
+    ]
+    return lines
+
+
+def network_top1_of(record: dict[str, Any]) -> float:
+    """A seed record's full ST++ network's test top-1."""
+    return record["networks"][record["st_run"]]["top1"]
+
+
 def fair_markdown(by_setting: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> str:
     """The fair report: per ST++ setting the budget table and the per-seed picks, then the dedicated-size check and
     the networks' records (which trainings each seed's fronts hold)."""
@@ -944,6 +991,10 @@ def fair_markdown(by_setting: dict[str, list[dict[str, Any]]], args: argparse.Na
             *fair_cost_table(records),
             "",
         ]
+    settings = list(by_setting.values())
+    for i, first in enumerate(settings):
+        for second in settings[i + 1 :]:
+            lines += setting_comparison(first, second)
     any_records = next(iter(by_setting.values()))
     check = dedicated_check(any_records)
     if check:

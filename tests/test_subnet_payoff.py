@@ -306,3 +306,27 @@ def test_a_fixed_split_plan_is_scored_on_its_whole_held_out_part(tmp_path):
         study / "ct_r8_seed1", pick, 1, json.loads((study / "ct_r8_seed1" / "result.json").read_text()), args
     )
     assert entry["train_samples"] == 400 - 40 and entry["epochs"] == 1
+
+
+def test_two_st_settings_compared_with_the_lambda_screens_rule():
+    """lambda 5 against lambda 2, paired over the seeds both have: it goes on to seeds 2-3 only if it is ahead by at
+    least 0.5 points at 3 or more budgets."""
+    payoff = load_payoff()
+
+    def seed_record(seed: int, network: str, picks: list[float], full: float) -> dict:
+        run = f"{network}_seed{seed}"
+        budgets = [{"budget": share, "budget_name": str(share), "picks": {"ST++": {"test_top1": top1}}}
+                   for share, top1 in zip((0.1, 0.25, 0.5, 1.0), picks, strict=True)]  # fmt: skip
+        return {"seed": seed, "st_network": network, "st_run": run, "budgets": budgets,
+                "networks": {run: {"top1": full}}}  # fmt: skip
+
+    l5 = [seed_record(1, "λ 5", [60.0, 70.0, 75.0, 75.0], 75.0), seed_record(2, "λ 5", [61.0, 70.0, 75.0, 75.0], 74.0)]
+    l2 = [seed_record(s, "λ 2", [59.0, 69.6, 74.0, 75.2], 76.0) for s in (1, 2, 3)]
+    text = "\n".join(payoff.setting_comparison(l5, l2))
+    assert "λ 5 against λ 2, seeds 1, 2 " in text  # seed 3 has no lambda-5 record
+    assert "| 10 % | 60.50 ± 0.71 | 59.00 ± 0.00 | 1.50 ± 0.71 | 2 of 2 |" in text
+    assert "| full ResNet-20 | 74.50 ± 0.71 | 76.00 ± 0.00 | -1.50 ± 0.71 | 0 of 2 |" in text
+    assert "at 2 of 4 budgets" in text and text.rstrip().endswith("not met.")  # 10 % and 50 %; 25 % is +0.4
+    l5[0]["budgets"][1]["picks"]["ST++"]["test_top1"] = 70.5
+    assert "at 3 of 4 budgets" in "\n".join(payoff.setting_comparison(l5, l2))
+    assert payoff.setting_comparison(l5, [seed_record(3, "λ 2", [0.0] * 4, 0.0)]) == []
