@@ -1131,7 +1131,7 @@ def by_data_size_report(args: argparse.Namespace) -> int:
         + " | ".join(
             f"{_size_name(r)}, {r[0]['st_network']}: ST++ / fair front / ST++ − it / bar" for _, _, r in columns
         )
-        + " |",  # fmt: skip
+        + " |",
         "| --- |" + " --- |" * len(columns),
     ]
     for name, budget in budgets:
