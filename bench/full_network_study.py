@@ -26,7 +26,9 @@ study cut short stays balanced.
 Sessions end; the study goes on. A run saves an (atomic) checkpoint every epoch; started again,
 the runner resumes every unfinished run with the trainer's exact resume (``--resume_from_checkpoint``:
 bit-for-bit the run an uninterrupted one would have been) and skips finished ones, so a study spread
-over several sessions gives the numbers of one run straight through. A finished run keeps
+over several sessions gives the numbers of one run straight through. ``--launch-until 14:00`` launches no run after
+that time (one that would not finish before the session ends: it would restart from its last checkpoint, or from
+zero on a new machine); runs already going finish and are analysed. A finished run keeps
 ``result.json`` in its folder, and the aggregate ``results.json`` in ``--report-dir`` counts as
 finished too, so a new machine with the committed results does not train them again.
 
@@ -50,6 +52,7 @@ every plan, each with its ``plan``.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -481,8 +484,13 @@ def train_and_analyze(run: Run, args: argparse.Namespace) -> dict[str, Any] | No
     result_path = output_dir / "result.json"
     if result_path.exists():
         return json.loads(result_path.read_text())
+    trained = (output_dir / "all_results.json").exists()
+    if not trained and args.launch_until is not None and datetime.datetime.now() > args.launch_until:
+        print(f"[{run.name}] not launched: past --launch-until {args.launch_until:%Y-%m-%d %H:%M}; the same command "
+              "without it trains or resumes it", flush=True)  # fmt: skip
+        return None
     output_dir.mkdir(parents=True, exist_ok=True)
-    if not (output_dir / "all_results.json").exists():
+    if not trained:
         command = train_command(run, output_dir, args)
         print(f"[{run.name}] {shlex.join(command)}", flush=True)
         code = train_keeping_wall_time(command, output_dir, args.threads)
@@ -1001,6 +1009,16 @@ def carried_results(report_dir: Path) -> dict[tuple, dict[str, Any]]:
     return carried
 
 
+def launch_deadline(text: str) -> datetime.datetime:
+    """``--launch-until``: ``HH:MM`` today (local time) or an ISO date and time."""
+    try:
+        if len(text) <= 5:
+            return datetime.datetime.combine(datetime.date.today(), datetime.time.fromisoformat(text))
+        return datetime.datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HH:MM or YYYY-MM-DDTHH:MM") from None
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line settings of the study."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1020,6 +1038,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--recalibrate-bn", type=int, default=1000, help="images for the sub-networks' BatchNorm")
     parser.add_argument("--only", default=None, help="comma-separated run names: run just these")
     parser.add_argument("--report-only", action="store_true", help="write the report from the finished runs")
+    parser.add_argument(
+        "--launch-until",
+        type=launch_deadline,
+        default=None,
+        help="HH:MM (today) or YYYY-MM-DDTHH:MM: launch no training after it (one that would not finish before a "
+        "session ends); a run launched before goes on, a trained one is still analysed",
+    )
     parser.add_argument("--analyze-run", type=Path, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--image-size", type=int, default=32, help=argparse.SUPPRESS)  # the analysed run's
     args = parser.parse_args(argv)

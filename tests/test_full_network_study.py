@@ -111,6 +111,24 @@ def test_an_unfinished_run_resumes_with_the_exact_resume(tmp_path):
     assert command[command.index("--seed") + 1] == str(run.seed)
 
 
+def test_no_run_is_launched_past_launch_until_and_a_trained_one_is_still_analysed(tmp_path, capsys):
+    study = load_study()
+    argv = ["--plan", "cpu", "--out", str(tmp_path), "--data-dir", str(tmp_path), "--launch-until"]
+    args = study.parse_args([*argv, "2000-01-01T00:00"])
+    run = study.plan_runs("cpu")[0]
+    assert study.train_and_analyze(run, args) is None
+    assert "not launched: past --launch-until 2000-01-01 00:00" in capsys.readouterr().out
+    assert not (tmp_path / run.name).exists()
+    (tmp_path / run.name).mkdir()
+    (tmp_path / run.name / "all_results.json").write_text("{}")  # trained: its analysis goes on (and fails here)
+    assert study.train_and_analyze(run, args) is None
+    assert "analysing" in capsys.readouterr().out
+    assert study.parse_args([*argv, "23:59"]).launch_until.date() == study.datetime.date.today()
+    with pytest.raises(SystemExit):
+        study.parse_args([*argv, "tonight"])
+    assert "is not HH:MM or YYYY-MM-DDTHH:MM" in capsys.readouterr().err
+
+
 def test_a_session_killed_mid_run_keeps_its_wall_time_and_training_minutes_count_every_session(tmp_path, monkeypatch):
     study = load_study()
     monkeypatch.setattr(study, "WALL_CLOCK_EVERY_S", 0.1)
