@@ -1472,6 +1472,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.front == "32px" and args.study is None:
         parser.error("--front 32px needs --study")
+    if args.finetune_seeds:
+        if not args.finetune_epochs:
+            parser.error("--finetune-seeds chooses the seeds to fine-tune: give --finetune-epochs too (e.g. 5,10)")
+        if args.front != "fair":
+            parser.error("--finetune-seeds is for --front fair; --front 32px fine-tunes every seed it reports")
+        outside = set(args.finetune_seeds.split(",")) - set(args.seeds.split(","))
+        if outside:
+            parser.error(f"--finetune-seeds {','.join(sorted(outside))}: not among --seeds {args.seeds}")
     args.study = args.study.expanduser().resolve() if args.study is not None else None
     args.report_dir = args.report_dir.resolve()
     return args

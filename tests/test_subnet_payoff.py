@@ -253,6 +253,13 @@ def test_fair_front_scores_each_network_once_and_reports_from_the_records(tmp_pa
         "Fine-tuning ST++'s pick (issue 41's first lever" in text
         and f"| 1 ep. {key.removesuffix(' 1 epochs')}: " in text
     )
+    for extra, refusal in [
+        (["--finetune-seeds", "1"], "give --finetune-epochs too"),
+        (["--finetune-epochs", "5", "--finetune-seeds", "1,4"], "--finetune-seeds 4: not among --seeds 1"),
+    ]:
+        with pytest.raises(SystemExit):
+            payoff.parse_args([*argv, *extra])
+        assert refusal in capsys.readouterr().err
     # 'behind' takes the budgets where ST++ misses the bar (level or short), not where it leads.
     rows = {"0.1": [(50.0, 40.0)], "0.5": [(60.0, 59.8)], "1.0": [(70.0, 71.0)]}  # ST++ and fair picks by seed
     synthetic = [{"budgets": [{"budget_name": name, "picks": {"ST++": {"test_top1": pairs[i][0]}, "from scratch":
