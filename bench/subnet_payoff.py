@@ -348,8 +348,7 @@ def finetune_budgets(records: list[dict[str, Any]], args: argparse.Namespace) ->
         return wanted
     diffs = {}
     for i, name in enumerate(names):
-        pairs = [(_top1(r, i, "ST++"), _top1(r, i, SCRATCH_LABEL)) for r in records]
-        diffs[name] = [a - b for a, b in pairs if a is not None and b is not None]
+        diffs[name] = [a - b for a, b in _paired_top1(records, i, "ST++", SCRATCH_LABEL)]
     if args.finetune_budgets == "behind":
         return [name for name in names if diffs[name] and bar_verdict(diffs[name]) != "lead"]
     lead = {name: statistics.mean(d) if d else float("inf") for name, d in diffs.items()}
@@ -835,8 +834,8 @@ def fair_budget_table(records: list[dict[str, Any]]) -> list[str]:
         st = [r["budgets"][i]["picks"]["ST++"] for r in records]
         fair = [r["budgets"][i]["picks"][SCRATCH_LABEL] for r in records]
         only_32 = [r["budgets"][i]["picks"]["from scratch, 32 px only"] for r in records]
-        diffs = [a["test_top1"] - b["test_top1"] for a, b in zip(st, fair, strict=True) if a and b]
-        old = [a["test_top1"] - b["test_top1"] for a, b in zip(st, only_32, strict=True) if a and b]
+        diffs = [a - b for a, b in _paired_top1(records, i, "ST++", SCRATCH_LABEL)]
+        old = [a - b for a, b in _paired_top1(records, i, "ST++", "from scratch, 32 px only")]
         lines.append(
             f"| {_budget_text(budget)} | {_mean_std([p['test_top1'] for p in st if p])} "
             f"| {_mean_std([p['test_top1'] for p in fair if p])} | {_mean_std(diffs)} | {_paired_t(diffs)} "
@@ -1095,11 +1094,8 @@ def _size_name(records: list[dict[str, Any]]) -> str:
 
 def _fair_cells(records: list[dict[str, Any]], budget_name: str) -> tuple[str, str, str, str]:
     """ST++'s pick, the fair front's, their paired difference and the bar's verdict at one budget, over the seeds."""
-    pairs = []
-    for r in records:
-        budget = next((b for b in r["budgets"] if b["budget_name"] == budget_name), None)
-        if budget is not None and budget["picks"]["ST++"] and budget["picks"][SCRATCH_LABEL]:
-            pairs.append((budget["picks"]["ST++"]["test_top1"], budget["picks"][SCRATCH_LABEL]["test_top1"]))
+    names = [b["budget_name"] for b in records[0]["budgets"]]  # a seed's budgets are its report's, in order
+    pairs = _paired_top1(records, names.index(budget_name), "ST++", SCRATCH_LABEL) if budget_name in names else []
     if not pairs:  # a budget this data size's report does not hold
         return "-", "-", "-", "-"
     diffs = [a - b for a, b in pairs]
@@ -1215,6 +1211,12 @@ def _budget_text(budget: dict[str, Any]) -> str:
 def _top1(record: dict[str, Any], index: int, label: str) -> float | None:
     pick = record["budgets"][index]["picks"][label]
     return None if pick is None else pick["test_top1"]
+
+
+def _paired_top1(records: list[dict[str, Any]], index: int, first: str, second: str) -> list[tuple[float, float]]:
+    """The test top-1 of the ``first`` and ``second`` picks at budget ``index``, by seed, where a seed has both."""
+    pairs = [(_top1(r, index, first), _top1(r, index, second)) for r in records]
+    return [(a, b) for a, b in pairs if a is not None and b is not None]
 
 
 def budget_table(records: list[dict[str, Any]]) -> list[str]:
