@@ -23,6 +23,7 @@ from stim_hf.data.transforms import build_image_processor, collate_image_batch, 
 from stim_hf.errors import ConfigError
 from stim_hf.tools.hub import push_folder
 from stim_hf.tools.model_cards import CARD_NAME, hub_base_model, training_card, write_card
+from stim_hf.tools.trainer_progress import use_line_progress_in_logs
 from stim_hf.training.callbacks import log_subnet_report
 from stim_hf.training.checkpointing import resolve_resume_checkpoint as resolve_checkpoint
 from stim_hf.training.config import ModelArguments, StimulativeTrainingArguments
@@ -136,6 +137,7 @@ def run_training(
         # Saved beside every model it writes: pipeline("image-classification") preprocesses as evaluation does.
         processing_class=build_image_processor(data_args),
     )
+    use_line_progress_in_logs(trainer)
 
     metrics: dict[str, Any] = {}
     if training_args.do_train:

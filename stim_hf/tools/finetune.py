@@ -44,6 +44,7 @@ from stim_hf.tools.export import push_export, write_export_record
 from stim_hf.tools.finetune_config import FinetuneArguments
 from stim_hf.tools.model_cards import describe_data
 from stim_hf.tools.output_folders import check_new_folder
+from stim_hf.tools.trainer_progress import use_line_progress_in_logs
 from stim_hf.training.checkpointing import publish_files
 from stim_hf.training.config import StimulativeTrainingArguments
 from stim_hf.training.integrity import MANIFEST_NAMES, write_folder_manifest
@@ -398,6 +399,7 @@ def finetune_export(
             data_collator=collate_image_batch,
             callbacks=list(callbacks),
         )
+        use_line_progress_in_logs(trainer)
         trained = trainer.train()
         student = trainer.model.eval()
         recalibrated = _reestimate_batchnorm(student, splits["train"], data_args, args, input_size)

@@ -43,7 +43,7 @@ def progress(
     line every ``every_s`` seconds. ``enabled=False`` shows nothing. ``file`` defaults to stderr.
     """
     stream = sys.stderr if file is None else file
-    if enabled and not _is_terminal(stream) and not _in_notebook():
+    if enabled and not shows_bars(stream):
         return LineProgress(total, desc, unit, every_s, stream)
     from tqdm.auto import tqdm
 
@@ -54,12 +54,13 @@ class LineProgress:
     """Progress as whole lines: ``desc: 40/108 subnets (37%), 12 s, 3.3 subnets/s, about 21 s left``.
 
     A line when the phase starts, then at most one every ``every_s`` seconds as work is done, and
-    a last one when it closes (with the count reached, if the phase ended early).
+    a last one when it closes (with the count reached, if the phase ended early). ``initial``: units
+    done before this display started (a resumed run); the rate counts only those done since.
     """
 
-    def __init__(self, total: int, desc: str, unit: str, every_s: float, file: TextIO) -> None:
+    def __init__(self, total: int, desc: str, unit: str, every_s: float, file: TextIO, initial: int = 0) -> None:
         self.total, self.desc, self.unit, self.every_s, self.file = total, desc, unit, every_s, file
-        self.n = 0
+        self.n = self.initial = initial
         self.started = self._last = time.monotonic()
         self.closed = False
         self._write(self._line(0.0))
@@ -90,14 +91,19 @@ class LineProgress:
         text = f"{self.desc}: {self.n}/{self.total} {self.unit}s{share}, {elapsed:.0f} s"
         if done:
             return text + (", done" if self.n >= self.total else ", stopped")
-        if self.n and elapsed > 0:
-            rate = self.n / elapsed
+        if self.n > self.initial and elapsed > 0:
+            rate = (self.n - self.initial) / elapsed
             text += f", {rate:.3g} {self.unit}s/s, about {(self.total - self.n) / rate:.0f} s left"
         return text
 
     def _write(self, line: str) -> None:
         self.file.write(line + "\n")
         self.file.flush()
+
+
+def shows_bars(stream: TextIO) -> bool:
+    """Whether a tqdm bar displays well on ``stream``: a terminal, or a notebook's widget."""
+    return _is_terminal(stream) or _in_notebook()
 
 
 def _is_terminal(stream: TextIO) -> bool:
