@@ -34,7 +34,10 @@ for _name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE"):
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
-import subnet_payoff as payoff  # noqa: E402  (its held-out images, search and test scoring, reused as they are)
+# bench/subnet_payoff.py's held-out images, search and test scoring, reused as they are
+from payoff.scoring import TestScores, heldout_file, search  # noqa: E402
+from payoff.study import PAYOFF_ST_SETTING, finished  # noqa: E402
+from payoff.tables import budget_text, mean_std, paired_t, pick_text  # noqa: E402
 
 MARGINS = "0,1,2,3"
 # Budgets named by a network: the FLOPs of the ResNet-20's sub-network of that depth at the full input size (the
@@ -48,15 +51,15 @@ def margins_for_seed(seed: int, args: argparse.Namespace) -> dict[str, Any] | No
     from stim_hf.tools.search import pick_candidate
 
     folder = args.study / f"{args.st_setting}_seed{seed}"
-    result = payoff.finished(folder)
+    result = finished(folder)
     if result is None:
         return None
     start = time.perf_counter()
-    heldout = payoff.heldout_file(seed, result.get("train_samples"), args)
+    heldout = heldout_file(seed, result.get("train_samples"), args)
     with tempfile.TemporaryDirectory() as out:
-        (searched,) = payoff.search({"ST++": folder}, "full", Path(out), heldout, args).checkpoints
+        (searched,) = search({"ST++": folder}, "full", Path(out), heldout, args).checkpoints
     search_seconds = round(time.perf_counter() - start, 1)
-    score = payoff.TestScores(args, args.study / f"pick_margin_scores_seed{seed}.json")
+    score = TestScores(args, args.study / f"pick_margin_scores_seed{seed}.json")
     reference = searched.full_flops
     budgets = []
     largest = max(c.input_size for c in searched.candidates)
@@ -125,11 +128,11 @@ def report_markdown(records: list[dict[str, Any]], args: argparse.Namespace) -> 
                 continue
             diffs = [p["test_top1"] - b["test_top1"] for p, b in zip(picks, base, strict=True)]
             cheaper = sum(p["flops"] < b["flops"] for p, b in zip(picks, base, strict=True))
-            delta = "-" if margin == "0" else payoff._mean_std(diffs)
-            t = "-" if margin == "0" else payoff._paired_t(diffs)
+            delta = "-" if margin == "0" else mean_std(diffs)
+            t = "-" if margin == "0" else paired_t(diffs)
             lines.append(
-                f"| {payoff._budget_text(budget)} | {margin} | {payoff._mean_std([100 * p['flop_share'] for p in picks], 1)} % "
-                f"| {payoff._mean_std([p['heldout_top1'] for p in picks])} | {payoff._mean_std([p['test_top1'] for p in picks])} "
+                f"| {budget_text(budget)} | {margin} | {mean_std([100 * p['flop_share'] for p in picks], 1)} % "
+                f"| {mean_std([p['heldout_top1'] for p in picks])} | {mean_std([p['test_top1'] for p in picks])} "
                 f"| {delta} | {t} | {'-' if margin == '0' else f'{cheaper} of {len(picks)}'} |"
             )
     lines += ["", "Each seed's picks (test top-1, depths @ input size, FLOPs share):", ""]
@@ -137,8 +140,8 @@ def report_markdown(records: list[dict[str, Any]], args: argparse.Namespace) -> 
     lines += ["| --- | --- |" + " --- |" * len(margins)]
     for record in records:
         for budget in record["budgets"]:
-            cells = [payoff._pick_text(budget["picks"][m]) for m in margins]
-            lines.append(f"| {record['seed']} | {payoff._budget_text(budget)} | " + " | ".join(cells) + " |")
+            cells = [pick_text(budget["picks"][m]) for m in margins]
+            lines.append(f"| {record['seed']} | {budget_text(budget)} | " + " | ".join(cells) + " |")
     lines += ["", "Search seconds per seed: " + ", ".join(f"{r['seed']}: {r['search_seconds']}" for r in records)]
     return "\n".join(lines) + "\n"
 
@@ -153,7 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--budgets", default="0.10,0.25,0.50,ResNet-14,1.00",
         help="FLOPs budgets: shares of the ResNet-20 at 32 px, or ResNet-8 / ResNet-14 (their FLOPs)",
     )  # fmt: skip
-    parser.add_argument("--st-setting", default=payoff.PAYOFF_ST_SETTING, help="the study setting searched")
+    parser.add_argument("--st-setting", default=PAYOFF_ST_SETTING, help="the study setting searched")
     parser.add_argument("--report-dir", type=Path, default=REPO / "docs" / "measurements" / "pick_margin")
     parser.add_argument(
         "--payoff-report", type=Path, default=REPO / "docs" / "measurements" / "subnet_payoff",

@@ -19,6 +19,12 @@ from stim_hf.data.image_datasets import ROW_INDEX_COLUMN, DataArguments, load_im
 from stim_hf.method.batchnorm import batchnorm_layers
 from stim_hf.models.cifar_resnet import CifarResNetConfig, CifarResNetForImageClassification
 
+sys.path.insert(0, str(REPO_ROOT / "bench"))  # the benchmark's modules (bench/payoff/), as the script imports them
+from payoff.fair_report import setting_comparison  # noqa: E402
+from payoff.finetuning import finetune_budgets  # noqa: E402
+from payoff.network_records import score_network  # noqa: E402
+from payoff.scoring import finetune_pick  # noqa: E402
+
 SCORED = re.compile(r"^  (CT|ST\+\+|ResNet-(?:8|14|20)) [\d,]+ @\d+: test top-1 ", re.MULTILINE)
 
 
@@ -168,9 +174,9 @@ def test_fine_tuning_the_st_pick_kept_per_seed_and_reported(tmp_path, capsys):
     leads = {"0.1": (50.0, 40.0), "0.5": (60.0, 61.0), "1.0": (70.0, 69.0)}  # ST++ and from-scratch picks
     synthetic = {"budgets": [{"budget_name": name, "picks": {"ST++": {"test_top1": st}, "from scratch":
                  {"test_top1": scratch}}} for name, (st, scratch) in leads.items()]}  # fmt: skip
-    assert payoff.finetune_budgets([synthetic], payoff.parse_args(argv)) == ["0.5", "1.0"]
+    assert finetune_budgets([synthetic], payoff.parse_args(argv)) == ["0.5", "1.0"]
     with pytest.raises(SystemExit, match="0.5: not among --budgets 0.25,1.0"):
-        payoff.finetune_budgets([record], payoff.parse_args([*argv, "--finetune-budgets", "0.5"]))
+        finetune_budgets([record], payoff.parse_args([*argv, "--finetune-budgets", "0.5"]))
 
 
 def test_fair_front_scores_each_network_once_and_reports_from_the_records(tmp_path, capsys):
@@ -264,7 +270,7 @@ def test_fair_front_scores_each_network_once_and_reports_from_the_records(tmp_pa
     rows = {"0.1": [(50.0, 40.0)], "0.5": [(60.0, 59.8)], "1.0": [(70.0, 71.0)]}  # ST++ and fair picks by seed
     synthetic = [{"budgets": [{"budget_name": name, "picks": {"ST++": {"test_top1": pairs[i][0]}, "from scratch":
                   {"test_top1": pairs[i][1]}}} for name, pairs in rows.items()]} for i in range(1)]  # fmt: skip
-    assert payoff.finetune_budgets(synthetic, payoff.parse_args([*argv, "--finetune-budgets", "behind"])) == [
+    assert finetune_budgets(synthetic, payoff.parse_args([*argv, "--finetune-budgets", "behind"])) == [
         "0.5", "1.0"]  # fmt: skip
     # The records stand without the study's run folders.
     shutil.rmtree(study)
@@ -303,13 +309,13 @@ def test_a_fixed_split_plan_is_scored_on_its_whole_held_out_part(tmp_path):
     report = tmp_path / "report"
     argv = ["--study", str(study), "--report-dir", str(report), "--data-dir", str(data), "--input-sizes", "16,32"]
     args = payoff.parse_args([*argv, "--search-recalibrate-bn", "64", "--recalibrate-bn", "32", "--test-samples", "64"])
-    record = payoff.score_network(study / "ct_r8_seed1", args)
+    record = score_network(study / "ct_r8_seed1", args)
     assert record["heldout"] == {"images": 40, "file": heldout.name, "seen_in_training": False}
     assert record["train_samples"] == 50_000 - 40 and len(record["candidates"]) == 2
     assert not list(study.glob("heldout_seed*"))  # no draw of its own: the plan's split
     # Fine-tuning a pick of such a run trains on the split's training part, all of it.
     pick = record["candidates"][0] | {"depths": [1, 1, 1]}
-    entry = payoff.finetune_pick(
+    entry = finetune_pick(
         study / "ct_r8_seed1", pick, 1, json.loads((study / "ct_r8_seed1" / "result.json").read_text()), args
     )
     assert entry["train_samples"] == 400 - 40 and entry["epochs"] == 1
@@ -318,7 +324,6 @@ def test_a_fixed_split_plan_is_scored_on_its_whole_held_out_part(tmp_path):
 def test_two_st_settings_compared_with_the_lambda_screens_rule():
     """lambda 5 against lambda 2, paired over the seeds both have: it goes on to seeds 2-3 only if it is ahead by at
     least 0.5 points at 3 or more budgets."""
-    payoff = load_payoff()
 
     def seed_record(seed: int, network: str, picks: list[float], full: float) -> dict:
         run = f"{network}_seed{seed}"
@@ -329,11 +334,11 @@ def test_two_st_settings_compared_with_the_lambda_screens_rule():
 
     l5 = [seed_record(1, "λ 5", [60.0, 70.0, 75.0, 75.0], 75.0), seed_record(2, "λ 5", [61.0, 70.0, 75.0, 75.0], 74.0)]
     l2 = [seed_record(s, "λ 2", [59.0, 69.6, 74.0, 75.2], 76.0) for s in (1, 2, 3)]
-    text = "\n".join(payoff.setting_comparison(l5, l2))
+    text = "\n".join(setting_comparison(l5, l2))
     assert "λ 5 against λ 2, seeds 1, 2 " in text  # seed 3 has no lambda-5 record
     assert "| 10 % | 60.50 ± 0.71 | 59.00 ± 0.00 | 1.50 ± 0.71 | 2 of 2 |" in text
     assert "| full ResNet-20 | 74.50 ± 0.71 | 76.00 ± 0.00 | -1.50 ± 0.71 | 0 of 2 |" in text
     assert "at 2 of 4 budgets" in text and text.rstrip().endswith("not met.")  # 10 % and 50 %; 25 % is +0.4
     l5[0]["budgets"][1]["picks"]["ST++"]["test_top1"] = 70.5
-    assert "at 3 of 4 budgets" in "\n".join(payoff.setting_comparison(l5, l2))
-    assert payoff.setting_comparison(l5, [seed_record(3, "λ 2", [0.0] * 4, 0.0)]) == []
+    assert "at 3 of 4 budgets" in "\n".join(setting_comparison(l5, l2))
+    assert setting_comparison(l5, [seed_record(3, "λ 2", [0.0] * 4, 0.0)]) == []
