@@ -66,6 +66,7 @@ def finetune_seed(
 
 
 def shape_key(pick: dict[str, Any]) -> str:
+    """A pick's sub-network and input size, ``3,2,3 @32``: the key of its fine-tuned entries."""
     return f"{','.join(map(str, pick['depths']))} @{pick['input_size']}"
 
 

@@ -10,6 +10,7 @@ from payoff.study import SCRATCH
 
 
 def mean_std(values: list[float], digits: int = 2) -> str:
+    """``mean ± std`` of ``values`` (one value alone; ``-`` for none)."""
     if not values:
         return "-"
     if len(values) == 1:
@@ -18,6 +19,7 @@ def mean_std(values: list[float], digits: int = 2) -> str:
 
 
 def paired_t(diffs: list[float]) -> str:
+    """The one-sample t test of paired differences against 0, ``t (p ...)``; ``-`` below two or with no spread."""
     if len(diffs) < 2 or statistics.stdev(diffs) < 1e-9:
         return "-"
     from scipy.stats import ttest_1samp
@@ -27,6 +29,7 @@ def paired_t(diffs: list[float]) -> str:
 
 
 def pick_text(pick: dict[str, Any] | None, network: bool = False) -> str:
+    """A pick as ``top-1 (shape @size, FLOPs share)``, its network's name for the shape with ``network``."""
     if pick is None:
         return "-"
     shape = pick["network"] if network else ",".join(map(str, pick["depths"]))
@@ -42,6 +45,7 @@ def budget_text(budget: dict[str, Any]) -> str:
 
 
 def pick_top1(record: dict[str, Any], index: int, label: str) -> float | None:
+    """The test top-1 of the ``label`` pick at budget ``index`` of a seed record (None: no pick there)."""
     pick = record["budgets"][index]["picks"][label]
     return None if pick is None else pick["test_top1"]
 
