@@ -324,6 +324,24 @@ def test_line_progress_writes_a_line_every_few_seconds(monkeypatch):
     assert silent.getvalue() == ""
 
 
+def test_line_progress_of_a_long_phase_writes_about_a_hundred_lines(monkeypatch):
+    """A line at most per 1 % of the work as well: a 3-hour run at 2 steps/s would write 4,320 lines at one every
+    5 seconds, its hundred percents write a hundred."""
+    import io
+
+    from stim_hf.tools import progress as progress_module
+
+    clock = iter(range(10_000))  # a second a unit
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: float(next(clock)))
+    stream = io.StringIO()
+    with progress_module.progress(6_000, "long", "step", every_s=5.0, file=stream) as bar:
+        for _ in range(6_000):
+            bar.update()
+    lines = stream.getvalue().splitlines()
+    assert len(lines) == 101  # the first, one per 60 steps short of the end, the last
+    assert lines[1].startswith("long: 60/6000 steps (1%), ") and lines[-1].startswith("long: 6000/6000 steps (100%)")
+
+
 def test_a_pick_margin_trades_a_lead_the_images_cannot_resolve_for_fewer_flops(checkpoint, tmp_path):
     quick = {**QUICK, "halving_rounds": 1, "input_sizes": "8,12,16", "budget": "flops=0.8"}
     exact = search_subnets([checkpoint], digits(), SearchArguments(**quick)).checkpoints[0]

@@ -53,24 +53,26 @@ def progress(
 class LineProgress:
     """Progress as whole lines: ``desc: 40/108 subnets (37%), 12 s, 3.3 subnets/s, about 21 s left``.
 
-    A line when the phase starts, then at most one every ``every_s`` seconds as work is done, and
-    a last one when it closes (with the count reached, if the phase ended early). ``initial``: units
-    done before this display started (a resumed run); the rate counts only those done since.
+    A line when the phase starts, then as work is done at most one every ``every_s`` seconds and one
+    per 1 % of ``total`` (a long run writes about a hundred, a short one a line every few seconds),
+    and a last one when it closes (with the count reached, if the phase ended early). ``initial``:
+    units done before this display started (a resumed run); the rate counts only those done since.
     """
 
     def __init__(self, total: int, desc: str, unit: str, every_s: float, file: TextIO, initial: int = 0) -> None:
         self.total, self.desc, self.unit, self.every_s, self.file = total, desc, unit, every_s, file
-        self.n = self.initial = initial
+        self.n = self.initial = self._last_n = initial
         self.started = self._last = time.monotonic()
         self.closed = False
         self._write(self._line(0.0))
 
     def update(self, n: int = 1) -> None:
-        """Count ``n`` more units done; write a line if ``every_s`` seconds passed since the last one."""
+        """Count ``n`` more units done; write a line if ``every_s`` seconds and 1 % of the total passed since the
+        last one."""
         self.n += n
         now = time.monotonic()
-        if now - self._last >= self.every_s and self.n < self.total:
-            self._last = now
+        if now - self._last >= self.every_s and self.n - self._last_n >= self.total / 100 and self.n < self.total:
+            self._last, self._last_n = now, self.n
             self._write(self._line(now - self.started))
 
     def close(self) -> None:
