@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 # bench/subnet_payoff.py's held-out images, search and test scoring, reused as they are
 from payoff.scoring import TestScores, heldout_file, search  # noqa: E402
-from payoff.study import PAYOFF_ST_SETTING, finished  # noqa: E402
+from payoff.study import BUDGETS, PAYOFF_ST_SETTING, finished  # noqa: E402
 from payoff.tables import budget_text, mean_std, paired_t, pick_text  # noqa: E402
 
 MARGINS = "0,1,2,3"
@@ -153,7 +153,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument("--margins", default=MARGINS, help="pick margins in paired standard errors (0: most accurate)")
     parser.add_argument(
-        "--budgets", default="0.10,0.25,0.50,ResNet-14,1.00",
+        "--budgets", default=BUDGETS,
         help="FLOPs budgets: shares of the ResNet-20 at 32 px, or ResNet-8 / ResNet-14 (their FLOPs)",
     )  # fmt: skip
     parser.add_argument("--st-setting", default=PAYOFF_ST_SETTING, help="the study setting searched")

@@ -75,6 +75,10 @@ class LineProgress:
             self._last, self._last_n = now, self.n
             self._write(self._line(now - self.started))
 
+    def write(self, text: str) -> None:
+        """Write a line of other text between the progress lines (as tqdm's ``write``)."""
+        self._write(text)
+
     def close(self) -> None:
         """Write the last line (once)."""
         if self.closed:

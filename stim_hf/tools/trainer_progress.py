@@ -29,20 +29,13 @@ class LineProgressCallback(ProgressCallback):
     def on_train_begin(self, args, state, control, **kwargs: Any) -> None:
         if state.is_world_process_zero:
             # A resumed run counts from its checkpoint's step.
-            self.training_bar = _WritingLineProgress(
+            self.training_bar = LineProgress(
                 state.max_steps, "training", "step", self.every_s, sys.stderr, initial=state.global_step
             )
         self.current_step = state.global_step
 
     def on_prediction_step(self, args, state, control, eval_dataloader=None, **kwargs: Any) -> None:
         pass
-
-
-class _WritingLineProgress(LineProgress):
-    """A :class:`LineProgress` that also writes a line of text, as tqdm's ``write`` (the logged metrics)."""
-
-    def write(self, text: str) -> None:
-        self._write(text)
 
 
 def use_line_progress_in_logs(trainer: Trainer, every_s: float = LINE_EVERY_S) -> bool:
