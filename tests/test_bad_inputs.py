@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -146,7 +147,10 @@ def test_step_intervals_are_checked_only_where_their_strategy_uses_them():
     assert training_args(logging_steps=0.25, warmup_steps=0.1).logging_steps == 0.25  # shares of the run
 
 
-# -- the command line: one line on stderr, exit status 2 -------------------------------------------------
+# -- the command line: one line on stderr (after the progress lines of the work done before), exit status 2 ----
+
+# Where stderr is a log, as pytest's capture is: loading the images writes "loading the images ..." and "...: done, 3 s".
+PROGRESS_LINE = re.compile(r".+ \.\.\.|.+: done, \d+ s")
 
 
 def run_cli(capsys, *argv: str) -> str:
@@ -154,10 +158,11 @@ def run_cli(capsys, *argv: str) -> str:
     captured = capsys.readouterr()
     assert status == 2, captured
     assert "Traceback" not in captured.err
-    lines = captured.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("stim-hf: error: "), captured.err
+    *before, error = captured.err.strip().splitlines()
+    assert error.startswith("stim-hf: error: "), captured.err
+    assert all(PROGRESS_LINE.fullmatch(line) for line in before), captured.err
     assert captured.err.endswith("\n"), captured.err  # else the next output (a progress bar) goes on its line
-    return lines[0].removeprefix("stim-hf: error: ")
+    return error.removeprefix("stim-hf: error: ")
 
 
 def test_an_error_that_stops_training_mid_progress_bar_gets_its_own_line(capsys, tmp_path, tiny_cifar_resnet):

@@ -21,6 +21,7 @@ from stim_hf.data.image_datasets import DataArguments, get_label_names, load_ima
 from stim_hf.data.predecoded import with_predecoded_transforms
 from stim_hf.data.transforms import build_image_processor, collate_image_batch, with_image_transforms
 from stim_hf.errors import ConfigError
+from stim_hf.tools.datasets_progress import datasets_work_in_lines
 from stim_hf.tools.hub import push_folder
 from stim_hf.tools.model_cards import CARD_NAME, hub_base_model, training_card, write_card
 from stim_hf.tools.trainer_progress import use_line_progress_in_logs
@@ -106,7 +107,8 @@ def run_training(
     if training_args.zero_init_residual and model_args.model_name_or_path is not None:
         raise refuse_zero_init_of_pretrained(model_args.model_name_or_path)  # before any data is loaded
 
-    splits = load_image_datasets(data_args, seed=training_args.seed)
+    with datasets_work_in_lines("loading the images"):
+        splits = load_image_datasets(data_args, seed=training_args.seed)
     label_names = get_label_names(splits["train"], data_args.label_column_name)
     try:
         model = build_model(model_args, label_names)
@@ -123,8 +125,9 @@ def run_training(
         needs_train = training_args.do_train or (
             training_args.num_eval_subnets and training_args.subnet_bn_recalibration_samples
         )
-        train_dataset = with_pipeline_transforms(splits["train"], data_args, train=True) if needs_train else None
-        eval_dataset = with_pipeline_transforms(splits["validation"], data_args, train=False)
+        with datasets_work_in_lines(f"preparing the image pipeline ({data_args.image_pipeline})"):
+            train_dataset = with_pipeline_transforms(splits["train"], data_args, train=True) if needs_train else None
+            eval_dataset = with_pipeline_transforms(splits["validation"], data_args, train=False)
     trainer = StimulativeTrainer(
         model=model,
         args=training_args,

@@ -39,6 +39,7 @@ from stim_hf.data.transforms import build_image_processor, with_image_transforms
 from stim_hf.errors import ConfigError, ModelStructureError
 from stim_hf.method import ResidualFamily, ResidualStage, Subnet, find_residual_family, subnet_from_depths
 from stim_hf.method.batchnorm import batchnorm_layers, recalibrate_batchnorm
+from stim_hf.tools.datasets_progress import datasets_work_in_lines
 from stim_hf.tools.hub import check_push_to_hub, missing_for_sharing, push_folder
 from stim_hf.tools.model_cards import describe_data, export_card, hub_base_model, write_card
 from stim_hf.tools.onnx_files import check_onnx_request, load_onnx_images, write_onnx_files
@@ -338,7 +339,8 @@ def export_subnet(
         info["data"] = describe_data(data_args, seed)
     num_recal = num_recal if info["has_batchnorm"] else 0  # nothing to re-estimate
     if num_recal or evaluate:
-        splits = load_image_datasets(data_args, seed=seed)
+        with datasets_work_in_lines("loading the images"):
+            splits = load_image_datasets(data_args, seed=seed)
         if num_recal:
             batches = recalibration_batches(splits["train"], data_args, num_recal, seed, batch_size, input_size)
             with torch.no_grad():

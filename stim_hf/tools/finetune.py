@@ -40,6 +40,7 @@ from stim_hf.errors import ConfigError, ModelStructureError
 from stim_hf.method import find_residual_family, resize_input
 from stim_hf.method.batchnorm import DEFAULT_RECALIBRATION_SAMPLES, recalibrate_batchnorm
 from stim_hf.method.losses import kl_divergence
+from stim_hf.tools.datasets_progress import datasets_work_in_lines
 from stim_hf.tools.export import push_export, write_export_record
 from stim_hf.tools.finetune_config import FinetuneArguments
 from stim_hf.tools.model_cards import describe_data
@@ -368,7 +369,8 @@ def finetune_export(
     student = load_saved_classifier(source, f"export folder '{export_dir}'")
     teacher = load_saved_classifier(teacher_path, f"teacher '{teacher_path}'")
     check_teacher(teacher, student, info, teacher_path)
-    splits = load_image_datasets(data_args, seed=args.seed)
+    with datasets_work_in_lines("loading the images"):
+        splits = load_image_datasets(data_args, seed=args.seed)
     classes = len(get_label_names(splits["train"], data_args.label_column_name))
     if classes != student.config.num_labels:
         raise ConfigError(

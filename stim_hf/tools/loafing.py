@@ -66,6 +66,7 @@ from stim_hf.method import (
 )
 from stim_hf.method.batchnorm import subnet_batchnorm_statistics
 from stim_hf.method.sampling import resolve_sample_space, subnet_from_depths
+from stim_hf.tools.datasets_progress import datasets_work_in_lines
 from stim_hf.training.config import StimulativeTrainingArguments, method_settings, parse_sample_space
 from stim_hf.training.modeling import check_saved_model_dir, load_saved_classifier
 from stim_hf.training.parser import SubcommandArgumentParser, load_recipe, recipe_defaults
@@ -397,7 +398,8 @@ def analyze_checkpoints(
     device = _resolve_device(args.device)
     num_recal = resolve_recalibration_samples(args.recalibrate_bn, data_args, "--recalibrate-bn")
 
-    splits = load_image_datasets(data_args, seed=args.seed)
+    with datasets_work_in_lines("loading the images"):
+        splits = load_image_datasets(data_args, seed=args.seed)
     label_names = get_label_names(splits["validation"], data_args.label_column_name)
     _check_checkpoints(checkpoints, len(label_names))  # before any progress bar
     eval_dataset = with_image_transforms(splits["validation"], data_args, train=False)

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Subset
 from stim_hf.data.image_datasets import DataArguments, load_image_datasets
 from stim_hf.data.transforms import collate_image_batch, with_image_transforms
 from stim_hf.errors import ConfigError
+from stim_hf.tools.datasets_progress import datasets_work_in_lines
 from stim_hf.tools.onnx_export import export_onnx, quantize_int8, require_onnx
 
 CHECK_IMAGES = 64
@@ -61,7 +62,8 @@ def load_onnx_images(
     data_args: DataArguments, seed: int, input_size: int | None, int8: bool, batch_size: int = 128
 ) -> OnnxImages:
     """Validation images (evaluation transforms at ``input_size``) and, for ``int8``, seeded training images."""
-    splits = load_image_datasets(data_args, seed=seed)
+    with datasets_work_in_lines("loading the images"):
+        splits = load_image_datasets(data_args, seed=seed)
     validation = with_image_transforms(splits["validation"], data_args, train=False, input_size=input_size)
     image_bytes = 4 * validation[0]["pixel_values"].numel()
     limit = min(MAX_VALIDATION_IMAGES, max(CHECK_IMAGES, MAX_VALIDATION_BYTES // image_bytes))

@@ -14,6 +14,7 @@ from stim_hf.data.transforms import collate_image_batch, with_image_transforms
 from stim_hf.errors import ConfigError
 from stim_hf.method import Subnet, resize_for_subnet
 from stim_hf.method.batchnorm import preserved_rng_state
+from stim_hf.tools.datasets_progress import datasets_work_in_lines
 from stim_hf.tools.search.arguments import FIT_MINIMUM, SearchArguments
 
 logger = logging.getLogger(__name__)
@@ -83,7 +84,8 @@ class SearchImages:
     """
 
     def __init__(self, data_args: DataArguments, args: SearchArguments, device: torch.device) -> None:
-        splits = load_image_datasets(data_args, seed=args.seed)
+        with datasets_work_in_lines("loading the images"):
+            splits = load_image_datasets(data_args, seed=args.seed)
         train = splits.get("train")  # None: validation data only (check_search_data)
         self.label_names = get_label_names(
             train if train is not None else splits["validation"], data_args.label_column_name
