@@ -104,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=f"{PAYOFF_ST_SETTING},stpp_l2_kl_cosine_up",
         help="--front fair: the ST++ settings whose picks are reported",
     )
+    parser.add_argument(
+        "--lever-settings",
+        default="",
+        help="--front fair: ST++ settings that add a BigNAS lever to one of --st-settings (e.g. "
+        "stpp_l2_kl_cosine_up_sandwich), each screened against the setting it changes (fair/levers.json)",
+    )
     parser.add_argument("--seeds", default="1,2,3")
     parser.add_argument(
         "--data-sizes",

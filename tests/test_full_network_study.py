@@ -440,6 +440,35 @@ def test_the_fair_payoff_plans_train_networks_alone_at_random_and_dedicated_size
     assert full[1].key() != study.Run(study.CT, 1, 20, 50, None).key()
 
 
+def test_the_lever_plan_adds_one_bignas_lever_to_the_recipe_each(tmp_path):
+    """Issue 41's lever screen at 5k: the recipe's ST++ with each lever, seed 1, the payoff_fair plan's scale."""
+    study = load_study()
+    runs = study.plan_runs("payoff_levers")
+    assert [run.name for run in runs] == [
+        "stpp_l2_kl_cosine_up_sandwich_seed1", "stpp_l2_kl_cosine_up_bias0.5_seed1",
+        "stpp_l2_kl_cosine_up_zerogamma_seed1", "stpp_l2_kl_cosine_up_floor0.05_seed1",
+    ]  # fmt: skip
+    assert {(run.epochs, run.train_samples, run.depth) for run in runs} == {(100, 5000, 20)}
+    recipe = study.RECIPE_SETTING.overrides()
+    assert [run.setting.overrides()[len(recipe) :] for run in runs] == [
+        ["--sandwich", "true"], ["--subnet_size_bias", "0.5"], ["--zero_init_residual", "true"], ["--lr_floor", "0.05"],
+    ]  # fmt: skip
+    assert all(run.setting.overrides()[: len(recipe)] == recipe for run in runs)
+    # Each is a run of its own, not the recipe's carried record; a record without a lever is the recipe's.
+    recipe_run = study.Run(study.RECIPE_SETTING, 1, 20, 100, 5000)
+    assert len({run.key() for run in [*runs, recipe_run]}) == 5
+    (tmp_path / "results.json").write_text(json.dumps([study.run_fields(recipe_run) | {"full_top1": 75.5}]))
+    old = json.loads((tmp_path / "results.json").read_text())
+    del old[0]["lever"]  # written before settings took a lever
+    (tmp_path / "results.json").write_text(json.dumps(old))
+    assert list(study.carried_results(tmp_path)) == [recipe_run.key()]
+    assert study.run_fields(runs[0])["lever"] == "sandwich"
+    with pytest.raises(ValueError, match="the lever 'sandwich' is none of ST\\+\\+'s"):
+        study.Setting("ct", lever="sandwich").overrides()
+    with pytest.raises(ValueError, match="the lever 'floor' is none of"):
+        study.Setting("stpp", 2, lever="floor").overrides()
+
+
 def test_the_fixed_split_is_class_balanced_disjoint_and_the_same_for_every_run(tmp_path):
     from datasets import Dataset
 

@@ -22,6 +22,7 @@ from stim_hf.models.cifar_resnet import CifarResNetConfig, CifarResNetForImageCl
 sys.path.insert(0, str(REPO_ROOT / "bench"))  # the benchmark's modules (bench/payoff/), as the script imports them
 from payoff.fair_report import setting_comparison  # noqa: E402
 from payoff.finetuning import finetune_budgets  # noqa: E402
+from payoff.lever_screen import base_setting, lever_screen, lever_table  # noqa: E402
 from payoff.network_records import score_network  # noqa: E402
 from payoff.scoring import finetune_pick  # noqa: E402
 
@@ -342,3 +343,39 @@ def test_two_st_settings_compared_with_the_lambda_screens_rule():
     l5[0]["budgets"][1]["picks"]["ST++"]["test_top1"] = 70.5
     assert "at 3 of 4 budgets" in "\n".join(setting_comparison(l5, l2))
     assert setting_comparison(l5, [seed_record(3, "λ 2", [0.0] * 4, 0.0)]) == []
+
+
+def test_a_lever_is_screened_against_the_setting_it_changes_by_the_written_rule():
+    """It goes on if it closes at least half of a short budget's gap (the base's mean shortfall to the fair front over
+    its seeds) and costs no budget more than 0.5 points."""
+
+    def seed_record(seed: int, setting: str, st: list[float], front: list[float], full: float) -> dict:
+        run = f"{setting}_seed{seed}"
+        budgets = [
+            {"budget": share, "budget_name": "", "picks": {"ST++": {"test_top1": a}, "from scratch": {"test_top1": b}}}
+            for share, a, b in zip((0.1, 0.25, 0.5, 1.0), st, front, strict=True)
+        ]
+        return {"seed": seed, "st_setting": setting, "st_network": f"ST++ ({setting})", "st_run": run,
+                "budgets": budgets, "networks": {run: {"top1": full}}}  # fmt: skip
+
+    front = [60.0, 70.0, 72.0, 73.0]
+    base = [  # short at 10 % (-0.3 in the mean) and 25 % (-0.6); ahead at 50 and 100 %
+        seed_record(seed, "l2", [59.7 + d, 69.4 + d, 73.5, 74.5], front, 75.0)
+        for seed, d in ((1, 0.0), (2, 0.1), (3, -0.1))
+    ]
+    assert base_setting("l2_sandwich", ["l5", "l2"]) == "l2" and base_setting("l2_x_y", ["l2"]) is None
+    assert base_setting("l20_sandwich", ["l2"]) is None
+
+    closes = lever_screen(base, [seed_record(1, "l2_sandwich", [59.8, 69.7, 73.2, 74.3], front, 74.8)])
+    assert [b["gap"] for b in closes["budgets"]] == [0.3, 0.6, 0.0, 0.0]
+    assert closes["closes"] == ["0.25"] and closes["costs"] == [] and closes["goes_on"]  # +0.3 of 0.6; +0.1 of 0.3
+    text = "\n".join(lever_table(closes))
+    assert "| 25 % | -0.60 ± 0.10 | 0.60 | 69.70 | 69.40 | 0.30 | -0.30 | short |" in text
+    assert "| full ResNet-20 | | | 74.80 | 75.00 | -0.20 | | |" in text
+    assert text.rstrip().endswith("By the rule: goes on to seeds 2 and 3.")
+
+    costly = lever_screen(base, [seed_record(1, "l2_bias0.5", [60.5, 70.5, 72.9, 74.4], front, 74.0)])
+    assert costly["closes"] == ["0.1", "0.25"] and costly["costs"] == ["0.5"] and not costly["goes_on"]
+    nothing = lever_screen(base, [seed_record(1, "l2_floor0.05", [59.7, 69.5, 73.5, 74.5], front, 75.0)])
+    assert nothing["closes"] == [] and not nothing["goes_on"]
+    assert "no short budget" in "\n".join(lever_table(nothing))

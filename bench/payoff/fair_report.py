@@ -12,6 +12,7 @@ from typing import Any
 
 from payoff.fair_front import FRONTS, add_fair_finetuning, fair_seed_record
 from payoff.finetuning import finetune_table, shape_key
+from payoff.lever_screen import base_setting, lever_screen, lever_table
 from payoff.network_records import score_finished_networks
 from payoff.study import SCRATCH_LABEL
 from payoff.tables import bar_verdict, budget_text, mean_std, paired_t, paired_top1
@@ -289,11 +290,51 @@ def fair_report(args: argparse.Namespace) -> int:
         print("no seed has a record of the ST++ settings asked for", file=sys.stderr)
         return 1
     add_fair_finetuning(by_setting, args)
+    screens = lever_screens(by_setting, args)
     out = args.report_dir / "fair"
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps([r for rs in by_setting.values() for r in rs], indent=1) + "\n")
     text = fair_markdown(by_setting, args)
+    if screens:
+        (out / "levers.json").write_text(json.dumps(screens, indent=1) + "\n")
+        text += "\n" + "\n".join(lever_markdown(screens))
     (out / "results.md").write_text(text)
     fair_plot(by_setting, out / "payoff.png")
     print(text)
     return 0
+
+
+def lever_screens(by_setting: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The screen of each ``--lever-settings`` setting that has a record, against the ST++ setting it changes."""
+    screens = []
+    for setting in filter(None, args.lever_settings.split(",")):
+        base = base_setting(setting, list(by_setting))
+        if base is None:
+            raise SystemExit(
+                f"--lever-settings {setting}: changes none of the --st-settings reported ({', '.join(by_setting)}); "
+                "name the setting it changes there too"
+            )
+        records = [
+            r for seed in (int(s) for s in args.seeds.split(",")) if (r := fair_seed_record(seed, setting, args))
+        ]
+        if records:
+            screens.append(lever_screen(by_setting[base], records))
+        else:
+            print(f"--lever-settings {setting}: no seed has a record of it yet", file=sys.stderr)
+    return screens
+
+
+def lever_markdown(screens: list[dict[str, Any]]) -> list[str]:
+    """The levers' section of the fair report."""
+    lines = [
+        "### The BigNAS levers, screened where the recipe falls short",
+        "",
+        "Each lever is a new ST++ training of the setting it changes, on the same subsets, scored as every network "
+        "here. The rule (docs/search.md, written before the runs): a lever goes on to seeds 2 and 3 if on seed 1 it "
+        "closes at least half of the gap at a short budget and costs no other budget more than 0.5 points; it enters "
+        "a recipe only if over 3 seeds the bar then holds at that budget.",
+        "",
+    ]
+    for screen in screens:
+        lines += lever_table(screen)
+    return lines

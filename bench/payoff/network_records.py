@@ -25,9 +25,11 @@ def trained_at(result: dict[str, Any]) -> int | str:
 
 
 def network_label(result: dict[str, Any]) -> str:
-    """``ResNet-8``, or ``ST++ (lambda 2)`` for a stimulatively trained ResNet-20."""
+    """``ResNet-8``, or ``ST++ (lambda 2)`` for a stimulatively trained ResNet-20 (``ST++ (lambda 2, sandwich)`` with a
+    lever)."""
     if result["method"] != "ct":
-        return f"ST++ (λ {result['kl_coef']:g})"
+        lever = f", {result['lever']}" if result.get("lever") else ""  # a BigNAS lever (issue 41's screen)
+        return f"ST++ (λ {result['kl_coef']:g}{lever})"
     return NETWORK_NAMES.get(result["depth"], f"ResNet-{result['depth']}")
 
 
