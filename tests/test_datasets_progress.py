@@ -73,6 +73,14 @@ def test_bars_stay_as_they_are_on_a_terminal_or_where_the_user_set_them(capsys, 
     finally:
         datasets.enable_progress_bars()
 
+    # A command's --progress false: the bars off for the block and no lines, on a terminal too.
+    for terminal in (False, True):
+        monkeypatch.setattr(datasets_progress, "shows_bars", lambda stream, terminal=terminal: terminal)
+        with datasets_work_in_lines("loading", show=False) as in_lines:
+            assert not in_lines and datasets.are_progress_bars_disabled()
+        assert not datasets.are_progress_bars_disabled()
+    monkeypatch.undo()
+
     monkeypatch.setenv("HF_DATASETS_DISABLE_PROGRESS_BARS", "0")  # the user asks for the bars: they win
     with datasets_work_in_lines("loading") as in_lines:
         assert not in_lines and not datasets.are_progress_bars_disabled()

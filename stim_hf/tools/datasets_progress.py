@@ -22,16 +22,18 @@ from stim_hf.tools.progress import shows_bars
 
 
 @contextlib.contextmanager
-def datasets_work_in_lines(desc: str, file: TextIO | None = None) -> Iterator[bool]:
+def datasets_work_in_lines(desc: str, file: TextIO | None = None, show: bool = True) -> Iterator[bool]:
     """Run the block's ``datasets`` work with its bars as two lines (``desc ...``, ``desc: done, 12 s``) in a log.
 
-    Yields whether it did: not on a terminal or in a notebook (the bars show there), not where the
-    bars are already off (by the user, or by an enclosing block: no lines either), and not where
-    ``HF_DATASETS_DISABLE_PROGRESS_BARS`` is set (the user's choice stands). ``file`` defaults to stderr.
+    Yields whether it wrote them: not on a terminal or in a notebook (the bars show there), not where
+    the bars are already off (by the user, or by an enclosing block: no lines either), and not where
+    ``HF_DATASETS_DISABLE_PROGRESS_BARS`` is set (the user's choice stands). ``show=False`` (a
+    command's ``--progress false``) turns the bars off for the block and writes nothing, terminal or
+    not. ``file`` defaults to stderr.
     """
     stream = sys.stderr if file is None else file
     if (
-        shows_bars(stream)
+        (show and shows_bars(stream))
         or datasets.are_progress_bars_disabled()
         or os.environ.get("HF_DATASETS_DISABLE_PROGRESS_BARS") is not None
     ):
@@ -39,14 +41,16 @@ def datasets_work_in_lines(desc: str, file: TextIO | None = None) -> Iterator[bo
         return
     datasets.disable_progress_bars()
     started = time.monotonic()
-    _write(stream, f"{desc} ...")
+    if show:
+        _write(stream, f"{desc} ...")
     ended = "stopped"
     try:
-        yield True
+        yield show
         ended = "done"
     finally:
         datasets.enable_progress_bars()
-        _write(stream, f"{desc}: {ended}, {time.monotonic() - started:.0f} s")
+        if show:
+            _write(stream, f"{desc}: {ended}, {time.monotonic() - started:.0f} s")
 
 
 def _write(stream: TextIO, line: str) -> None:

@@ -398,7 +398,7 @@ def analyze_checkpoints(
     device = _resolve_device(args.device)
     num_recal = resolve_recalibration_samples(args.recalibrate_bn, data_args, "--recalibrate-bn")
 
-    with datasets_work_in_lines("loading the images"):
+    with datasets_work_in_lines("loading the images", show=args.progress):
         splits = load_image_datasets(data_args, seed=args.seed)
     label_names = get_label_names(splits["validation"], data_args.label_column_name)
     _check_checkpoints(checkpoints, len(label_names))  # before any progress bar

@@ -84,7 +84,7 @@ class SearchImages:
     """
 
     def __init__(self, data_args: DataArguments, args: SearchArguments, device: torch.device) -> None:
-        with datasets_work_in_lines("loading the images"):
+        with datasets_work_in_lines("loading the images", show=args.progress):
             splits = load_image_datasets(data_args, seed=args.seed)
         train = splits.get("train")  # None: validation data only (check_search_data)
         self.label_names = get_label_names(
