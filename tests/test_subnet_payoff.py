@@ -191,12 +191,14 @@ def test_fair_front_scores_each_network_once_and_reports_from_the_records(tmp_pa
         "ct_r8_seed1": (8, "batch"),
         "ct_random_r8_seed1": (8, "random"),
         "ct_px16_r8_seed1": (8, "px16"),
+        "stpp_l2_kl_cosine_up_sandwich_seed1": (20, "batch"),  # a BigNAS lever on the recipe
     }
     for i, (name, (depth, source)) in enumerate(runs.items()):
         method = "stpp" if name.startswith("stpp") else "ct"
         setting = name.removesuffix("_seed1")
         save_run(study / name, depth, 70.0, seed=i + 1, method=method, setting=setting, input=source,
-                 kl_coef=2.0 if method == "stpp" else 0.0, epochs=3)  # fmt: skip
+                 kl_coef=2.0 if method == "stpp" else 0.0, epochs=3,
+                 lever="sandwich" if "sandwich" in name else "")  # fmt: skip
     # The seed's first search draws the held-out images from the runs' own seed (1), whatever their weights' seeds.
     for folder in study.iterdir():
         result = json.loads((folder / "result.json").read_text())
@@ -245,6 +247,16 @@ def test_fair_front_scores_each_network_once_and_reports_from_the_records(tmp_pa
     # Scored once: a rerun scores nothing.
     assert payoff.main(argv) == 0
     assert "scoring" not in capsys.readouterr().out
+    # A BigNAS lever: its own ST++ record, screened against the setting it changes only when asked for.
+    assert records["stpp_l2_kl_cosine_up_sandwich_seed1"]["network"] == "ST++ (λ 2, sandwich)"
+    assert not (report / "fair" / "levers.json").exists() and "BigNAS" not in text
+    assert payoff.main([*argv, "--lever-settings", "stpp_l2_kl_cosine_up_sandwich"]) == 0
+    [screen] = json.loads((report / "fair" / "levers.json").read_text())
+    assert screen["base_setting"] == "stpp_l2_kl_cosine_up" and screen["seeds"] == [1] and len(screen["budgets"]) == 4
+    assert (
+        "(`stpp_l2_kl_cosine_up_sandwich`) against `stpp_l2_kl_cosine_up`, seed(s) 1"
+        in (report / "fair" / "results.md").read_text()
+    )
     # The first lever: ST++'s pick fine-tuned at a budget, kept per run (committed) and reported with its minutes.
     assert payoff.main([*argv, "--finetune-epochs", "1", "--finetune-budgets", "1.0", "--finetune-seeds", "1"]) == 0
     assert "fine-tuning stpp_l2_kl_cosine_up's picks at budgets 1.0 for [1] epochs, seeds 1" in capsys.readouterr().out
