@@ -15,7 +15,7 @@ from payoff.finetuning import finetune_table, shape_key
 from payoff.lever_screen import base_setting, lever_screen, lever_table
 from payoff.network_records import score_finished_networks
 from payoff.study import SCRATCH_LABEL
-from payoff.tables import bar_verdict, budget_text, mean_std, paired_t, paired_top1
+from payoff.tables import bar_verdict, budget_text, mean_std, paired_st_top1, paired_t, paired_top1, seed_pairs
 
 
 def dedicated_check(records: list[dict[str, Any]]) -> list[str]:
@@ -114,7 +114,7 @@ def setting_comparison(first: list[dict[str, Any]], second: list[dict[str, Any]]
     """Two ST++ settings' picks at each budget and their full networks, paired over the seeds both have, with the
     lambda screen's rule (the first setting's picks ahead by at least ``SCREEN_GAIN`` at ``SCREEN_BUDGETS`` budgets)."""
     a_name, b_name = first[0]["st_network"], second[0]["st_network"]
-    pairs = [(a, b) for a in first for b in second if a["seed"] == b["seed"]]
+    pairs = seed_pairs(first, second)
     if not pairs:
         return []
     lines = [
@@ -125,8 +125,7 @@ def setting_comparison(first: list[dict[str, Any]], second: list[dict[str, Any]]
     ]
     ahead = 0
     for i, budget in enumerate(first[0]["budgets"]):
-        both = [(a["budgets"][i]["picks"]["ST++"], b["budgets"][i]["picks"]["ST++"]) for a, b in pairs]
-        both = [(x["test_top1"], y["test_top1"]) for x, y in both if x and y]
+        both = paired_st_top1(pairs, i)
         diffs = [x - y for x, y in both]
         if diffs and statistics.mean(diffs) >= SCREEN_GAIN:
             ahead += 1
@@ -280,12 +279,9 @@ def fair_report(args: argparse.Namespace) -> int:
     (``fair/results.json``, ``results.md``, ``payoff.png`` in ``--report-dir``) from the committed records."""
     if args.study is not None and args.study.is_dir():
         score_finished_networks(args)
-    by_setting: dict[str, list[dict[str, Any]]] = {}
-    for setting in args.st_settings.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
-            record = fair_seed_record(seed, setting, args)
-            if record is not None:
-                by_setting.setdefault(setting, []).append(record)
+    by_setting = {
+        setting: records for setting in args.st_settings.split(",") if (records := setting_records(setting, args))
+    }
     if not by_setting:
         print("no seed has a record of the ST++ settings asked for", file=sys.stderr)
         return 1
@@ -304,6 +300,11 @@ def fair_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def setting_records(setting: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The seed records (:func:`fair_seed_record`) of the ST++ ``setting`` for the ``--seeds`` that have one."""
+    return [r for seed in (int(s) for s in args.seeds.split(",")) if (r := fair_seed_record(seed, setting, args))]
+
+
 def lever_screens(by_setting: dict[str, list[dict[str, Any]]], args: argparse.Namespace) -> list[dict[str, Any]]:
     """The screen of each ``--lever-settings`` setting that has a record, against the ST++ setting it changes."""
     screens = []
@@ -314,9 +315,7 @@ def lever_screens(by_setting: dict[str, list[dict[str, Any]]], args: argparse.Na
                 f"--lever-settings {setting}: changes none of the --st-settings reported ({', '.join(by_setting)}); "
                 "name the setting it changes there too"
             )
-        records = [
-            r for seed in (int(s) for s in args.seeds.split(",")) if (r := fair_seed_record(seed, setting, args))
-        ]
+        records = setting_records(setting, args)
         if records:
             screens.append(lever_screen(by_setting[base], records))
         else:

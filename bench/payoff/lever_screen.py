@@ -9,7 +9,7 @@ import statistics
 from typing import Any
 
 from payoff.study import SCRATCH_LABEL
-from payoff.tables import bar_verdict, budget_text, mean_std, paired_top1, pick_top1
+from payoff.tables import bar_verdict, budget_text, mean_std, paired_st_top1, paired_top1, pick_top1, seed_pairs
 
 CLOSES_SHARE = 0.5  # of a short budget's gap, that a lever must close there
 MAX_COST = 0.5  # points a lever may cost any budget
@@ -27,17 +27,12 @@ def lever_screen(base: list[dict[str, Any]], lever: list[dict[str, Any]]) -> dic
     all its seeds, 0 where it is level or ahead), the lever's change of the ST++ pick (paired by seed with the base)
     and the lever's own margin on the fair front; then which short budgets it closes by at least ``CLOSES_SHARE`` of
     the gap, which budgets it costs more than ``MAX_COST`` points, and whether it goes on."""
-    by_seed = {r["seed"]: r for r in base}
-    pairs = [(r, by_seed[r["seed"]]) for r in lever if r["seed"] in by_seed]
+    pairs = seed_pairs(lever, base)
     budgets = []
     for i, budget in enumerate(base[0]["budgets"]):
         shortfall = [a - b for a, b in paired_top1(base, i, "ST++", SCRATCH_LABEL)]
         gap = max(0.0, -statistics.mean(shortfall)) if shortfall else 0.0
-        changes = [
-            pick_top1(mine, i, "ST++") - pick_top1(theirs, i, "ST++")
-            for mine, theirs in pairs
-            if pick_top1(mine, i, "ST++") is not None and pick_top1(theirs, i, "ST++") is not None
-        ]
+        changes = [a - b for a, b in paired_st_top1(pairs, i)]
         budgets.append(
             {
                 "budget": budget["budget"],

@@ -56,6 +56,17 @@ def paired_top1(records: list[dict[str, Any]], index: int, first: str, second: s
     return [(a, b) for a, b in pairs if a is not None and b is not None]
 
 
+def seed_pairs(first: list[dict[str, Any]], second: list[dict[str, Any]]) -> list[tuple[dict, dict]]:
+    """Two settings' seed records paired by seed, over the seeds both have (in ``first``'s order)."""
+    return [(a, b) for a in first for b in second if a["seed"] == b["seed"]]
+
+
+def paired_st_top1(pairs: list[tuple[dict, dict]], index: int) -> list[tuple[float, float]]:
+    """The test top-1 of each pair's two ST++ picks at budget ``index``, where both records have one."""
+    both = [(pick_top1(a, index, "ST++"), pick_top1(b, index, "ST++")) for a, b in pairs]
+    return [(x, y) for x, y in both if x is not None and y is not None]
+
+
 def bar_verdict(diffs: list[float]) -> str:
     """Issue 41's bar at one budget, from ST++'s pick minus the fair front's by seed: ``lead`` (at least +0.5 in the
     mean and ahead on every seed), ``level`` (at least level in the mean) or ``short``."""
